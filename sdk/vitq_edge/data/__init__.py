@@ -1,0 +1,1 @@
+"""Image data: ImageFolder directories, Fashion-MNIST IDX files, the bundled subsets."""
