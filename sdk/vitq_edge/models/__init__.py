@@ -1,0 +1,1 @@
+"""Model sources: the bundled reference ViT and any timm ViT/DeiT."""

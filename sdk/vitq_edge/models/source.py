@@ -1,0 +1,164 @@
+"""Where a model comes from: the bundled reference, a timm name, a local checkpoint.
+
+`load_model` returns the float model together with everything a build records about
+it (config, preprocessing, labels, checkpoint hash).
+"""
+
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import timm
+import torch
+from timm.models.vision_transformer import VisionTransformer
+
+from vitq_edge.data.preprocess import Preprocess
+from vitq_edge.errors import VitqError
+from vitq_edge.models.reference import (
+    REFERENCE_CONFIG,
+    REFERENCE_NAME,
+    create_reference_vit,
+    file_sha256,
+    load_reference_meta,
+    reference_assets,
+)
+
+REFERENCE_ALIASES = {"reference", REFERENCE_NAME}
+
+
+@dataclass
+class LoadedModel:
+    model: VisionTransformer
+    name: str
+    config: dict
+    preprocess: Preprocess
+    labels: list[str] | None
+    checkpoint: str | None  # file the weights came from ("timm-pretrained", a path, or None)
+    checkpoint_sha256: str | None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.num_classes
+
+
+def parse_model_kwargs(text: str | None) -> dict:
+    """'img_size=32,patch_size=4,global_pool=avg' -> {'img_size': 32, ...}."""
+    if not text:
+        return {}
+    kwargs = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise VitqError(f"bad --model-kwargs entry '{part}': write key=value pairs separated by commas")
+        try:
+            kwargs[key] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            kwargs[key] = value.strip()  # a bare word such as global_pool=avg
+    return kwargs
+
+
+def _read_state_dict(path: Path) -> dict:
+    if not path.is_file():
+        raise VitqError(f"checkpoint {path} does not exist; pass the path of a saved state dict")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a damaged file
+        reason = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        raise VitqError(f"checkpoint {path} is not a readable torch file ({reason}); "
+                        "save it with torch.save(model.state_dict(), path)") from None
+    for key in ("model", "state_dict", "model_state_dict"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise VitqError(f"checkpoint {path} holds no state dict; save it with torch.save(model.state_dict(), path)")
+    return obj
+
+
+def _load_weights(model: torch.nn.Module, state: dict, path: Path) -> None:
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        detail = (f"{len(missing)} missing, {len(unexpected)} unexpected, {len(wrong)} of another shape"
+                  f" (e.g. {(missing + unexpected + wrong)[0]})")
+        raise VitqError(f"checkpoint {path} does not fit the model: {detail}; "
+                        "check --model and --model-kwargs")
+    model.load_state_dict({k: v.float() for k, v in state.items()})
+
+
+def _preprocess_from_timm(model: VisionTransformer) -> Preprocess:
+    cfg = timm.data.resolve_model_data_config(model)
+    # pretrained_cfg keeps the registered input size even when img_size/in_chans were
+    # overridden; the model's own patch embedding is the truth.
+    h, w = model.patch_embed.img_size
+    return Preprocess(channels=model.patch_embed.proj.in_channels, size=(h, w), mean=tuple(cfg["mean"]),
+                      std=tuple(cfg["std"]), interpolation=cfg.get("interpolation") or "bicubic",
+                      crop_pct=float(cfg.get("crop_pct") or 1.0))
+
+
+def _fit_stats(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
+    # timm's defaults are 3-channel; a 1-channel model uses their mean.
+    if len(values) == channels:
+        return values
+    if len(values) == 1:
+        return values * channels
+    return (sum(values) / len(values),) * channels if channels == 1 else values
+
+
+def load_model(
+    name: str | None = None,
+    *,
+    pretrained: bool = False,
+    checkpoint: str | Path | None = None,
+    model_kwargs: dict | None = None,
+) -> LoadedModel:
+    """Build the float model. `name=None` or 'reference' gives the bundled reference ViT."""
+    model_kwargs = dict(model_kwargs or {})
+    if name is None or name in REFERENCE_ALIASES:
+        if pretrained:
+            raise VitqError("--pretrained applies to timm models; the reference model ships its weights")
+        config = {**REFERENCE_CONFIG, **model_kwargs}
+        model = VisionTransformer(**config) if model_kwargs else create_reference_vit()
+        meta = load_reference_meta()
+        inp = meta["input"]
+        preprocess = Preprocess(channels=config["in_chans"], size=(config["img_size"],) * 2,
+                                mean=tuple(inp["mean"]), std=tuple(inp["std"]),
+                                interpolation=inp["interpolation"], crop_pct=inp["crop_pct"])
+        weights = Path(checkpoint) if checkpoint else reference_assets().weights
+        _load_weights(model, _read_state_dict(weights), weights)
+        labels = meta["labels"] if config["num_classes"] == len(meta["labels"]) else None
+        return LoadedModel(model.eval(), REFERENCE_NAME, config, preprocess, labels,
+                           str(checkpoint) if checkpoint else "bundled", file_sha256(weights))
+
+    if not timm.is_model(name):
+        raise VitqError(f"unknown model '{name}': use a timm ViT/DeiT name such as deit_tiny_patch16_224, "
+                        "or omit --model for the bundled reference model")
+    try:
+        model = timm.create_model(name, pretrained=pretrained, **model_kwargs)
+    except TypeError as exc:
+        raise VitqError(f"--model-kwargs not accepted by {name}: {exc}") from None
+    except Exception as exc:
+        if pretrained:
+            raise VitqError(f"could not get pretrained weights for {name} ({exc.__class__.__name__}); "
+                            "without network access, download them elsewhere and pass --checkpoint FILE") from None
+        raise VitqError(f"timm could not build {name}: {exc}") from None
+    if not isinstance(model, VisionTransformer):
+        raise VitqError(f"{name} is a {type(model).__name__}, not a ViT/DeiT; "
+                        "vitq-edge quantizes timm VisionTransformer models")
+    ckpt_name, sha = ("timm-pretrained", None) if pretrained else (None, None)
+    if checkpoint:
+        path = Path(checkpoint)
+        _load_weights(model, _read_state_dict(path), path)
+        ckpt_name, sha = str(path), file_sha256(path)
+    preprocess = _preprocess_from_timm(model)
+    channels = preprocess.channels
+    preprocess = Preprocess(channels, preprocess.size, _fit_stats(preprocess.mean, channels),
+                            _fit_stats(preprocess.std, channels), preprocess.interpolation, preprocess.crop_pct)
+    config = {"timm_name": name, **model_kwargs}
+    notes = [] if pretrained or checkpoint else ["random weights (no --pretrained or --checkpoint)"]
+    return LoadedModel(model.eval(), name, config, preprocess, None, ckpt_name, sha, notes)
