@@ -1,0 +1,1 @@
+"""Lowering: torch.export -> ExecuTorch edge dialect -> XNNPACK delegate -> .pte bytes."""
