@@ -1,0 +1,180 @@
+"""`vitq-edge build`: model -> calibration -> quantized model -> .pte -> manifest and report.
+
+One direction, no back and forth. Accuracy is measured three ways on the same images
+in one pass: the float model, the simulated quantized model, and the lowered .pte in
+ExecuTorch's runtime on this machine.
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from executorch.version import __version__ as EXECUTORCH_VERSION
+
+import vitq_edge
+from vitq_edge.artifacts import MANIFEST, PROGRAM, REPORT, staged_dir, write_json
+from vitq_edge.data.datasets import ImageSet, bundled_set, image_folder
+from vitq_edge.device.host_runtime import HostProgram
+from vitq_edge.errors import VitqError
+from vitq_edge.lower.export import lower_to_executorch
+from vitq_edge.metrics import TopK
+from vitq_edge.models.source import LoadedModel, load_model
+from vitq_edge.progress import progress
+from vitq_edge.quant import quantize, recipe_config
+from vitq_edge.report import render_report
+from vitq_edge.targets import get_target
+
+
+@dataclass
+class BuildOptions:
+    target: str = "rpi4"
+    recipe: str = "xnnpack-int8"
+    bits: str | None = None
+    model: str | None = None  # None: the bundled reference model
+    pretrained: bool = False
+    checkpoint: str | None = None
+    model_kwargs: dict = field(default_factory=dict)
+    calib: str | None = None  # ImageFolder; None: the bundled calibration set
+    eval: str | None = None  # ImageFolder; None: the bundled evaluation set
+    calib_limit: int | None = None
+    eval_limit: int | None = None
+    skip_eval: bool = False
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    input_size: int | None = None
+    batch_size: int = 64
+    out: str | None = None  # default build/<target>
+    command: str = ""
+
+
+@dataclass
+class BuildResult:
+    out: Path
+    manifest: dict
+
+
+def _apply_overrides(loaded: LoadedModel, opts: BuildOptions) -> None:
+    pre = loaded.preprocess
+    channels = pre.channels
+    for flag, values in (("--mean", opts.mean), ("--std", opts.std)):
+        if values is not None and len(values) not in (1, channels):
+            raise VitqError(f"{flag} needs 1 or {channels} values for a {channels}-channel model, got {len(values)}")
+    if opts.std is not None and any(s <= 0 for s in opts.std):
+        raise VitqError("--std values must be positive")
+    mean = tuple(opts.mean) * (channels // len(opts.mean)) if opts.mean else pre.mean
+    std = tuple(opts.std) * (channels // len(opts.std)) if opts.std else pre.std
+    size = (opts.input_size, opts.input_size) if opts.input_size else pre.size
+    loaded.preprocess = replace(pre, mean=mean, std=std, size=size)
+
+
+def _check_classes(loaded: LoadedModel, data: ImageSet, flag: str) -> None:
+    if len(data.class_names) != loaded.num_classes:
+        raise VitqError(
+            f"the model has {loaded.num_classes} classes but {flag} data '{data.name}' has "
+            f"{len(data.class_names)}; pass {flag} DIR with matching class folders, set "
+            f"--model-kwargs num_classes={len(data.class_names)} with a matching checkpoint, or use --skip-eval"
+        )
+
+
+def _check_input_size(loaded: LoadedModel) -> None:
+    expected = tuple(loaded.model.patch_embed.img_size)
+    if tuple(loaded.preprocess.size) != expected:
+        raise VitqError(f"--input-size {loaded.preprocess.size[0]} does not match the model's img_size "
+                        f"{expected[0]}; also pass --model-kwargs img_size={loaded.preprocess.size[0]}")
+
+
+def _evaluate(loaded: LoadedModel, quantized: torch.nn.Module, program: HostProgram,
+              data: ImageSet, batch_size: int) -> dict:
+    scores = {k: TopK() for k in ("fp32", "simulated", "pte_host")}
+    agree = 0
+    batches = data.batches(loaded.preprocess, batch_size)
+    total = -(-len(data) // batch_size)
+    with torch.no_grad():
+        for x, y in progress(batches, "evaluating", total=total, unit="batch"):
+            fp = loaded.model(x)
+            sim = quantized(x)
+            dev = program(x)
+            scores["fp32"].update(fp, y)
+            scores["simulated"].update(sim, y)
+            scores["pte_host"].update(dev, y)
+            agree += int((sim.argmax(-1) == dev.argmax(-1)).sum())
+    n = scores["fp32"].n
+    acc = {k: round(s.percent(1), 2) for k, s in scores.items()}
+    acc.update(top5={k: round(s.percent(5), 2) for k, s in scores.items()}, eval_images=n,
+               eval_set=data.name, pte_agrees_with_simulated=round(100.0 * agree / n, 2))
+    return acc
+
+
+def build(opts: BuildOptions) -> BuildResult:
+    """Run a whole build; raises VitqError on user errors, leaves no partial output."""
+    t_start = time.time()
+    target = get_target(opts.target)
+    config = recipe_config(opts.recipe, opts.bits)
+    out = Path(opts.out or f"build/{target.name}")
+    if opts.model is None and opts.pretrained:
+        raise VitqError("--pretrained needs --model NAME (a timm model)")
+
+    loaded = load_model(opts.model, pretrained=opts.pretrained, checkpoint=opts.checkpoint,
+                        model_kwargs=opts.model_kwargs)
+    _apply_overrides(loaded, opts)
+    _check_input_size(loaded)
+    calib = (image_folder(opts.calib) if opts.calib else bundled_set("calib")).limit(opts.calib_limit)
+    eval_set = None
+    if not opts.skip_eval:
+        eval_set = (image_folder(opts.eval) if opts.eval else bundled_set("eval")).limit(opts.eval_limit)
+        _check_classes(loaded, eval_set, "--eval")
+
+    with staged_dir(out) as stage:
+        example = (torch.zeros(1, loaded.preprocess.channels, *loaded.preprocess.size),)
+        calib_total = -(-len(calib) // opts.batch_size)
+        calib_batches = (x for x, _ in progress(calib.batches(loaded.preprocess, opts.batch_size),
+                                                 "calibrating", total=calib_total, unit="batch"))
+        t0 = time.time()
+        quantized = quantize(loaded.model, config, calib_batches, example)
+        calib_seconds = time.time() - t0
+
+        t0 = time.time()
+        lowered = lower_to_executorch(quantized.module, example)
+        export_seconds = time.time() - t0
+        pte_path = stage / PROGRAM
+        pte_path.write_bytes(lowered.buffer)
+
+        accuracy = None
+        if eval_set is not None:
+            accuracy = _evaluate(loaded, quantized.module, HostProgram(lowered.buffer), eval_set, opts.batch_size)
+
+        manifest = {
+            "vitq_edge_version": vitq_edge.__version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": opts.command,
+            "model": {"name": loaded.name, "config": loaded.config, "checkpoint": loaded.checkpoint,
+                      "checkpoint_sha256": loaded.checkpoint_sha256, "num_classes": loaded.num_classes,
+                      "notes": loaded.notes},
+            "target": {"name": target.name, "cpu": target.cpu, "abi": target.abi},
+            "recipe": quantized.recipe,
+            "bits": quantized.bits,
+            "float_ops": quantized.float_ops,
+            "input": loaded.preprocess.to_manifest(),
+            "labels": loaded.labels or (eval_set.class_names if eval_set is not None else None),
+            "calibration": {"set": calib.name, "images": len(calib), "seconds": round(calib_seconds, 1)},
+            "accuracy": accuracy,
+            "program": PROGRAM,
+            "size_bytes": len(lowered.buffer),
+            "xnnpack_partitions": lowered.delegate_calls,
+            "non_delegated_ops": lowered.non_delegated_ops,
+            "custom_ops": quantized.custom_ops,
+            "executorch_version": EXECUTORCH_VERSION,
+            "torch_version": torch.__version__,
+            "host": f"{platform.system()} {platform.machine()}",
+            "timings_seconds": {"calibration": round(calib_seconds, 1), "export": round(export_seconds, 1),
+                                "total": round(time.time() - t_start, 1)},
+        }
+        write_json(stage / MANIFEST, manifest)
+        (stage / REPORT).write_text(render_report(manifest))
+    return BuildResult(out, manifest)
+

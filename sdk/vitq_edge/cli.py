@@ -1,0 +1,142 @@
+"""The `vitq-edge` command line. Thin: flags become options, the work is in the library."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import sys
+import warnings
+
+import click
+
+from vitq_edge.errors import VitqError
+from vitq_edge.progress import set_quiet
+
+
+class _Group(click.Group):
+    """Turns VitqError into `error: <message>` and exit code 2, without a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except VitqError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(2)
+
+
+def _floats(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, ...] | None:
+    if value is None:
+        return None
+    try:
+        return tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter("expected comma-separated numbers, e.g. 0.485,0.456,0.406") from None
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(package_name="vitq-edge")
+def main() -> None:
+    """Quantize timm Vision Transformers and ship them as ExecuTorch programs for ARM.
+
+    \b
+    Quick start:
+      vitq-edge build --target rpi4        # bundled reference model -> build/rpi4/
+      vitq-edge eval build/rpi4            # its accuracy in ExecuTorch's runtime
+      vitq-edge targets                    # what you can build for
+    """
+    _quiet_libraries()
+
+
+def _quiet_libraries() -> None:
+    # torch/torchao/executorch deprecation chatter says nothing a CLI user can act on.
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*(TypedStorage|LeafSpec|non-writable).*")
+    for name in ("torch", "torchao", "executorch", "timm", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@main.command()
+@click.option("--target", default="rpi4", help="Deployment target (see `vitq-edge targets`).")
+@click.option("--recipe", default="xnnpack-int8",
+              help="Quantization recipe: fp32 (none) or xnnpack-int8 (ExecuTorch's stock PT2E int8).")
+@click.option("--bits", default=None, help="Bit widths, e.g. W8A8; the recipe's default if omitted.")
+@click.option("--model", default=None, metavar="NAME",
+              help="A timm ViT/DeiT name (e.g. deit_tiny_patch16_224). Default: the bundled reference model.")
+@click.option("--pretrained", is_flag=True, help="Load timm's pretrained weights (needs network access).")
+@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
+              help="A local state dict (torch.save(model.state_dict(), FILE)).")
+@click.option("--model-kwargs", default=None, metavar="K=V,...",
+              help="Override timm arguments, e.g. img_size=32,patch_size=4,in_chans=3,num_classes=100.")
+@click.option("--calib", type=click.Path(), default=None,
+              help="Calibration images, ImageFolder layout. Default: bundled 1,024 Fashion-MNIST train images.")
+@click.option("--eval", "eval_dir", type=click.Path(), default=None,
+              help="Evaluation images, ImageFolder layout. Default: bundled Fashion-MNIST test split.")
+@click.option("--calib-limit", type=click.IntRange(min=1), default=None,
+              help="Use only the first N calibration images.")
+@click.option("--eval-limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N images.")
+@click.option("--skip-eval", is_flag=True, help="Do not measure accuracy (e.g. random-weight cost builds).")
+@click.option("--mean", callback=_floats, default=None, help="Override normalization mean (comma-separated).")
+@click.option("--std", callback=_floats, default=None, help="Override normalization std (comma-separated).")
+@click.option("--input-size", type=click.IntRange(min=1), default=None, help="Override the square input size.")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Output folder. Default: build/<target>.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or status lines.")
+def build(target, recipe, bits, model, pretrained, checkpoint, model_kwargs, calib, eval_dir, calib_limit,
+          eval_limit, skip_eval, mean, std, input_size, out, quiet) -> None:
+    """Quantize a model, lower it to a .pte, and write model.pte, manifest.json, report.md."""
+    from vitq_edge.build import BuildOptions
+    from vitq_edge.build import build as run_build
+    from vitq_edge.models.source import parse_model_kwargs
+
+    set_quiet(quiet)
+    opts = BuildOptions(target=target, recipe=recipe, bits=bits, model=model, pretrained=pretrained,
+                        checkpoint=checkpoint, model_kwargs=parse_model_kwargs(model_kwargs), calib=calib,
+                        eval=eval_dir, calib_limit=calib_limit, eval_limit=eval_limit, skip_eval=skip_eval,
+                        mean=mean, std=std, input_size=input_size, out=out,
+                        command="vitq-edge " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    result = run_build(opts)
+    acc = result.manifest["accuracy"]
+    summary = f"wrote {result.out}/ ({result.manifest['size_bytes'] / 1e6:.2f} MB .pte)"
+    if acc:
+        summary += (f"; top-1 fp32 {acc['fp32']:.2f}%, simulated {acc['simulated']:.2f}%, "
+                    f".pte {acc['pte_host']:.2f}% on {acc['eval_images']} images")
+    click.echo(summary)
+
+
+@main.command("eval")
+@click.argument("path", type=click.Path())
+@click.option("--data", type=click.Path(), default=None,
+              help="ImageFolder of labelled images. Default: the bundled Fashion-MNIST test split.")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N images.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object with top1, top5, n.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def eval_(path, data, limit, as_json, quiet) -> None:
+    """Run a built .pte (build folder or model.pte) in ExecuTorch's runtime and print top-1/top-5."""
+    from vitq_edge.evaluate import evaluate_program
+
+    set_quiet(quiet)
+    result = evaluate_program(path, data=data, limit=limit)
+    if as_json:
+        click.echo(json.dumps(result))
+    else:
+        click.echo(f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  on {result['n']} images "
+                   f"({result['data']})")
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def targets(as_json) -> None:
+    """List deployment targets with their CPU and ABI."""
+    from vitq_edge.targets import TARGETS
+
+    if as_json:
+        click.echo(json.dumps([t.__dict__ for t in TARGETS.values()], indent=2))
+        return
+    width = max(len(n) for n in TARGETS)
+    for t in TARGETS.values():
+        click.echo(f"{t.name:<{width}}  {t.cpu:<20}  {t.abi:<22}  {t.description}")
+
+
+if __name__ == "__main__":
+    main(prog_name="vitq-edge")

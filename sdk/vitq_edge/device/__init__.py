@@ -1,0 +1,1 @@
+"""Running a .pte: on this machine (ExecuTorch's Python runtime) and, later, on devices."""

@@ -1,0 +1,41 @@
+"""Progress bars on stderr that `--quiet` turns off."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
+
+from tqdm import tqdm
+
+T = TypeVar("T")
+
+_quiet = False
+
+
+def set_quiet(quiet: bool) -> None:
+    global _quiet
+    _quiet = quiet
+
+
+def progress(items: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Iterator[T]:
+    bar = tqdm(items, desc=desc, total=total, unit=unit, disable=_quiet, file=sys.stderr, leave=False,
+               dynamic_ncols=True)
+    return iter(bar)
+
+
+@contextlib.contextmanager
+def steps(desc: str, total: int) -> Iterator[Callable[[str], None]]:
+    """A bar over `total` named stages; call the yielded function after each one."""
+    bar = tqdm(total=total, desc=desc, unit="step", disable=_quiet, file=sys.stderr, leave=False,
+               dynamic_ncols=True)
+
+    def done(stage: str) -> None:
+        bar.set_postfix_str(stage)
+        bar.update(1)
+
+    try:
+        yield done
+    finally:
+        bar.close()
