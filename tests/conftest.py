@@ -1,0 +1,59 @@
+"""Shared fixtures: the CLI as a user runs it (a subprocess), small image folders."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class CliResult:
+    code: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 900) -> CliResult:
+    """Run `vitq-edge ARGS` in a fresh interpreter, exactly as from a shell."""
+    full_env = {**os.environ, **(env or {})}
+    script = Path(sys.executable).parent / "vitq-edge"  # the console script pip installed
+    proc = subprocess.run([str(script), *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout, cwd=REPO)
+    return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def assert_user_error(result: CliResult, *fragments: str) -> None:
+    """Exit code 2, one `error:` line naming the problem, and no Python traceback."""
+    assert result.code == 2, (result.code, result.stderr[-2000:])
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    error_lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(error_lines) == 1, result.stderr[-2000:]
+    for fragment in fragments:
+        assert fragment in error_lines[0], error_lines[0]
+
+
+@pytest.fixture(scope="session")
+def cli():
+    return run_cli
+
+
+def make_image_folder(root: Path, classes: int, per_class: int, mode: str = "L", size: int = 28,
+                      suffix: str = ".png", seed: int = 0) -> Path:
+    """A small ImageFolder of random images (class_000/..., class_001/...)."""
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        d = root / f"class_{c:03d}"
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            shape = (size, size) if mode == "L" else (size, size, 3)
+            Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode).save(d / f"img_{i}{suffix}")
+    return root
