@@ -80,7 +80,7 @@ def _quiet_libraries() -> None:
 @click.option("--mean", callback=_floats, default=None, help="Override normalization mean (comma-separated).")
 @click.option("--std", callback=_floats, default=None, help="Override normalization std (comma-separated).")
 @click.option("--input-size", type=click.IntRange(min=1), default=None, help="Override the square input size.")
-@click.option("--out", type=click.Path(file_okay=False), default=None, help="Output folder. Default: build/<target>.")
+@click.option("--out", type=click.Path(), default=None, help="Output folder. Default: build/<target>.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or status lines.")
 def build(target, recipe, bits, model, pretrained, checkpoint, model_kwargs, calib, eval_dir, calib_limit,
           eval_limit, skip_eval, mean, std, input_size, out, quiet) -> None:
@@ -104,24 +104,88 @@ def build(target, recipe, bits, model, pretrained, checkpoint, model_kwargs, cal
     click.echo(summary)
 
 
-@main.command("eval")
+_DEVICES_EPILOG = """\b
+Devices (--device):
+  host                    the host runner bundle (build/runtime/host), on this CPU
+  emulated-rpi4           the aarch64 bundle under qemu-aarch64 -cpu cortex-a72 with a
+                          Raspberry Pi 4 CPU description; also counts instructions
+  emulated-rpi5           likewise, Cortex-A76 (Raspberry Pi 5)
+  ssh://user@host[:port]  a real board: copies the aarch64 bundle, the .pte and the inputs
+                          to a temporary folder there, runs, fetches, removes it
+\b
+Environment:
+  VITQ_RUNTIME_DIR          runner bundles (default <repo>/build/runtime; build them
+                            with `bash tools/build_runtime.sh`)
+  VITQ_QEMU                 qemu-aarch64 to use (default: the one on PATH)
+  VITQ_QEMU_PLUGIN          instruction-count plugin (default
+                            <runtime dir>/qemu-plugin/libinsn_count.so)
+  VITQ_SSH_OPTS             extra ssh/scp options, e.g. "-i ~/.ssh/pi_key"
+  VITQ_SSH_CONNECT_TIMEOUT  seconds to connect and log in (default 10)
+  VITQ_SSH_WRAPPER          command the device puts before the runner, e.g.
+                            "qemu-aarch64 -L PREFIX" on a non-ARM machine
+"""
+
+
+@main.command("eval", epilog=_DEVICES_EPILOG)
 @click.argument("path", type=click.Path())
 @click.option("--data", type=click.Path(), default=None,
               help="ImageFolder of labelled images. Default: the bundled Fashion-MNIST test split.")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N images.")
+@click.option("--device", "device", default=None, metavar="DEVICE",
+              help="Run the .pte with vitq-runner on DEVICE (see below): images are preprocessed here as the "
+                   "manifest says, logits computed there. Default: ExecuTorch's Python runtime in this process.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
+              help="With --device: stop and fail after SECONDS.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object with top1, top5, n.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def eval_(path, data, limit, as_json, quiet) -> None:
-    """Run a built .pte (build folder or model.pte) in ExecuTorch's runtime and print top-1/top-5."""
-    from vitq_edge.evaluate import evaluate_program
+def eval_(path, data, limit, device, timeout, as_json, quiet) -> None:
+    """Run a built .pte (build folder or model.pte) and print its top-1/top-5 accuracy.
+
+    Without --device it runs in ExecuTorch's Python runtime here; with --device the C++
+    vitq-runner computes the logits on that device.
+    """
+    from vitq_edge.evaluate import evaluate_on_device, evaluate_program
 
     set_quiet(quiet)
-    result = evaluate_program(path, data=data, limit=limit)
+    if device is None:
+        if timeout is not None:
+            raise VitqError("--timeout applies to --device runs; add --device host (or another device)")
+        result = evaluate_program(path, data=data, limit=limit)
+    else:
+        result = evaluate_on_device(path, device, data=data, limit=limit, timeout=timeout)
     if as_json:
         click.echo(json.dumps(result))
     else:
         click.echo(f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  on {result['n']} images "
-                   f"({result['data']})")
+                   f"({result['data']})" + (f" on {result['device']}" if device else ""))
+
+
+@main.command(epilog=_DEVICES_EPILOG)
+@click.argument("path", type=click.Path())
+@click.option("--device", default="host", metavar="DEVICE", help="Where to run (see below).")
+@click.option("--runs", type=click.IntRange(min=1), default=None,
+              help="Timed forward calls.  [default: 10; 3 on emulated devices]")
+@click.option("--warmup", type=click.IntRange(min=0), default=1, help="Untimed forward calls first.")
+@click.option("--threads", type=click.IntRange(min=0), default=1,
+              help="Runner thread-pool size; 0 = one per core. 1 keeps emulated instruction counts exact.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
+              help="Stop and fail after SECONDS.")
+@click.option("--no-record", is_flag=True, help="Do not append the result to the build's manifest.json.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+def bench(path, device, runs, warmup, threads, timeout, no_record, as_json, quiet) -> None:
+    """Time a .pte (build folder or .pte) on a device with vitq-runner.
+
+    Prints latency, instructions per inference (emulated devices), peak memory and
+    program size, and appends the result to the build folder's manifest.json under
+    `benchmarks`. Input: the runner's deterministic synthetic image.
+    """
+    from vitq_edge.bench import benchmark, format_bench
+
+    set_quiet(quiet)
+    result = benchmark(path, device=device, runs=runs, warmup=warmup, threads=threads, timeout=timeout,
+                       record=not no_record)
+    click.echo(json.dumps(result) if as_json else format_bench(result))
 
 
 @main.command()
