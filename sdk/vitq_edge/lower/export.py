@@ -24,9 +24,16 @@ def lower_to_executorch(module: torch.nn.Module, example_inputs: tuple) -> Lower
         done("torch.export")
         edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])
         done("XNNPACK partitioning")
+        # Read the partitioning before to_executorch(), which rewrites the graph in place
+        # (out variants, memory planning).
+        delegate_calls, others = _partition_summary(edge.exported_program().graph_module.graph)
         program = edge.to_executorch()
         done("to_executorch")
-    graph = edge.exported_program().graph_module.graph
+    return LoweredProgram(program.buffer, delegate_calls, others)
+
+
+def _partition_summary(graph: torch.fx.Graph) -> tuple[int, list[str]]:
+    """(number of XNNPACK delegate calls, sorted names of the ops left outside)."""
     delegate_calls = 0
     others: set[str] = set()
     for node in graph.nodes:
@@ -37,4 +44,4 @@ def lower_to_executorch(module: torch.nn.Module, example_inputs: tuple) -> Lower
             delegate_calls += 1
         elif name != "getitem":
             others.add(name)
-    return LoweredProgram(program.buffer, delegate_calls, sorted(others))
+    return delegate_calls, sorted(others)
