@@ -43,4 +43,43 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     .venv/bin/python -m pip install -q "${index_args[@]}" "torch==2.13.0" -e ".[dev]"
     echo "$want" > "$stamp"
 fi
+# The device layer (`vitq-edge eval|bench --device ...`) and its tests: the aarch64 cross
+# compiler and qemu-user for the emulated Raspberry Pis, glib headers and xz for the qemu
+# instruction-count plugin, ssh/scp for real boards, and sshd for the loopback SSH test
+# (which starts its own sshd on 127.0.0.1; the package's system service is held back here
+# with Debian's policy-rc.d switch while installing, so no sshd starts on port 22).
+device_pkgs=(qemu-user g++-aarch64-linux-gnu libglib2.0-dev pkg-config xz-utils openssh-client openssh-server)
+if ! dpkg -s "${device_pkgs[@]}" >/dev/null 2>&1; then
+    policy=/usr/sbin/policy-rc.d made_policy=0
+    if [ ! -e "$policy" ]; then
+        printf '#!/bin/sh\nexit 101\n' | $SUDO tee "$policy" >/dev/null
+        $SUDO chmod 755 "$policy"
+        made_policy=1
+        trap '$SUDO rm -f "$policy"' EXIT
+    fi
+    apt_install "${device_pkgs[@]}"
+    if [ $made_policy = 1 ]; then
+        $SUDO rm -f "$policy"
+        trap - EXIT
+    fi
+fi
+
+# The vitq-runner bundles (host, aarch64), the qemu Pi prefixes and the qemu plugin.
+# tools/build_runtime.sh is incremental, but even a no-op run configures CMake twice:
+# skip it when its outputs exist and nothing they are made from changed since.
+stamp_rt=build/runtime/.setup-stamp
+outputs=(build/runtime/host/bin/vitq-runner build/runtime/aarch64/bin/vitq-runner
+         build/runtime/pi-prefix/rpi4/proc/cpuinfo build/runtime/pi-prefix/rpi5/proc/cpuinfo
+         build/runtime/qemu-plugin/libinsn_count.so)
+rt_fresh=1
+for f in "${outputs[@]}" "$stamp_rt"; do [ -e "$f" ] || rt_fresh=0; done
+if [ $rt_fresh = 1 ] && [ -n "$(find runtime tools/build_runtime.sh tools/make_pi_prefix.py pyproject.toml \
+        -newer "$stamp_rt" -print -quit)" ]; then
+    rt_fresh=0
+fi
+if [ $rt_fresh = 0 ]; then
+    echo "setup: building the runner bundles (tools/build_runtime.sh; first time: a few minutes)"
+    bash tools/build_runtime.sh
+    touch "$stamp_rt"
+fi
 echo "setup: ready (.venv/bin/vitq-edge)"

@@ -76,3 +76,48 @@ def resolve_build(path: str | Path) -> tuple[Path, dict]:
     except (json.JSONDecodeError, KeyError, TypeError):
         raise VitqError(f"{manifest_path} is not a vitq-edge manifest; rebuild with `vitq-edge build`") from None
     return pte, manifest
+
+
+def append_to_manifest(manifest_path: Path, key: str, record: dict) -> int:
+    """Append `record` to the manifest's list `key`, atomically; returns its index.
+
+    The new manifest is written to a temporary file beside it and renamed over it, so a
+    reader never sees half a file. A lock on the folder keeps two concurrent appends
+    (two `vitq-edge bench` runs) from losing one another's record.
+    """
+    import fcntl
+
+    manifest_path = Path(manifest_path)
+    folder = manifest_path.parent
+    try:
+        lock = os.open(folder, os.O_RDONLY)
+    except OSError as exc:
+        raise VitqError(f"cannot open build folder {folder} ({exc.strerror})") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            mode = manifest_path.stat().st_mode & 0o777
+        except (OSError, json.JSONDecodeError):
+            raise VitqError(f"{manifest_path} is not a readable vitq-edge manifest; rebuild with "
+                            "`vitq-edge build`") from None
+        entries = manifest.setdefault(key, [])
+        entries.append(record)
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{manifest_path.name}.", suffix=".tmp", dir=folder)
+        except OSError as exc:
+            raise VitqError(f"cannot write {manifest_path} ({exc.strerror}); check the folder's permissions") from None
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(manifest, indent=2) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, mode)  # mkstemp makes it private; keep the manifest's own mode
+            os.replace(tmp, manifest_path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        return len(entries) - 1
+    finally:
+        os.close(lock)

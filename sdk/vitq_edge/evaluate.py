@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import tempfile
+import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from vitq_edge.artifacts import resolve_build
-from vitq_edge.data.datasets import bundled_set, image_folder
+from vitq_edge.data.datasets import ImageSet, bundled_set, image_folder
 from vitq_edge.data.preprocess import Preprocess
 from vitq_edge.device.host_runtime import HostProgram
 from vitq_edge.errors import VitqError
@@ -15,9 +18,8 @@ from vitq_edge.metrics import TopK
 from vitq_edge.progress import progress
 
 
-def evaluate_program(path: str | Path, data: str | Path | None = None, limit: int | None = None,
-                     batch_size: int = 64) -> dict:
-    """Top-1/top-5 (percent) and image count of the program at `path` on this machine."""
+def _eval_inputs(path: str | Path, data: str | Path | None, limit: int | None) -> tuple[Path, Preprocess, ImageSet]:
+    """The program, its manifest's preprocessing, and the labelled images to score it on."""
     pte, manifest = resolve_build(path)
     preprocess = Preprocess.from_manifest(manifest["input"])
     images = (image_folder(data) if data else bundled_set("eval")).limit(limit)
@@ -25,6 +27,13 @@ def evaluate_program(path: str | Path, data: str | Path | None = None, limit: in
     if num_classes is not None and num_classes != len(images.class_names):
         raise VitqError(f"the program has {num_classes} classes but data '{images.name}' has "
                         f"{len(images.class_names)}; pass --data DIR with matching class folders")
+    return pte, preprocess, images
+
+
+def evaluate_program(path: str | Path, data: str | Path | None = None, limit: int | None = None,
+                     batch_size: int = 64) -> dict:
+    """Top-1/top-5 (percent) and image count of the program at `path` on this machine."""
+    pte, preprocess, images = _eval_inputs(path, data, limit)
     program = HostProgram(pte)
     score = TopK()
     total = -(-len(images) // batch_size)
@@ -33,3 +42,58 @@ def evaluate_program(path: str | Path, data: str | Path | None = None, limit: in
             score.update(program(x), y)
     return {"top1": round(score.percent(1), 2), "top5": round(score.percent(5), 2), "n": score.n,
             "data": images.name, "program": str(pte)}
+
+
+def device_logits(path: str | Path, device: str, data: str | Path | None = None, limit: int | None = None,
+                  timeout: float | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The program's logits for every image, computed by vitq-runner on `device`.
+
+    Images are preprocessed here, exactly as the manifest says, written as float32
+    batches [N, C, H, W] in .npy files, run image by image on the device, and the
+    logits read back. Returns (logits [N, K], labels [N], what ran where).
+    """
+    from vitq_edge.device import RunRequest, get_device
+
+    pte, preprocess, images = _eval_inputs(path, data, limit)
+    dev = get_device(device)
+    # Batches bound memory on both sides and give the progress bar steps; under
+    # emulation an image costs ~200x its native time, so those steps are smaller.
+    per_image = 4 * preprocess.channels * preprocess.size[0] * preprocess.size[1]
+    chunk = max(1, min(64 if dev.emulated else 512, (64 << 20) // per_image))
+    deadline = None if timeout is None else time.monotonic() + timeout
+    logits, labels, report = [], [], {}
+    with tempfile.TemporaryDirectory(prefix="vitq-eval-") as tmp, dev.session(pte) as session:
+        batch_file = Path(tmp) / "batch.npy"
+        total = -(-len(images) // chunk)
+        for x, y in progress(images.batches(preprocess, chunk), f"evaluating on {dev.name}", total=total,
+                             unit="batch"):
+            np.save(batch_file, x.numpy())
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise VitqError(f"the evaluation on {dev.name} took longer than --timeout {timeout:g} s and was "
+                                "stopped; raise --timeout or use a smaller --limit")
+            # One thread under qemu: the 2-4 host cores are better spent elsewhere, and
+            # results do not depend on it; elsewhere the runtime's default (one per core).
+            result = session.run(RunRequest(inputs=[batch_file], warmup=0, runs=1, threads=1 if dev.emulated else 0,
+                                            outputs=True, timeout=left))
+            out = result.output
+            if out is None or out.ndim != 2 or out.shape[0] != len(y):
+                raise VitqError(f"the program returned output of shape {None if out is None else out.shape} for "
+                                f"{len(y)} images; expected [N, classes] logits (rebuild with `vitq-edge build`)")
+            logits.append(out.astype(np.float32, copy=False))
+            labels.append(y.numpy())
+            report = result.report
+    info = {"device": dev.name, "runtime": "vitq-runner", "data": images.name, "program": str(pte),
+            "detected_cpu": report.get("cpu")}
+    return np.concatenate(logits), np.concatenate(labels), info
+
+
+def evaluate_on_device(path: str | Path, device: str, data: str | Path | None = None, limit: int | None = None,
+                       timeout: float | None = None) -> dict:
+    """Top-1/top-5 (percent) of the program at `path`, run by vitq-runner on `device`."""
+    t0 = time.monotonic()
+    logits, labels, info = device_logits(path, device, data=data, limit=limit, timeout=timeout)
+    score = TopK()
+    score.update(torch.from_numpy(logits), torch.from_numpy(labels))
+    return {"top1": round(score.percent(1), 2), "top5": round(score.percent(5), 2), "n": score.n, **info,
+            "seconds": round(time.monotonic() - t0, 1)}

@@ -1,0 +1,123 @@
+"""`vitq-edge bench`: latency, instructions per inference, peak memory and size of a .pte on a device.
+
+The runner times `runs` forward calls on its deterministic synthetic image (the cost of a
+ViT does not depend on the pixel values, and no data set is needed), after `warmup`
+untimed ones. On emulated devices the qemu plugin also counts the instructions of each
+timed inference: the number that ranks programs, since emulated wall time does not.
+A build folder's result is appended to its manifest under `benchmarks`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import platform
+from pathlib import Path
+
+from vitq_edge.artifacts import MANIFEST, PROGRAM, append_to_manifest
+from vitq_edge.device import RunRequest, get_device
+from vitq_edge.errors import VitqError
+from vitq_edge.progress import steps
+
+DEFAULT_RUNS = 10
+EMULATED_RUNS = 3  # every inference costs ~200x its native time under qemu; the counts repeat exactly
+
+
+def resolve_program(path: str | Path) -> tuple[Path, Path | None]:
+    """A build folder or a .pte -> (program, the manifest that describes it, if any)."""
+    path = Path(path)
+    if path.is_dir():
+        pte, manifest = path / PROGRAM, path / MANIFEST
+        if not pte.is_file():
+            raise VitqError(f"{pte} does not exist; run `vitq-edge build --out {path}` first")
+        return pte, manifest if manifest.is_file() else None
+    if not path.is_file():
+        raise VitqError(f"{path} does not exist; pass a build folder or a .pte file")
+    manifest = path.parent / MANIFEST
+    try:
+        # Only the manifest written with this very program describes it.
+        owned = manifest.is_file() and json.loads(manifest.read_text()).get("program") == path.name
+    except (OSError, ValueError, AttributeError):
+        owned = False
+    return path, manifest if owned else None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def benchmark(path: str | Path, device: str = "host", runs: int | None = None, warmup: int = 1, threads: int = 1,
+              timeout: float | None = None, record: bool = True) -> dict:
+    """Run the program at `path` on `device`; append the result to its build's manifest when `record`."""
+    pte, manifest = resolve_program(path)
+    dev = get_device(device)
+    runs = runs or (EMULATED_RUNS if dev.emulated else DEFAULT_RUNS)
+    req = RunRequest(warmup=warmup, runs=runs, threads=threads, count_instructions=dev.emulated, timeout=timeout)
+    with steps(f"benchmarking on {dev.name}", 2) as done:
+        with dev.session(pte) as session:
+            done("ready")
+            result = session.run(req)
+            done("ran")
+    rep = result.report
+    instructions = result.instructions
+    entry = {
+        "device": dev.name,
+        "device_info": dev.describe(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "input": "synthetic (the runner's deterministic image)",
+        "input_shape": rep.get("input_shape"),
+        "warmup": warmup,
+        "runs": runs,
+        "threads": rep.get("threads", threads),
+        "latency_ms": rep["latency_ms"],
+        "latency_is_emulated": dev.emulated,
+        "load_ms": rep.get("load_ms"),
+        "peak_rss_mb": rep.get("peak_rss_mb"),
+        "peak_rss_includes_emulator": dev.emulated,
+        "instructions_per_inference": instructions["per_inference"] if instructions else None,
+        "instructions": instructions,
+        "size_bytes": pte.stat().st_size,
+        "pte_sha256": _sha256(pte),
+        "detected_cpu": rep.get("cpu"),
+        "runner_version": rep.get("version"),
+        "host": f"{platform.system()} {platform.machine()}",
+        "notes": result.notes,
+    }
+    if not record:
+        recorded = "not recorded (--no-record)"
+    elif manifest is None:
+        recorded = "not recorded (no build manifest beside the .pte)"
+    else:
+        index = append_to_manifest(manifest, "benchmarks", entry)
+        recorded = f"recorded in {manifest} (benchmarks[{index}])"
+    return {**entry, "program": str(pte), "recorded": recorded}
+
+
+def format_bench(r: dict) -> str:
+    """The human-readable summary the CLI prints."""
+    lat = r["latency_ms"]
+    info = r["device_info"]
+    where = info.get("board") or info.get("cpu") or r["device"]
+    threads = f"{r['threads']} thread{'s' if r['threads'] != 1 else ''}"
+    lines = [f"{r['program']} ({r['size_bytes'] / 1e6:.2f} MB) on {r['device']} ({where})"]
+    ins = r["instructions"]
+    if ins:
+        spread = "" if ins["min"] == ins["max"] else f", min {ins['min']:,} max {ins['max']:,}"
+        lines.append(f"  instructions  {ins['per_inference']:,} per inference "
+                     f"({'exact' if ins['exact'] else 'approximate'}, {ins['inferences']} inferences{spread})")
+    kind = "emulated wall time, not the board's" if r["latency_is_emulated"] else "wall time"
+    lines.append(f"  latency       median {lat['median']:.2f} ms, min {lat['min']:.2f}, p90 {lat['p90']:.2f}, "
+                 f"mean {lat['mean']:.2f} ({r['runs']} runs after {r['warmup']} warmup, {threads}; {kind})")
+    if r.get("load_ms") is not None:
+        lines.append(f"  load          {r['load_ms']:.1f} ms")
+    if r.get("peak_rss_mb") is not None:
+        lines.append(f"  peak memory   {r['peak_rss_mb']:.1f} MB RSS" +
+                     (" (includes the emulator)" if r["peak_rss_includes_emulator"] else ""))
+    lines += [f"note: {n}" for n in r["notes"]]
+    lines.append(r["recorded"])
+    return "\n".join(lines)

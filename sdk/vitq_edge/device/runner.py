@@ -1,0 +1,305 @@
+"""What every device shares: the vitq-runner bundles, one run's request and result, errors.
+
+A device runs `vitq-runner` (runtime/README.md) on a `.pte` and float32 `.npy` inputs.
+The runner prints one JSON report on stdout (latency, load time, peak RSS, the CPU that
+XNNPACK detected) and, with `--out`, writes the program's outputs as `.npy`; on any error
+it prints one `vitq-runner: error: ...` line and exits 2. Devices differ only in how
+they launch it (directly, under qemu, over SSH) and where the files live.
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import json
+import os
+import platform
+import shlex
+import shutil
+import signal
+import subprocess
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from vitq_edge.errors import VitqError
+
+RUNNER = "vitq-runner"
+
+# The repository this package was installed from (editable installs): where
+# tools/build_runtime.sh writes build/runtime/.
+REPO = Path(__file__).resolve().parents[3]
+
+_ELF_MACHINES = {3: "x86", 40: "arm", 62: "x86-64", 183: "aarch64", 243: "riscv"}
+_HOST_MACHINES = {"x86_64": "x86-64", "amd64": "x86-64", "aarch64": "aarch64", "arm64": "aarch64"}
+
+
+def runtime_dir() -> Path:
+    """Where the runner bundles live: $VITQ_RUNTIME_DIR, else <repo>/build/runtime."""
+    env = os.environ.get("VITQ_RUNTIME_DIR")
+    return Path(env).expanduser() if env else REPO / "build" / "runtime"
+
+
+def build_hint(what: str = "") -> str:
+    """The command that builds the runtime bundles (or where to point instead)."""
+    script = REPO / "tools" / "build_runtime.sh"
+    if script.is_file():
+        return f"build it with `bash {_shown(script)}{' ' + what if what else ''}` (a few minutes)"
+    return ("build the bundles with tools/build_runtime.sh from the vitq-edge repository and set "
+            "VITQ_RUNTIME_DIR to its build/runtime folder")
+
+
+def _shown(path: Path) -> str:
+    """A path as the user would type it: relative to the working directory when inside it."""
+    with contextlib.suppress(ValueError):
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    return str(path)
+
+
+def elf_machine(path: Path) -> str | None:
+    """The CPU architecture an ELF file is built for ('x86-64', 'aarch64', ...); None if not ELF."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(20)
+    except OSError:
+        return None
+    if len(head) < 20 or head[:4] != b"\x7fELF":
+        return None
+    machine = int.from_bytes(head[18:20], "little" if head[5] == 1 else "big")
+    return _ELF_MACHINES.get(machine, f"machine {machine}")
+
+
+def host_machine() -> str:
+    return _HOST_MACHINES.get(platform.machine().lower(), platform.machine())
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A movable runner bundle: bin/vitq-runner + lib/*.so, built for one architecture."""
+
+    name: str  # "host" or "aarch64": the folder under runtime_dir()
+    root: Path
+    machine: str  # the ELF architecture its runner must have
+
+    @property
+    def runner(self) -> Path:
+        return self.root / "bin" / RUNNER
+
+    @property
+    def lib(self) -> Path:
+        return self.root / "lib"
+
+
+def find_bundle(name: str) -> Bundle:
+    """The `host` or `aarch64` bundle, checked to exist and to be built for its architecture."""
+    machine = host_machine() if name == "host" else name
+    bundle = Bundle(name, runtime_dir() / name, machine)
+    if not bundle.runner.is_file() or not bundle.lib.is_dir():
+        raise VitqError(f"the {name} runner bundle is missing ({_shown(bundle.runner)}); {build_hint(name)}, "
+                        "or set VITQ_RUNTIME_DIR to a folder holding it")
+    actual = elf_machine(bundle.runner)
+    if actual != machine:
+        raise VitqError(f"{_shown(bundle.runner)} is built for {actual or 'no known architecture (not an ELF file)'}"
+                        f", not {machine}; rebuild the {name} bundle: {build_hint(name)}")
+    return bundle
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """One runner invocation on the session's program."""
+
+    inputs: Sequence[Path] = ()  # float32 .npy files; none: the runner's deterministic synthetic image
+    warmup: int = 1
+    runs: int = 1
+    threads: int = 1  # 0: the runtime's default (one per performance core)
+    outputs: bool = False  # bring the program's output (logits) back as an array
+    count_instructions: bool = False  # emulated devices only
+    timeout: float | None = None  # seconds for the whole run
+
+
+@dataclass
+class RunResult:
+    report: dict  # the runner's JSON report
+    output: np.ndarray | None = None
+    instructions: dict | None = None  # see `instruction_summary`
+    notes: list[str] = field(default_factory=list)
+
+
+def runner_args(pte: str, inputs: Sequence[str], req: RunRequest, out: str | None) -> list[str]:
+    args = ["--warmup", str(req.warmup), "--runs", str(req.runs), "--threads", str(req.threads)]
+    if out is not None:
+        args += ["--out", out]
+    return [*args, "--", pte, *inputs]
+
+
+def runner_error_line(stderr: str) -> str | None:
+    """The runner's own one-line error, if it printed one."""
+    for line in reversed(stderr.splitlines()):
+        if line.startswith(f"{RUNNER}:"):
+            return line.removeprefix(f"{RUNNER}:").strip().removeprefix("error:").strip()
+    return None
+
+
+def last_line(text: str) -> str:
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def raise_runner_failure(stderr: str, code: int, where: str, pte_label: str) -> None:
+    """Turn a failed runner (or launcher) into one VitqError line."""
+    message = runner_error_line(stderr)
+    if message is not None:
+        if "loading program" in message or "load_method" in message:
+            raise VitqError(f"{pte_label} is not a loadable ExecuTorch program on {where} ({message}); "
+                            "rebuild it with `vitq-edge build`")
+        raise VitqError(f"the runner failed on {where}: {message}")
+    detail = last_line(stderr) or (f"killed by signal {-code}" if code < 0 else f"exit code {code}")
+    raise VitqError(f"the runner failed on {where}: {detail}")
+
+
+def parse_report(stdout: str, stderr: str, code: int, where: str, pte_label: str) -> dict:
+    if code != 0:
+        raise_runner_failure(stderr, code, where, pte_label)
+    try:
+        report = json.loads(stdout.strip().splitlines()[-1])
+        report["latency_ms"]  # noqa: B018 - the field every caller reads
+    except (IndexError, ValueError, KeyError, TypeError):
+        raise VitqError(f"the runner on {where} printed no report ({last_line(stderr) or 'no output'}); "
+                        f"is the bundle a vitq-runner? {build_hint()}") from None
+    return report
+
+
+def run_local(cmd: list[str], timeout: float | None, where: str) -> subprocess.CompletedProcess:
+    """Run a local command; a timeout or a missing executable becomes a VitqError.
+
+    The command is forked by a small `sh`, not by this (large) Python process: Linux
+    carries a process's peak RSS across fork+exec, and the runner reports
+    getrusage's ru_maxrss, which would otherwise start at this process's few hundred MB.
+    Its own process group lets a timeout stop the whole tree (sh, qemu, runner).
+    """
+    if shutil.which(cmd[0]) is None:
+        raise VitqError(f"cannot start {cmd[0]} for {where} (not found or not executable)")
+    wrapped = ["/bin/sh", "-c", '"$@"; exit $?', "sh", *cmd]
+    try:
+        proc = subprocess.Popen(wrapped, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
+                                text=True, start_new_session=True)
+    except OSError as exc:
+        raise VitqError(f"cannot start {shlex.quote(cmd[0])} for {where} ({exc.strerror})") from None
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except BaseException as exc:  # the timeout, or Ctrl-C: do not leave the runner behind
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        if isinstance(exc, subprocess.TimeoutExpired):
+            raise VitqError(f"the run on {where} took longer than --timeout {timeout:g} s and was stopped; "
+                            "raise --timeout or use fewer --runs/--limit") from None
+        raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+def instruction_summary(counts: dict, warmup: int, threads: int) -> dict:
+    """The insn_count plugin's report -> per-inference counts of the timed forward calls.
+
+    The runner marks every forward call, warmup calls first, so the first `warmup`
+    spans are dropped. `threads` is the pool size the runner ran with.
+    """
+    spans = [int(s) for s in counts.get("spans", [])][warmup:]
+    if not spans:
+        raise VitqError("the instruction counter saw no complete inference; is the runner the one from "
+                        f"runtime/ (it marks each forward call)? {build_hint('aarch64')}")
+    ordered = sorted(spans)
+    return {
+        # The median: with one thread a run's inferences differ by at most a few hundred
+        # instructions (allocator paths), and the same command repeats them exactly.
+        "per_inference": ordered[len(ordered) // 2],
+        "min": ordered[0],
+        "max": ordered[-1],
+        "inferences": len(spans),
+        # The plugin's counter is not thread-safe in qemu 7.2: exact when one guest thread
+        # runs inferences. The plugin itself flags any run that ever had more threads
+        # (the runner's pool starts at one per core before it is resized to --threads).
+        "exact": threads == 1 or bool(counts.get("thread_safe", False)),
+        "guest_threads": counts.get("vcpus"),
+        "counter": f"qemu plugin {counts.get('plugin', '?')} (format {counts.get('format', '?')})",
+    }
+
+
+def load_output(path: Path, where: str) -> np.ndarray:
+    try:
+        return np.load(path)
+    except (OSError, ValueError) as exc:
+        raise VitqError(f"cannot read the program output from {where} ({exc}); rerun, or rebuild the "
+                        f"runner bundle: {build_hint()}") from None
+
+
+class Session(abc.ABC):
+    """A program made ready on a device; `run` may be called many times."""
+
+    @abc.abstractmethod
+    def run(self, req: RunRequest) -> RunResult: ...
+
+
+class Device(abc.ABC):
+    """Where a `.pte` runs. `session(pte)` readies the bundle and program once for many runs."""
+
+    name: str  # as given to --device
+    emulated: bool = False
+
+    @abc.abstractmethod
+    def describe(self) -> dict:
+        """What the device is, for reports: kind, CPU, how it is reached."""
+
+    @abc.abstractmethod
+    def session(self, pte: Path) -> contextlib.AbstractContextManager[Session]: ...
+
+
+class LocalDevice(Device):
+    """A device on this machine: the runner reads the program and inputs in place."""
+
+    bundle_name = "host"
+
+    def prepare(self) -> None:
+        """Check what the launcher needs (before any run), raising VitqError."""
+
+    def launcher(self, counts_path: Path | None) -> list[str]:
+        """The command words before the runner's path (none: run it directly)."""
+        return []
+
+    def read_counts(self, counts_path: Path | None, req: RunRequest, result: RunResult) -> None:
+        if req.count_instructions:
+            result.notes.append(f"instruction counts are measured on emulated devices only, not on {self.name}")
+
+    def explain_failure(self, stderr: str) -> str | None:
+        """A launcher's own error (not the runner's), as a message; None if it is the runner's."""
+        return None
+
+    @contextlib.contextmanager
+    def session(self, pte: Path) -> Iterator[Session]:
+        bundle = find_bundle(self.bundle_name)
+        self.prepare()
+        yield _LocalSession(self, bundle, Path(pte))
+
+
+class _LocalSession(Session):
+    def __init__(self, device: LocalDevice, bundle: Bundle, pte: Path):
+        self.device, self.bundle, self.pte = device, bundle, pte
+
+    def run(self, req: RunRequest) -> RunResult:
+        with tempfile.TemporaryDirectory(prefix="vitq-run-") as tmp:
+            out = Path(tmp) / "output.npy" if req.outputs else None
+            counts = Path(tmp) / "insn.json" if req.count_instructions else None
+            cmd = [*self.device.launcher(counts), str(self.bundle.runner),
+                   *runner_args(str(self.pte), [str(p) for p in req.inputs], req, None if out is None else str(out))]
+            proc = run_local(cmd, req.timeout, self.device.name)
+            if proc.returncode != 0 and runner_error_line(proc.stderr) is None:
+                message = self.device.explain_failure(proc.stderr)
+                if message:
+                    raise VitqError(message)
+            report = parse_report(proc.stdout, proc.stderr, proc.returncode, self.device.name, str(self.pte))
+            result = RunResult(report, output=None if out is None else load_output(out, self.device.name))
+            self.device.read_counts(counts, req, result)
+            return result
