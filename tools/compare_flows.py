@@ -1,0 +1,144 @@
+#!/usr/bin/env python3
+"""Build the stock programs of each model and bench them on each device in one run.
+
+    python tools/compare_flows.py                       # reference model + DeiT-Tiny, host + emulated Pi 4/5
+    python tools/compare_flows.py --models reference --devices host,emulated-rpi4
+
+For every model x recipe it runs `vitq-edge build` (cost builds: random weights are fine
+for timm models, accuracy is not measured here), then `vitq-edge bench` with 1 thread on
+every device, and writes docs/performance.{md,json} and docs/performance.png. Ratios in
+the table are taken within this one run. Instruction counts (emulated devices) are the
+ranking measure: emulated wall time is ~200x native and does not rank kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import vitq_edge  # noqa: F401  (fixes the torchvision import before timm loads)
+from vitq_edge.bench import benchmark
+from vitq_edge.build import BuildOptions, build
+
+REPO = Path(__file__).resolve().parents[1]
+# shared/DESIGN.md, measured the same way (1 thread, Pi prefix): the figures to reproduce.
+DESIGN_REFERENCE = {
+    ("deit_tiny_patch16_224", "fp32", "emulated-rpi4"): 639.5e6,
+    ("deit_tiny_patch16_224", "xnnpack-int8", "emulated-rpi4"): 564.0e6,
+    ("deit_tiny_patch16_224", "fp32", "emulated-rpi5"): 613.5e6,
+    ("deit_tiny_patch16_224", "xnnpack-int8", "emulated-rpi5"): 343.7e6,
+}
+
+
+def _runs_for(device: str, host_runs: int) -> tuple[int, int]:
+    return (1, 1) if device.startswith("emulated") else (3, host_runs)  # (warmup, runs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="reference,deit_tiny_patch16_224")
+    ap.add_argument("--recipes", default="fp32,xnnpack-int8")
+    ap.add_argument("--devices", default="host,emulated-rpi4,emulated-rpi5")
+    ap.add_argument("--host-runs", type=int, default=50)
+    ap.add_argument("--calib-limit", type=int, default=64, help="calibration images (cost builds)")
+    ap.add_argument("--work", default=str(REPO / "build" / "compare"))
+    ap.add_argument("--docs", default=str(REPO / "docs"))
+    args = ap.parse_args()
+    command = "python tools/compare_flows.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+    rows = []
+    for model in args.models.split(","):
+        for recipe in args.recipes.split(","):
+            out = Path(args.work) / f"{model}-{recipe}"
+            t0 = time.time()
+            result = build(BuildOptions(target="rpi4", recipe=recipe, model=None if model == "reference" else model,
+                                        calib_limit=args.calib_limit, skip_eval=True, out=str(out),
+                                        command=command))
+            print(f"built {out} in {time.time() - t0:.0f} s", file=sys.stderr)
+            for device in args.devices.split(","):
+                warmup, runs = _runs_for(device, args.host_runs)
+                r = benchmark(out, device=device, runs=runs, warmup=warmup, threads=1)
+                rows.append({
+                    "model": result.manifest["model"]["name"], "program": recipe, "device": device,
+                    "threads": r["threads"], "instructions": r["instructions_per_inference"],
+                    "latency_ms_median": r["latency_ms"]["median"], "size_bytes": r["size_bytes"],
+                    "xnnpack_partitions": result.manifest["xnnpack_partitions"], "command": command,
+                })
+                print(json.dumps(rows[-1]), file=sys.stderr)
+
+    docs = Path(args.docs)
+    docs.mkdir(parents=True, exist_ok=True)
+    (docs / "performance.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (docs / "performance.md").write_text(_markdown(rows, command))
+    _chart(rows, docs / "performance.png")
+
+
+def _markdown(rows: list[dict], command: str) -> str:
+    lines = [
+        "# Performance: stock ExecuTorch programs",
+        "",
+        "Written by `tools/compare_flows.py`; every number below comes from this one run:",
+        "",
+        f"    {command}",
+        "",
+        "1 thread. `instructions` = guest instructions per inference counted by our qemu plugin",
+        "(emulated Pi 4 = Cortex-A72, Pi 5 = Cortex-A76, with the boards' CPU description so",
+        "XNNPACK picks their kernels); exact and repeatable. Emulated latency is qemu wall time",
+        "(~200x the board's) and is shown only for completeness. Host = this 2-core x86-64 machine.",
+        "",
+        "| model | program | device | instructions (M) | vs fp32 | DESIGN.md (M) | median latency (ms) "
+        "| size (MB) | partitions |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    fp32 = {(r["model"], r["device"]): r for r in rows if r["program"] == "fp32"}
+    for r in rows:
+        base = fp32.get((r["model"], r["device"]))
+        ins = r["instructions"]
+        ratio = "–"
+        if base is not None and ins and base["instructions"]:
+            ratio = f"{ins / base['instructions']:.3f}x instructions"
+        elif base is not None:
+            ratio = f"{r['latency_ms_median'] / base['latency_ms_median']:.3f}x latency"
+        ref = DESIGN_REFERENCE.get((r["model"], r["program"], r["device"]))
+        cells = [r["model"], r["program"], r["device"], f"{ins / 1e6:.1f}" if ins else "–", ratio,
+                 f"{ref / 1e6:.1f}" if ref else "–", f"{r['latency_ms_median']:.2f}",
+                 f"{r['size_bytes'] / 1e6:.2f}", str(r["xnnpack_partitions"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "![instructions per inference](performance.png)", ""]
+    return "\n".join(lines)
+
+
+def _short(model: str) -> str:
+    return "reference" if model.startswith("vitq_reference") else model.replace("_patch16_224", "")
+
+
+def _chart(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    emulated = [r for r in rows if r["instructions"]]
+    host = [r for r in rows if not r["instructions"]]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, subset, key, label in ((axes[0], emulated, "instructions", "M instructions / inference (emulated)"),
+                                   (axes[1], host, "latency_ms_median", "median latency, ms (host)")):
+        names = [f"{_short(r['model'])}\n{r['program']}\n{r['device'].replace('emulated-', 'emu-')}"
+                 for r in subset]
+        values = [r[key] / (1e6 if key == "instructions" else 1) for r in subset]
+        colors = ["#4c72b0" if r["program"] == "fp32" else "#dd8452" for r in subset]
+        ax.bar(range(len(values)), values, color=colors)
+        ax.set_xticks(range(len(values)), names, fontsize=7)
+        ax.set_ylabel(label)
+        ax.set_yscale("log")
+    fig.suptitle("Stock ExecuTorch programs, 1 thread (blue fp32, orange xnnpack-int8)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
