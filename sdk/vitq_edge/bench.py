@@ -10,12 +10,11 @@ A build folder's result is appended to its manifest under `benchmarks`.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import platform
 from pathlib import Path
 
-from vitq_edge.artifacts import MANIFEST, PROGRAM, append_to_manifest
+from vitq_edge.artifacts import MANIFEST, PROGRAM, append_to_manifest, file_sha256
 from vitq_edge.device import RunRequest, get_device
 from vitq_edge.errors import VitqError
 from vitq_edge.progress import steps
@@ -41,14 +40,6 @@ def resolve_program(path: str | Path) -> tuple[Path, Path | None]:
     except (OSError, ValueError, AttributeError):
         owned = False
     return path, manifest if owned else None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def benchmark(path: str | Path, device: str = "host", runs: int | None = None, warmup: int = 1, threads: int = 1,
@@ -82,7 +73,7 @@ def benchmark(path: str | Path, device: str = "host", runs: int | None = None, w
         "instructions_per_inference": instructions["per_inference"] if instructions else None,
         "instructions": instructions,
         "size_bytes": pte.stat().st_size,
-        "pte_sha256": _sha256(pte),
+        "pte_sha256": file_sha256(pte),
         "detected_cpu": rep.get("cpu"),
         "runner_version": rep.get("version"),
         "host": f"{platform.system()} {platform.machine()}",

@@ -9,7 +9,6 @@ and to run under emulation in CI.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from importlib import resources
@@ -59,14 +58,6 @@ def reference_assets() -> ReferenceAssets:
     return ReferenceAssets(
         weights=d / "weights.pt", meta=d / "meta.json", calib=d / "calib.npz", eval=d / "eval.npz"
     )
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_reference_meta() -> dict:

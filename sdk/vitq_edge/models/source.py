@@ -14,13 +14,13 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
+from vitq_edge.artifacts import file_sha256
 from vitq_edge.data.preprocess import Preprocess
 from vitq_edge.errors import VitqError
 from vitq_edge.models.reference import (
     REFERENCE_CONFIG,
     REFERENCE_NAME,
     create_reference_vit,
-    file_sha256,
     load_reference_meta,
     reference_assets,
 )
