@@ -65,8 +65,8 @@ def write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
-def resolve_build(path: str | Path) -> tuple[Path, dict]:
-    """A build folder or a .pte with manifest.json beside it -> (pte path, manifest)."""
+def locate_program(path: str | Path) -> tuple[Path, Path]:
+    """A build folder or a .pte -> (the .pte, where its manifest.json would be); the .pte must exist."""
     path = Path(path)
     if path.is_dir():
         pte, manifest_path = path / PROGRAM, path / MANIFEST
@@ -76,6 +76,12 @@ def resolve_build(path: str | Path) -> tuple[Path, dict]:
         raise VitqError(f"{path} does not exist; pass a build folder or its model.pte")
     if not pte.is_file():
         raise VitqError(f"{pte} does not exist; run `vitq-edge build` first")
+    return pte, manifest_path
+
+
+def resolve_build(path: str | Path) -> tuple[Path, dict]:
+    """A build folder or a .pte with manifest.json beside it -> (pte path, manifest)."""
+    pte, manifest_path = locate_program(path)
     if not manifest_path.is_file():
         raise VitqError(f"{manifest_path} is missing; a .pte needs the manifest.json written beside it by "
                         "`vitq-edge build`")

@@ -14,9 +14,8 @@ import json
 import platform
 from pathlib import Path
 
-from vitq_edge.artifacts import MANIFEST, PROGRAM, append_to_manifest, file_sha256
+from vitq_edge.artifacts import append_to_manifest, file_sha256, locate_program
 from vitq_edge.device import RunRequest, get_device
-from vitq_edge.errors import VitqError
 from vitq_edge.progress import steps
 
 DEFAULT_RUNS = 10
@@ -25,21 +24,13 @@ EMULATED_RUNS = 3  # every inference costs ~200x its native time under qemu; the
 
 def resolve_program(path: str | Path) -> tuple[Path, Path | None]:
     """A build folder or a .pte -> (program, the manifest that describes it, if any)."""
-    path = Path(path)
-    if path.is_dir():
-        pte, manifest = path / PROGRAM, path / MANIFEST
-        if not pte.is_file():
-            raise VitqError(f"{pte} does not exist; run `vitq-edge build --out {path}` first")
-        return pte, manifest if manifest.is_file() else None
-    if not path.is_file():
-        raise VitqError(f"{path} does not exist; pass a build folder or a .pte file")
-    manifest = path.parent / MANIFEST
+    pte, manifest = locate_program(path)
     try:
         # Only the manifest written with this very program describes it.
-        owned = manifest.is_file() and json.loads(manifest.read_text()).get("program") == path.name
+        owned = manifest.is_file() and json.loads(manifest.read_text()).get("program") == pte.name
     except (OSError, ValueError, AttributeError):
         owned = False
-    return path, manifest if owned else None
+    return pte, manifest if owned else None
 
 
 def benchmark(path: str | Path, device: str = "host", runs: int | None = None, warmup: int = 1, threads: int = 1,
