@@ -176,6 +176,93 @@ def test_bench_without_plugin_skips_counting_with_a_note(build_copy, tmp_path):
     assert "benchmarks" not in json.loads((build_copy / "manifest.json").read_text())
 
 
+# ---- bench --profile: ETDump -> ExecuTorch's Inspector -> slowest operators / delegate calls ----
+
+
+def _check_profile(report: dict, runs: int) -> dict:
+    """What every profile of the stock int8 program shows, on any device."""
+    prof = report["profile"]
+    assert prof["runs"] == runs and prof["inference_ms"] > 0
+    rows = prof["rows"]
+    # The rows tile Method::execute: their shares add up to 100%.
+    assert abs(sum(r["share"] for r in rows) - 100.0) < 0.05, [r["share"] for r in rows]
+    assert abs(sum(r["mean_ms"] for r in rows) - prof["inference_ms"]) < 1e-3 * prof["inference_ms"] + 1e-5
+    assert [r["total_ms"] for r in rows] == sorted((r["total_ms"] for r in rows), reverse=True)
+    delegate = [r for r in rows if r["kind"] == "delegate"]
+    ops = {r["name"]: r for r in rows if r["kind"] == "operator"}
+    # The XNNPACK delegate calls, named after the XNNPACK operators they run.
+    assert delegate and all(r["backend"] == "XnnpackBackend" for r in delegate)
+    assert any("Fully Connected" in c["name"] for r in delegate for c in r["contains"])
+    assert all(r["total_ms"] > 0 and r["calls_per_inference"] >= 1 for r in delegate)
+    # layer_norm stays outside XNNPACK in the stock int8 flow: 2 per block + the final one.
+    norm = ops["aten::native_layer_norm.out"]
+    assert norm["calls_per_inference"] == 13 and norm["total_ms"] > 0 and norm["ms_per_call"] > 0
+    assert all(r["total_ms"] > 0 for r in ops.values())
+    assert sum(r["calls_per_inference"] for r in delegate) + sum(r["calls_per_inference"] for r in ops.values()) \
+        == len({i for r in rows for i in r["instructions"]})
+    # XNNPACK's own per-operator times inside those calls.
+    inner = {r["name"]: r for r in prof["delegate_operators"]}
+    assert inner["Fully Connected (NC, QS8, QC8W) GEMM"]["total_ms"] > 0
+    assert abs(sum(r["share"] for r in inner.values()) - sum(r["share"] for r in delegate)) < 0.05
+    return prof
+
+
+def test_bench_profile_on_host(build_copy):
+    result = run_cli("bench", str(build_copy), "--device", "host", "--runs", "4", "--profile", "--json", "--quiet")
+    assert result.code == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    prof = _check_profile(report, runs=4)
+    assert not prof["latency_is_emulated"] and prof["traced_latency_ms"]["count"] == 4
+    # The recorded timings are those of the untraced run.
+    manifest = json.loads((build_copy / "manifest.json").read_text())
+    assert manifest["benchmarks"][-1]["latency_ms"] == report["latency_ms"]
+    assert prof["untraced_median_ms"] == report["latency_ms"]["median"]
+    # The raw ETDump beside the build, written whole (no temporary file left), readable again.
+    saved = build_copy / "profile-host.etdp"
+    assert prof["etdump"] == str(saved) and saved.stat().st_size == prof["etdump_bytes"] > 0
+    assert sorted(p.name for p in build_copy.iterdir()) == ["manifest.json", "model.pte", "profile-host.etdp",
+                                                            "report.md"]
+    from vitq_edge.profile import summarize
+
+    assert summarize(saved.read_bytes(), build_copy / "model.pte")["rows"] == prof["rows"]
+
+    text = run_cli("bench", str(build_copy), "--device", "host", "--runs", "2", "--profile", "--top", "3",
+                   "--no-record", "--quiet")
+    assert text.code == 0, text.stderr[-3000:]
+    lines = text.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("profile: slowest operators"))
+    assert "(wall time)" in lines[start] and "emulated" not in lines[start]
+    assert lines[start + 2] == f"  ETDump: {saved}"
+    table = lines[start + 4:start + 7]
+    assert all(line.strip()[0].isdigit() and "%" in line for line in table), table
+    assert "more rows; --top N" in lines[start + 7]
+    assert any("XnnpackBackend call: " in line for line in table), table
+    assert "inside the delegate calls" in text.stdout and "XnnpackBackend: Fully Connected" in text.stdout
+
+
+def test_bench_profile_on_emulated_rpi4(build_copy):
+    from vitq_edge.bench import format_bench
+
+    result = run_cli("bench", str(build_copy), "--device", "emulated-rpi4", "--runs", "2", "--profile", "--json",
+                     "--quiet")
+    assert result.code == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout)
+    prof = _check_profile(report, runs=2)
+    assert prof["latency_is_emulated"] and report["detected_cpu"]["uarch"] == "cortex-a72"
+    assert (build_copy / "profile-emulated-rpi4.etdp").stat().st_size == prof["etdump_bytes"]
+    if PLUGIN.is_file():  # the instruction counts come from the untraced run, as without --profile
+        assert report["instructions"]["exact"] and report["instructions_per_inference"] > 1_000_000
+    header = next(line for line in format_bench(report).splitlines() if line.startswith("profile:"))
+    assert "emulated wall time under qemu, not the board's" in header
+
+
+def test_bench_top_needs_profile(program):
+    assert_user_error(run_cli("bench", str(program), "--top", "3"), "--top", "--profile")
+    help_text = run_cli("bench", "--help")
+    assert help_text.code == 0 and "--profile" in help_text.stdout and "--top N" in help_text.stdout
+    assert "Inspector" in help_text.stdout and "emulated wall time" in help_text.stdout
+
+
 # ---- a real sshd on 127.0.0.1 ----
 
 
@@ -308,6 +395,17 @@ def test_bench_over_ssh_records_in_manifest(build_copy, sshd):
     assert report["detected_cpu"]["uarch"] == "cortex-a72"
     manifest = json.loads((build_copy / "manifest.json").read_text())
     assert manifest["benchmarks"][-1]["device"] == sshd.device
+    assert _remote_leftovers() == before
+
+
+def test_bench_profile_over_ssh_fetches_the_etdump(build_copy, sshd):
+    before = _remote_leftovers()
+    result = run_cli("bench", str(build_copy), "--device", sshd.device, "--runs", "2", "--profile", "--no-record",
+                     "--json", "--quiet", env=sshd.env)
+    assert result.code == 0, result.stderr[-3000:] + sshd.log.read_text()[-2000:]
+    prof = _check_profile(json.loads(result.stdout), runs=2)
+    saved = build_copy / f"profile-ssh_{sshd.user}_127.0.0.1_{sshd.port}.etdp"
+    assert prof["etdump"] == str(saved) and saved.stat().st_size == prof["etdump_bytes"]
     assert _remote_leftovers() == before
 
 

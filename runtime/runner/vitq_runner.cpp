@@ -28,6 +28,7 @@
 #include <string>
 #include <vector>
 
+#include <executorch/devtools/etdump/etdump_flatcc.h>
 #include <executorch/extension/module/module.h>
 #include <executorch/extension/tensor/tensor.h>
 #include <executorch/runtime/platform/platform.h>
@@ -81,6 +82,7 @@ namespace {
 
 namespace et = ::executorch::runtime;
 using executorch::aten::ScalarType;
+using executorch::etdump::ETDumpGen;
 using executorch::extension::from_blob;
 using executorch::extension::module::Module;
 using Clock = std::chrono::steady_clock;
@@ -162,6 +164,7 @@ struct Options {
   std::string model;
   std::vector<std::string> inputs;
   std::string out;  // "" = do not write outputs
+  std::string etdump;  // "" = no event tracer
   std::string method = "forward";
   std::vector<std::string> kernels;
   bool default_kernels = true;
@@ -187,6 +190,9 @@ const char* kUsage =
     "  --out PATH        write outputs: PATH.npy (single-output programs) or a\n"
     "                    directory receiving output_<k>.npy; per-image results\n"
     "                    are concatenated along axis 0 in input order\n"
+    "  --etdump FILE     profile: attach ExecuTorch's ETDump event tracer and\n"
+    "                    write it to FILE (operator, delegate call and\n"
+    "                    XNNPACK-operator times of the timed calls only)\n"
     "  --kernels LIB     dlopen a kernel library (custom ops) before loading the\n"
     "                    program; repeatable. By default <bin>/../lib/"
     "libvitq_kernels.so\n"
@@ -245,6 +251,9 @@ Options parse_args(int argc, char** argv) {
       o.threads = parse_int(a, next(), 0);
     } else if (a == "--out") {
       o.out = next();
+    } else if (a == "--etdump") {
+      o.etdump = next();
+      if (o.etdump.empty()) throw UsageError("--etdump needs a file name");
     } else if (a == "--kernels") {
       o.kernels.push_back(next());
     } else if (a == "--no-default-kernels") {
@@ -385,6 +394,15 @@ inline void inference_marker() {
   (void)sink;
 }
 
+// A file the runner will create: its directory must exist and be writable.
+void require_writable_target(const std::string& flag, const std::string& path) {
+  const size_t slash = path.rfind('/');
+  const std::string parent = slash == std::string::npos ? "." : path.substr(0, slash + 1);
+  if (access(parent.c_str(), W_OK) != 0)
+    throw RunnerError("cannot write " + flag + " " + path + ": directory " + parent +
+                      " is missing or not writable");
+}
+
 // --- Outputs ---------------------------------------------------------------------------
 // Accumulates one program output over all images: per-forward results are
 // concatenated along axis 0.
@@ -499,8 +517,21 @@ int run(const Options& opt) {
   // 3. Load the program and the method (this is where XNNPACK builds its
   //    runtime and where missing operators are reported).
   require_regular_file(opt.model, "model");
+  if (!opt.etdump.empty()) require_writable_target("--etdump", opt.etdump);
+  // --etdump: the Module owns the tracer and hands it to every method it loads.
+  // The shipped libraries are built with ET_EVENT_TRACER_ENABLED, so Method
+  // records one event per instruction (OPERATOR_CALL / DELEGATE_CALL, with the
+  // instruction index as debug handle) and the XNNPACK delegate one per XNNPACK
+  // operator when it profiles (see runtime/README.md).
+  ETDumpGen* etdump = nullptr;
+  std::unique_ptr<et::EventTracer> tracer;
+  if (!opt.etdump.empty()) {
+    auto gen = std::make_unique<ETDumpGen>();  // no buffer: the builder mallocs
+    etdump = gen.get();
+    tracer = std::move(gen);
+  }
   const auto t_load0 = Clock::now();
-  Module module(opt.model, Module::LoadMode::Mmap);
+  Module module(opt.model, Module::LoadMode::Mmap, std::move(tracer));
   // InternalConsistency verifies the flatbuffer, so a corrupt file is an
   // error rather than a crash.
   if (const auto e = module.load(et::Program::Verification::InternalConsistency);
@@ -554,11 +585,7 @@ int run(const Options& opt) {
       throw RunnerError("--out " + opt.out + " names one file, but the program has " +
                         std::to_string(meta->num_outputs()) +
                         " outputs; pass a directory instead");
-    const size_t slash = opt.out.rfind('/');
-    const std::string parent = slash == std::string::npos ? "." : opt.out.substr(0, slash + 1);
-    if (access(parent.c_str(), W_OK) != 0)
-      throw RunnerError("cannot write --out " + opt.out + ": directory " + parent +
-                        " is missing or not writable");
+    require_writable_target("--out", opt.out);
   } else if (!opt.out.empty()) {
     make_dirs(opt.out);
   }
@@ -583,6 +610,7 @@ int run(const Options& opt) {
   latencies.reserve(static_cast<size_t>(total_chunks * opt.runs));
   int64_t images = 0;
   bool warmed_up = false;
+  bool trace_started = false;
   for (const auto& f : files) {
     std::vector<float> data;
     if (f.path.empty()) {
@@ -605,6 +633,12 @@ int run(const Options& opt) {
       if (!warmed_up) {
         for (int w = 0; w < opt.warmup; ++w) forward(chunk);
         warmed_up = true;
+      }
+      if (etdump != nullptr && !trace_started) {
+        // Drop what load_method and the warmup calls recorded: the etdump
+        // holds exactly the timed calls, one event block ("Execute") each.
+        etdump->reset();
+        trace_started = true;
       }
       std::vector<et::EValue> result;
       for (int r = 0; r < opt.runs; ++r) {
@@ -641,7 +675,26 @@ int run(const Options& opt) {
     }
   }
 
-  // 8. Report.
+  // 8. The event trace (after the timing, so writing it is not timed).
+  size_t etdump_bytes = 0, etdump_blocks = 0;
+  if (etdump != nullptr) {
+    etdump_blocks = etdump->get_num_blocks();
+    const executorch::etdump::ETDumpResult data = etdump->get_etdump_data();
+    if (data.buf == nullptr || data.size == 0)
+      throw RunnerError("the event tracer recorded nothing (is the ExecuTorch runtime built "
+                        "with ET_EVENT_TRACER_ENABLED?)");
+    FILE* f = std::fopen(opt.etdump.c_str(), "wb");
+    if (f == nullptr)
+      throw RunnerError("cannot write --etdump " + opt.etdump + ": " + std::strerror(errno));
+    const size_t written = std::fwrite(data.buf, 1, data.size, f);
+    const bool closed = std::fclose(f) == 0;
+    std::free(data.buf);  // flatcc's aligned buffer: malloc'd memory
+    if (written != data.size || !closed)
+      throw RunnerError("cannot write --etdump " + opt.etdump + ": " + std::strerror(errno));
+    etdump_bytes = data.size;
+  }
+
+  // 9. Report.
   std::vector<double> sorted = latencies;
   std::sort(sorted.begin(), sorted.end());
   const size_t n = sorted.size();
@@ -682,6 +735,9 @@ int run(const Options& opt) {
        << "\", \"shape\": " << shape_str(outputs[k].shape()) << ", \"dtype\": \""
        << outputs[k].descr << "\"}";
   js << "]";
+  if (etdump != nullptr)
+    js << ", \"etdump\": {\"path\": \"" << json_escape(opt.etdump) << "\", \"bytes\": " << etdump_bytes
+       << ", \"blocks\": " << etdump_blocks << "}";
   // What cpuinfo (and so XNNPACK) believes the CPU is.
   if (cpuinfo_initialize() && cpuinfo_get_uarchs_count() > 0) {
     const cpuinfo_uarch_info* u = cpuinfo_get_uarch(0);

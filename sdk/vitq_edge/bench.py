@@ -5,6 +5,10 @@ ViT does not depend on the pixel values, and no data set is needed), after `warm
 untimed ones. On emulated devices the qemu plugin also counts the instructions of each
 timed inference: the number that ranks programs, since emulated wall time does not.
 A build folder's result is appended to its manifest under `benchmarks`.
+
+With `profile`, a second run of the same calls records ExecuTorch's ETDump (vitq_edge.profile):
+the timed numbers above come from the untraced run, so the tracer never changes them (nor
+the emulated instruction counts), and the profile says how much it slowed its own run.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from pathlib import Path
 
 from vitq_edge.artifacts import append_to_manifest, file_sha256, locate_program
 from vitq_edge.device import RunRequest, get_device
+from vitq_edge.errors import VitqError
 from vitq_edge.progress import steps
 
 DEFAULT_RUNS = 10
@@ -34,17 +39,26 @@ def resolve_program(path: str | Path) -> tuple[Path, Path | None]:
 
 
 def benchmark(path: str | Path, device: str = "host", runs: int | None = None, warmup: int = 1, threads: int = 1,
-              timeout: float | None = None, record: bool = True) -> dict:
-    """Run the program at `path` on `device`; append the result to its build's manifest when `record`."""
+              timeout: float | None = None, record: bool = True, profile: bool = False) -> dict:
+    """Run the program at `path` on `device`; append the result to its build's manifest when `record`.
+
+    With `profile`, also run it under ExecuTorch's event tracer: the result gets "profile" (see
+    vitq_edge.profile.summarize) and the raw ETDump is saved as profile-<device>.etdp beside the program.
+    """
     pte, manifest = resolve_program(path)
     dev = get_device(device)
     runs = runs or (EMULATED_RUNS if dev.emulated else DEFAULT_RUNS)
     req = RunRequest(warmup=warmup, runs=runs, threads=threads, count_instructions=dev.emulated, timeout=timeout)
-    with steps(f"benchmarking on {dev.name}", 2) as done:
+    traced = None
+    with steps(f"benchmarking on {dev.name}", 3 if profile else 2) as done:
         with dev.session(pte) as session:
             done("ready")
             result = session.run(req)
             done("ran")
+            if profile:
+                traced = session.run(RunRequest(warmup=warmup, runs=runs, threads=threads, etdump=True,
+                                                timeout=timeout))
+                done("profiled")
     rep = result.report
     instructions = result.instructions
     entry = {
@@ -70,6 +84,8 @@ def benchmark(path: str | Path, device: str = "host", runs: int | None = None, w
         "host": f"{platform.system()} {platform.machine()}",
         "notes": result.notes,
     }
+    # Before recording: a profile that cannot be read fails the command with the manifest untouched.
+    prof = None if traced is None else _profile(traced, pte, dev.name, dev.emulated, rep["latency_ms"]["median"])
     if not record:
         recorded = "not recorded (--no-record)"
     elif manifest is None:
@@ -77,10 +93,35 @@ def benchmark(path: str | Path, device: str = "host", runs: int | None = None, w
     else:
         index = append_to_manifest(manifest, "benchmarks", entry)
         recorded = f"recorded in {manifest} (benchmarks[{index}])"
-    return {**entry, "program": str(pte), "recorded": recorded}
+    out = {**entry, "program": str(pte), "recorded": recorded}
+    if prof is not None:
+        out["profile"] = prof
+    return out
 
 
-def format_bench(r: dict) -> str:
+def _profile(traced, pte: Path, device: str, emulated: bool, untraced_median: float) -> dict:
+    from vitq_edge.profile import etdump_path, save_etdump, summarize
+
+    summary = summarize(traced.etdump, pte)
+    target = etdump_path(pte, device)
+    try:
+        save_etdump(traced.etdump, target)
+        saved = str(target)
+    except (OSError, VitqError) as exc:  # the profile itself is still printed
+        saved = f"not saved ({exc})"
+    traced_median = traced.report["latency_ms"]["median"]
+    return {
+        **summary,
+        "etdump": saved,
+        "etdump_bytes": len(traced.etdump),
+        "latency_is_emulated": emulated,
+        "traced_latency_ms": traced.report["latency_ms"],
+        "untraced_median_ms": untraced_median,
+        "tracer_overhead_pct": round(100.0 * (traced_median / untraced_median - 1), 1) if untraced_median else None,
+    }
+
+
+def format_bench(r: dict, top: int | None = None) -> str:
     """The human-readable summary the CLI prints."""
     lat = r["latency_ms"]
     info = r["device_info"]
@@ -102,4 +143,8 @@ def format_bench(r: dict) -> str:
                      (" (includes the emulator)" if r["peak_rss_includes_emulator"] else ""))
     lines += [f"note: {n}" for n in r["notes"]]
     lines.append(r["recorded"])
+    if r.get("profile"):
+        from vitq_edge.profile import DEFAULT_TOP, format_profile
+
+        lines += format_profile(r["profile"], top or DEFAULT_TOP)
     return "\n".join(lines)

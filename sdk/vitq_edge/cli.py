@@ -171,21 +171,34 @@ def eval_(path, data, limit, device, timeout, as_json, quiet) -> None:
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
               help="Stop and fail after SECONDS.")
 @click.option("--no-record", is_flag=True, help="Do not append the result to the build's manifest.json.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--profile", is_flag=True,
+              help="Also run the same calls under ExecuTorch's event tracer and print the slowest operators and "
+                   "delegate calls (saves the ETDump as profile-<device>.etdp beside the .pte).")
+@click.option("--top", type=click.IntRange(min=1), default=None, metavar="N",
+              help="With --profile: how many rows to print.  [default: 10]")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON (with --profile: all rows).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def bench(path, device, runs, warmup, threads, timeout, no_record, as_json, quiet) -> None:
+def bench(path, device, runs, warmup, threads, timeout, no_record, profile, top, as_json, quiet) -> None:
     """Time a .pte (build folder or .pte) on a device with vitq-runner.
 
     Prints latency, instructions per inference (emulated devices), peak memory and
     program size, and appends the result to the build folder's manifest.json under
     `benchmarks`. Input: the runner's deterministic synthetic image.
+
+    --profile adds a per-operator profile from a second, traced run of the same calls
+    (ExecuTorch's ETDump, read with its devtools Inspector): each non-delegated operator
+    and each kind of delegate call (XNNPACK subgraph), with its share of the inference,
+    and the delegate's own operators. The timings above stay those of the untraced run.
+    On emulated devices the profile's times are emulated wall time, not the board's.
     """
     from vitq_edge.bench import benchmark, format_bench
 
     set_quiet(quiet)
+    if top is not None and not profile:
+        raise VitqError("--top sets how many rows --profile prints; add --profile")
     result = benchmark(path, device=device, runs=runs, warmup=warmup, threads=threads, timeout=timeout,
-                       record=not no_record)
-    click.echo(json.dumps(result) if as_json else format_bench(result))
+                       record=not no_record, profile=profile)
+    click.echo(json.dumps(result) if as_json else format_bench(result, top=top))
 
 
 @main.command()

@@ -117,6 +117,7 @@ class RunRequest:
     threads: int = 1  # 0: the runtime's default (one per performance core)
     outputs: bool = False  # bring the program's output (logits) back as an array
     count_instructions: bool = False  # emulated devices only
+    etdump: bool = False  # profile: the runner records an ETDump of the timed calls (RunResult.etdump)
     timeout: float | None = None  # seconds for the whole run
 
 
@@ -125,13 +126,20 @@ class RunResult:
     report: dict  # the runner's JSON report
     output: np.ndarray | None = None
     instructions: dict | None = None  # see `instruction_summary`
+    etdump: bytes | None = None  # the runner's ETDump file, with RunRequest.etdump
     notes: list[str] = field(default_factory=list)
 
 
-def runner_args(pte: str, inputs: Sequence[str], req: RunRequest, out: str | None) -> list[str]:
+ETDUMP_FILE = "profile.etdp"  # the runner's --etdump file, in a run's temporary folder
+
+
+def runner_args(pte: str, inputs: Sequence[str], req: RunRequest, out: str | None,
+                etdump: str | None = None) -> list[str]:
     args = ["--warmup", str(req.warmup), "--runs", str(req.runs), "--threads", str(req.threads)]
     if out is not None:
         args += ["--out", out]
+    if etdump is not None:
+        args += ["--etdump", etdump]
     return [*args, "--", pte, *inputs]
 
 
@@ -152,6 +160,9 @@ def raise_runner_failure(stderr: str, code: int, where: str, pte_label: str) -> 
     """Turn a failed runner (or launcher) into one VitqError line."""
     message = runner_error_line(stderr)
     if message is not None:
+        if "unknown option --etdump" in message:
+            raise VitqError(f"the runner bundle on {where} predates --profile (its vitq-runner has no --etdump); "
+                            f"rebuild it: {build_hint()}")
         if "loading program" in message or "load_method" in message:
             raise VitqError(f"{pte_label} is not a loadable ExecuTorch program on {where} ({message}); "
                             "rebuild it with `vitq-edge build`")
@@ -228,6 +239,17 @@ def instruction_summary(counts: dict, warmup: int, threads: int) -> dict:
     }
 
 
+def load_etdump(path: Path, where: str) -> bytes:
+    try:
+        data = path.read_bytes()
+    except OSError:
+        data = b""
+    if not data:
+        raise VitqError(f"the runner on {where} wrote no ETDump for --profile; rebuild the runner bundle: "
+                        f"{build_hint()}")
+    return data
+
+
 def load_output(path: Path, where: str) -> np.ndarray:
     try:
         return np.load(path)
@@ -292,14 +314,17 @@ class _LocalSession(Session):
         with tempfile.TemporaryDirectory(prefix="vitq-run-") as tmp:
             out = Path(tmp) / "output.npy" if req.outputs else None
             counts = Path(tmp) / "insn.json" if req.count_instructions else None
+            etdump = Path(tmp) / ETDUMP_FILE if req.etdump else None
             cmd = [*self.device.launcher(counts), str(self.bundle.runner),
-                   *runner_args(str(self.pte), [str(p) for p in req.inputs], req, None if out is None else str(out))]
+                   *runner_args(str(self.pte), [str(p) for p in req.inputs], req, None if out is None else str(out),
+                                None if etdump is None else str(etdump))]
             proc = run_local(cmd, req.timeout, self.device.name)
             if proc.returncode != 0 and runner_error_line(proc.stderr) is None:
                 message = self.device.explain_failure(proc.stderr)
                 if message:
                     raise VitqError(message)
             report = parse_report(proc.stdout, proc.stderr, proc.returncode, self.device.name, str(self.pte))
-            result = RunResult(report, output=None if out is None else load_output(out, self.device.name))
+            result = RunResult(report, output=None if out is None else load_output(out, self.device.name),
+                               etdump=None if etdump is None else load_etdump(etdump, self.device.name))
             self.device.read_counts(counts, req, result)
             return result

@@ -32,6 +32,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from vitq_edge.device.runner import (
+    ETDUMP_FILE,
     RUNNER,
     Bundle,
     Device,
@@ -40,6 +41,7 @@ from vitq_edge.device.runner import (
     Session,
     find_bundle,
     last_line,
+    load_etdump,
     load_output,
     parse_report,
     runner_args,
@@ -249,10 +251,12 @@ class _SshSession(Session):
                 dev.scp([str(Path(tmp) / Path(n).name) for n in names], dev.remote(self.dir + "/in/"),
                         "copying the inputs")
             out = "out.npy" if req.outputs else None
-            args = " ".join(shlex.quote(a) for a in runner_args("model.pte", names, req, out))
+            etdump = ETDUMP_FILE if req.etdump else None
+            args = " ".join(shlex.quote(a) for a in runner_args("model.pte", names, req, out, etdump))
             wrapper = f"{dev.wrapper} " if dev.wrapper else ""
             # The shell's pid lets cleanup stop the runner if this side gives up first.
-            command = f"cd {q} && rm -f out.npy && echo $$ > pid && {wrapper}./bin/{RUNNER} {args}"
+            command = (f"cd {q} && rm -f out.npy {ETDUMP_FILE} && echo $$ > pid && "
+                       f"{wrapper}./bin/{RUNNER} {args}")
             proc = dev.ssh(command, req.timeout, "running the program",
                            f"the run on {dev.where} took longer than --timeout {req.timeout or 0:g} s and was "
                            "stopped; raise --timeout or use fewer --runs/--limit")
@@ -265,6 +269,10 @@ class _SshSession(Session):
                 local = Path(tmp) / "out.npy"
                 dev.scp([dev.remote(f"{self.dir}/{out}")], str(local), "fetching the outputs")
                 result.output = load_output(local, dev.where)
+            if etdump is not None:
+                local = Path(tmp) / ETDUMP_FILE
+                dev.scp([dev.remote(f"{self.dir}/{etdump}")], str(local), "fetching the ETDump")
+                result.etdump = load_etdump(local, dev.where)
             return result
 
     def _launch_failure(self, proc: subprocess.CompletedProcess) -> str:
