@@ -11,32 +11,51 @@ into a config (`recipe_config`).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import ClassVar
 
 import torch
 
 from vitq_edge.errors import VitqError
 
+UNIFORM_BITS = ("W8A8", "W6A6", "W4A4")
+
+
+def parse_bits(bits: str) -> tuple[int, int]:
+    """'W4A8' -> (4, 8); 'mixed:6' -> (6, 6), the budget's uniform width."""
+    m = re.fullmatch(r"W(\d+)A(\d+)", bits) or re.fullmatch(r"mixed:(\d+)()", bits)
+    if not m:
+        raise VitqError(f"cannot read --bits '{bits}': use W8A8, W6A6, W4A4 or mixed:N")
+    w = int(m.group(1))
+    return w, int(m.group(2) or w)
+
 
 @dataclass(frozen=True)
 class RecipeConfig:
-    """Base of every recipe config."""
+    """Base of every recipe config. `bits` None means the recipe's first supported width."""
 
-    name = "base"
-    supported_bits: tuple[str, ...] = ()
+    name: ClassVar[str] = "base"
+    supported_bits: ClassVar[tuple[str, ...]] = ()
+    bits: str | None = None
 
-    @property
-    def bits(self) -> str:
-        return self.supported_bits[0]
+    def __post_init__(self) -> None:
+        if self.bits is None:
+            object.__setattr__(self, "bits", self.supported_bits[0])
+        elif not self.bits_supported(self.bits):
+            raise VitqError(f"recipe {self.name} supports --bits {', '.join(self.supported_bits)}, not '{self.bits}'")
+
+    def bits_supported(self, bits: str) -> bool:
+        return bits in self.supported_bits
 
 
 @dataclass(frozen=True)
 class Fp32Config(RecipeConfig):
     """No quantization: the float model lowered to XNNPACK's fp32 kernels."""
 
-    name = "fp32"
-    supported_bits: tuple[str, ...] = ("fp32",)
+    name: ClassVar[str] = "fp32"
+    supported_bits: ClassVar[tuple[str, ...]] = ("fp32",)
 
 
 @dataclass(frozen=True)
@@ -47,9 +66,79 @@ class XnnpackInt8Config(RecipeConfig):
     ExecuTorch user gets out of the box: the baseline the paper recipes must beat.
     """
 
-    name = "xnnpack-int8"
-    supported_bits: tuple[str, ...] = ("W8A8",)
+    name: ClassVar[str] = "xnnpack-int8"
+    supported_bits: ClassVar[tuple[str, ...]] = ("W8A8",)
     per_channel: bool = True
+
+
+@dataclass(frozen=True)
+class PaperRecipeConfig(RecipeConfig):
+    """Shared by the paper recipes: where calibration runs and how big its batches are."""
+
+    supported_bits: ClassVar[tuple[str, ...]] = UNIFORM_BITS
+    device: str = "cpu"  # "cuda" where a GPU exists: calibration runs there, the result comes back to CPU
+    batch_size: int = 32
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class MinMaxConfig(PaperRecipeConfig):
+    """The naive baseline: per-channel symmetric weights, per-tensor asymmetric activations,
+    ranges = observed min/max on the calibration set. Softmax, LayerNorm, GELU stay float."""
+
+    name: ClassVar[str] = "minmax"
+
+
+@dataclass(frozen=True)
+class Liu2021Config(PaperRecipeConfig):
+    """Liu et al., NeurIPS 2021 (`quant/liu2021.py`): symmetric per-layer intervals searched to
+    maximise the Pearson correlation of each layer's output (alternating weight / input, up to
+    `rounds` rounds over `candidates` intervals in [alpha, beta] x the max), ranking loss on the
+    attention scores, bias correction; `bits="mixed:N"` adds nuclear-norm mixed precision under
+    the size budget of uniform N-bit weights."""
+
+    name: ClassVar[str] = "liu2021"
+    alpha: float = 0.5
+    beta: float = 1.2
+    candidates: int = 100  # not stated in the paper
+    rounds: int = 20
+    gamma: float = 0.1  # ranking-loss weight
+    theta: float = 0.2  # ranking-loss margin
+    ranking: bool = True
+    bias_correction: bool = True
+    search_images: int = 128  # calibration images used by the interval search
+    mp_search_images: int = 128  # images for the mixed-precision sensitivities
+    mp_candidates: int = 25  # intervals per search when measuring sensitivities
+
+    def bits_supported(self, bits: str) -> bool:
+        if bits in self.supported_bits:
+            return True
+        m = re.fullmatch(r"mixed:(\d+)", bits)
+        return bool(m) and 4 <= int(m.group(1)) <= 8
+
+    @property
+    def mixed(self) -> bool:
+        return self.bits.startswith("mixed:")
+
+
+@dataclass(frozen=True)
+class AdfqConfig(PaperRecipeConfig):
+    """ADFQ-ViT (`quant/adfq.py`): PPOQ on post-LayerNorm inputs, Shift-Log2 on post-GELU,
+    log-sqrt2 on post-softmax, then attention-score enhanced module-wise reconstruction
+    (AdaRound weights, learned activation scales, QDrop input mixing, KL on attention maps)."""
+
+    name: ClassVar[str] = "adfq"
+    iters: int = 3000  # per unit; the ADFQ-ViT README command (code default 5000)
+    qkv_threshold: float = 5.0  # PPOQ outlier magnitude, qkv input (code: 5)
+    fc1_threshold: float = 10.0  # PPOQ outlier magnitude, fc1 input (README command: --outlier 10)
+    log_base: str = "sqrt2"  # "sqrt2" (code) or "2" (paper text) for Shift-Log2 and softmax
+    weight_lr: float = 3e-3  # AdaRound variables (Adam)
+    act_lr: float = 4e-5  # activation scales (Adam, cosine decay)
+    round_weight: float = 0.01  # lambda of the AdaRound regularizer
+    kl_weight: float = 10.0  # 1 / lamb_r in the code
+    temperature: float = 4.0
+    kl_dim: str = "heads"  # the code softmaxes attention maps over heads; "keys" follows the paper's text
+    drop_prob: float = 0.5  # QDrop: chance an element takes the float input
 
 
 @dataclass
@@ -62,6 +151,10 @@ class QuantizedModel:
     # Ops whose arithmetic stays float in the deployed program (written to the manifest).
     float_ops: list[str] = field(default_factory=list)
     custom_ops: list[str] = field(default_factory=list)
+    # Paper recipes: weights packed at their bit width + float32 for the rest (vit.model_size_bytes).
+    size_bytes: int | None = None
+    # Recipe-specific facts for the manifest: quantizers, outlier fractions, mixed-precision bits.
+    details: dict = field(default_factory=dict)
 
 
 Handler = Callable[[torch.nn.Module, RecipeConfig, Iterable[torch.Tensor], tuple], QuantizedModel]
@@ -76,17 +169,21 @@ def register_recipe(config_type: type) -> Callable[[Handler], Handler]:
     return wrap
 
 
-RECIPES: dict[str, type[RecipeConfig]] = {c.name: c for c in (Fp32Config, XnnpackInt8Config)}
+RECIPES: dict[str, type[RecipeConfig]] = {
+    c.name: c for c in (Fp32Config, XnnpackInt8Config, MinMaxConfig, Liu2021Config, AdfqConfig)
+}
 
 
-def recipe_config(name: str, bits: str | None = None) -> RecipeConfig:
-    """The config for a recipe name as typed on the command line."""
+def recipe_config(name: str, bits: str | None = None, **options) -> RecipeConfig:
+    """The config for a recipe name as typed on the command line; `options` set its fields."""
     if name not in RECIPES:
         raise VitqError(f"unknown recipe '{name}': choose one of {', '.join(RECIPES)}")
-    config = RECIPES[name]()
-    if bits is not None and bits not in config.supported_bits:
-        raise VitqError(f"recipe {name} supports --bits {', '.join(config.supported_bits)}, not '{bits}'")
-    return config
+    cls = RECIPES[name]
+    known = {f.name for f in fields(cls)}
+    for key in options:
+        if key not in known:
+            raise VitqError(f"recipe {name} has no option '{key}'")
+    return cls(bits=bits, **options)
 
 
 def quantize(
@@ -103,4 +200,4 @@ def quantize(
 
 
 # Handlers live next to their algorithms; importing registers them.
-from vitq_edge.quant import stock  # noqa: E402,F401
+from vitq_edge.quant import adfq, liu2021, minmax, stock  # noqa: E402,F401

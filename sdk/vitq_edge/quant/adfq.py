@@ -1,0 +1,227 @@
+"""ADFQ-ViT (Neural Networks 2025): PPOQ, Shift-Log2 and attention-score enhanced module-wise optimization.
+
+Quantizers (as in the ADFQ-ViT code):
+    qkv and fc1 inputs (post-LayerNorm)   PerPatchOutlierQuantizer (outliers > threshold stay float)
+    fc2 input (post-GELU)                 ShiftLog2Quantizer (log-sqrt2 by default)
+    attention probabilities (A @ V)       LogQuantizer (log-sqrt2 by default)
+    q, k, v, proj / head / patch inputs   per-tensor asymmetric uniform, range by MSE
+    weights                               per-output-channel asymmetric uniform (MSE), then AdaRound
+
+Reconstruction, unit by unit in forward order (patch embedding, each attention module,
+each MLP module, head), on the calibration images in batches of `batch_size`:
+    input    QDrop-style: each element from the quantized model's input with probability
+             1 - drop_prob, else from the float model's;
+    loss     sum of squared output errors (float target) + round_weight * AdaRound
+             regularizer (beta 20 -> 2 after a 20% warm-up) + for attention modules
+             kl_weight * KL between float and quantized attention maps at temperature T;
+    learned  AdaRound variables of every weight (Adam, weight_lr), the scales of the qkv,
+             proj, fc1 and fc2 input quantizers (Adam, act_lr, cosine decay). Zero points
+             are not learned.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from vitq_edge.progress import progress
+from vitq_edge.quant import vit
+from vitq_edge.quant.calibration import batches, package, resolve_device, stack_calibration
+from vitq_edge.quant.liu2021 import capture_inputs
+from vitq_edge.quant.losses import attention_kl
+from vitq_edge.quant.quantizers import (
+    AdaRoundQuantizer,
+    LogQuantizer,
+    PerPatchOutlierQuantizer,
+    Quantizer,
+    ShiftLog2Quantizer,
+    UniformQuantizer,
+)
+from vitq_edge.quant.recipes import AdfqConfig, QuantizedModel, parse_bits, register_recipe
+
+WARMUP = 0.2  # share of iterations without the rounding regularizer
+BETA_START, BETA_END = 20.0, 2.0
+
+
+def adfq_factory(config: AdfqConfig):
+    w_bits, a_bits = parse_bits(config.bits)
+    k = 2 if config.log_base == "sqrt2" else 1
+
+    def make(op: str, role: str) -> Quantizer:
+        if role == "weight":
+            return UniformQuantizer(w_bits, signed=False, granularity="channel", init="mse")
+        if op.endswith(".qkv"):
+            return PerPatchOutlierQuantizer(a_bits, config.qkv_threshold)
+        if op.endswith(".fc1"):
+            return PerPatchOutlierQuantizer(a_bits, config.fc1_threshold)
+        if op.endswith(".fc2"):
+            return ShiftLog2Quantizer(a_bits, k=k)
+        if op.endswith(".av") and role == "a":
+            return LogQuantizer(a_bits, k=k)
+        return UniformQuantizer(a_bits, signed=False, granularity="tensor", init="mse")
+
+    return make
+
+
+def units(qmodel: nn.Module) -> list[str]:
+    names = ["patch_embed.proj"]
+    for i in range(len(qmodel.blocks)):
+        names += [f"blocks.{i}.attn", f"blocks.{i}.mlp"]
+    if isinstance(qmodel.head, vit.QuantLinear):
+        names.append("head")
+    return names
+
+
+def _unit_ops(unit: nn.Module) -> list[vit.QuantOp]:
+    return [m for m in unit.modules() if isinstance(m, vit.QuantLinear | vit.QuantConv2d | vit.QuantMatMul)]
+
+
+def _set_unit_enabled(unit: nn.Module, on: bool) -> None:
+    for m in unit.modules():
+        if isinstance(m, Quantizer):
+            m.enabled = on
+
+
+class _AttentionMaps:
+    """Collects the (quantized) attention probabilities entering A @ V."""
+
+    def __init__(self, unit: nn.Module) -> None:
+        self.maps: list[torch.Tensor] = []
+        self.handle = unit.av.a_quant.register_forward_hook(lambda m, args, out: self.maps.append(out))
+
+    def pop(self) -> torch.Tensor:
+        out = self.maps[-1]
+        self.maps.clear()
+        return out
+
+    def close(self) -> None:
+        self.handle.remove()
+
+
+@torch.no_grad()
+def _float_targets(unit: nn.Module, x: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The unit's float output (and float attention maps) on its float input."""
+    _set_unit_enabled(unit, False)
+    maps = _AttentionMaps(unit) if isinstance(unit, vit.QuantAttention) else None
+    outs, probs = [], []
+    for b in batches(x, batch_size):
+        outs.append(unit(b))
+        if maps is not None:
+            probs.append(maps.pop())
+    if maps is not None:
+        maps.close()
+    _set_unit_enabled(unit, True)
+    return torch.cat(outs), torch.cat(probs) if probs else None
+
+
+def _learned_scales(unit: nn.Module) -> list[nn.Parameter]:
+    """Scales of the qkv / proj / fc1 / fc2 input quantizers (ADFQ-ViT learns only these)."""
+    params = []
+    for name in ("qkv", "proj", "fc1", "fc2"):
+        op = getattr(unit, name, None)
+        if op is None:
+            continue
+        q = op.input_quant
+        p = q.delta if isinstance(q, ShiftLog2Quantizer | LogQuantizer) else q.scale
+        p.requires_grad_(True)
+        params.append(p)
+    return params
+
+
+def reconstruct_unit(unit: nn.Module, x_fp: torch.Tensor, x_q: torch.Tensor, config: AdfqConfig,
+                     generator: torch.Generator, label: str) -> dict:
+    """Optimise one unit's rounding and activation scales; returns its loss before/after."""
+    y_fp, p_fp = _float_targets(unit, x_fp, config.batch_size * 8)
+    rounders = []
+    for op in _unit_ops(unit):
+        if isinstance(op, vit.QuantLinear | vit.QuantConv2d):
+            op.weight_quant = AdaRoundQuantizer(op.weight_quant, op.weight).to(op.weight.device)
+            rounders.append(op.weight_quant)
+    scales = _learned_scales(unit) if isinstance(unit, vit.QuantAttention | vit.QuantMlp) else []
+    opt_w = torch.optim.Adam([r.alpha for r in rounders], lr=config.weight_lr)
+    opt_a = torch.optim.Adam(scales, lr=config.act_lr) if scales else None
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_a, T_max=config.iters, eta_min=0) if opt_a else None
+    maps = _AttentionMaps(unit) if p_fp is not None else None
+    kl_dim = 1 if config.kl_dim == "heads" else -1
+    warmup = int(WARMUP * config.iters)
+    history = []
+    n = len(x_fp)
+    for it in progress(range(config.iters), label, unit="it"):
+        idx = torch.randint(0, n, (min(config.batch_size, n),), generator=generator).to(x_fp.device)
+        xf, xq = x_fp[idx], x_q[idx]
+        keep_float = torch.rand(xf.shape, generator=generator).to(xf.device) < config.drop_prob
+        out = unit(torch.where(keep_float, xf, xq))
+        rec = (out - y_fp[idx]).pow(2).sum(-1).mean()
+        loss = rec
+        if maps is not None:
+            loss = loss + config.kl_weight * attention_kl(maps.pop(), p_fp[idx], config.temperature, kl_dim)
+        if it >= warmup:
+            progress_frac = (it - warmup) / max(1, config.iters - warmup)
+            beta = BETA_END + 0.5 * (BETA_START - BETA_END) * (1 + math.cos(math.pi * progress_frac))
+            loss = loss + config.round_weight * sum(r.regularizer(beta) for r in rounders)
+        opt_w.zero_grad()
+        if opt_a:
+            opt_a.zero_grad()
+        loss.backward()
+        opt_w.step()
+        if opt_a:
+            opt_a.step()
+            sched.step()
+            _keep_scales_positive(scales)
+        if it == 0 or it == config.iters - 1:
+            history.append(round(rec.item(), 6))
+    if maps is not None:
+        maps.close()
+    for r in rounders:
+        r.harden()
+    for p in scales:
+        p.requires_grad_(False)
+    return {"reconstruction_loss_first_last": history}
+
+
+@torch.no_grad()
+def _keep_scales_positive(scales: list[nn.Parameter]) -> None:
+    for p in scales:
+        p.clamp_(min=1e-8)
+
+
+def bake_weights(qmodel: nn.Module) -> None:
+    """Replace AdaRound by its result: the weight becomes its dequantized integer codes,
+    quantized again by the plain uniform quantizer (idempotent), so the model carries
+    no rounding variables."""
+    for _, op in vit.quant_ops(qmodel):
+        if isinstance(op, vit.QuantLinear | vit.QuantConv2d) and isinstance(op.weight_quant, AdaRoundQuantizer):
+            with torch.no_grad():
+                op.weight.copy_(op.weight_quant(op.weight))
+            op.weight_quant = op.weight_quant.base
+
+
+@register_recipe(AdfqConfig)
+def quantize_adfq(model: nn.Module, config: AdfqConfig, calib: Iterable[torch.Tensor],
+                  example_inputs: tuple) -> QuantizedModel:
+    device = resolve_device(config.device)
+    x = stack_calibration(calib).to(device)
+    qmodel = vit.quantize_vit(model, adfq_factory(config)).to(device)
+    vit.calibrate_activations(qmodel, batches(x, config.batch_size * 8))
+    generator = torch.Generator().manual_seed(config.seed)
+    log = {}
+    if config.iters > 0:
+        names = units(qmodel)
+        for i, name in enumerate(names):
+            unit = qmodel.get_submodule(name)
+            vit.set_enabled(qmodel, False)
+            (x_fp,) = capture_inputs(qmodel, unit, x, config.batch_size * 8)
+            for earlier in names[:i]:
+                _set_unit_enabled(qmodel.get_submodule(earlier), True)
+            (x_q,) = capture_inputs(qmodel, unit, x, config.batch_size * 8)
+            _set_unit_enabled(unit, True)
+            log[name] = reconstruct_unit(unit, x_fp, x_q, config, generator, f"reconstructing {name}")
+        vit.set_enabled(qmodel, True)
+    bake_weights(qmodel)
+    outliers = {n: round(q.outlier_fraction, 6) for n, q in vit.quantizers(qmodel)
+                if isinstance(q, PerPatchOutlierQuantizer)}
+    return package(qmodel, config, {"reconstruction": log, "iters": config.iters,
+                                    "outlier_fraction": outliers})

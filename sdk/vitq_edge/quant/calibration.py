@@ -1,0 +1,44 @@
+"""Plumbing shared by the paper recipes: calibration tensors, batching, packaging the result."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from vitq_edge.errors import VitqError
+from vitq_edge.quant import vit
+from vitq_edge.quant.recipes import PaperRecipeConfig, QuantizedModel
+
+
+def stack_calibration(calib_batches: Iterable[torch.Tensor]) -> torch.Tensor:
+    """All calibration images as one tensor (the paper recipes revisit them many times)."""
+    batches = list(calib_batches)
+    if not batches:
+        raise VitqError("no calibration images: pass --calib DIR with at least one image")
+    return torch.cat(batches)
+
+
+def batches(x: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
+    for start in range(0, len(x), size):
+        yield x[start:start + size]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise VitqError(f"--device {name}: no CUDA GPU is visible to torch here; use --device cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise VitqError(f"unknown --device '{name}': use cpu or cuda[:N]") from None
+
+
+def package(qmodel: nn.Module, config: PaperRecipeConfig, details: dict | None = None) -> QuantizedModel:
+    """The finished quantized model, on CPU, frozen, with what the manifest needs to know."""
+    qmodel = qmodel.cpu().eval()
+    for p in qmodel.parameters():
+        p.requires_grad_(False)
+    details = {**(details or {}), "quantizers": vit.describe_quantizers(qmodel)}
+    return QuantizedModel(qmodel, config.name, config.bits, float_ops=list(vit.FLOAT_OPS),
+                          size_bytes=vit.model_size_bytes(qmodel), details=details)

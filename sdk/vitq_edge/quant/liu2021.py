@@ -1,0 +1,203 @@
+"""Liu et al., "Post-Training Quantization for Vision Transformer" (NeurIPS 2021).
+
+Every weight and every input of a linear layer or matmul gets one symmetric interval
+(per layer, per tensor). For each op in forward order, on the inputs the already
+quantized prefix of the model produces:
+
+1. similarity-aware search: the weight interval d_W and the input interval d_X (for a
+   matmul, the intervals of both operands) alternately take the best of `candidates`
+   values in [alpha * d0, beta * d0] (d0 from the max), maximising the mean Pearson
+   correlation between the float output O and the quantized output Ô; up to `rounds`
+   rounds, stopping when neither changes;
+2. ranking-aware loss on the attention scores (the q @ k^T op): the objective becomes
+   Pearson - gamma * L_rank (`losses.ranking_loss`);
+3. bias correction after each round: E[Ô - O] per output unit is subtracted from the bias.
+
+With `bits="mixed:N"` the bit width of every MSA and MLP module is chosen first by
+`mixed_precision.choose_bits` (nuclear-norm sensitivity under the size budget of N bits).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+
+from vitq_edge.progress import progress
+from vitq_edge.quant import vit
+from vitq_edge.quant.arith import fake_uniform
+from vitq_edge.quant.calibration import batches, package, resolve_device, stack_calibration
+from vitq_edge.quant.losses import PearsonTarget, RankingTarget
+from vitq_edge.quant.quantizers import Quantizer, UniformQuantizer
+from vitq_edge.quant.recipes import Liu2021Config, QuantizedModel, parse_bits, register_recipe
+
+BitsFor = Callable[[str], tuple[int, int]]
+
+
+def liu_factory(bits_for: BitsFor):
+    """Symmetric per-tensor intervals for weights and inputs (unsigned for the softmax output)."""
+
+    def make(op: str, role: str) -> Quantizer:
+        w_bits, a_bits = bits_for(op)
+        if role == "weight":
+            return UniformQuantizer(w_bits, signed=True, granularity="tensor", init="minmax")
+        if op.endswith(".av") and role == "a":  # probabilities are >= 0: zero point 0, all codes positive
+            return UniformQuantizer(a_bits, signed=False, granularity="tensor", init="minmax")
+        return UniformQuantizer(a_bits, signed=True, granularity="tensor", init="minmax")
+
+    return make
+
+
+class _Captured(Exception):
+    """Stops the forward once the op's inputs are captured."""
+
+
+@torch.no_grad()
+def capture_inputs(model: torch.nn.Module, op: torch.nn.Module, images: torch.Tensor,
+                   batch_size: int) -> tuple[torch.Tensor, ...]:
+    """The inputs `op` receives when `model` runs on `images` (the rest of the forward is skipped)."""
+    parts: list[tuple[torch.Tensor, ...]] = []
+
+    def hook(module, args):
+        parts.append(tuple(a.detach() for a in args))
+        raise _Captured
+
+    handle = op.register_forward_pre_hook(hook)
+    try:
+        for b in batches(images, batch_size):
+            try:
+                model(b)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return tuple(torch.cat(p) for p in zip(*parts, strict=True))
+
+
+def _compute(op: torch.nn.Module, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The op's arithmetic on already-quantized operands (input/weight or a/b)."""
+    if isinstance(op, vit.QuantLinear):
+        return F.linear(a, b, bias)
+    if isinstance(op, vit.QuantConv2d):
+        return F.conv2d(a, b, bias, op.stride, op.padding)
+    return a @ b
+
+
+class IntervalSearch:
+    """The alternating Pearson search of one op's two intervals, with bias correction."""
+
+    def __init__(self, op: torch.nn.Module, inputs: tuple[torch.Tensor, ...], config: Liu2021Config,
+                 score_scale: float | None = None) -> None:
+        self.op, self.config, self.score_scale = op, config, score_scale
+        if isinstance(op, vit.QuantMatMul):
+            self.values = list(inputs)
+        else:
+            self.values = [inputs[0], op.weight.detach()]
+        self.quantizers: list[UniformQuantizer] = list(op.operands())
+        self.bias = getattr(op, "bias", None)
+        self.reference = _compute(op, *self.values, self.bias)  # float output, original bias
+        self.similarity = PearsonTarget(self.reference)
+        self.ranking = None
+        if score_scale is not None and config.ranking:
+            self.ranking = RankingTarget(self.reference * score_scale, config.theta)
+
+    def _quantized(self, j: int, scale: torch.Tensor) -> torch.Tensor:
+        q = self.quantizers[j]
+        qmin, qmax = q.qrange
+        return fake_uniform(self.values[j], scale, q.zero_point, qmin, qmax)
+
+    def objective(self, out: torch.Tensor) -> float:
+        score = self.similarity(out)
+        if self.ranking is not None:
+            score = score - self.config.gamma * self.ranking(out * self.score_scale)
+        return float(score)
+
+    def run(self) -> dict:
+        cfg = self.config
+        d0 = [q.scale.detach().clone() for q in self.quantizers]
+        grids = [torch.linspace(cfg.alpha, cfg.beta, cfg.candidates) * d for d in d0]
+        current = [int(torch.argmin((g - d).abs())) for g, d in zip(grids, d0, strict=True)]
+        fixed = [self._quantized(j, grids[j][current[j]]) for j in (0, 1)]
+        rounds_run = 0
+        best = None
+        for _ in range(cfg.rounds):
+            rounds_run += 1
+            changed = False
+            for j in (1, 0):  # weight (or b) first with the input fixed, then the input
+                other = fixed[1 - j]
+                scores = []
+                for c in range(cfg.candidates):
+                    qj = self._quantized(j, grids[j][c])
+                    operands = (qj, other) if j == 0 else (other, qj)
+                    scores.append(self.objective(_compute(self.op, *operands, self.bias)))
+                pick = max(range(cfg.candidates), key=scores.__getitem__)
+                best = scores[pick]
+                if pick != current[j]:
+                    changed, current[j] = True, pick
+                    fixed[j] = self._quantized(j, grids[j][pick])
+            if cfg.bias_correction and self.bias is not None:
+                out = _compute(self.op, *fixed, self.bias)
+                channel = 1 if isinstance(self.op, vit.QuantConv2d) else out.dim() - 1
+                self.bias -= (out - self.reference).mean([d for d in range(out.dim()) if d != channel])
+                best = self.objective(_compute(self.op, *fixed, self.bias))
+            if not changed:
+                break
+        for j in (0, 1):
+            self.quantizers[j].scale.data.fill_(float(grids[j][current[j]]))
+        return {"rounds": rounds_run, "objective": round(best, 6) if best is not None else None,
+                "scales": [float(grids[j][current[j]]) for j in (0, 1)]}
+
+
+def _attention_scale(model: torch.nn.Module, op_name: str) -> float | None:
+    if not op_name.endswith(".qk"):
+        return None
+    return model.get_submodule(op_name.rsplit(".", 1)[0]).scale
+
+
+def search_intervals(qmodel: torch.nn.Module, images: torch.Tensor, config: Liu2021Config,
+                     only: Iterable[str] | None = None, label: str = "interval search") -> dict:
+    """Run the search op by op in forward order; ops not yet searched stay float meanwhile."""
+    ops = [(n, op) for n, op in vit.quant_ops(qmodel) if only is None or n in set(only)]
+    for _, op in ops:
+        for q in op.operands():
+            q.enabled = False
+    log = {}
+    for name, op in progress(ops, label, unit="op"):
+        inputs = capture_inputs(qmodel, op, images, config.batch_size * 4)
+        if isinstance(op, vit.QuantMatMul):
+            for q, x in zip(op.operands(), inputs, strict=True):
+                q.init_range(x)
+        for q in op.operands():
+            q.enabled = True
+        log[name] = IntervalSearch(op, inputs, config, _attention_scale(qmodel, name)).run()
+    return log
+
+
+@register_recipe(Liu2021Config)
+def quantize_liu2021(model: torch.nn.Module, config: Liu2021Config, calib: Iterable[torch.Tensor],
+                     example_inputs: tuple) -> QuantizedModel:
+    from vitq_edge.quant.mixed_precision import choose_bits
+
+    device = resolve_device(config.device)
+    x = stack_calibration(calib)
+    details: dict = {}
+    if config.mixed:
+        module_bits, details["mixed_precision"] = choose_bits(model, x, config)
+        uniform = parse_bits(config.bits)
+
+        def bits_for(op: str) -> tuple[int, int]:
+            module = op.rsplit(".", 1)[0]  # blocks.3.attn.qkv -> blocks.3.attn
+            b = module_bits.get(module)
+            return (b, b) if b is not None else uniform
+    else:
+        w_bits, a_bits = parse_bits(config.bits)
+
+        def bits_for(op: str) -> tuple[int, int]:
+            return w_bits, a_bits
+
+    qmodel = vit.quantize_vit(model, liu_factory(bits_for)).to(device)
+    vit.calibrate_activations(qmodel, (b.to(device) for b in batches(x, config.batch_size * 4)))
+    search_images = x[: config.search_images].to(device)
+    details["search"] = search_intervals(qmodel, search_images, config)
+    return package(qmodel, config, details)

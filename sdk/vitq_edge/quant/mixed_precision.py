@@ -1,0 +1,95 @@
+"""Liu et al.'s mixed precision: one bit width per MSA / MLP module, chosen by nuclear-norm sensitivity.
+
+Sensitivity of module i at b bits: Omega_i(b) = ||Y_i||_* * ||Ŷ_i(b) - Y_i||^2, with Y the
+attention map (MSA) or the output feature (MLP), Ŷ the same with only module i quantized
+(its intervals searched as in the recipe, with fewer candidates), both averaged over the
+calibration samples. The configuration with the least total Omega whose weights fit the
+size of uniform N-bit weights is found exactly (a Pareto-front knapsack over modules),
+where the paper sorts Pareto candidates after HAWQ-V2. Candidate widths: N-2 .. N+2
+({4..8} for a 6-bit budget, {6..10} for 8 bits, as in the paper). The patch embedding and
+the head keep N bits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from vitq_edge.progress import progress
+from vitq_edge.quant import vit
+from vitq_edge.quant.calibration import batches
+from vitq_edge.quant.recipes import Liu2021Config, parse_bits
+
+
+def module_names(model: torch.nn.Module) -> list[str]:
+    return [f"blocks.{i}.{part}" for i in range(len(model.blocks)) for part in ("attn", "mlp")]
+
+
+def _module_output(qmodel: torch.nn.Module, module: str, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Y of a module: the (quantized, if enabled) attention probabilities or the MLP output."""
+    target = qmodel.get_submodule(f"{module}.av.a_quant" if module.endswith("attn") else module)
+    outs: list[torch.Tensor] = []
+    handle = target.register_forward_hook(lambda m, args, out: outs.append(out.detach()))
+    try:
+        with torch.no_grad():
+            for b in batches(images, batch_size):
+                qmodel(b)
+    finally:
+        handle.remove()
+    return torch.cat(outs)
+
+
+def nuclear_norm(y: torch.Tensor) -> float:
+    """Mean nuclear norm of the per-sample matrices (last two dims: [N, N] per head or [N, C])."""
+    return float(torch.linalg.matrix_norm(y.double(), ord="nuc").mean())
+
+
+def pareto_choice(costs: dict[str, int], omegas: dict[str, dict[int, float]], budget: int) -> dict[str, int]:
+    """Bits per module minimising sum(Omega) subject to sum(params * bits) <= budget (exact)."""
+    front: list[tuple[int, float, dict[str, int]]] = [(0, 0.0, {})]
+    for module, per_bits in omegas.items():
+        grown = [(c + costs[module] * b, o + om, {**ch, module: b})
+                 for c, o, ch in front for b, om in per_bits.items() if c + costs[module] * b <= budget]
+        grown.sort(key=lambda t: (t[0], t[1]))
+        front = []
+        for entry in grown:  # keep only states no cheaper state beats
+            if not front or entry[1] < front[-1][1]:
+                front.append(entry)
+    if not front:
+        raise ValueError("no bit assignment fits the budget")
+    return min(front, key=lambda t: t[1])[2]
+
+
+def choose_bits(model: torch.nn.Module, images: torch.Tensor, config: Liu2021Config) -> tuple[dict[str, int], dict]:
+    from vitq_edge.quant.liu2021 import liu_factory, search_intervals
+
+    n_bits, _ = parse_bits(config.bits)
+    candidates = [b for b in range(n_bits - 2, n_bits + 3) if b >= 3]
+    modules = module_names(model)
+    x = images[: config.mp_search_images]
+    quick = replace(config, candidates=config.mp_candidates, bits=f"W{n_bits}A{n_bits}")
+    float_y = {}
+    reference = vit.quantize_vit(model, liu_factory(lambda op: (n_bits, n_bits)))
+    vit.set_enabled(reference, False)
+    for m in modules:
+        float_y[m] = _module_output(reference, m, x, config.batch_size * 4)
+    omegas: dict[str, dict[int, float]] = {m: {} for m in modules}
+    for b in progress(candidates, "mixed-precision sensitivities", unit="width"):
+        qmodel = vit.quantize_vit(model, liu_factory(lambda op, b=b: (b, b)))
+        vit.calibrate_activations(qmodel, batches(x, config.batch_size * 4))
+        vit.set_enabled(qmodel, False)
+        for m in modules:
+            ops = [n for n, _ in vit.quant_ops(qmodel) if n.startswith(m + ".")]
+            search_intervals(qmodel, x, quick, only=ops, label=f"{m} @ {b} bits")
+            err = float((_module_output(qmodel, m, x, config.batch_size * 4) - float_y[m]).pow(2).sum()) / len(x)
+            omegas[m][b] = nuclear_norm(float_y[m]) * err
+            vit.set_enabled(qmodel, False)
+    sizes = vit.weight_bits(reference)
+    costs = {m: sum(n for op, (n, _) in sizes.items() if op.startswith(m + ".")) for m in modules}
+    budget = sum(costs.values()) * n_bits
+    chosen = pareto_choice(costs, omegas, budget)
+    used = sum(costs[m] * b for m, b in chosen.items())
+    details = {"budget_bits": budget, "used_bits": used, "candidates": candidates, "bits": chosen,
+               "sensitivity": {m: {str(b): v for b, v in om.items()} for m, om in omegas.items()}}
+    return chosen, details

@@ -1,0 +1,269 @@
+"""The quantized Vision Transformer: a timm ViT/DeiT whose forward computes what the device computes.
+
+`quantize_vit(model, make_quantizer)` swaps, in a copy of the model:
+
+    patch_embed.proj  Conv2d   -> QuantConv2d   (input, weight)
+    blocks.i.attn              -> QuantAttention:
+        qkv  QuantLinear (input, weight) ; qk  QuantMatMul (q, k) ; softmax (float) ;
+        av   QuantMatMul (attention probabilities, v) ; proj  QuantLinear (input, weight)
+    blocks.i.mlp               -> QuantMlp: fc1 QuantLinear ; GELU (float) ; fc2 QuantLinear
+    head              Linear   -> QuantLinear
+
+`make_quantizer(op, role)` picks the quantizer of every operand (`op` is the dotted
+path such as "blocks.3.mlp.fc2", `role` is "weight", "input", "a" or "b"), so one
+transformation serves every recipe. What stays in float is listed in `FLOAT_OPS`,
+the one place the build's manifest reads it from.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Mlp
+from timm.layers.attention import Attention
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+from vitq_edge.errors import VitqError
+from vitq_edge.quant.quantizers import AdaRoundQuantizer, Quantizer, ShiftLog2Quantizer, UniformQuantizer
+
+# The arithmetic that stays float in every paper recipe (as in both papers' simulations).
+FLOAT_OPS = [
+    "layer_norm",
+    "softmax",
+    "gelu",
+    "residual add",
+    "attention scale 1/sqrt(head_dim)",
+    "class token and position embedding add",
+    "bias add",
+]
+
+QuantizerFactory = Callable[[str, str], Quantizer]
+
+
+class QuantLinear(nn.Module):
+    """y = Q_w(W) Q_x(x) + b. A Shift-Log2 input is consumed shifted, the un-shift in the bias."""
+
+    def __init__(self, linear: nn.Linear, weight_quant: Quantizer, input_quant: Quantizer) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        self.weight_quant, self.input_quant = weight_quant, input_quant
+
+    def quantized_weight(self) -> torch.Tensor:
+        return self.weight_quant(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.quantized_weight()
+        iq = self.input_quant
+        if isinstance(iq, ShiftLog2Quantizer) and iq.enabled and not iq._observing:
+            # The device's fc2: W @ x' + (b - shift * W @ 1).
+            shifted = iq.quantize(x) + iq.shift
+            return F.linear(shifted, w, self.folded_bias(w, iq.shift))
+        return F.linear(iq(x), w, self.bias)
+
+    def folded_bias(self, w: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        b = -shift * w.sum(1)
+        return b if self.bias is None else self.bias + b
+
+    def operands(self) -> tuple[Quantizer, Quantizer]:
+        return self.input_quant, self.weight_quant
+
+
+class QuantConv2d(nn.Module):
+    """The patch embedding convolution with quantized input and per-channel weight."""
+
+    def __init__(self, conv: nn.Conv2d, weight_quant: Quantizer, input_quant: Quantizer) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(conv.weight.detach().clone(), requires_grad=False)
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+        self.stride, self.padding = conv.stride, conv.padding
+        self.weight_quant, self.input_quant = weight_quant, input_quant
+
+    def quantized_weight(self) -> torch.Tensor:
+        return self.weight_quant(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(self.input_quant(x), self.quantized_weight(), self.bias, self.stride, self.padding)
+
+    def operands(self) -> tuple[Quantizer, Quantizer]:
+        return self.input_quant, self.weight_quant
+
+
+class QuantMatMul(nn.Module):
+    """a @ b with both operands quantized (the two attention matmuls)."""
+
+    def __init__(self, a_quant: Quantizer, b_quant: Quantizer) -> None:
+        super().__init__()
+        self.a_quant, self.b_quant = a_quant, b_quant
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.a_quant(a) @ self.b_quant(b)
+
+    def operands(self) -> tuple[Quantizer, Quantizer]:
+        return self.a_quant, self.b_quant
+
+
+class QuantAttention(nn.Module):
+    """timm's Attention with quantized qkv, q@k^T, attention@v and proj."""
+
+    def __init__(self, attn: Attention, path: str, make: QuantizerFactory) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.scale = attn.num_heads, attn.head_dim, attn.scale
+        self.attn_dim = attn.num_heads * attn.head_dim
+        self.qkv = QuantLinear(attn.qkv, make(f"{path}.qkv", "weight"), make(f"{path}.qkv", "input"))
+        self.qk = QuantMatMul(make(f"{path}.qk", "a"), make(f"{path}.qk", "b"))
+        self.av = QuantMatMul(make(f"{path}.av", "a"), make(f"{path}.av", "b"))
+        self.proj = QuantLinear(attn.proj, make(f"{path}.proj", "weight"), make(f"{path}.proj", "input"))
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        b, n, _ = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        # The scale is applied to the integer product's float result, not folded into q.
+        scores = self.qk(q, k.transpose(-2, -1)) * self.scale
+        probs = scores.softmax(dim=-1)
+        x = self.av(probs, v)
+        return self.proj(x.transpose(1, 2).reshape(b, n, self.attn_dim))
+
+
+class QuantMlp(nn.Module):
+    def __init__(self, mlp: Mlp, path: str, make: QuantizerFactory) -> None:
+        super().__init__()
+        self.fc1 = QuantLinear(mlp.fc1, make(f"{path}.fc1", "weight"), make(f"{path}.fc1", "input"))
+        self.act = mlp.act
+        self.fc2 = QuantLinear(mlp.fc2, make(f"{path}.fc2", "weight"), make(f"{path}.fc2", "input"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def check_supported(model: nn.Module) -> None:
+    """Refuse ViT variants whose extra ops the quantized model would silently drop."""
+    if not isinstance(model, VisionTransformer):
+        raise VitqError(f"{type(model).__name__} is not a timm VisionTransformer; the paper recipes need ViT/DeiT")
+    for i, blk in enumerate(model.blocks):
+        attn = blk.attn
+        unsupported = (not isinstance(attn, Attention) or not isinstance(attn.q_norm, nn.Identity)
+                       or not isinstance(attn.norm, nn.Identity) or getattr(attn, "gate", None) is not None
+                       or not isinstance(blk.mlp, Mlp) or not isinstance(blk.mlp.norm, nn.Identity))
+        if unsupported:
+            raise VitqError(f"block {i} uses attention/MLP options (qk-norm, gating, GLU, scale-norm) the paper "
+                            "recipes do not cover; use --recipe xnnpack-int8 for this model")
+
+
+def quantize_vit(model: nn.Module, make: QuantizerFactory) -> nn.Module:
+    """A quantized copy of a timm ViT/DeiT (the float model is left untouched)."""
+    check_supported(model)
+    qmodel = copy.deepcopy(model).eval()
+    pe = qmodel.patch_embed
+    pe.proj = QuantConv2d(pe.proj, make("patch_embed.proj", "weight"), make("patch_embed.proj", "input"))
+    for i, blk in enumerate(qmodel.blocks):
+        blk.attn = QuantAttention(blk.attn, f"blocks.{i}.attn", make)
+        blk.mlp = QuantMlp(blk.mlp, f"blocks.{i}.mlp", make)
+    if isinstance(qmodel.head, nn.Linear):
+        qmodel.head = QuantLinear(qmodel.head, make("head", "weight"), make("head", "input"))
+    for p in qmodel.parameters():
+        p.requires_grad_(False)
+    init_weight_quantizers(qmodel)
+    return qmodel
+
+
+QuantOp = QuantLinear | QuantConv2d | QuantMatMul
+
+
+def quant_ops(model: nn.Module) -> Iterator[tuple[str, QuantOp]]:
+    """Every quantized op in forward order, with its dotted path."""
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear | QuantConv2d | QuantMatMul):
+            yield name, m
+
+
+def quantizers(model: nn.Module) -> Iterator[tuple[str, Quantizer]]:
+    for name, m in model.named_modules():
+        if isinstance(m, Quantizer):
+            yield name, m
+
+
+def init_weight_quantizers(model: nn.Module) -> None:
+    for _, op in quant_ops(model):
+        if isinstance(op, QuantLinear | QuantConv2d) and isinstance(op.weight_quant, UniformQuantizer):
+            op.weight_quant.init_range(op.weight.detach())
+
+
+def set_enabled(model: nn.Module, on: bool) -> None:
+    for _, q in quantizers(model):
+        q.enabled = on
+
+
+@torch.no_grad()
+def calibrate_activations(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
+    """Observe every activation quantizer's input on `batches` (float forward), then set its range."""
+    acts = [q for _, q in quantizers(model) if not _is_weight_quantizer(model, q)]
+    for q in acts:
+        q.observe(True)
+    try:
+        for x in batches:
+            model(x)
+    finally:
+        for q in acts:
+            q.observe(False)
+    for q in acts:
+        q.init_range()
+        q.clear_observations()
+
+
+def _is_weight_quantizer(model: nn.Module, q: Quantizer) -> bool:
+    return any(isinstance(op, QuantLinear | QuantConv2d)
+               and q in (op.weight_quant, getattr(op.weight_quant, "base", None))
+               for _, op in quant_ops(model))
+
+
+def weight_bits(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """{op path: (weight elements, bits)} of every quantized weight."""
+    out = {}
+    for name, op in quant_ops(model):
+        if isinstance(op, QuantLinear | QuantConv2d):
+            out[name] = (op.weight.numel(), op.weight_quant.bits)
+    return out
+
+
+def model_size_bytes(model: nn.Module) -> int:
+    """Deployed size: quantized weights packed at their bit width, plus float32 for everything else.
+
+    Per-channel scales and zero points, biases, LayerNorm, embeddings and the per-token
+    PPOQ parameters count 4 bytes per value.
+    """
+    quantized = {id(op.weight) for _, op in quant_ops(model) if isinstance(op, QuantLinear | QuantConv2d)}
+    bits = sum(n * b for n, b in weight_bits(model).values())
+    other = 0
+    for p in model.parameters():
+        if id(p) not in quantized and not _is_adaround(model, p):
+            other += p.numel()
+    for name, buf in model.named_buffers():
+        if name.endswith(("zero_point", "shift")):
+            other += buf.numel()
+    return (bits + 7) // 8 + 4 * other
+
+
+def _is_adaround(model: nn.Module, p: torch.Tensor) -> bool:
+    # AdaRound's rounding variables are folded into the integer codes: not shipped.
+    return any(isinstance(m, AdaRoundQuantizer) and m.alpha is p for m in model.modules())
+
+
+def describe_quantizers(model: nn.Module) -> dict[str, dict]:
+    """What each quantizer is, for the manifest (PPOQ thresholds and outlier fractions included)."""
+    out = {}
+    for name, op in quant_ops(model):
+        entry = {}
+        for role, q in zip(("input", "weight") if not isinstance(op, QuantMatMul) else ("a", "b"),
+                           op.operands(), strict=True):
+            base = q.base if isinstance(q, AdaRoundQuantizer) else q
+            entry[role] = {**base.describe(), "enabled": base.enabled}
+            if isinstance(q, AdaRoundQuantizer):
+                entry[role]["rounding"] = "adaround"
+        out[name] = entry
+    return out
