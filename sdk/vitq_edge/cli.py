@@ -60,8 +60,17 @@ def _quiet_libraries() -> None:
 @main.command()
 @click.option("--target", default="rpi4", help="Deployment target (see `vitq-edge targets`).")
 @click.option("--recipe", default="xnnpack-int8",
-              help="Quantization recipe: fp32 (none) or xnnpack-int8 (ExecuTorch's stock PT2E int8).")
-@click.option("--bits", default=None, help="Bit widths, e.g. W8A8; the recipe's default if omitted.")
+              help="Quantization recipe: xnnpack-int8 (ExecuTorch's stock PT2E int8), fp32 (none), minmax (naive "
+                   "baseline), liu2021 (Liu et al. 2021: Pearson interval search, ranking loss, bias correction, "
+                   "mixed precision), adfq (ADFQ-ViT: PPOQ, Shift-Log2, module-wise reconstruction). "
+                   "docs/results.md compares them.")
+@click.option("--bits", default=None,
+              help="Weight/activation bits: W8A8, W6A6 or W4A4 (paper recipes); mixed:N for liu2021 (one width per "
+                   "MSA/MLP module within the size of N-bit weights). Default: the recipe's first (W8A8).")
+@click.option("--iters", type=click.IntRange(min=0), default=None,
+              help="adfq: reconstruction iterations per module.  [default: 3000]")
+@click.option("--device", "calib_device", default="cpu", metavar="cpu|cuda",
+              help="Where the paper recipes calibrate (cuda needs a GPU visible to torch).")
 @click.option("--model", default=None, metavar="NAME",
               help="A timm ViT/DeiT name (e.g. deit_tiny_patch16_224). Default: the bundled reference model.")
 @click.option("--pretrained", is_flag=True, help="Load timm's pretrained weights (needs network access).")
@@ -82,15 +91,16 @@ def _quiet_libraries() -> None:
 @click.option("--input-size", type=click.IntRange(min=1), default=None, help="Override the square input size.")
 @click.option("--out", type=click.Path(), default=None, help="Output folder. Default: build/<target>.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or status lines.")
-def build(target, recipe, bits, model, pretrained, checkpoint, model_kwargs, calib, eval_dir, calib_limit,
-          eval_limit, skip_eval, mean, std, input_size, out, quiet) -> None:
+def build(target, recipe, bits, iters, calib_device, model, pretrained, checkpoint, model_kwargs, calib, eval_dir,
+          calib_limit, eval_limit, skip_eval, mean, std, input_size, out, quiet) -> None:
     """Quantize a model, lower it to a .pte, and write model.pte, manifest.json, report.md."""
     from vitq_edge.build import BuildOptions
     from vitq_edge.build import build as run_build
     from vitq_edge.models.source import parse_model_kwargs
 
     set_quiet(quiet)
-    opts = BuildOptions(target=target, recipe=recipe, bits=bits, model=model, pretrained=pretrained,
+    opts = BuildOptions(target=target, recipe=recipe, bits=bits, iters=iters, calib_device=calib_device, model=model,
+                        pretrained=pretrained,
                         checkpoint=checkpoint, model_kwargs=parse_model_kwargs(model_kwargs), calib=calib,
                         eval=eval_dir, calib_limit=calib_limit, eval_limit=eval_limit, skip_eval=skip_eval,
                         mean=mean, std=std, input_size=input_size, out=out,

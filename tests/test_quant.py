@@ -1,0 +1,339 @@
+"""The quantizers' arithmetic (property tests), the recipes' algorithms, and each recipe end to end."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+import vitq_edge  # noqa: F401  (torchvision shim before timm)
+from vitq_edge.errors import VitqError
+from vitq_edge.quant import arith, quantize, recipe_config, vit
+from vitq_edge.quant.liu2021 import IntervalSearch
+from vitq_edge.quant.losses import attention_kl, ranking_loss
+from vitq_edge.quant.mixed_precision import pareto_choice
+from vitq_edge.quant.quantizers import (
+    LogQuantizer,
+    PerPatchOutlierQuantizer,
+    ShiftLog2Quantizer,
+    UniformQuantizer,
+)
+
+from .conftest import assert_user_error, run_cli
+
+FLOATS = st.floats(-50, 50, allow_nan=False, width=32)
+BITS = st.integers(2, 8)
+
+
+def tensors(min_side: int = 1, max_side: int = 12, elements=FLOATS):
+    shape = st.tuples(st.integers(min_side, max_side), st.integers(min_side, max_side))
+    return arrays(np.float32, shape, elements=elements).map(torch.from_numpy)
+
+
+# ---- uniform ------------------------------------------------------------------------
+
+@given(x=tensors(), bits=BITS, signed=st.booleans(), granularity=st.sampled_from(["tensor", "channel", "token"]))
+def test_uniform_codes_in_range_and_idempotent(x, bits, signed, granularity):
+    q = UniformQuantizer(bits, signed=signed, granularity=granularity)
+    q.init_range(x)
+    codes = q.codes(x)
+    qmin, qmax = q.qrange
+    assert codes.min() >= qmin and codes.max() <= qmax
+    assert torch.equal(codes, codes.round())
+    once = q(x)
+    assert torch.isfinite(once).all()
+    assert torch.equal(q(once), once)  # dequantize(quantize(.)) is a projection
+
+
+@given(x=tensors(), bits=BITS, signed=st.booleans(), k=st.integers(-6, 6))
+def test_uniform_scale_invariance(x, bits, signed, k):
+    """Scaling the input and the scale by 2^k gives the same codes (and scaled values)."""
+    q = UniformQuantizer(bits, signed=signed)
+    q.init_range(x)
+    qmin, qmax = q.qrange
+    c = 2.0**k
+    codes = arith.uniform_codes(x, q.scale, q.zero_point, qmin, qmax)
+    assert torch.equal(arith.uniform_codes(x * c, q.scale * c, q.zero_point, qmin, qmax), codes)
+    assert torch.equal(arith.fake_uniform(x * c, q.scale * c, q.zero_point, qmin, qmax), q(x) * c)
+
+
+@given(x=tensors(min_side=2), bits=BITS)
+def test_minmax_range_error_is_at_most_half_a_step_per_group(x, bits):
+    for granularity in ("tensor", "channel", "token"):
+        q = UniformQuantizer(bits, signed=False, granularity=granularity)
+        q.init_range(x)
+        assert ((q(x) - x).abs() <= q.scale / 2 + 1e-5 * x.abs().max() + 1e-6).all()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: UniformQuantizer(4, signed=True), lambda: UniformQuantizer(4, signed=False, granularity="token"),
+    lambda: UniformQuantizer(4, granularity="channel", init="mse"), lambda: LogQuantizer(4, k=2),
+    lambda: PerPatchOutlierQuantizer(4, threshold=5.0), lambda: ShiftLog2Quantizer(4, k=2),
+    lambda: UniformQuantizer(4, signed=False, init="mse"),
+])
+@pytest.mark.parametrize("value", [0.0, 3.25, -0.5])
+def test_constant_and_zero_tensors_stay_finite(make, value):
+    x = torch.full((3, 5, 8), value)
+    q = make()
+    q.init_range(x.abs() if isinstance(q, LogQuantizer) else x)
+    out = q(x.abs() if isinstance(q, LogQuantizer) else x)
+    assert torch.isfinite(out).all()
+    assert all(torch.isfinite(p).all() for p in q.parameters())
+
+
+# ---- log2 / log-sqrt2 -----------------------------------------------------------------
+
+@given(x=tensors(elements=st.floats(0, 1, width=32)), bits=st.integers(3, 8), k=st.sampled_from([1, 2]),
+       shift=st.integers(-4, 4))
+def test_log_codes_range_idempotence_and_scale_invariance(x, bits, k, shift):
+    q = LogQuantizer(bits, k=k)
+    q.init_range(x)
+    codes = q.codes(x)
+    assert codes.min() >= 0 and codes.max() <= 2**bits - 1
+    assert (codes[x == 0] == arith.log_zero_code(bits)).all()
+    once = q(x)
+    assert (once <= q.delta + 1e-7).all() and (once >= 0).all()
+    assert torch.equal(q(once), once)
+    c = 2.0**shift  # multiplying by 2 moves every value k codes up the ladder
+    assert torch.equal(arith.log_codes(x * c, q.delta * c, bits, k), arith.log_codes(x, q.delta, bits, k))
+
+
+def test_log_sqrt2_is_finer_than_log2_on_softmax():
+    probs = torch.randn(64, 3, 17, 17).softmax(-1)
+    errs = {}
+    for k in (1, 2):
+        q = LogQuantizer(4, k=k)
+        q.init_range(probs)
+        errs[k] = float((q(probs) - probs).pow(2).mean())
+    assert errs[2] < errs[1]
+
+
+# ---- PPOQ -----------------------------------------------------------------------------
+
+@given(x=arrays(np.float32, (3, 5, 16), elements=st.floats(-20, 20, width=32)).map(torch.from_numpy),
+       bits=st.integers(3, 8), threshold=st.floats(0.5, 10))
+def test_ppoq_restores_outliers_exactly_and_counts_them(x, bits, threshold):
+    q = PerPatchOutlierQuantizer(bits, threshold=threshold, init="minmax")
+    q.init_range(x)
+    mask = x.abs() > threshold
+    out = q(x)
+    assert torch.equal(out[mask], x[mask])
+    assert q.outlier_fraction == pytest.approx(float(mask.float().mean()))
+    assert q.scale.shape == (5, 1)  # one scale per token position
+    inliers = ~mask
+    step = q.scale.expand_as(x[0]).expand_as(x)
+    assert ((out - x).abs()[inliers] <= step[inliers] / 2 + 1e-5).all()
+
+
+def test_ppoq_beats_per_tensor_on_a_token_with_a_large_range():
+    torch.manual_seed(0)
+    x = torch.randn(32, 17, 64) * 0.5
+    x[:, 0] *= 20  # the class token spans a much wider range, as after LayerNorm in ViTs
+    per_tensor = UniformQuantizer(4, signed=False)
+    per_tensor.init_range(x)
+    ppoq = PerPatchOutlierQuantizer(4, threshold=100.0, init="minmax")
+    ppoq.init_range(x)
+    assert (ppoq(x) - x).pow(2).mean() < 0.5 * (per_tensor(x) - x).pow(2).mean()
+
+
+# ---- Shift-Log2 -----------------------------------------------------------------------
+
+def test_shift_log2_handles_gelu_minimum_and_zeros_and_folds_into_the_bias():
+    gelu = torch.nn.GELU()
+    x = gelu(torch.linspace(-6, 6, 4001)).reshape(1, 1, -1)
+    assert float(x.min()) == pytest.approx(ShiftLog2Quantizer.GELU_MIN, abs=1e-4)
+    for k in (1, 2):
+        q = ShiftLog2Quantizer(6, k=k)
+        q.init_range(x)
+        out = q(x)
+        assert torch.isfinite(out).all()
+        at_min = int(x.argmin())
+        assert abs(float(out.flatten()[at_min] - x.flatten()[at_min])) < 0.01  # the densest levels sit there
+        zeros = q(torch.zeros(2, 3, 8))
+        assert torch.isfinite(zeros).all() and zeros.abs().max() < 0.05
+    # fc2 consumes the shifted codes with -shift * W @ 1 in its bias: same result as un-shifting first.
+    linear = torch.nn.Linear(x.shape[-1], 7)
+    op = vit.QuantLinear(linear, UniformQuantizer(8, granularity="channel"), q)
+    op.weight_quant.init_range(op.weight)
+    folded = op(x)
+    unshifted = torch.nn.functional.linear(q(x), op.quantized_weight(), op.bias)
+    assert torch.allclose(folded, unshifted, atol=1e-4)
+
+
+# ---- Liu et al.: ranking loss, bias correction, mixed precision -------------------------
+
+@given(ref=arrays(np.float32, (2, 3, 9), elements=st.integers(-400, 400).map(lambda v: v / 8),
+                  unique=True).map(torch.from_numpy),
+       a=st.floats(0.1, 4), b=st.floats(-3, 3))
+def test_ranking_loss_is_zero_exactly_when_every_pair_keeps_its_order(ref, a, b):
+    kept = ref * a + b  # any increasing map keeps every order
+    assert float(ranking_loss(kept, ref, theta=0.2)) == 0.0
+    swapped = kept.clone()
+    i, j = int(ref[0, 0].argmax()), int(ref[0, 0].argmin())
+    swapped[0, 0, i], swapped[0, 0, j] = kept[0, 0, j], kept[0, 0, i]
+    assert float(ranking_loss(swapped, ref, theta=0.2)) >= 0.2 / (9 * 8 / 2) / 6
+
+
+def test_attention_kl_is_zero_for_equal_maps_and_positive_otherwise():
+    p = torch.randn(2, 3, 5, 5).softmax(-1)
+    assert float(attention_kl(p, p)) == pytest.approx(0.0, abs=1e-7)
+    assert float(attention_kl(p.flip(-1), p, dim=-1)) > 0
+
+
+def test_bias_correction_removes_a_known_constant_output_error():
+    torch.manual_seed(0)
+    scale = 0.1
+    grid = torch.randint(-60, 60, (64, 17, 16)).float() * scale
+    x = grid + 0.3 * scale  # every input rounds down by exactly 0.3 steps: a constant error
+    linear = torch.nn.Linear(16, 8)
+    iq = UniformQuantizer(8, signed=True)
+    iq.set_params(torch.tensor(scale), torch.tensor(0.0))
+    wq = UniformQuantizer(8, signed=True)
+    wq.init_range(linear.weight.detach())
+    op = vit.QuantLinear(linear, wq, iq)
+    expected_error = -0.3 * scale * op.quantized_weight().sum(1)
+    before = (op(x) - torch.nn.functional.linear(x, op.weight, op.bias)).mean((0, 1))
+    assert torch.allclose(before, expected_error, atol=0.02)
+    cfg = recipe_config("liu2021", "W8A8", candidates=1, alpha=1.0, beta=1.0, rounds=1)
+    search = IntervalSearch(op, (x,), cfg)
+    search.run()
+    after = (op(x) - search.reference).mean((0, 1))
+    assert after.abs().max() < 1e-4 < before.abs().max()
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_mixed_precision_choice_respects_the_budget_and_is_optimal(data):
+    modules = [f"m{i}" for i in range(data.draw(st.integers(1, 5)))]
+    costs = {m: data.draw(st.integers(1, 5)) for m in modules}
+    widths = [4, 5, 6, 7, 8]
+    omegas = {m: {b: data.draw(st.floats(0, 100)) for b in widths} for m in modules}
+    budget = sum(costs.values()) * 6
+    chosen = pareto_choice(costs, omegas, budget)
+    assert sum(costs[m] * b for m, b in chosen.items()) <= budget
+    best = min(sum(omegas[m][b] for m, b in zip(modules, combo, strict=True))
+               for combo in itertools.product(widths, repeat=len(modules))
+               if sum(costs[m] * b for m, b in zip(modules, combo, strict=True)) <= budget)
+    assert sum(omegas[m][b] for m, b in chosen.items()) == pytest.approx(best)
+
+
+# ---- recipes end to end on a tiny ViT -------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny():
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=4, in_chans=1,
+                              num_classes=5, embed_dim=32, depth=2, num_heads=2).eval()
+    x = torch.randn(96, 1, 16, 16)
+    with torch.no_grad():
+        y = model(x)
+    return model, x, y
+
+
+def _sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
+    return float(10 * torch.log10(ref.pow(2).sum() / (out - ref).pow(2).sum()))
+
+
+@pytest.mark.parametrize("recipe,bits,options", [
+    ("minmax", "W8A8", {}), ("minmax", "W4A4", {}),
+    ("liu2021", "W6A6", {"candidates": 12}), ("liu2021", "mixed:6", {"candidates": 8, "mp_candidates": 4}),
+    ("adfq", "W4A4", {"iters": 30}), ("adfq", "W8A8", {"iters": 0}),
+])
+def test_recipe_runs_end_to_end_on_a_tiny_vit(tiny, recipe, bits, options):
+    model, x, y = tiny
+    qm = quantize(model, recipe_config(recipe, bits, **options), [x[:48], x[48:]], (x[:1],))
+    with torch.no_grad():
+        out = qm.module(x)
+        assert torch.equal(model(x), y)  # the float model is untouched
+    assert torch.isfinite(out).all()
+    assert _sqnr(y, out) > (10 if bits == "W8A8" else 3)
+    assert qm.recipe == recipe and qm.bits == bits and "softmax" in qm.float_ops
+    float_bytes = 4 * sum(p.numel() for p in model.parameters())
+    assert qm.size_bytes < float_bytes
+    described = qm.details["quantizers"]
+    assert "blocks.1.attn.qkv" in described and "head" in described
+    if recipe == "adfq":
+        assert described["blocks.0.attn.qkv"]["input"]["kind"] == "PerPatchOutlierQuantizer"
+        assert described["blocks.0.mlp.fc2"]["input"]["kind"] == "ShiftLog2Quantizer"
+        assert described["blocks.0.attn.av"]["a"]["base"] == "sqrt2"
+        assert set(qm.details["outlier_fraction"]) == {f"blocks.{i}.{m}.input_quant" for i in (0, 1)
+                                                       for m in ("attn.qkv", "mlp.fc1")}
+    if bits.startswith("mixed"):
+        mp = qm.details["mixed_precision"]
+        assert mp["used_bits"] <= mp["budget_bits"]
+        assert set(mp["bits"].values()) <= set(range(4, 9))
+
+
+def test_lower_bits_cost_accuracy_and_size(tiny):
+    model, x, y = tiny
+    results = {}
+    for bits in ("W8A8", "W6A6", "W4A4"):
+        qm = quantize(model, recipe_config("minmax", bits), [x], (x[:1],))
+        with torch.no_grad():
+            results[bits] = (_sqnr(y, qm.module(x)), qm.size_bytes)
+    assert results["W8A8"][0] > results["W6A6"][0] > results["W4A4"][0]
+    assert results["W8A8"][1] > results["W6A6"][1] > results["W4A4"][1]
+
+
+def test_deit_is_supported_and_unsupported_variants_are_refused():
+    import timm
+
+    deit = timm.create_model("deit_tiny_patch16_224", pretrained=False, img_size=32, depth=1).eval()
+    q = vit.quantize_vit(deit, lambda op, role: UniformQuantizer(8, signed=role != "weight"))
+    x = torch.randn(2, 3, 32, 32)
+    vit.calibrate_activations(q, [x])
+    with torch.no_grad():
+        assert _sqnr(deit(x), q(x)) > 15
+    qk_norm = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=1, qk_norm=True)
+    with pytest.raises(VitqError, match="qk-norm"):
+        vit.quantize_vit(qk_norm, lambda op, role: UniformQuantizer(8))
+
+
+@pytest.mark.parametrize("name,bits,options,fragment", [
+    ("minmax", "W5A5", {}, "supports --bits"), ("adfq", "mixed:6", {}, "supports --bits"),
+    ("liu2021", "mixed:12", {}, "supports --bits"), ("minmax", None, {"iters": 3}, "no option 'iters'"),
+    ("nope", None, {}, "unknown recipe"),
+])
+def test_bad_recipe_configs_name_the_problem(name, bits, options, fragment):
+    with pytest.raises(VitqError, match=fragment):
+        recipe_config(name, bits, **options)
+
+
+# ---- the CLI ---------------------------------------------------------------------------
+
+def test_build_with_a_paper_recipe_writes_its_quantization_into_the_manifest(tmp_path):
+    out = tmp_path / "minmax"
+    result = run_cli("build", "--recipe", "minmax", "--bits", "W4A4", "--calib-limit", "128", "--eval-limit", "100",
+                     "--out", str(out), "--quiet")
+    assert result.code == 0, result.stderr[-3000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["recipe"] == "minmax" and manifest["bits"] == "W4A4"
+    assert "layer_norm" in manifest["float_ops"] and "softmax" in manifest["float_ops"]
+    quant = manifest["quantization"]
+    assert 0 < quant["packed_size_bytes"] < manifest["size_bytes"]
+    assert quant["quantizers"]["blocks.0.mlp.fc1"]["weight"]["bits"] == 4
+    acc = manifest["accuracy"]
+    assert acc["pte_agrees_with_simulated"] >= 97.0  # the program computes what the simulation does
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--recipe", "minmax", "--bits", "W3A3"], "supports --bits"),
+    (["--recipe", "minmax", "--iters", "10"], "--iters applies to --recipe adfq"),
+    (["--recipe", "adfq", "--device", "cuda"], "no CUDA GPU"),
+    (["--recipe", "xnnpack-int8", "--device", "cuda"], "applies to the paper recipes"),
+    (["--recipe", "liu2021", "--bits", "mixed:x"], "supports --bits"),
+])
+def test_build_recipe_errors(tmp_path, args, fragment):
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    out = tmp_path / "b"
+    assert_user_error(run_cli("build", *args, "--out", str(out), "--quiet"), fragment)
+    assert not out.exists()
