@@ -121,6 +121,8 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma-separated recipe@bits rows (fp32 always runs)")
     ap.add_argument("--out", default=None, help="output stem (default docs/results, or docs/results-val)")
     ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the rows of the existing output that this run does not recompute")
     args = ap.parse_args()
     command = "python tools/accuracy_table.py" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
     out = Path(args.out or ("docs/results" if args.split == "test" else "docs/results-val"))
@@ -139,7 +141,16 @@ def main() -> None:
     meta = {"model": loaded.name, "eval_set": data.name, "eval_images": len(data), "command": command,
             "host": f"{os.cpu_count()} CPU cores, torch {torch.__version__}",
             "date": datetime.date.today().isoformat()}
-    rows: list[dict] = []
+    kept: dict[tuple[str, str], dict] = {}
+    if args.merge and out.with_suffix(".json").is_file():
+        kept = {(r["recipe"], r["bits"]): r for r in json.loads(out.with_suffix(".json").read_text())}
+    computed: dict[tuple[str, str], dict] = {}
+
+    def ordered() -> list[dict]:
+        rows = {**kept, **computed}
+        order = ROWS + [k for k in rows if k not in ROWS]
+        return [rows[k] for k in order if k in rows]
+
     for recipe, bits in progress(wanted, "accuracy table", unit="row"):
         if recipe == "fp32":
             module, seconds, size, details = model, 0.0, float_size_bytes(model), {}
@@ -148,13 +159,14 @@ def main() -> None:
             qm = quantize(model, recipe_config(recipe, bits), [calib], (calib[:1],))
             seconds, module, size, details = time.time() - t0, qm.module, qm.size_bytes, qm.details
         metrics = row_metrics(evaluate(module, inputs), fp_logits, labels, fp_top1)
-        rows.append({"model": loaded.name, "recipe": recipe, "bits": bits, **metrics, "size_bytes": size,
-                     "calib_seconds": round(seconds, 1), "eval_images": len(data),
-                     "command": f"vitq-edge build --target rpi4 --recipe {recipe}"
-                                + ("" if recipe == "fp32" else f" --bits {bits}"),
-                     "notes": notes_for(details)})
-        write_outputs(out, rows, meta)
-        print(json.dumps(rows[-1]), flush=True)
+        computed[(recipe, bits)] = {
+            "model": loaded.name, "recipe": recipe, "bits": bits, **metrics, "size_bytes": size,
+            "calib_seconds": round(seconds, 1), "eval_images": len(data),
+            "command": f"vitq-edge build --target rpi4 --recipe {recipe}"
+                       + ("" if recipe == "fp32" else f" --bits {bits}"),
+            "table_command": command, "notes": notes_for(details)}
+        write_outputs(out, ordered(), meta)
+        print(json.dumps(computed[(recipe, bits)]), flush=True)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,10 @@ def quantile(x: torch.Tensor, q: float) -> torch.Tensor:
     return tail_quantiles(x, (q,), upper=q >= 0.5)[0] if q >= 0.5 else tail_quantiles(x, (1 - q,), upper=False)[0]
 
 
+def _base_name(k: int) -> str:
+    return {1: "2", 2: "sqrt2"}.get(k, f"2^(1/{k})")
+
+
 class Quantizer(nn.Module):
     """Base: observation bookkeeping and the enabled switch."""
 
@@ -185,7 +189,8 @@ class UniformQuantizer(Quantizer):
 
 
 class LogQuantizer(Quantizer):
-    """log2 (k = 1) or log-sqrt2 (k = 2) quantizer of non-negative values (post-softmax).
+    """Log quantizer of non-negative values (post-softmax): levels delta * 2^(-q/k);
+    k = 1 is log2, k = 2 log-sqrt2, larger k a finer ladder.
 
     delta (the largest level) starts at the observed maximum, or with init="mse" at the
     lowest-MSE of a few candidates below it.
@@ -193,8 +198,8 @@ class LogQuantizer(Quantizer):
 
     def __init__(self, bits: int, k: int = 2, init: str = "mse") -> None:
         super().__init__(bits)
-        if k not in (1, 2):
-            raise ValueError("k must be 1 (log2) or 2 (log-sqrt2)")
+        if k < 1:
+            raise ValueError("k (levels per octave) must be >= 1: 1 is log2, 2 is log-sqrt2")
         self.k, self.init = k, init
         self.delta = nn.Parameter(torch.ones(()), requires_grad=False)
 
@@ -219,7 +224,7 @@ class LogQuantizer(Quantizer):
         self.delta = nn.Parameter(best.detach().clone().float(), requires_grad=self.delta.requires_grad)
 
     def describe(self) -> dict:
-        return {**super().describe(), "base": "2" if self.k == 1 else "sqrt2"}
+        return {**super().describe(), "base": _base_name(self.k)}
 
 
 class PerPatchOutlierQuantizer(UniformQuantizer):
@@ -299,7 +304,7 @@ class ShiftLog2Quantizer(Quantizer):
         self.delta = nn.Parameter(best.detach().clone().float(), requires_grad=self.delta.requires_grad)
 
     def describe(self) -> dict:
-        return {**super().describe(), "base": "2" if self.k == 1 else "sqrt2", "shift": round(float(self.shift), 6)}
+        return {**super().describe(), "base": _base_name(self.k), "shift": round(float(self.shift), 6)}
 
 
 class AdaRoundQuantizer(nn.Module):

@@ -131,7 +131,9 @@ class AdfqConfig(PaperRecipeConfig):
     iters: int = 3000  # per unit; the ADFQ-ViT README command (code default 5000)
     qkv_threshold: float = 5.0  # PPOQ outlier magnitude, qkv input (code: 5)
     fc1_threshold: float = 10.0  # PPOQ outlier magnitude, fc1 input (README command: --outlier 10)
-    log_base: str = "sqrt2"  # "sqrt2" (code) or "2" (paper text) for Shift-Log2 and softmax
+    # Log quantizers (Shift-Log2, softmax): "auto" = 2^(bits-3) levels per octave, i.e. log-sqrt2 (the code's
+    # choice) at 4 bits and a finer ladder over the same 2^-8 range at 6 and 8 bits; "sqrt2"; "2" (paper text).
+    log_base: str = "auto"
     weight_lr: float = 3e-3  # AdaRound variables (Adam)
     act_lr: float = 4e-5  # activation scales (Adam, cosine decay)
     round_weight: float = 0.01  # lambda of the AdaRound regularizer
