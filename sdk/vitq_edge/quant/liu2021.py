@@ -116,7 +116,7 @@ class IntervalSearch:
     def run(self) -> dict:
         cfg = self.config
         d0 = [q.scale.detach().clone() for q in self.quantizers]
-        grids = [torch.linspace(cfg.alpha, cfg.beta, cfg.candidates) * d for d in d0]
+        grids = [torch.linspace(cfg.alpha, cfg.beta, cfg.candidates, device=d.device) * d for d in d0]
         current = [int(torch.argmin((g - d).abs())) for g, d in zip(grids, d0, strict=True)]
         fixed = [self._quantized(j, grids[j][current[j]]) for j in (0, 1)]
         rounds_run = 0
