@@ -48,6 +48,10 @@ def validation_set() -> ImageSet:
                     _arrays=images[pick])
 
 
+def host_description() -> str:
+    return f"{os.cpu_count()} CPU cores, torch {torch.__version__}"
+
+
 def float_size_bytes(model: torch.nn.Module) -> int:
     return 4 * sum(p.numel() for p in model.parameters())
 
@@ -98,9 +102,40 @@ def render_markdown(rows: list[dict], meta: dict) -> str:
         sq = "—" if r["sqnr_db"] is None else f"{r['sqnr_db']:.2f}"
         lines.append(f"| {r['recipe']} | {r['bits']} | {r['top1']:.2f} | {r['drop']:+.2f} | {r['agreement']:.2f} | "
                      f"{sq} | {r['size_bytes'] / 1024:.0f} | {r['calib_seconds']:.0f} | {r.get('notes', '')} |")
+    lines += ["", *targets_section(rows)]
     lines += ["", "Row commands (each row's `command` in results.json builds the same model as a .pte):", ""]
     lines += [f"- `{r['command']}`" for r in rows]
     return "\n".join(lines) + "\n"
+
+
+def targets_section(rows: list[dict]) -> list[str]:
+    """The issue's done-when criteria, checked against these rows (a row that is missing says so)."""
+    by = {(r["recipe"], r["bits"]): r for r in rows}
+    checks: list[tuple[str, bool | None]] = []
+
+    def get(recipe: str, bits: str) -> dict | None:
+        return by.get((recipe, bits))
+
+    for recipe in ("minmax", "liu2021", "adfq"):
+        r = get(recipe, "W8A8")
+        checks.append((f"W8A8 {recipe}: drop <= 0.5 and agreement >= 99.5%",
+                       None if r is None else r["drop"] <= 0.5 and r["agreement"] >= 99.5))
+    for recipe in ("liu2021", "adfq"):
+        r = get(recipe, "W6A6")
+        checks.append((f"W6A6 {recipe}: drop <= 1.0", None if r is None else r["drop"] <= 1.0))
+    a, m, liu = get("adfq", "W4A4"), get("minmax", "W4A4"), get("liu2021", "W4A4")
+    ok = a is not None and m is not None
+    checks += [
+        ("W4A4 adfq: drop <= minmax drop / 3", ok and a["drop"] <= m["drop"] / 3 if ok else None),
+        ("W4A4 adfq: drop <= 3.0", None if a is None else a["drop"] <= 3.0),
+        ("W4A4 adfq: agreement >= 98.0%", None if a is None else a["agreement"] >= 98.0),
+        ("W4A4 adfq: SQNR >= minmax + 6 dB", ok and a["sqnr_db"] >= m["sqnr_db"] + 6 if ok else None),
+        ("W4A4 liu2021: SQNR > minmax", None if liu is None or m is None else liu["sqnr_db"] > m["sqnr_db"]),
+    ]
+    lines = ["## Targets", "", "| criterion | result |", "|---|---|"]
+    lines += [f"| {text} | {'row missing' if res is None else ('met' if res else '**missed**')} |"
+              for text, res in checks]
+    return lines
 
 
 def notes_for(details: dict) -> str:
@@ -121,11 +156,19 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma-separated recipe@bits rows (fp32 always runs)")
     ap.add_argument("--out", default=None, help="output stem (default docs/results, or docs/results-val)")
     ap.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
+    ap.add_argument("--render", action="store_true", help="only re-render the .md from the existing .json")
     ap.add_argument("--merge", action="store_true",
                     help="keep the rows of the existing output that this run does not recompute")
     args = ap.parse_args()
     command = "python tools/accuracy_table.py" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
     out = Path(args.out or ("docs/results" if args.split == "test" else "docs/results-val"))
+    if args.render:
+        rows = json.loads(out.with_suffix(".json").read_text())
+        eval_set = "bundled-fmnist-test" if args.split == "test" else "fmnist-train-validation"
+        write_outputs(out, rows, {"model": rows[0]["model"], "eval_images": rows[0]["eval_images"],
+                                  "eval_set": eval_set, "command": command, "host": host_description(),
+                                  "date": datetime.date.today().isoformat()})
+        return
 
     loaded = load_model(None)
     model, pre = loaded.model, loaded.preprocess
@@ -139,7 +182,7 @@ def main() -> None:
 
     wanted = ROWS if args.only is None else [("fp32", "fp32")] + [tuple(s.split("@")) for s in args.only.split(",")]
     meta = {"model": loaded.name, "eval_set": data.name, "eval_images": len(data), "command": command,
-            "host": f"{os.cpu_count()} CPU cores, torch {torch.__version__}",
+            "host": host_description(),
             "date": datetime.date.today().isoformat()}
     kept: dict[tuple[str, str], dict] = {}
     if args.merge and out.with_suffix(".json").is_file():
