@@ -30,8 +30,7 @@ from torch import nn
 from vitq_edge.errors import VitqError
 from vitq_edge.progress import progress
 from vitq_edge.quant import vit
-from vitq_edge.quant.calibration import batches, package, resolve_device, stack_calibration
-from vitq_edge.quant.liu2021 import capture_inputs
+from vitq_edge.quant.calibration import batches, capture_inputs, package, resolve_device, stack_calibration
 from vitq_edge.quant.losses import attention_kl
 from vitq_edge.quant.quantizers import (
     AdaRoundQuantizer,

@@ -25,6 +25,32 @@ def batches(x: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
         yield x[start:start + size]
 
 
+class _Captured(Exception):
+    """Stops the forward once the op's inputs are captured."""
+
+
+@torch.no_grad()
+def capture_inputs(model: torch.nn.Module, op: torch.nn.Module, images: torch.Tensor,
+                   batch_size: int) -> tuple[torch.Tensor, ...]:
+    """The inputs `op` receives when `model` runs on `images` (the rest of the forward is skipped)."""
+    parts: list[tuple[torch.Tensor, ...]] = []
+
+    def hook(module, args):
+        parts.append(tuple(a.detach() for a in args))
+        raise _Captured
+
+    handle = op.register_forward_pre_hook(hook)
+    try:
+        for b in batches(images, batch_size):
+            try:
+                model(b)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return tuple(torch.cat(p) for p in zip(*parts, strict=True))
+
+
 def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise VitqError(f"--device {name}: no CUDA GPU is visible to torch here; use --device cpu")

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from vitq_edge.progress import progress
 from vitq_edge.quant import vit
 from vitq_edge.quant.arith import fake_uniform
-from vitq_edge.quant.calibration import batches, package, resolve_device, stack_calibration
+from vitq_edge.quant.calibration import batches, capture_inputs, package, resolve_device, stack_calibration
 from vitq_edge.quant.losses import PearsonTarget, RankingTarget
 from vitq_edge.quant.quantizers import Quantizer, UniformQuantizer
 from vitq_edge.quant.recipes import Liu2021Config, QuantizedModel, parse_bits, register_recipe
@@ -47,32 +47,6 @@ def liu_factory(bits_for: BitsFor):
         return UniformQuantizer(a_bits, signed=True, granularity="tensor", init="minmax")
 
     return make
-
-
-class _Captured(Exception):
-    """Stops the forward once the op's inputs are captured."""
-
-
-@torch.no_grad()
-def capture_inputs(model: torch.nn.Module, op: torch.nn.Module, images: torch.Tensor,
-                   batch_size: int) -> tuple[torch.Tensor, ...]:
-    """The inputs `op` receives when `model` runs on `images` (the rest of the forward is skipped)."""
-    parts: list[tuple[torch.Tensor, ...]] = []
-
-    def hook(module, args):
-        parts.append(tuple(a.detach() for a in args))
-        raise _Captured
-
-    handle = op.register_forward_pre_hook(hook)
-    try:
-        for b in batches(images, batch_size):
-            try:
-                model(b)
-            except _Captured:
-                pass
-    finally:
-        handle.remove()
-    return tuple(torch.cat(p) for p in zip(*parts, strict=True))
 
 
 def _compute(op: torch.nn.Module, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

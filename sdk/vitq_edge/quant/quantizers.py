@@ -45,6 +45,13 @@ def quantile(x: torch.Tensor, q: float) -> torch.Tensor:
     return tail_quantiles(x, (q,), upper=q >= 0.5)[0] if q >= 0.5 else tail_quantiles(x, (1 - q,), upper=False)[0]
 
 
+def log_delta(x: torch.Tensor, top: torch.Tensor, bits: int, k: int, search: bool) -> torch.Tensor:
+    """The top level of a log quantizer: `top`, or with `search` the lowest-MSE of top x 1.0 .. 0.5."""
+    candidates = [top * r for r in (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)] if search else [top]
+    errs = [float((arith.fake_log(x, d, bits, k) - x).pow(2).sum()) for d in candidates]
+    return candidates[min(range(len(errs)), key=errs.__getitem__)]
+
+
 def _base_name(k: int) -> str:
     return {1: "2", 2: "sqrt2"}.get(k, f"2^(1/{k})")
 
@@ -214,13 +221,7 @@ class LogQuantizer(Quantizer):
         if x.numel() == 0:
             return
         top = torch.clamp(x.max(), min=arith.EPS)
-        best = top
-        if self.init == "mse":
-            errs = {}
-            for ratio in (1.0, 0.9, 0.8, 0.7, 0.6, 0.5):
-                d = top * ratio
-                errs[ratio] = float((arith.fake_log(x, d, self.bits, self.k) - x).pow(2).sum())
-            best = top * min(errs, key=errs.get)
+        best = log_delta(x, top, self.bits, self.k, search=self.init == "mse")
         self.delta = nn.Parameter(best.detach().clone().float(), requires_grad=self.delta.requires_grad)
 
     def describe(self) -> dict:
@@ -296,11 +297,7 @@ class ShiftLog2Quantizer(Quantizer):
         self.shift = torch.tensor(-lowest + 1e-3)
         shifted = x + self.shift
         top = torch.clamp(quantile(shifted, 0.99999), min=arith.EPS)
-        candidates = [top * r for r in (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)]
-        if self.init != "mse":
-            candidates = candidates[:1]
-        errs = [float((arith.fake_log(shifted, d, self.bits, self.k) - shifted).pow(2).sum()) for d in candidates]
-        best = candidates[min(range(len(errs)), key=errs.__getitem__)]
+        best = log_delta(shifted, top, self.bits, self.k, search=self.init == "mse")
         self.delta = nn.Parameter(best.detach().clone().float(), requires_grad=self.delta.requires_grad)
 
     def describe(self) -> dict:

@@ -238,20 +238,14 @@ def model_size_bytes(model: nn.Module) -> int:
     PPOQ parameters count 4 bytes per value.
     """
     quantized = {id(op.weight) for _, op in quant_ops(model) if isinstance(op, QuantLinear | QuantConv2d)}
+    # AdaRound's rounding variables are folded into the integer codes: not shipped.
+    rounding = {id(m.alpha) for m in model.modules() if isinstance(m, AdaRoundQuantizer)}
     bits = sum(n * b for n, b in weight_bits(model).values())
-    other = 0
-    for p in model.parameters():
-        if id(p) not in quantized and not _is_adaround(model, p):
-            other += p.numel()
+    other = sum(p.numel() for p in model.parameters() if id(p) not in quantized and id(p) not in rounding)
     for name, buf in model.named_buffers():
         if name.endswith(("zero_point", "shift")):
             other += buf.numel()
     return (bits + 7) // 8 + 4 * other
-
-
-def _is_adaround(model: nn.Module, p: torch.Tensor) -> bool:
-    # AdaRound's rounding variables are folded into the integer codes: not shipped.
-    return any(isinstance(m, AdaRoundQuantizer) and m.alpha is p for m in model.modules())
 
 
 def describe_quantizers(model: nn.Module) -> dict[str, dict]:
