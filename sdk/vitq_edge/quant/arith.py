@@ -129,3 +129,80 @@ def fake_shift_log(x: torch.Tensor, shift: torch.Tensor | float, delta: torch.Te
                    k: int) -> torch.Tensor:
     """The shifted, log-quantized value x' = Q(x + shift); the consumer subtracts `shift`."""
     return fake_log(x + shift, delta, bits, k)
+
+
+# ---- integer products (what the kernels compute) -------------------------------------
+
+def integer_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b of integer-valued tensors (codes minus zero points), summed exactly.
+
+    float64 holds every sum of products of 9-bit integers exactly (as the kernels' int32
+    does); the result is rounded to float32 once, like their int32 -> float conversion.
+    A float32 matmul would round at every step, and those rounding differences move
+    values across the next quantizer's code boundaries.
+    """
+    return (a.double() @ b.double()).float()
+
+
+def integer_linear(x_codes: torch.Tensor, x_zero: torch.Tensor, x_scale: torch.Tensor, w_int: torch.Tensor,
+                   w_zero: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """sum_k (c - z) s (w' - wz) ws + b, in the order the kernel (XNNPACK qd8 GEMM) rounds it.
+
+    x_codes [..., K] with x_zero / x_scale broadcasting per row ([..., 1] or scalars);
+    w_int [N, K] integers w', w_zero / w_scale [N]. The GEMM sums (c - z) w' exactly, then
+    scales by s and ws and adds the bias; a nonzero wz is subtracted afterwards as
+    (sum_k (c - z)) s (ws wz).
+    """
+    centered = x_codes - x_zero
+    y = integer_matmul(centered, w_int.t()) * x_scale * w_scale
+    if bias is not None:
+        y = y + bias
+    if bool(torch.any(w_zero != 0)):
+        y = y - (centered.sum(-1, keepdim=True) * x_scale) * (w_scale * w_zero)
+    return y
+
+
+def quantized_linear(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmin: int, qmax: int,
+                     threshold: float, w_int: torch.Tensor, w_zero: torch.Tensor, w_scale: torch.Tensor,
+                     bias: torch.Tensor | None) -> torch.Tensor:
+    """A linear layer on a uniform (optionally outlier-aware) input, as the vitq::linear kernel computes it.
+
+    scale / zero broadcast per row ([T, 1] per token position, or scalars); threshold > 0
+    keeps |x| > threshold out of the integer GEMM (code = zero) and adds x * W for them in
+    float, the PPOQ sparse correction.
+    """
+    mask = outlier_mask(x, threshold) if threshold > 0 else None
+    inliers = x if mask is None else torch.where(mask, torch.zeros_like(x), x)
+    y = integer_linear(uniform_codes(inliers, scale, zero, qmin, qmax), zero, scale, w_int, w_zero, w_scale, bias)
+    if mask is not None:
+        w = uniform_values(w_int, w_scale[:, None], w_zero[:, None])
+        y = y + torch.where(mask, x, torch.zeros_like(x)) @ w.t()
+    return y
+
+
+def integer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                      q_params: tuple, k_params: tuple, v_params: tuple, p_uniform: tuple | None,
+                      p_log: tuple | None) -> torch.Tensor:
+    """softmax(q k^T * scale) v on codes, as the vitq::attention kernel computes it: [B, H, T, D] in and out.
+
+    *_params = (scale, zero, qmin, qmax) of per-tensor uniform quantizers (floats / ints);
+    probabilities are coded by p_uniform (same form) or p_log = (delta, bits, k). The
+    products sum exactly; each float scale is formed in double and rounded once.
+    """
+    def centered(x, params):
+        s, z, lo, hi = params
+        return uniform_codes(x, torch.tensor(s, dtype=torch.float32), z, lo, hi) - z
+
+    def f32(value: float) -> float:
+        return float(torch.tensor(value, dtype=torch.float32))
+
+    alpha = f32(f32(q_params[0]) * f32(k_params[0]) * scale)
+    scores = integer_matmul(centered(q, q_params), centered(k, k_params).transpose(-2, -1)) * alpha
+    e = torch.exp(scores - scores.amax(-1, keepdim=True))
+    probs = e * (1.0 / e.sum(-1, keepdim=True))
+    cv = centered(v, v_params)
+    if p_uniform is not None:
+        return integer_matmul(centered(probs, p_uniform), cv) * f32(f32(p_uniform[0]) * f32(v_params[0]))
+    delta, bits, steps = p_log
+    delta = torch.tensor(delta, dtype=torch.float32)
+    return (log_values(log_codes(probs, delta, bits, steps), delta, bits, steps) @ cv) * f32(v_params[0])

@@ -28,7 +28,15 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from vitq_edge.errors import VitqError
-from vitq_edge.quant.quantizers import AdaRoundQuantizer, Quantizer, ShiftLog2Quantizer, UniformQuantizer
+from vitq_edge.quant import arith
+from vitq_edge.quant.quantizers import (
+    AdaRoundQuantizer,
+    LogQuantizer,
+    PerPatchOutlierQuantizer,
+    Quantizer,
+    ShiftLog2Quantizer,
+    UniformQuantizer,
+)
 
 # The arithmetic that stays float in every paper recipe (as in both papers' simulations).
 FLOAT_OPS = [
@@ -57,6 +65,8 @@ class QuantLinear(nn.Module):
         return self.weight_quant(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if integer_operands(self):
+            return integer_forward(self, x)
         w = self.quantized_weight()
         iq = self.input_quant
         if isinstance(iq, ShiftLog2Quantizer) and iq.enabled and not iq._observing:
@@ -73,6 +83,55 @@ class QuantLinear(nn.Module):
         return self.input_quant, self.weight_quant
 
 
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """[B, C, H, W] -> [B, (H/p)(W/p), C p p]: the rows a stride = kernel = p convolution multiplies."""
+    b, c, h, w = x.shape
+    patches = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+    return patches.reshape(b, (h // p) * (w // p), c * p * p)
+
+
+def weight_integer_form(op: QuantLinear | QuantConv2d) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(w' [N, K], zero [N], scale [N]) with value = (w' - zero) * scale, w' a signed b-bit integer.
+
+    Unsigned codes are re-centred by 2^(b-1) so they fit the signed GEMM operands; the
+    program stores exactly these integers (lower/integer_vit.py), so the simulation and
+    the kernels round the same sums.
+    """
+    wq = op.weight_quant
+    base = wq.base if isinstance(wq, AdaRoundQuantizer) else wq
+    codes = wq.codes(op.weight.detach()).reshape(op.weight.shape[0], -1)
+    n = codes.shape[0]
+    offset = 0 if base.signed else 2 ** (base.bits - 1)
+    scale = base.scale.detach().float().reshape(-1).expand(n).contiguous()
+    zero = base.zero_point.detach().float().reshape(-1).expand(n).contiguous()
+    return codes - offset, zero - offset, scale
+
+
+def integer_operands(op: QuantLinear | QuantConv2d) -> bool:
+    """Inference with a uniform input and integer weight codes: run the kernel's integer arithmetic.
+
+    Calibration and reconstruction (observing, gradients, soft AdaRound) keep the float
+    fake-quant forward: same values up to float rounding, and differentiable.
+    """
+    iq, wq = op.input_quant, op.weight_quant
+    return (not torch.is_grad_enabled() and type(iq) in (UniformQuantizer, PerPatchOutlierQuantizer)
+            and iq.enabled and not iq._observing and iq.granularity in ("tensor", "token")
+            and wq.enabled and (not isinstance(wq, AdaRoundQuantizer) or wq.hard)
+            and (isinstance(wq, AdaRoundQuantizer) or isinstance(wq, UniformQuantizer)))
+
+
+def integer_forward(op: QuantLinear | QuantConv2d, x: torch.Tensor) -> torch.Tensor:
+    iq = op.input_quant
+    scale, zero = iq.scale.detach(), iq.zero_point
+    if iq.granularity == "token":
+        scale, zero = scale.reshape(-1, 1), zero.reshape(-1, 1)
+    w_int, w_zero, w_scale = weight_integer_form(op)
+    threshold = iq.threshold if isinstance(iq, PerPatchOutlierQuantizer) else 0.0
+    qmin, qmax = iq.qrange
+    bias = None if op.bias is None else op.bias.detach()
+    return arith.quantized_linear(x, scale, zero, qmin, qmax, threshold, w_int, w_zero, w_scale, bias)
+
+
 class QuantConv2d(nn.Module):
     """The patch embedding convolution with quantized input and per-channel weight."""
 
@@ -87,6 +146,14 @@ class QuantConv2d(nn.Module):
         return self.weight_quant(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.weight.shape[-1]
+        if (integer_operands(self) and tuple(self.stride) == (p, p) and self.weight.shape[-2] == p
+                and tuple(self.padding) == (0, 0)):
+            # The patch convolution as the device runs it: a GEMM over flattened patches.
+            patches = patchify(x, p)
+            y = integer_forward(self, patches)
+            b, _, h, w = x.shape
+            return y.transpose(1, 2).reshape(b, -1, h // p, w // p)
         return F.conv2d(self.input_quant(x), self.quantized_weight(), self.bias, self.stride, self.padding)
 
     def operands(self) -> tuple[Quantizer, Quantizer]:
@@ -123,11 +190,35 @@ class QuantAttention(nn.Module):
         b, n, _ = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
+        if self.integer_operands():
+            x = arith.integer_attention(q, k, v, float(self.scale), *self.integer_params())
+            return self.proj(x.transpose(1, 2).reshape(b, n, self.attn_dim))
         # The scale is applied to the integer product's float result, not folded into q.
         scores = self.qk(q, k.transpose(-2, -1)) * self.scale
         probs = scores.softmax(dim=-1)
         x = self.av(probs, v)
         return self.proj(x.transpose(1, 2).reshape(b, n, self.attn_dim))
+
+
+    def integer_operands(self) -> bool:
+        """Inference with per-tensor uniform q, k, v (and uniform or log probabilities): the kernel's arithmetic."""
+        uniform = [self.qk.a_quant, self.qk.b_quant, self.av.b_quant]
+        p = self.av.a_quant
+        if not isinstance(p, LogQuantizer):
+            uniform.append(p)
+        return (not torch.is_grad_enabled() and p.enabled and not p._observing
+                and all(type(u) is UniformQuantizer and u.granularity == "tensor" and u.enabled and not u._observing
+                        and float(u.zero_point) == round(float(u.zero_point)) for u in uniform))
+
+    def integer_params(self) -> tuple:
+        """(q, k, v, uniform probability, log probability) parameters of arith.integer_attention."""
+        def params(u: UniformQuantizer) -> tuple:
+            return (float(u.scale), int(u.zero_point), *u.qrange)
+
+        p = self.av.a_quant
+        p_log = (float(p.delta), p.bits, p.k) if isinstance(p, LogQuantizer) else None
+        return (params(self.qk.a_quant), params(self.qk.b_quant), params(self.av.b_quant),
+                None if p_log else params(p), p_log)
 
 
 class QuantMlp(nn.Module):
