@@ -18,7 +18,9 @@ def render_report(m: dict) -> str:
         f"{m['xnnpack_partitions']} XNNPACK partition(s)",
         f"- ops outside XNNPACK: {', '.join(m['non_delegated_ops']) or 'none'}",
         f"- arithmetic left in float: {', '.join(m['float_ops']) or 'none'}",
-        f"- custom ops: {', '.join(m['custom_ops']) or 'none'}",
+        f"- custom ops: {', '.join(m['custom_ops']) or 'none'}"
+        + (f" ({m['kernels']['library']} {m['kernels']['version']})" if m.get("kernels") else ""),
+        *([f"- quantized arithmetic: {m['quantization']['program_arithmetic']}"] if m.get("quantization") else []),
         f"- ExecuTorch {m['executorch_version']}, torch {m['torch_version']}, vitq-edge {m['vitq_edge_version']}",
         f"- model checkpoint: {m['model']['checkpoint']} (sha256 {m['model']['checkpoint_sha256']})",
     ]

@@ -8,6 +8,7 @@ import torch
 from executorch.runtime import Runtime
 
 from vitq_edge.errors import VitqError
+from vitq_edge.lower.kernels import load_kernels, program_custom_ops
 
 
 class HostProgram:
@@ -26,6 +27,9 @@ class HostProgram:
         # The runtime reads from these bytes and the program while the method runs:
         # both must outlive it, or execution touches freed memory.
         self._data = pte
+        # Paper-recipe programs call vitq:: ops: their kernels must be registered before load_method.
+        self.custom_ops = program_custom_ops(pte)
+        self.kernels_version = load_kernels() if self.custom_ops else None
         try:
             self._program = Runtime.get().load_program(pte)
             self._method = self._program.load_method("forward")

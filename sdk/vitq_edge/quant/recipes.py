@@ -152,7 +152,6 @@ class QuantizedModel:
     bits: str
     # Ops whose arithmetic stays float in the deployed program (written to the manifest).
     float_ops: list[str] = field(default_factory=list)
-    custom_ops: list[str] = field(default_factory=list)
     # Paper recipes: weights packed at their bit width + float32 for the rest (vit.model_size_bytes).
     size_bytes: int | None = None
     # Recipe-specific facts for the manifest: quantizers, outlier fractions, mixed-precision bits.
