@@ -2,9 +2,19 @@
 # Build the vitq-runner bundles:
 #
 #   build/runtime/host/{bin,lib}      for this machine, against the .venv's executorch wheel
+#                                     (lib/ includes libvitq_kernels.so, the vitq:: custom ops)
 #   build/runtime/aarch64/{bin,lib}   cross-compiled for a 64-bit Raspberry Pi, against the
 #                                     manylinux_2_28_aarch64 executorch wheel
 #   build/runtime/pi-prefix/{rpi4,rpi5}  qemu -L prefixes that emulate the boards
+#   build/runtime/host-asan/lib/libvitq_kernels.so
+#                                     (target asan only) the kernels alone, built with
+#                                     AddressSanitizer, for the Python tests:
+#                                     LD_PRELOAD="$(gcc -print-file-name=libasan.so)
+#                                     $(gcc -print-file-name=libstdc++.so)"
+#                                     ASAN_OPTIONS=detect_leaks=0 python ...
+#                                     (libstdc++ too: python does not link it, and
+#                                     ASan aborts on torch's first C++ throw when its
+#                                     __cxa_throw interceptor found no libstdc++)
 #   build/runtime/qemu-plugin/libinsn_count.so
 #                                     qemu TCG plugin counting guest instructions per
 #                                     inference (runtime/qemu_plugin/insn_count.c)
@@ -12,7 +22,8 @@
 # Each bundle is movable: bin/vitq-runner finds the ExecuTorch libraries copied into
 # ../lib (RUNPATH $ORIGIN/../lib). Copy build/runtime/aarch64 to a Pi as is.
 #
-# usage: tools/build_runtime.sh [host|aarch64|plugin|all]      (default: all)
+# usage: tools/build_runtime.sh [host|aarch64|asan|plugin|all]      (default: all; all = host,
+#        aarch64 and plugin)
 # env:   JOBS (default 2), CMAKE (default .venv/bin/cmake, installed there when missing),
 #        PYTHON (default .venv/bin/python), EXECUTORCH_VERSION (default: the .venv's)
 #
@@ -27,9 +38,9 @@ ROOT=$PWD
 
 TARGET=${1:-all}
 case "$TARGET" in
-    host|aarch64|plugin|all) ;;
-    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
-    *) echo "build_runtime: unknown target '$TARGET' (host, aarch64, plugin or all)" >&2; exit 2 ;;
+    host|aarch64|asan|plugin|all) ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    *) echo "build_runtime: unknown target '$TARGET' (host, aarch64, asan, plugin or all)" >&2; exit 2 ;;
 esac
 
 JOBS=${JOBS:-2}
@@ -86,6 +97,14 @@ build_bundle() {
     rm -rf "$prefix"
     "$CMAKE" --install "$bdir" --prefix "$prefix" >/dev/null
     log "[$name] bundle ready: $prefix/bin/vitq-runner"
+}
+
+# The custom-op library must be in the bundle (unless built with -DVITQ_BUILD_KERNELS=OFF).
+check_kernels() {
+    local lib=$OUT/$1/lib/libvitq_kernels.so
+    [ -f runtime/kernels/CMakeLists.txt ] || return 0
+    [ -f "$lib" ] || die "[$1] $lib is missing from the bundle"
+    log "[$1] kernels: $lib"
 }
 
 # --- qemu instruction-count plugin ----------------------------------------------------
@@ -212,6 +231,27 @@ if [ "$TARGET" = host ] || [ "$TARGET" = all ]; then
     command -v g++ >/dev/null || apt_install g++
     build_bundle host -DEXECUTORCH_PACKAGE_DIR="$ET_PKG_HOST"
     "$OUT/host/bin/vitq-runner" --version >/dev/null || die "[host] the bundle does not start"
+    check_kernels host
+fi
+
+if [ "$TARGET" = asan ]; then
+    # Only the kernels library, with AddressSanitizer. The build-tree copy is
+    # taken as is: its RUNPATH is the .venv wheel's lib/ (CMake's build RPATH),
+    # so it also loads outside a Python process that already has those libs.
+    command -v g++ >/dev/null || apt_install g++
+    bdir=$OUT/_build/host-asan
+    log "[asan] configuring ($bdir)"
+    "$CMAKE" -S runtime -B "$bdir" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DVITQ_KERNELS_ASAN=ON \
+        -DEXECUTORCH_PACKAGE_DIR="$ET_PKG_HOST" >"$bdir.configure.log" 2>&1 \
+        || { cat "$bdir.configure.log" >&2; die "[asan] cmake configure failed"; }
+    log "[asan] building libvitq_kernels.so (-j$JOBS)"
+    nice -n 19 "$CMAKE" --build "$bdir" -j "$JOBS" --target vitq_kernels
+    mkdir -p "$OUT/host-asan/lib"
+    cp "$bdir/kernels/libvitq_kernels.so" "$OUT/host-asan/lib/libvitq_kernels.so.tmp"
+    mv "$OUT/host-asan/lib/libvitq_kernels.so.tmp" "$OUT/host-asan/lib/libvitq_kernels.so"
+    log "[asan] ready: $OUT/host-asan/lib/libvitq_kernels.so (run Python with" \
+        "LD_PRELOAD=\"\$(gcc -print-file-name=libasan.so) \$(gcc -print-file-name=libstdc++.so)\"" \
+        "ASAN_OPTIONS=detect_leaks=0)"
 fi
 
 if [ "$TARGET" = aarch64 ] || [ "$TARGET" = all ]; then
@@ -250,6 +290,7 @@ EOF
     log "[aarch64] Pi prefixes: $OUT/pi-prefix/{rpi4,rpi5}"
     qemu-aarch64 -cpu cortex-a72 -L "$OUT/pi-prefix/rpi4" "$OUT/aarch64/bin/vitq-runner" --version >/dev/null \
         || die "[aarch64] the bundle does not start under qemu-aarch64"
+    check_kernels aarch64
     log "[aarch64] run it with: qemu-aarch64 -cpu cortex-a72 -L $OUT/pi-prefix/rpi4 $OUT/aarch64/bin/vitq-runner MODEL.pte ..."
 fi
 

@@ -1,0 +1,323 @@
+// vitq::attention.out -- multi-head self-attention on integer codes
+// (definition: sdk/vitq_edge/lower/ops/attention.py).
+//
+//   qkv float [B, T, 3C] (q | k | v, heads inside each, C = H * D) -> out float [B, T, C]
+//   1. q, k, v codes per tensor, c = clamp(round(x / s) + z, qmin, qmax);
+//   2. scores[i][j] = (sum_d (cq - zq)(ck - zk)) [int32] * q_scale * k_scale * scale;
+//   3. softmax over j in float (max subtracted);
+//   4. probability codes: uniform (p_scale, p_zero, p_qmin, p_qmax), or log codes
+//      (delta = p_scale, p_log_bits bits, p_steps_per_octave steps per octave);
+//   5. out[i] = sum_j (cp_j - zp)(cv_j - zv) [int32] * p_scale * v_scale (uniform),
+//      or sum_j Pvalue_j * (cv_j - zv) [float] * v_scale (log).
+//
+// How: the codes minus their zero points are stored once as int16 in a
+// head-major layout ([B, H, T, D] for each of q, k, v), so every dot product
+// reads two contiguous int16 rows; products are exact in int32. Then one task
+// per (batch, head, block of query rows) does, row by row, the T dot products,
+// the softmax, the probability codes and the weighted sum of V rows. Nothing
+// of size T x T is ever stored, and the V sum skips the probabilities whose
+// code stands for 0 (after softmax most of them, for uniform 8-bit codes).
+// The int16 loops are written for the compiler's vectorizer (pmaddwd on x86,
+// smlal on NEON).
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "common.h"
+#include "quant_math.h"
+
+namespace vitq {
+namespace {
+
+// One uniform quantizer of the op's arguments.
+struct Uniform {
+  float scale, zero, qmin, qmax;
+  int32_t max_abs;  // max |c - z| over the code range
+};
+
+Uniform make_uniform(double scale, int64_t zero, int64_t qmin, int64_t qmax) {
+  Uniform u;
+  u.scale = static_cast<float>(scale);  // torch.tensor(scale, dtype=float32)
+  u.zero = static_cast<float>(zero);
+  u.qmin = static_cast<float>(qmin);
+  u.qmax = static_cast<float>(qmax);
+  u.max_abs = static_cast<int32_t>(std::max(std::llabs(qmin - zero), std::llabs(qmax - zero)));
+  return u;
+}
+
+// "" when usable, else what is wrong.
+const char* uniform_error(double scale, int64_t zero, int64_t qmin, int64_t qmax) {
+  const float s = static_cast<float>(scale);
+  if (!(std::isfinite(s) && s > 0.0f)) return "scale must be finite and > 0";
+  if (qmin > qmax) return "qmin must be <= qmax";
+  if (qmin < -32768 || qmax > 32767 || zero < -32768 || zero > 32767) return "codes and zero point must fit int16";
+  if (std::llabs(qmin - zero) > 32767 || std::llabs(qmax - zero) > 32767) return "c - zero must fit int16";
+  return "";
+}
+
+inline int32_t dot_i16(const int16_t* __restrict a, const int16_t* __restrict b, size_t n) {
+  int32_t s = 0;
+  for (size_t i = 0; i < n; ++i) s += static_cast<int32_t>(a[i]) * static_cast<int32_t>(b[i]);
+  return s;
+}
+
+// Four dot products of one query row with four key rows: the query is read
+// once per four keys (the compiler keeps four vector accumulators).
+inline void dot4_i16(const int16_t* __restrict q, const int16_t* __restrict k0, const int16_t* __restrict k1,
+                     const int16_t* __restrict k2, const int16_t* __restrict k3, size_t n, int32_t* out) {
+  int32_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const int32_t qi = q[i];
+    s0 += qi * k0[i];
+    s1 += qi * k1[i];
+    s2 += qi * k2[i];
+    s3 += qi * k3[i];
+  }
+  out[0] = s0;
+  out[1] = s1;
+  out[2] = s2;
+  out[3] = s3;
+}
+
+// c - z of a row of uniform codes, as int16 (vectorizes).
+inline void code_row_i16(const float* __restrict x, size_t n, const Uniform& u, int16_t* __restrict dst) {
+  const float s = u.scale, z = u.zero, lo = u.qmin, hi = u.qmax;
+  for (size_t i = 0; i < n; ++i) dst[i] = static_cast<int16_t>(uniform_code(x[i], s, z, lo, hi) - z);
+}
+
+// The softmax of one row of scores, in place: exp(s - max) * (1 / sum), as
+// torch's CPU softmax (it also multiplies by the reciprocal of the sum).
+inline void softmax_row(float* __restrict p, size_t n) {
+  float max_score = -std::numeric_limits<float>::infinity();
+  for (size_t j = 0; j < n; ++j) max_score = p[j] > max_score ? p[j] : max_score;
+  for (size_t j = 0; j < n; ++j) p[j] = exp_nonpositive(p[j] - max_score);
+  float sum = 0.0f;
+  for (size_t j = 0; j < n; ++j) sum += p[j];
+  const float inv_sum = 1.0f / sum;
+  for (size_t j = 0; j < n; ++j) p[j] *= inv_sum;
+}
+
+struct AttentionJob {
+  size_t batch, t, heads, d;
+  const int16_t* q;  // [B, H, T, D], codes minus zero point
+  const int16_t* k;
+  const int16_t* v;
+  float alpha;       // q_scale * k_scale * scale
+  Uniform p;         // uniform probability codes (log_bits == 0)
+  int log_bits;
+  float log_k;       // steps per octave
+  const LogCoder* coder;  // log codes without log2 (null: k too large, use log_code)
+  float log_table[256];
+  float out_scale;   // p_scale * v_scale (uniform) or v_scale (log)
+  float* out;        // [B, T, H * D]
+  size_t row_blocks, rows_per_block;
+};
+
+void attention_task(const AttentionJob& job, size_t task) {
+  const size_t block = task % job.row_blocks, bh = task / job.row_blocks;
+  const size_t b = bh / job.heads, h = bh % job.heads;
+  const size_t t = job.t, d = job.d;
+  const size_t head_offset = bh * t * d;
+  const int16_t* qh = job.q + head_offset;
+  const int16_t* kh = job.k + head_offset;
+  const int16_t* vh = job.v + head_offset;
+
+  thread_local Scratch<float> probs_buf;
+  thread_local Scratch<int32_t> iacc_buf, weights_buf, index_buf;
+  thread_local Scratch<float> facc_buf, fweights_buf;
+  float* probs = probs_buf.get(t, 0);
+  int32_t* index = index_buf.get(t, 0);
+  int32_t* iweight = weights_buf.get(t, 0);
+  float* fweight = fweights_buf.get(t, 0);
+  int32_t* iacc = iacc_buf.get(d, 0);
+  float* facc = facc_buf.get(d, 0);
+  const int zero_code = job.log_bits ? (1 << job.log_bits) - 1 : 0;
+
+  thread_local Scratch<int32_t> dots_buf;
+  thread_local Scratch<int16_t> pcodes_buf;
+  thread_local Scratch<uint8_t> lcodes_buf;
+  int32_t* dots = dots_buf.get(t + 4, 0);
+  int16_t* pcodes = pcodes_buf.get(t, 0);
+  uint8_t* lcodes = lcodes_buf.get(t, 0);
+
+  const size_t row_begin = block * job.rows_per_block;
+  const size_t row_end = std::min(t, row_begin + job.rows_per_block);
+  for (size_t i = row_begin; i < row_end; ++i) {
+    // Scores: exact int32 dot products, one float scale.
+    const int16_t* qi = qh + i * d;
+    size_t j = 0;
+    for (; j + 4 <= t; j += 4)
+      dot4_i16(qi, kh + j * d, kh + (j + 1) * d, kh + (j + 2) * d, kh + (j + 3) * d, d, dots + j);
+    for (; j < t; ++j) dots[j] = dot_i16(qi, kh + j * d, d);
+    for (j = 0; j < t; ++j) probs[j] = static_cast<float>(dots[j]) * job.alpha;
+    softmax_row(probs, t);
+
+    // Probability codes; keep only those that do not stand for 0.
+    size_t nnz = 0;
+    if (job.log_bits == 0) {
+      code_row_i16(probs, t, job.p, pcodes);
+      for (j = 0; j < t; ++j) {
+        if (pcodes[j] != 0) {
+          index[nnz] = static_cast<int32_t>(j);
+          iweight[nnz++] = pcodes[j];
+        }
+      }
+    } else if (job.coder != nullptr) {
+      job.coder->encode(probs, 0.0f, lcodes, t);
+      for (j = 0; j < t; ++j) {
+        if (lcodes[j] != zero_code) {
+          index[nnz] = static_cast<int32_t>(j);
+          fweight[nnz++] = job.log_table[lcodes[j]];
+        }
+      }
+    } else {
+      for (j = 0; j < t; ++j) {
+        const int code = log_code(probs[j], job.p.scale, job.log_k, zero_code);
+        if (code != zero_code) {
+          index[nnz] = static_cast<int32_t>(j);
+          fweight[nnz++] = job.log_table[code];
+        }
+      }
+    }
+
+    // Weighted sum of V rows.
+    float* dst = job.out + (b * t + i) * job.heads * d + h * d;
+    if (job.log_bits == 0) {
+      std::fill(iacc, iacc + d, 0);
+      for (size_t e = 0; e < nnz; ++e) {
+        const int16_t* vj = vh + static_cast<size_t>(index[e]) * d;
+        const int32_t pw = iweight[e];
+        for (size_t c = 0; c < d; ++c) iacc[c] += pw * static_cast<int32_t>(vj[c]);
+      }
+      for (size_t c = 0; c < d; ++c) dst[c] = static_cast<float>(iacc[c]) * job.out_scale;
+    } else {
+      std::fill(facc, facc + d, 0.0f);
+      for (size_t e = 0; e < nnz; ++e) {
+        const int16_t* vj = vh + static_cast<size_t>(index[e]) * d;
+        const float pw = fweight[e];
+        for (size_t c = 0; c < d; ++c) facc[c] += pw * static_cast<float>(vj[c]);
+      }
+      for (size_t c = 0; c < d; ++c) dst[c] = facc[c] * job.out_scale;
+    }
+  }
+}
+
+}  // namespace
+
+Tensor& attention_out(KernelRuntimeContext& ctx, const Tensor& qkv, int64_t num_heads, double scale,
+                      double q_scale, int64_t q_zero, int64_t q_qmin, int64_t q_qmax, double k_scale,
+                      int64_t k_zero, int64_t k_qmin, int64_t k_qmax, double v_scale, int64_t v_zero,
+                      int64_t v_qmin, int64_t v_qmax, double p_scale, int64_t p_zero, int64_t p_qmin,
+                      int64_t p_qmax, int64_t p_log_bits, int64_t p_steps_per_octave, Tensor& out) {
+  ET_KERNEL_CHECK_MSG(ctx, is_dense(qkv, ScalarType::Float) && qkv.dim() == 3, InvalidArgument, out,
+                      "vitq::attention: qkv must be a contiguous float tensor [B, T, 3*H*D]");
+  ET_KERNEL_CHECK_MSG(ctx, is_dense(out, ScalarType::Float), InvalidArgument, out,
+                      "vitq::attention: out must be a contiguous float tensor");
+  const int64_t c3 = qkv.size(2);
+  ET_KERNEL_CHECK_MSG(ctx, num_heads >= 1 && c3 >= 3 * num_heads && c3 % (3 * num_heads) == 0, InvalidArgument,
+                      out, "vitq::attention: qkv.size(-1) = %lld is not 3 * num_heads (%lld) * head_dim",
+                      static_cast<long long>(c3), static_cast<long long>(num_heads));
+  const char* e;
+  e = uniform_error(q_scale, q_zero, q_qmin, q_qmax);
+  ET_KERNEL_CHECK_MSG(ctx, !*e, InvalidArgument, out, "vitq::attention: q quantizer: %s", e);
+  e = uniform_error(k_scale, k_zero, k_qmin, k_qmax);
+  ET_KERNEL_CHECK_MSG(ctx, !*e, InvalidArgument, out, "vitq::attention: k quantizer: %s", e);
+  e = uniform_error(v_scale, v_zero, v_qmin, v_qmax);
+  ET_KERNEL_CHECK_MSG(ctx, !*e, InvalidArgument, out, "vitq::attention: v quantizer: %s", e);
+  ET_KERNEL_CHECK_MSG(ctx, p_log_bits >= 0 && p_log_bits <= 8, InvalidArgument, out,
+                      "vitq::attention: p_log_bits must be 0 (uniform) or in [1, 8], got %lld",
+                      static_cast<long long>(p_log_bits));
+  if (p_log_bits == 0) {
+    e = uniform_error(p_scale, p_zero, p_qmin, p_qmax);
+    ET_KERNEL_CHECK_MSG(ctx, !*e, InvalidArgument, out, "vitq::attention: probability quantizer: %s", e);
+  } else {
+    const float ps = static_cast<float>(p_scale);
+    ET_KERNEL_CHECK_MSG(ctx, std::isfinite(ps) && ps > 0.0f && p_steps_per_octave >= 1, InvalidArgument, out,
+                        "vitq::attention: log probability codes need p_scale > 0 and p_steps_per_octave >= 1");
+  }
+  ET_KERNEL_CHECK_MSG(ctx, std::isfinite(scale), InvalidArgument, out, "vitq::attention: scale must be finite");
+
+  const size_t batch = static_cast<size_t>(qkv.size(0)), t = static_cast<size_t>(qkv.size(1));
+  const size_t heads = static_cast<size_t>(num_heads), d = static_cast<size_t>(c3 / (3 * num_heads));
+  const size_t c = heads * d;
+  const Uniform uq = make_uniform(q_scale, q_zero, q_qmin, q_qmax);
+  const Uniform uk = make_uniform(k_scale, k_zero, k_qmin, k_qmax);
+  const Uniform uv = make_uniform(v_scale, v_zero, v_qmin, v_qmax);
+  // The int32 sums must not overflow: |cq-zq| |ck-zk| D and |cp-zp| |cv-zv| T.
+  const double qk_bound = static_cast<double>(uq.max_abs) * uk.max_abs * static_cast<double>(d);
+  const double pmax = p_log_bits == 0 ? static_cast<double>(make_uniform(p_scale, p_zero, p_qmin, p_qmax).max_abs) : 0;
+  const double pv_bound = pmax * uv.max_abs * static_cast<double>(t);
+  ET_KERNEL_CHECK_MSG(ctx, qk_bound < 2147483647.0 && pv_bound < 2147483647.0, InvalidArgument, out,
+                      "vitq::attention: head_dim %zu / tokens %zu too large for int32 sums at these code ranges",
+                      d, t);
+
+  SizesType out_sizes[3] = {static_cast<SizesType>(batch), static_cast<SizesType>(t), static_cast<SizesType>(c)};
+  ET_KERNEL_CHECK_MSG(ctx, executorch::runtime::resize_tensor(out, {out_sizes, 3}) == Error::Ok, InvalidArgument,
+                      out, "vitq::attention: cannot resize out to [B, T, C]");
+  if (batch == 0 || t == 0) return out;
+
+  // 1. Codes minus zero points, head-major: qkvh[which][b][h][t][d].
+  const size_t per_tensor = batch * heads * t * d;
+  thread_local Scratch<int16_t> codes_buf;
+  int16_t* codes = codes_buf.get(3 * per_tensor, 0);
+  const float* src = qkv.const_data_ptr<float>();
+  const Uniform* quant[3] = {&uq, &uk, &uv};
+  const size_t rows = batch * t;
+  const size_t qtasks = task_count(rows, 3 * c * 4);
+  parallel_for(qtasks, [&](size_t task) {
+    for (size_t r = rows * task / qtasks; r < rows * (task + 1) / qtasks; ++r) {
+      const size_t b = r / t, i = r % t;
+      const float* row = src + r * 3 * c;
+      for (size_t which = 0; which < 3; ++which) {
+        const Uniform& u = *quant[which];
+        for (size_t h = 0; h < heads; ++h) {
+          const float* x = row + which * c + h * d;
+          int16_t* dst = codes + which * per_tensor + ((b * heads + h) * t + i) * d;
+          code_row_i16(x, d, u, dst);
+        }
+      }
+    }
+  });
+
+  // 2. Attention, one task per (batch, head, block of query rows).
+  auto job = std::make_unique<AttentionJob>();
+  job->batch = batch;
+  job->t = t;
+  job->heads = heads;
+  job->d = d;
+  job->q = codes;
+  job->k = codes + per_tensor;
+  job->v = codes + 2 * per_tensor;
+  // (q * qs) @ (k * ks)^T * scale: one float factor on the exact integer sum.
+  job->alpha = static_cast<float>(static_cast<double>(uq.scale) * uk.scale * scale);
+  job->log_bits = static_cast<int>(p_log_bits);
+  if (p_log_bits == 0) {
+    job->p = make_uniform(p_scale, p_zero, p_qmin, p_qmax);
+    job->out_scale = static_cast<float>(static_cast<double>(job->p.scale) * uv.scale);
+  } else {
+    job->p = Uniform{static_cast<float>(p_scale), 0.0f, 0.0f, 0.0f, 0};
+    job->log_k = static_cast<float>(p_steps_per_octave);
+    const int zero_code = (1 << p_log_bits) - 1;
+    for (int code = 0; code < 256; ++code)
+      job->log_table[code] = log_value(code, job->p.scale, job->log_k, zero_code);
+    job->out_scale = uv.scale;
+  }
+  std::unique_ptr<LogCoder> coder;
+  if (p_log_bits != 0 && LogCoder::supports(static_cast<int>(p_steps_per_octave)))
+    coder = std::make_unique<LogCoder>(job->p.scale, static_cast<int>(p_steps_per_octave),
+                                       static_cast<int>(p_log_bits));
+  job->coder = coder.get();
+  job->out = out.mutable_data_ptr<float>();
+  const size_t heads_total = batch * heads;
+  const size_t want_tasks = task_count(heads_total * t, 2 * t * d);
+  job->row_blocks = std::max<size_t>(1, std::min(t, (want_tasks + heads_total - 1) / heads_total));
+  job->rows_per_block = (t + job->row_blocks - 1) / job->row_blocks;
+  job->row_blocks = (t + job->rows_per_block - 1) / job->rows_per_block;
+  const AttentionJob& j = *job;
+  parallel_for(heads_total * j.row_blocks, [&j](size_t task) { attention_task(j, task); });
+  return out;
+}
+
+}  // namespace vitq
+
+EXECUTORCH_LIBRARY(vitq, "attention.out", vitq::attention_out);

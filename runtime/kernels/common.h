@@ -1,0 +1,101 @@
+// Shared plumbing of the vitq kernels: ExecuTorch types, the thread pool,
+// XNNPACK start-up, scratch buffers and argument checks.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
+#include <executorch/runtime/kernel/kernel_includes.h>
+
+#include "xnnpack_api.h"
+
+namespace vitq {
+
+using executorch::aten::ScalarType;
+using executorch::aten::SizesType;
+using executorch::aten::Tensor;
+using executorch::runtime::Error;
+using executorch::runtime::KernelRuntimeContext;
+
+// The ExecuTorch thread pool (vitq-runner --threads sets its size). May be null
+// in a runtime built without one; pthreadpool then runs serially.
+inline pthreadpool_t threadpool() {
+  return executorch::extension::threadpool::get_pthreadpool();
+}
+
+// xnn_initialize once per process (the XNNPACK delegate does the same; the
+// call is idempotent). False when XNNPACK cannot run on this CPU.
+bool xnnpack_ready();
+
+// y = GELU(x) (exact, erf form) for n floats, with XNNPACK's vectorized
+// kernel: a rational approximation of erf whose error (<= 1.1e-6 absolute,
+// <= 2.2e-7 * |x|, measured on [-10, 10]) is below that of torch's own
+// vectorized CPU GELU (1.2e-6, 3.6e-7 * |x|) against the exact function.
+// x needs no slack: the tail is copied into a padded buffer. False if
+// XNNPACK failed.
+bool gelu_f32(const float* x, float* y, size_t n);
+
+// Runs fn(i) for i in [0, n) on the thread pool. fn must not throw.
+template <class Fn>
+void parallel_for(size_t n, Fn&& fn) {
+  if (n == 0) return;
+  pthreadpool_t pool = n > 1 ? threadpool() : nullptr;
+  if (pool == nullptr) {
+    for (size_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  using F = std::remove_reference_t<Fn>;
+  pthreadpool_parallelize_1d(
+      pool, [](void* ctx, size_t i) { (*static_cast<F*>(ctx))(i); },
+      const_cast<void*>(static_cast<const void*>(&fn)), n, 0);
+}
+
+// How many tasks to split `rows` rows into: a few per thread (load balance)
+// but never tiny ones (each row costs about `row_cost` multiply-adds).
+size_t task_count(size_t rows, size_t row_cost);
+
+// Heap buffer with `extra` readable bytes past `n` elements: XNNPACK reads up
+// to XNN_EXTRA_BYTES beyond an input. Reused across calls of one thread.
+template <class T>
+class Scratch {
+ public:
+  T* get(size_t n, size_t extra_bytes = VITQ_XNN_EXTRA_BYTES) {
+    const size_t words = (n * sizeof(T) + extra_bytes + 7) / 8;
+    if (words > buf_.size()) buf_.resize(words + words / 4);
+    return reinterpret_cast<T*>(buf_.data());
+  }
+
+ private:
+  std::vector<uint64_t> buf_;  // 8-byte aligned, zero-filled when it grows
+};
+
+// 64-bit content hash (FNV-1a over 64-bit words, then a final mix). `sampled`
+// hashes at most ~2k words spread over the buffer plus its first and last
+// 256 bytes: enough to tell two programs' weights apart, cheap per call.
+uint64_t hash_bytes(const void* data, size_t bytes, uint64_t seed);
+uint64_t hash_sampled(const void* data, size_t bytes, uint64_t seed);
+
+// Rows of a tensor seen as [rows, last]: numel / size(-1).
+inline size_t rows_of(const Tensor& t) {
+  const ssize_t last = t.dim() > 0 ? t.size(t.dim() - 1) : 1;
+  return last > 0 ? static_cast<size_t>(t.numel()) / static_cast<size_t>(last) : 0;
+}
+
+// Resize `out` to `in`'s shape with the last dimension replaced by `last`.
+Error resize_like_with_last(Tensor& out, const Tensor& in, int64_t last);
+
+// Contiguous (default dim order) and of the given dtype.
+inline bool is_dense(const Tensor& t, ScalarType dtype) {
+  return t.scalar_type() == dtype && executorch::runtime::tensor_is_contiguous(t);
+}
+
+// A 1-D float tensor of n elements (or 0-D when n == 1).
+inline bool is_vector(const Tensor& t, int64_t n) {
+  return t.scalar_type() == ScalarType::Float && t.numel() == n && t.dim() <= 1;
+}
+
+}  // namespace vitq
