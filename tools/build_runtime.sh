@@ -7,7 +7,7 @@
 #                                     manylinux_2_28_aarch64 executorch wheel
 #   build/runtime/pi-prefix/{rpi4,rpi5}  qemu -L prefixes that emulate the boards
 #   build/runtime/host-asan/lib/libvitq_kernels.so
-#                                     (target asan only) the kernels alone, built with
+#                                     (targets asan, all) the kernels alone, built with
 #                                     AddressSanitizer, for the Python tests:
 #                                     LD_PRELOAD="$(gcc -print-file-name=libasan.so)
 #                                     $(gcc -print-file-name=libstdc++.so)"
@@ -23,7 +23,7 @@
 # ../lib (RUNPATH $ORIGIN/../lib). Copy build/runtime/aarch64 to a Pi as is.
 #
 # usage: tools/build_runtime.sh [host|aarch64|asan|plugin|all]      (default: all; all = host,
-#        aarch64 and plugin)
+#        asan, aarch64 and plugin)
 # env:   JOBS (default 2), CMAKE (default .venv/bin/cmake, installed there when missing),
 #        PYTHON (default .venv/bin/python), EXECUTORCH_VERSION (default: the .venv's)
 #
@@ -234,7 +234,7 @@ if [ "$TARGET" = host ] || [ "$TARGET" = all ]; then
     check_kernels host
 fi
 
-if [ "$TARGET" = asan ]; then
+if [ "$TARGET" = asan ] || [ "$TARGET" = all ]; then
     # Only the kernels library, with AddressSanitizer. The build-tree copy is
     # taken as is: its RUNPATH is the .venv wheel's lib/ (CMake's build RPATH),
     # so it also loads outside a Python process that already has those libs.
