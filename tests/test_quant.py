@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from vitq_edge.errors import VitqError
+from vitq_edge.lower.kernels import KERNELS_VERSION
 from vitq_edge.quant import arith, quantize, recipe_config, vit
 from vitq_edge.quant.liu2021 import IntervalSearch
 from vitq_edge.quant.losses import attention_kl, ranking_loss
@@ -319,8 +320,12 @@ def test_build_with_a_paper_recipe_writes_its_quantization_into_the_manifest(tmp
     quant = manifest["quantization"]
     assert 0 < quant["packed_size_bytes"] < manifest["size_bytes"]
     assert quant["quantizers"]["blocks.0.mlp.fc1"]["weight"]["bits"] == 4
+    # The program runs the integer kernels and computes what the simulation computes.
+    assert quant["program_arithmetic"] == "integer"
+    assert manifest["custom_ops"] == ["vitq::attention", "vitq::linear"]
+    assert manifest["kernels"] == {"library": "libvitq_kernels.so", "version": KERNELS_VERSION}
     acc = manifest["accuracy"]
-    assert acc["pte_agrees_with_simulated"] >= 97.0  # the program computes what the simulation does
+    assert acc["pte_agrees_with_simulated"] >= 99.0 and abs(acc["pte_host"] - acc["simulated"]) <= 1.0
 
 
 @pytest.mark.parametrize("args,fragment", [

@@ -1,0 +1,244 @@
+"""libvitq_kernels.so against the Python references of the vitq:: ops (lower/ops/).
+
+Each case exports a one-op ExecuTorch program (the op's tensors baked in as constants,
+as the build does), runs it in ExecuTorch's runtime with the kernels loaded, and
+compares with the reference. Codes must match exactly except where a 1-ulp difference
+of exp/log2/erf/LayerNorm moves a value across a rounding boundary; outputs to float
+rounding. `test_kernels_under_address_sanitizer` re-runs this module against the
+AddressSanitizer build of the library.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from vitq_edge.device.runner import runtime_dir
+from vitq_edge.lower import ops  # noqa: F401  (torch.ops.vitq)
+from vitq_edge.lower.kernels import kernels_path, load_kernels
+from vitq_edge.lower.ops import attention, gelu_shift_log2, linear, log_linear
+from vitq_edge.lower.ops.linear import PROLOGUE_GELU, PROLOGUE_LAYER_NORM, PROLOGUE_NONE, pack_int4
+
+from tests.conftest import REPO
+
+pytestmark = pytest.mark.skipif(not kernels_path().is_file(),
+                                reason="libvitq_kernels.so not built (bash tools/build_runtime.sh host)")
+
+
+class OneOp(torch.nn.Module):
+    """`op(x, *args)` with every tensor argument but the first held as a constant."""
+
+    def __init__(self, op, args: list) -> None:
+        super().__init__()
+        self.op = op
+        self.args = []
+        for i, a in enumerate(args):
+            if isinstance(a, torch.Tensor):
+                self.register_buffer(f"c{i}", a)
+                self.args.append(f"c{i}")
+            else:
+                self.args.append(a)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.op(x, *[getattr(self, a) if isinstance(a, str) else a for a in self.args])
+
+
+def run_program(op, x: torch.Tensor, *args) -> torch.Tensor:
+    """Export `op(x, *args)` to a .pte and run it in ExecuTorch's runtime with our kernels."""
+    from executorch.exir import to_edge
+    from executorch.runtime import Runtime
+
+    load_kernels()
+    program = to_edge(torch.export.export(OneOp(op, list(args)), (x,), strict=False)).to_executorch()
+    method = Runtime.get().load_program(program.buffer).load_method("forward")
+    return method.execute([x])[0]
+
+
+def random_weight(n: int, k: int, bits: int, gen: torch.Generator) -> dict:
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    w = torch.randint(lo, hi + 1, (n, k), generator=gen, dtype=torch.int8)
+    return {"weight": pack_int4(w) if bits <= 4 else w,
+            "weight_scale": torch.rand(n, generator=gen) * 0.02 + 1e-3,
+            # Unsigned weight quantizers (ADFQ-ViT) leave a zero point per channel.
+            "weight_zero": torch.randint(lo // 2, hi // 2 + 1, (n,), generator=gen).float(),
+            "bias": torch.randn(n, generator=gen)}
+
+
+def linear_args(k: int, n: int, tokens: int, *, w_bits: int = 8, a_bits: int = 8, per_token: bool = False,
+                signed: bool = False, threshold: float = 0.0, prologue: int = PROLOGUE_NONE,
+                seed: int = 0) -> list:
+    gen = torch.Generator().manual_seed(seed)
+    w = random_weight(n, k, w_bits, gen)
+    groups = tokens if per_token else 1
+    qmin, qmax = (-(2 ** (a_bits - 1)), 2 ** (a_bits - 1) - 1) if signed else (0, 2**a_bits - 1)
+    scale = torch.rand(groups, generator=gen) * 0.05 + 0.01
+    zero = torch.zeros(groups) if signed else torch.randint(0, qmax + 1, (groups,), generator=gen).float()
+    norm = (torch.randn(k, generator=gen), torch.randn(k, generator=gen)) if prologue == PROLOGUE_LAYER_NORM \
+        else (torch.zeros(0), torch.zeros(0))
+    return [w["weight"], w["weight_scale"], w["weight_zero"], w["bias"], scale, zero, qmin, qmax, threshold,
+            w_bits, prologue, norm[0], norm[1], 1e-6]
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor, rel: float = 1e-4, mismatches: float = 0.0) -> None:
+    """Elementwise within `rel` of the output's range; at most `mismatches` (fraction) of elements off."""
+    assert got.shape == want.shape and got.dtype == want.dtype
+    tol = rel * max(float(want.abs().max()), 1e-6)
+    bad = (got.float() - want.float()).abs() > tol
+    assert float(bad.float().mean()) <= mismatches, (float((got.float() - want.float()).abs().max()), tol)
+
+
+LINEAR_CASES = {
+    "8-bit per-tensor": dict(k=192, n=64, tokens=17),
+    "4-bit packed weights": dict(k=192, n=64, tokens=17, w_bits=4, a_bits=4),
+    "odd K and N, 4-bit": dict(k=49, n=11, tokens=5, w_bits=4, a_bits=4),
+    "one token": dict(k=64, n=10, tokens=1),
+    "signed symmetric input (liu2021)": dict(k=96, n=33, tokens=9, signed=True),
+    "per-token scales (PPOQ)": dict(k=96, n=40, tokens=17, per_token=True),
+    "LayerNorm prologue": dict(k=96, n=40, tokens=17, prologue=PROLOGUE_LAYER_NORM),
+    "GELU prologue": dict(k=96, n=40, tokens=17, prologue=PROLOGUE_GELU),
+    "6-bit": dict(k=96, n=40, tokens=17, w_bits=6, a_bits=6),
+}
+
+
+@pytest.mark.parametrize("case", LINEAR_CASES)
+def test_linear_matches_reference(case):
+    kw = LINEAR_CASES[case]
+    x = torch.randn(2, kw["tokens"], kw["k"], generator=torch.Generator().manual_seed(1)) * 2
+    args = linear_args(**kw)
+    assert_close(run_program(torch.ops.vitq.linear, x, *args), linear.reference(x, *args))
+
+
+@pytest.mark.parametrize("outliers", ["none", "few", "many"])
+def test_linear_outliers_are_added_exactly(outliers):
+    x = torch.randn(1, 17, 96, generator=torch.Generator().manual_seed(2))
+    if outliers == "few":
+        x[0, 3, 5], x[0, 9, 90] = 40.0, -25.0
+    elif outliers == "many":
+        x[0, 4] *= 30  # one token made almost only of outliers
+    args = linear_args(96, 48, 17, per_token=True, threshold=5.0)
+    got, want = run_program(torch.ops.vitq.linear, x, *args), linear.reference(x, *args)
+    assert_close(got, want)
+    # The outliers matter: without the sparse correction the result would be far off.
+    if outliers != "none":
+        no_correction = linear.reference(torch.where(x.abs() > 5.0, 0.0, x), *args)
+        assert (no_correction - want).abs().max() > 100 * (got - want).abs().max()
+
+
+@pytest.mark.parametrize("fill", ["zeros", "saturated"])
+def test_linear_edge_inputs(fill):
+    x = torch.zeros(1, 5, 64) if fill == "zeros" else torch.full((1, 5, 64), 1e4) * torch.tensor([1.0, -1.0]).repeat(32)
+    args = linear_args(64, 16, 5)
+    assert_close(run_program(torch.ops.vitq.linear, x, *args), linear.reference(x, *args))
+
+
+def test_linear_2d_input_like_the_head():
+    x = torch.randn(1, 192, generator=torch.Generator().manual_seed(3))
+    args = linear_args(192, 10, 1, prologue=PROLOGUE_LAYER_NORM)
+    assert_close(run_program(torch.ops.vitq.linear, x, *args), linear.reference(x, *args))
+
+
+@pytest.mark.parametrize("bits,k", [(4, 2), (8, 32), (6, 8), (4, 1)])
+def test_gelu_shift_log2_codes(bits, k):
+    x = torch.cat([torch.randn(3, 17, 64, generator=torch.Generator().manual_seed(4)) * 3,
+                   torch.zeros(1, 17, 64), torch.full((1, 17, 64), -30.0)])  # zeros; GELU -> 0 -> shift only
+    args = [0.17, 2.5, bits, k]
+    got, want = run_program(torch.ops.vitq.gelu_shift_log2, x, *args), gelu_shift_log2.reference(x, *args)
+    assert got.dtype == torch.uint8
+    # 1-ulp erf/log2 differences may move a value across a level boundary: by one code, rarely.
+    diff = (got.int() - want.int()).abs()
+    assert int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 1e-3
+
+
+@pytest.mark.parametrize("w_bits", [4, 8])
+def test_log_linear_matches_reference(w_bits):
+    gen = torch.Generator().manual_seed(5)
+    codes = torch.randint(0, 16 if w_bits == 4 else 256, (1, 17, 77), generator=gen, dtype=torch.uint8)
+    w = random_weight(24, 77, w_bits, gen)
+    args = [w["weight"], w["weight_scale"], w["weight_zero"], w["bias"], 1.5, w_bits, 2 if w_bits == 4 else 32,
+            w_bits]
+    assert_close(run_program(torch.ops.vitq.log_linear, codes, *args), log_linear.reference(codes, *args))
+
+
+def attention_args(log_probs: bool, signed: bool = False) -> list:
+    def uniform(scale, zero):
+        return [scale, 0 if signed else zero, -128 if signed else 0, 127 if signed else 255]
+
+    probs = [0.9, 0, 0, 0, 8, 32] if log_probs else [1 / 255, 0, 0, 255, 0, 0]
+    return [3, 0.125, *uniform(0.04, 120), *uniform(0.05, 131), *uniform(0.03, 127), *probs]
+
+
+@pytest.mark.parametrize("tokens", [1, 17, 50])
+@pytest.mark.parametrize("probs", ["uniform", "log"])
+def test_attention_matches_reference(tokens, probs):
+    qkv = torch.randn(2, tokens, 3 * 3 * 16, generator=torch.Generator().manual_seed(6)) * 2
+    args = attention_args(probs == "log")
+    assert_close(run_program(torch.ops.vitq.attention, qkv, *args), attention.reference(qkv, *args),
+                 rel=1e-3, mismatches=1e-3)
+
+
+def test_attention_signed_codes_and_saturated_scores():
+    qkv = torch.randn(1, 17, 3 * 3 * 16, generator=torch.Generator().manual_seed(7)) * 50  # q, k saturate
+    args = attention_args(False, signed=True)
+    assert_close(run_program(torch.ops.vitq.attention, qkv, *args), attention.reference(qkv, *args),
+                 rel=1e-3, mismatches=1e-3)
+
+
+def test_inconsistent_arguments_fail_cleanly():
+    """Per-token scales for 5 tokens given 7: the kernel refuses; the process survives."""
+    x = torch.randn(1, 7, 32)
+    args = linear_args(32, 8, 5, per_token=True)
+    with pytest.raises(RuntimeError):
+        run_program(torch.ops.vitq.linear, x, *args)
+
+
+def test_missing_kernels_library_is_a_clear_error(tmp_path):
+    code = ("import vitq_edge, sys\nfrom vitq_edge.errors import VitqError\n"
+            "from vitq_edge.lower.kernels import load_kernels\n"
+            "try:\n    load_kernels()\nexcept VitqError as e:\n    print(e); sys.exit(3)\n")
+    env = {**os.environ, "VITQ_KERNELS": str(tmp_path / "libvitq_kernels.so")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "not built" in proc.stdout and "build_runtime.sh" in proc.stdout
+
+
+ASAN_LIB = runtime_dir() / "host-asan" / "lib" / "libvitq_kernels.so"
+
+
+@pytest.mark.skipif(os.environ.get("VITQ_UNDER_ASAN") == "1", reason="already the sanitized run")
+@pytest.mark.skipif(not ASAN_LIB.is_file(), reason="no AddressSanitizer build (bash tools/build_runtime.sh asan)")
+def test_kernels_under_address_sanitizer():
+    def gcc_lib(name: str) -> str:
+        return subprocess.run(["gcc", f"-print-file-name={name}"], capture_output=True, text=True).stdout.strip()
+
+    # libstdc++ preloaded too: ASan's __cxa_throw interceptor must find it before torch throws.
+    env = {**os.environ, "VITQ_KERNELS": str(ASAN_LIB), "VITQ_UNDER_ASAN": "1",
+           "LD_PRELOAD": f"{gcc_lib('libasan.so')} {gcc_lib('libstdc++.so.6')}",
+           # Python and torch are not sanitized: only report errors, not their allocations at exit.
+           "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=1800)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    assert "ERROR: AddressSanitizer" not in proc.stderr
+
+
+def test_runner_without_the_kernels_library_names_it(tmp_path):
+    """vitq-runner on a program calling vitq:: ops, with the bundled library not loaded: a clear error."""
+    from executorch.exir import to_edge
+
+    from vitq_edge.device.runner import find_bundle
+
+    runner = find_bundle("host").runner
+    x = torch.randn(1, 5, 64)
+    program = to_edge(torch.export.export(OneOp(torch.ops.vitq.linear, linear_args(64, 8, 5)), (x,),
+                                          strict=False)).to_executorch()
+    pte = tmp_path / "linear.pte"
+    pte.write_bytes(program.buffer)
+    ok = subprocess.run([str(runner), str(pte)], capture_output=True, text=True, timeout=120)
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    missing = subprocess.run([str(runner), "--no-default-kernels", str(pte)], capture_output=True, text=True,
+                             timeout=120)
+    assert missing.returncode != 0 and "Segmentation" not in missing.stderr
+    assert "libvitq_kernels.so" in missing.stderr, missing.stderr[-2000:]

@@ -1,0 +1,95 @@
+"""Parity, the product's contract: the .pte computes what the simulated quantized model computes.
+
+For every paper recipe at W8A8 and W4A4 the integer program (vitq:: kernels + XNNPACK)
+runs on all 10,000 bundled evaluation images in ExecuTorch's runtime on this machine and
+is compared with the simulation: identical top-1 on >= 99.9% of images, logits within
+1e-3 of the logit range. The recipes run with small search / reconstruction budgets
+(parity is about the lowering, not about the recipe's accuracy). Then the program runs
+on the emulated Raspberry Pi 4 (aarch64 runner, qemu) and must agree with the host.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import vitq_edge  # noqa: F401  (torchvision shim before timm)
+from vitq_edge.artifacts import MANIFEST, PROGRAM
+from vitq_edge.data.datasets import bundled_set
+from vitq_edge.device.host_runtime import HostProgram
+from vitq_edge.lower.export import lower_to_executorch
+from vitq_edge.lower.kernels import kernels_path
+from vitq_edge.models.source import load_model
+from vitq_edge.quant import quantize, recipe_config
+
+from tests.conftest import run_cli
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not kernels_path().is_file(),
+                                                    reason="libvitq_kernels.so not built (tools/build_runtime.sh)")]
+
+FAST = {"minmax": {}, "liu2021": {"candidates": 10, "rounds": 2, "search_images": 32},
+        "adfq": {"iters": 40}}
+CASES = [(r, b) for r in ("minmax", "liu2021", "adfq") for b in ("W8A8", "W4A4")]
+
+
+@pytest.fixture(scope="module")
+def reference():
+    loaded = load_model(None, pretrained=False, checkpoint=None, model_kwargs={})
+    calib = [x for x, _ in bundled_set("calib").limit(256).batches(loaded.preprocess, 64)]
+    evalset = bundled_set("eval")
+    return loaded, calib, evalset
+
+
+def _quantize(reference, recipe: str, bits: str):
+    loaded, calib, _ = reference
+    example = (torch.zeros(1, loaded.preprocess.channels, *loaded.preprocess.size),)
+    config = recipe_config(recipe, bits, **FAST[recipe])
+    return quantize(loaded.model, config, iter(calib), example).module, example
+
+
+@pytest.mark.parametrize("recipe,bits", CASES)
+def test_host_program_matches_the_simulation(reference, tmp_path, recipe, bits):
+    loaded, _, evalset = reference
+    qmodel, example = _quantize(reference, recipe, bits)
+    lowered = lower_to_executorch(qmodel, example, integer=True)
+    assert lowered.arithmetic == "integer" and "vitq::linear" in lowered.custom_ops
+    program = HostProgram(lowered.buffer)
+    same, worst, n = 0, 0.0, 0
+    with torch.no_grad():
+        for x, _ in evalset.batches(loaded.preprocess, 250):
+            sim, pte = qmodel(x), program(x)
+            same += int((sim.argmax(1) == pte.argmax(1)).sum())
+            spread = (sim.max(1).values - sim.min(1).values).clamp(min=1e-6)
+            worst = max(worst, float(((sim - pte).abs().max(1).values / spread).max()))
+            n += len(x)
+    assert n == 10_000
+    assert same / n >= 0.999, f"top-1 agrees on {same}/{n}"
+    assert worst <= 1e-3, f"largest logit difference {worst:.2e} of the logit range"
+
+
+def test_emulated_rpi4_agrees_with_host(tmp_path):
+    """A full CLI build (adfq W4A4: every kernel and code path), then 500 images on the emulated Pi 4."""
+    from vitq_edge.evaluate import device_logits
+
+    out = tmp_path / "adfq"
+    result = run_cli("build", "--recipe", "adfq", "--bits", "W4A4", "--iters", "40", "--out", str(out), "--quiet",
+                     timeout=3600)
+    assert result.code == 0, result.stderr[-3000:]
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["custom_ops"] == ["vitq::attention", "vitq::gelu_shift_log2", "vitq::linear",
+                                      "vitq::log_linear"]
+    acc = manifest["accuracy"]
+    assert acc["eval_images"] == 10_000
+    assert abs(acc["pte_host"] - acc["simulated"]) <= 0.1, acc
+
+    emulated, labels, info = device_logits(out, "emulated-rpi4", limit=500)
+    assert info["detected_cpu"] and "A72" in json.dumps(info["detected_cpu"])
+    program = HostProgram(out / PROGRAM)
+    loaded = load_model(None, pretrained=False, checkpoint=None, model_kwargs={})
+    x = torch.cat([x for x, _ in bundled_set("eval").limit(500).batches(loaded.preprocess, 250)])
+    with torch.no_grad():
+        host = program(x).numpy()
+    assert len(emulated) == 500
+    assert np.array_equal(emulated.argmax(1), host.argmax(1))
