@@ -227,7 +227,6 @@ def test_kernels_under_address_sanitizer():
 def test_runner_without_the_kernels_library_names_it(tmp_path):
     """vitq-runner on a program calling vitq:: ops, with the bundled library not loaded: a clear error."""
     from executorch.exir import to_edge
-
     from vitq_edge.device.runner import find_bundle
 
     runner = find_bundle("host").runner
