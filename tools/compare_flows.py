@@ -1,13 +1,14 @@
 #!/usr/bin/env python3
-"""Build the stock programs of each model and bench them on each device in one run.
+"""Build the stock and the integer (vitq::) programs of each model and bench them on each device in one run.
 
     python tools/compare_flows.py                       # reference model + DeiT-Tiny, host + emulated Pi 4/5
     python tools/compare_flows.py --models reference --devices host,emulated-rpi4
 
-For every model x recipe it runs `vitq-edge build` (cost builds: random weights are fine
-for timm models, accuracy is not measured here), then `vitq-edge bench` with 1 thread on
-every device, and writes docs/performance.{md,json} and docs/performance.png. Ratios in
-the table are taken within this one run. Instruction counts (emulated devices) are the
+For every model x recipe (`fp32`, `xnnpack-int8`, or a paper recipe as `minmax@W8A8`) it
+runs `vitq-edge build` (cost builds: random weights are fine for timm models, accuracy is
+not measured here), then `vitq-edge bench` with 1 thread on every device, and writes
+docs/performance.{md,json} and docs/performance.png. Ratios in the table are taken
+within this one run. Instruction counts (emulated devices) are the
 ranking measure: emulated wall time is ~200x native and does not rank kernels.
 """
 
@@ -41,7 +42,7 @@ def _runs_for(device: str, host_runs: int) -> tuple[int, int]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="reference,deit_tiny_patch16_224")
-    ap.add_argument("--recipes", default="fp32,xnnpack-int8")
+    ap.add_argument("--recipes", default="fp32,xnnpack-int8,minmax@W8A8,minmax@W4A4")
     ap.add_argument("--devices", default="host,emulated-rpi4,emulated-rpi5")
     ap.add_argument("--host-runs", type=int, default=50)
     ap.add_argument("--calib-limit", type=int, default=64, help="calibration images (cost builds)")
@@ -52,10 +53,12 @@ def main() -> None:
 
     rows = []
     for model in args.models.split(","):
-        for recipe in args.recipes.split(","):
-            out = Path(args.work) / f"{model}-{recipe}"
+        for program in args.recipes.split(","):
+            recipe, _, bits = program.partition("@")
+            out = Path(args.work) / f"{model}-{recipe}{'-' + bits if bits else ''}"
             t0 = time.time()
-            result = build(BuildOptions(target="rpi4", recipe=recipe, model=None if model == "reference" else model,
+            result = build(BuildOptions(target="rpi4", recipe=recipe, bits=bits or None,
+                                        model=None if model == "reference" else model,
                                         calib_limit=args.calib_limit, skip_eval=True, out=str(out),
                                         command=command))
             print(f"built {out} in {time.time() - t0:.0f} s", file=sys.stderr)
@@ -63,10 +66,11 @@ def main() -> None:
                 warmup, runs = _runs_for(device, args.host_runs)
                 r = benchmark(out, device=device, runs=runs, warmup=warmup, threads=1)
                 rows.append({
-                    "model": result.manifest["model"]["name"], "program": recipe, "device": device,
+                    "model": result.manifest["model"]["name"], "program": program, "device": device,
                     "threads": r["threads"], "instructions": r["instructions_per_inference"],
                     "latency_ms_median": r["latency_ms"]["median"], "size_bytes": r["size_bytes"],
-                    "xnnpack_partitions": result.manifest["xnnpack_partitions"], "command": command,
+                    "xnnpack_partitions": result.manifest["xnnpack_partitions"],
+                    "custom_ops": result.manifest["custom_ops"], "command": command,
                 })
                 print(json.dumps(rows[-1]), file=sys.stderr)
 
@@ -77,9 +81,47 @@ def main() -> None:
     _chart(rows, docs / "performance.png")
 
 
+def _cost(r: dict) -> float:
+    """The ranking measure: instructions on emulated devices, median latency on real ones."""
+    return r["instructions"] or r["latency_ms_median"]
+
+
+def _ratio(r: dict, base: dict | None) -> str:
+    if base is None or r is base:
+        return "–"
+    return f"{_cost(r) / _cost(base):.3f}"
+
+
+# The issue's targets for our W8A8 / W4A4 programs on DeiT-Tiny: (program, device, baseline, at most).
+TARGETS = [
+    ("minmax@W8A8", "emulated-rpi4", "fp32", 0.60),
+    ("minmax@W8A8", "emulated-rpi4", "xnnpack-int8", 0.70),
+    ("minmax@W8A8", "emulated-rpi5", "xnnpack-int8", 0.60),
+    ("minmax@W8A8", "host", "xnnpack-int8", 0.80),
+]
+
+
+def _targets(rows: list[dict]) -> list[str]:
+    by = {(r["model"], r["program"], r["device"]): r for r in rows}
+    lines = []
+    for model in dict.fromkeys(r["model"] for r in rows if r["model"].startswith("deit_tiny")):
+        for program, device, baseline, limit in TARGETS:
+            r, b = by.get((model, program, device)), by.get((model, baseline, device))
+            if r and b:
+                ratio = _cost(r) / _cost(b)
+                lines.append(f"- {model} {program} on {device}: {ratio:.3f} x {baseline} "
+                             f"(target <= {limit:.2f}: {'met' if ratio <= limit else 'MISSED'})")
+        w8, w4 = by.get((model, "minmax@W8A8", "host")), by.get((model, "minmax@W4A4", "host"))
+        if w8 and w4:
+            ratio = w4["size_bytes"] / w8["size_bytes"]
+            lines.append(f"- {model} program size W4A4 / W8A8: {ratio:.3f} "
+                         f"(target <= 0.60: {'met' if ratio <= 0.6 else 'MISSED'})")
+    return lines
+
+
 def _markdown(rows: list[dict], command: str) -> str:
     lines = [
-        "# Performance: stock ExecuTorch programs",
+        "# Performance: stock ExecuTorch programs and vitq-edge integer programs",
         "",
         "Written by `tools/compare_flows.py`; every number below comes from this one run:",
         "",
@@ -89,25 +131,27 @@ def _markdown(rows: list[dict], command: str) -> str:
         "(emulated Pi 4 = Cortex-A72, Pi 5 = Cortex-A76, with the boards' CPU description so",
         "XNNPACK picks their kernels); exact and repeatable. Emulated latency is qemu wall time",
         "(~200x the board's) and is shown only for completeness. Host = this 2-core x86-64 machine.",
+        "`minmax@W8A8` / `@W4A4` are our programs: the paper recipes' quantized model lowered",
+        "through the vitq:: integer kernels (libvitq_kernels.so) next to XNNPACK. Ratios compare",
+        "instructions on emulated devices and median latency on the host.",
         "",
-        "| model | program | device | instructions (M) | vs fp32 | DESIGN.md (M) | median latency (ms) "
-        "| size (MB) | partitions |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | program | device | instructions (M) | vs fp32 | vs int8 | DESIGN.md (M) "
+        "| median latency (ms) | size (MB) | partitions |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    fp32 = {(r["model"], r["device"]): r for r in rows if r["program"] == "fp32"}
+    base = {(r["model"], r["program"], r["device"]): r for r in rows if r["program"] in ("fp32", "xnnpack-int8")}
     for r in rows:
-        base = fp32.get((r["model"], r["device"]))
         ins = r["instructions"]
-        ratio = "–"
-        if base is not None and ins and base["instructions"]:
-            ratio = f"{ins / base['instructions']:.3f}x instructions"
-        elif base is not None:
-            ratio = f"{r['latency_ms_median'] / base['latency_ms_median']:.3f}x latency"
         ref = DESIGN_REFERENCE.get((r["model"], r["program"], r["device"]))
-        cells = [r["model"], r["program"], r["device"], f"{ins / 1e6:.1f}" if ins else "–", ratio,
+        cells = [r["model"], r["program"], r["device"], f"{ins / 1e6:.1f}" if ins else "–",
+                 _ratio(r, base.get((r["model"], "fp32", r["device"]))),
+                 _ratio(r, base.get((r["model"], "xnnpack-int8", r["device"]))),
                  f"{ref / 1e6:.1f}" if ref else "–", f"{r['latency_ms_median']:.2f}",
                  f"{r['size_bytes'] / 1e6:.2f}", str(r["xnnpack_partitions"])]
         lines.append("| " + " | ".join(cells) + " |")
+    targets = _targets(rows)
+    if targets:
+        lines += ["", "## Targets (DeiT-Tiny, 1 thread)", "", *targets]
     lines += ["", "![instructions per inference](performance.png)", ""]
     return "\n".join(lines)
 
@@ -130,12 +174,13 @@ def _chart(rows: list[dict], path: Path) -> None:
         names = [f"{_short(r['model'])}\n{r['program']}\n{r['device'].replace('emulated-', 'emu-')}"
                  for r in subset]
         values = [r[key] / (1e6 if key == "instructions" else 1) for r in subset]
-        colors = ["#4c72b0" if r["program"] == "fp32" else "#dd8452" for r in subset]
+        palette = {"fp32": "#4c72b0", "xnnpack-int8": "#dd8452"}
+        colors = [palette.get(r["program"], "#55a868") for r in subset]
         ax.bar(range(len(values)), values, color=colors)
         ax.set_xticks(range(len(values)), names, fontsize=7)
         ax.set_ylabel(label)
         ax.set_yscale("log")
-    fig.suptitle("Stock ExecuTorch programs, 1 thread (blue fp32, orange xnnpack-int8)")
+    fig.suptitle("1 thread: blue stock fp32, orange stock xnnpack-int8, green vitq-edge integer programs")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
