@@ -8,7 +8,10 @@
 Calibration uses the bundled 1,024 training images. Every row evaluates the simulated
 quantized model (what the device computes) against the float model on the same images:
 top-1, drop, agreement (share of images whose top-1 equals the float top-1) and logit SQNR
-(10 log10 of float logit power over error power). Rows are written as they finish.
+(10 log10 of float logit power over error power). Each quantized row is then lowered into
+its .pte (the integer vitq:: program, as `vitq-edge build` writes it) and the .pte runs on
+the same images in ExecuTorch's runtime: `pte_host` is its top-1, next to the simulation's.
+Rows are written as they finish.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +31,8 @@ import torch
 import vitq_edge  # noqa: F401  (torchvision shim before timm)
 from vitq_edge.data.datasets import ImageSet, bundled_set
 from vitq_edge.data.fashion_mnist import load_split
+from vitq_edge.device.host_runtime import HostProgram
+from vitq_edge.lower.export import lower_to_executorch
 from vitq_edge.models.reference import load_reference_meta, reference_assets
 from vitq_edge.models.source import load_model
 from vitq_edge.progress import progress
@@ -56,9 +62,21 @@ def float_size_bytes(model: torch.nn.Module) -> int:
     return 4 * sum(p.numel() for p in model.parameters())
 
 
-def evaluate(module: torch.nn.Module, inputs: list[torch.Tensor]) -> torch.Tensor:
+def evaluate(module: Callable[[torch.Tensor], torch.Tensor], inputs: list[torch.Tensor]) -> torch.Tensor:
     with torch.no_grad():
         return torch.cat([module(x) for x in inputs])
+
+
+def pte_metrics(qmodule: torch.nn.Module, example: torch.Tensor, inputs: list[torch.Tensor],
+                labels: torch.Tensor, sim_logits: torch.Tensor) -> dict:
+    """The lowered program's top-1 on the same images, and how often it agrees with the simulation."""
+    lowered = lower_to_executorch(qmodule, (example,), integer=True)
+    program = HostProgram(lowered.buffer)
+    logits = evaluate(program, inputs)
+    return {"pte_host": round(100.0 * float((logits.argmax(1) == labels).float().mean()), 2),
+            "pte_agrees_with_simulated": round(100.0 * float((logits.argmax(1) == sim_logits.argmax(1))
+                                                             .float().mean()), 2),
+            "pte_arithmetic": lowered.arithmetic, "pte_size_bytes": len(lowered.buffer)}
 
 
 def row_metrics(logits: torch.Tensor, fp_logits: torch.Tensor, labels: torch.Tensor, fp_top1: float) -> dict:
@@ -95,13 +113,22 @@ def render_markdown(rows: list[dict], meta: dict) -> str:
         "Size = weights packed at their bit width + float32 for everything else. Agreement = share of images whose "
         "top-1 equals the FP32 model's; SQNR = 10 log10(FP32 logit power / logit error power).",
         "",
-        "| recipe | bits | top-1 % | drop | agreement % | SQNR dB | size KB | calib s | notes |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "`pte_host` = top-1 of the row's .pte (the integer vitq:: program unless the row says otherwise) run in "
+        "ExecuTorch's runtime on this machine; `.pte KB` = its file size.",
+        "",
+        "| recipe | bits | top-1 % | pte_host % | drop | agreement % | SQNR dB | size KB | .pte KB | calib s | notes |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in rows:
         sq = "—" if r["sqnr_db"] is None else f"{r['sqnr_db']:.2f}"
-        lines.append(f"| {r['recipe']} | {r['bits']} | {r['top1']:.2f} | {r['drop']:+.2f} | {r['agreement']:.2f} | "
-                     f"{sq} | {r['size_bytes'] / 1024:.0f} | {r['calib_seconds']:.0f} | {r.get('notes', '')} |")
+        pte = "—" if r.get("pte_host") is None else f"{r['pte_host']:.2f}"
+        pte_kb = "—" if r.get("pte_size_bytes") is None else f"{r['pte_size_bytes'] / 1024:.0f}"
+        notes = r.get("notes", "")
+        if r.get("pte_arithmetic", "integer") != "integer":
+            notes = "; ".join(filter(None, [notes, f".pte {r['pte_arithmetic']}"]))
+        lines.append(f"| {r['recipe']} | {r['bits']} | {r['top1']:.2f} | {pte} | {r['drop']:+.2f} | "
+                     f"{r['agreement']:.2f} | {sq} | {r['size_bytes'] / 1024:.0f} | {pte_kb} | "
+                     f"{r['calib_seconds']:.0f} | {notes} |")
     lines += ["", *targets_section(rows)]
     lines += ["", "Row commands (each row's `command` in results.json builds the same model as a .pte):", ""]
     lines += [f"- `{r['command']}`" for r in rows]
@@ -132,6 +159,10 @@ def targets_section(rows: list[dict]) -> list[str]:
         ("W4A4 adfq: SQNR >= minmax + 6 dB", ok and a["sqnr_db"] >= m["sqnr_db"] + 6 if ok else None),
         ("W4A4 liu2021: SQNR > minmax", None if liu is None or m is None else liu["sqnr_db"] > m["sqnr_db"]),
     ]
+    quantized = [r for r in rows if r["recipe"] != "fp32"]
+    checks.append(("every quantized row: pte_host within 0.1 point of the simulated top-1",
+                   None if not quantized or any(r.get("pte_host") is None for r in quantized)
+                   else all(abs(r["pte_host"] - r["top1"]) <= 0.1 for r in quantized)))
     lines = ["## Targets", "", "| criterion | result |", "|---|---|"]
     lines += [f"| {text} | {'row missing' if res is None else ('met' if res else '**missed**')} |"
               for text, res in checks]
@@ -201,7 +232,10 @@ def main() -> None:
             t0 = time.time()
             qm = quantize(model, recipe_config(recipe, bits), [calib], (calib[:1],))
             seconds, module, size, details = time.time() - t0, qm.module, qm.size_bytes, qm.details
-        metrics = row_metrics(evaluate(module, inputs), fp_logits, labels, fp_top1)
+        logits = evaluate(module, inputs)
+        metrics = row_metrics(logits, fp_logits, labels, fp_top1)
+        if recipe != "fp32":
+            metrics.update(pte_metrics(module, calib[:1], inputs, labels, logits))
         computed[(recipe, bits)] = {
             "model": loaded.name, "recipe": recipe, "bits": bits, **metrics, "size_bytes": size,
             "calib_seconds": round(seconds, 1), "eval_images": len(data),
