@@ -92,7 +92,7 @@ def test_emulated_rpi4_agrees_with_host(tmp_path):
     assert abs(acc["pte_host"] - acc["simulated"]) <= 0.1, acc
 
     emulated, labels, info = device_logits(out, "emulated-rpi4", limit=500)
-    assert info["detected_cpu"] and "A72" in json.dumps(info["detected_cpu"])
+    assert info["detected_cpu"]["uarch"] == "cortex-a72"
     program = HostProgram(out / PROGRAM)
     loaded = load_model(None, pretrained=False, checkpoint=None, model_kwargs={})
     x = torch.cat([x for x, _ in bundled_set("eval").limit(500).batches(loaded.preprocess, 250)])
