@@ -32,7 +32,8 @@ def _module_output(qmodel: torch.nn.Module, module: str, images: torch.Tensor, b
     outs: list[torch.Tensor] = []
     handle = target.register_forward_hook(lambda m, args, out: outs.append(out.detach()))
     try:
-        with torch.no_grad():
+        # The fake-quant forward: the integer one computes the probabilities without calling a_quant.
+        with torch.no_grad(), vit.fake_quant_forward():
             for b in batches(images, batch_size):
                 qmodel(b)
     finally:
