@@ -114,6 +114,40 @@ def test_log_sqrt2_is_finer_than_log2_on_softmax():
     assert errs[2] < errs[1]
 
 
+def test_log_codes_are_the_exactly_rounded_log2():
+    """The threshold count equals round(-k log2(x / delta)) computed in double, on every kind of value."""
+    x = torch.cat([torch.rand(20000) * 2, torch.exp2(-torch.arange(0, 30, 0.25)), torch.tensor([0.0, -1.0])])
+    for k in (1, 2, 3, 8):
+        codes = arith.log_codes(x, torch.tensor(0.7), 8, k)
+        ratio = torch.clamp(x.double() / float(torch.tensor(0.7)), min=1e-30)
+        rounded = torch.round(-k * torch.log2(ratio))
+        want = torch.where((rounded > 254) | (x <= 0), 255.0, torch.clamp(rounded, 0, 254))
+        assert torch.equal(codes.double(), want), k
+    # Straight-through gradient of the continuous -k log2(x / delta).
+    x = torch.tensor([0.3, 0.01], requires_grad=True)
+    arith.log_codes(x, 0.7, 4, 2).sum().backward()
+    assert torch.allclose(x.grad, -2 / (x.detach() * np.log(2)))
+
+
+# ---- the float steps the kernels share -------------------------------------------------
+
+def test_float_steps_approximate_the_true_functions():
+    """exp, GELU, LayerNorm, softmax of arith (what the kernels compute bit for bit) against torch in double."""
+    x = torch.linspace(-87, 0, 200001)
+    exact = torch.exp(x.double())
+    assert float(((arith.exp_nonpositive(x).double() - exact) / exact).abs().max()) < 2e-7
+    assert torch.equal(arith.exp_nonpositive(torch.tensor([-88.0, -1e4])), torch.zeros(2))
+    x = torch.linspace(-12, 12, 200001)
+    err = (arith.gelu(x).double() - torch.nn.functional.gelu(x.double())).abs()
+    assert float((err / x.abs().double().clamp(min=1e-3)).max()) < 4e-7
+    assert float(arith.gelu(torch.tensor([-0.7517916]))) == pytest.approx(-0.169971, abs=1e-6)  # GELU's minimum
+    x, w, b = torch.randn(7, 192) * 5 + 3, torch.randn(192), torch.randn(192)
+    want = torch.nn.functional.layer_norm(x.double(), (192,), w.double(), b.double(), 1e-6)
+    assert float((arith.layer_norm(x, w, b, 1e-6).double() - want).abs().max()) < 1e-6
+    s = torch.randn(3, 17, 17) * 10
+    assert float((arith.softmax(s).double() - s.double().softmax(-1)).abs().max()) < 1e-7
+
+
 # ---- PPOQ -----------------------------------------------------------------------------
 
 @given(x=arrays(np.float32, (3, 5, 16), elements=st.floats(-20, 20, width=32)).map(torch.from_numpy),

@@ -81,19 +81,43 @@ def log_zero_code(bits: int) -> int:
     return 2**bits - 1
 
 
+def _log_thresholds(k: int) -> torch.Tensor:
+    """The smallest float32 >= 2^((j + 0.5) / k), j < k: where k * log2(m), m in [1, 2), rounds up to j + 1."""
+    t = torch.exp2((torch.arange(k, dtype=torch.float64) + 0.5) / k)
+    tf = t.float()
+    return torch.where(tf.double() < t, torch.nextafter(tf, torch.tensor(2.0)), tf)
+
+
 def log_codes(x: torch.Tensor, delta: torch.Tensor | float, bits: int, k: int) -> torch.Tensor:
-    """Codes of non-negative x on the levels delta * 2^(-q/k), q = 0 .. 2^b - 2."""
+    """Codes of non-negative x on the levels delta * 2^(-q/k), q = 0 .. 2^b - 2.
+
+    q = round(-k * log2(ratio)) computed exactly, without log2: with ratio = m * 2^e
+    (m in [1, 2)), -k log2(ratio) = -k e - k log2(m), and k log2(m) rounds to the
+    number of thresholds 2^((j + 0.5)/k) that m reaches (irrational: no ties). A
+    log2 of 1-ulp accuracy would round differently near the level boundaries; the
+    kernels (quant_math.h: LogCoder) count the same thresholds. Under autograd the
+    gradient is the straight-through one of -k log2(ratio).
+    """
     zero = log_zero_code(bits)
     ratio = torch.clamp(x / delta, min=1e-30)  # log2(0) -> finite; such x become the zero code below
-    q = round_ste(-k * torch.log2(ratio))
+    mantissa, exponent = torch.frexp(ratio.detach())  # ratio = mantissa * 2^exponent, mantissa in [0.5, 1)
+    m = mantissa * 2
+    steps = torch.zeros_like(m)
+    for threshold in _log_thresholds(k).tolist():
+        steps = steps + (m >= threshold).to(m.dtype)
+    q = -k * (exponent - 1).to(m.dtype) - steps
+    if ratio.requires_grad:
+        continuous = -k * torch.log2(ratio)
+        q = continuous + (q - continuous).detach()
     codes = torch.clamp(q, 0, zero - 1)
     underflow = (q > zero - 1) | (x <= 0)
     return torch.where(underflow, torch.full_like(codes, zero), codes)
 
 
 def log_values(codes: torch.Tensor, delta: torch.Tensor | float, bits: int, k: int) -> torch.Tensor:
+    """delta * 2^(-code / k) (the power in double, rounded once to float32), 0 for the zero code."""
     zero = log_zero_code(bits)
-    values = delta * torch.exp2(-codes / k)
+    values = delta * torch.exp2(-codes.double() / k).float()
     return torch.where(codes == zero, torch.zeros_like(values), values)
 
 
@@ -131,6 +155,71 @@ def fake_shift_log(x: torch.Tensor, shift: torch.Tensor | float, delta: torch.Te
     return fake_log(x + shift, delta, bits, k)
 
 
+# ---- float steps the kernels compute bit for bit ------------------------------------
+#
+# LayerNorm, GELU, exp and softmax sit between the integer ops; a 1-ulp difference in
+# any of them moves a value across the next quantizer's code boundary now and then.
+# So each has one definition here and in runtime/kernels/quant_math.h: either float32
+# operations in a fixed order (no fused multiply-add: the kernels build with
+# -ffp-contract=off, and torch's elementwise ops round each step), or double
+# precision rounded once to float32. Constants are float32 values (hex in the C++).
+
+_LOG2E = float.fromhex("0x1.715476p+0")
+_LN2_HI = float.fromhex("0x1.62e4p-1")  # 16 significant bits: n * ln2_hi is exact
+_LN2_LO = float.fromhex("0x1.7f7d1cp-20")
+_EXP_POLY = [float.fromhex(h) for h in ("0x1.a01a02p-13", "0x1.6c16c2p-10", "0x1.111112p-7",
+                                        "0x1.555556p-5", "0x1.555556p-3", "0x1p-1", "0x1p+0", "0x1p+0")]
+_SQRT1_2 = float.fromhex("0x1.6a09e6p-1")
+# erfc(a) ~ t (a1 + t (a2 + ... + t a5)) exp(-a^2), t = 1 / (1 + p a): Abramowitz & Stegun 7.1.26.
+_ERFC_P = float.fromhex("0x1.4f740ap-2")
+_ERFC_A = [float.fromhex(h) for h in ("0x1.0fb844p+0", "-0x1.7401c6p+0", "0x1.6be1c6p+0",
+                                      "-0x1.23531cp-2", "0x1.04f20cp-2")]  # a5 .. a1
+
+
+def exp_nonpositive(x: torch.Tensor) -> torch.Tensor:
+    """exp(x) for x <= 0 in float32 (within 1 ulp of expf; below -87 it is 0).
+
+    Cody-Waite reduction x = n ln2 + r, Taylor series of exp(r) to r^7, times 2^n.
+    """
+    xc = torch.clamp(x, min=-87.0)
+    n = torch.round(xc * _LOG2E)
+    r = (xc - n * _LN2_HI) - n * _LN2_LO
+    p = torch.full_like(r, _EXP_POLY[0])
+    for c in _EXP_POLY[1:]:
+        p = p * r + c
+    two_n = ((n.to(torch.int32) + 127) << 23).view(torch.float32)
+    return torch.where(x >= -87.0, p * two_n, torch.zeros_like(p))
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """GELU(x) = x/2 (1 + erf(x / sqrt 2)) in float32 (|error| <= 1.5e-7 |x| / 2 + rounding).
+
+    Written through erfc(|x| / sqrt 2) so the negative side has no cancellation.
+    """
+    a = torch.abs(x * _SQRT1_2)
+    t = 1.0 / (1.0 + _ERFC_P * a)
+    poly = torch.full_like(t, _ERFC_A[0])
+    for c in _ERFC_A[1:]:
+        poly = poly * t + c
+    tail = (poly * t) * exp_nonpositive(-(a * a))  # erfc(|x| / sqrt 2)
+    half = 0.5 * x
+    return torch.where(x >= 0, half * (2.0 - tail), half * tail)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm over the last dimension (biased variance) in double, rounded once to float32."""
+    xd = x.double()
+    centered = xd - xd.mean(-1, keepdim=True)
+    rstd = 1.0 / torch.sqrt((centered * centered).mean(-1, keepdim=True) + eps)
+    return ((centered * rstd) * weight.double() + bias.double()).float()
+
+
+def softmax(scores: torch.Tensor) -> torch.Tensor:
+    """softmax over the last dimension: exp_nonpositive(s - max) * f32(1 / sum), the sum in double."""
+    e = exp_nonpositive(scores - scores.amax(-1, keepdim=True))
+    return e * (1.0 / e.double().sum(-1, keepdim=True)).float()
+
+
 # ---- integer products (what the kernels compute) -------------------------------------
 
 def integer_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -146,17 +235,17 @@ def integer_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def integer_linear(x_codes: torch.Tensor, x_zero: torch.Tensor, x_scale: torch.Tensor, w_int: torch.Tensor,
                    w_zero: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """sum_k (c - z) s (w' - wz) ws + b, in the order the kernel (XNNPACK qd8 GEMM) rounds it.
+    """sum_k (c - z) s (w' - wz) ws + b, rounded as the kernel (XNNPACK qd8 GEMM) rounds it.
 
     x_codes [..., K] with x_zero / x_scale broadcasting per row ([..., 1] or scalars);
     w_int [N, K] integers w', w_zero / w_scale [N]. The GEMM sums (c - z) w' exactly, then
-    scales by s and ws and adds the bias; a nonzero wz is subtracted afterwards as
-    (sum_k (c - z)) s (ws wz).
+    its epilogue computes fma(sum * s, ws, b) (one rounding for the multiply-add, in its
+    x86 FMA3 and aarch64 kernels; here in double: the product is exact there); a nonzero
+    wz is subtracted afterwards as (sum_k (c - z)) s (ws wz).
     """
     centered = x_codes - x_zero
-    y = integer_matmul(centered, w_int.t()) * x_scale * w_scale
-    if bias is not None:
-        y = y + bias
+    y = (integer_matmul(centered, w_int.t()) * x_scale).double() * w_scale.double()
+    y = (y if bias is None else y + bias.double()).float()
     if bool(torch.any(w_zero != 0)):
         y = y - (centered.sum(-1, keepdim=True) * x_scale) * (w_scale * w_zero)
     return y
@@ -168,16 +257,28 @@ def quantized_linear(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, q
     """A linear layer on a uniform (optionally outlier-aware) input, as the vitq::linear kernel computes it.
 
     scale / zero broadcast per row ([T, 1] per token position, or scalars); threshold > 0
-    keeps |x| > threshold out of the integer GEMM (code = zero) and adds x * W for them in
-    float, the PPOQ sparse correction.
+    keeps |x| > threshold out of the integer GEMM (code = zero) and adds x * W for them
+    (the PPOQ sparse correction), summed in double and rounded once.
     """
     mask = outlier_mask(x, threshold) if threshold > 0 else None
     inliers = x if mask is None else torch.where(mask, torch.zeros_like(x), x)
     y = integer_linear(uniform_codes(inliers, scale, zero, qmin, qmax), zero, scale, w_int, w_zero, w_scale, bias)
     if mask is not None:
         w = uniform_values(w_int, w_scale[:, None], w_zero[:, None])
-        y = y + torch.where(mask, x, torch.zeros_like(x)) @ w.t()
+        outliers = torch.where(mask, x, torch.zeros_like(x))
+        y = y + (outliers.double() @ w.double().t()).float()
     return y
+
+
+def log_linear(levels: torch.Tensor, w_int: torch.Tensor, w_zero: torch.Tensor, w_scale: torch.Tensor,
+               bias: torch.Tensor | None) -> torch.Tensor:
+    """sum_k level_k (w' - wz) ws + b for log-coded inputs (fc2 after Shift-Log2), as vitq::log_linear.
+
+    level_k (w' - wz) is exact in double and so is, but for ~1e-16, their sum: the kernel
+    sums the integer weights per code and scales each code's sum by its level once.
+    """
+    y = (levels.double() @ (w_int.double() - w_zero.double()[:, None]).t()).float() * w_scale
+    return y if bias is None else y + bias
 
 
 def integer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -187,7 +288,8 @@ def integer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
 
     *_params = (scale, zero, qmin, qmax) of per-tensor uniform quantizers (floats / ints);
     probabilities are coded by p_uniform (same form) or p_log = (delta, bits, k). The
-    products sum exactly; each float scale is formed in double and rounded once.
+    products sum exactly (log levels times integers: in double); each float scale is
+    formed in double and rounded once.
     """
     def centered(x, params):
         s, z, lo, hi = params
@@ -197,12 +299,11 @@ def integer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
         return float(torch.tensor(value, dtype=torch.float32))
 
     alpha = f32(f32(q_params[0]) * f32(k_params[0]) * scale)
-    scores = integer_matmul(centered(q, q_params), centered(k, k_params).transpose(-2, -1)) * alpha
-    e = torch.exp(scores - scores.amax(-1, keepdim=True))
-    probs = e * (1.0 / e.sum(-1, keepdim=True))
+    probs = softmax(integer_matmul(centered(q, q_params), centered(k, k_params).transpose(-2, -1)) * alpha)
     cv = centered(v, v_params)
     if p_uniform is not None:
         return integer_matmul(centered(probs, p_uniform), cv) * f32(f32(p_uniform[0]) * f32(v_params[0]))
     delta, bits, steps = p_log
     delta = torch.tensor(delta, dtype=torch.float32)
-    return (log_values(log_codes(probs, delta, bits, steps), delta, bits, steps) @ cv) * f32(v_params[0])
+    levels = log_values(log_codes(probs, delta, bits, steps), delta, bits, steps)
+    return integer_matmul(levels, cv) * f32(v_params[0])

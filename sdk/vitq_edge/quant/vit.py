@@ -8,21 +8,28 @@
         av   QuantMatMul (attention probabilities, v) ; proj  QuantLinear (input, weight)
     blocks.i.mlp               -> QuantMlp: fc1 QuantLinear ; GELU (float) ; fc2 QuantLinear
     head              Linear   -> QuantLinear
+    LayerNorm, GELU            -> KernelLayerNorm, KernelGELU (arith's float definitions)
 
 `make_quantizer(op, role)` picks the quantizer of every operand (`op` is the dotted
 path such as "blocks.3.mlp.fc2", `role` is "weight", "input", "a" or "b"), so one
 transformation serves every recipe. What stays in float is listed in `FLOAT_OPS`,
 the one place the build's manifest reads it from.
+
+At inference (no autograd) the quantized layers run the kernels' arithmetic: integer
+sums scaled once, and LayerNorm / GELU / softmax as `arith` defines them, so the
+lowered program (lower/integer_vit.py) computes the same floats. Calibration and
+reconstruction run the differentiable fake-quant forward, as does `fake_quant_forward()`.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Mlp
+from timm.layers import LayerNorm, Mlp
 from timm.layers.attention import Attention
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -51,6 +58,52 @@ FLOAT_OPS = [
 
 QuantizerFactory = Callable[[str, str], Quantizer]
 
+_fake_quant_only = False
+
+
+@contextmanager
+def fake_quant_forward() -> Iterator[None]:
+    """Inference through the fake-quant forward (every quantizer module called, e.g. for hooks)."""
+    global _fake_quant_only
+    saved, _fake_quant_only = _fake_quant_only, True
+    try:
+        yield
+    finally:
+        _fake_quant_only = saved
+
+
+def kernel_arithmetic() -> bool:
+    """True when the quantized model runs the kernels' arithmetic: inference outside fake_quant_forward."""
+    return not torch.is_grad_enabled() and not _fake_quant_only
+
+
+class KernelLayerNorm(nn.LayerNorm):
+    """nn.LayerNorm computed as the kernels compute it (arith.layer_norm)."""
+
+    @classmethod
+    def of(cls, norm: nn.LayerNorm) -> KernelLayerNorm:
+        new = cls(norm.normalized_shape, eps=norm.eps, elementwise_affine=norm.elementwise_affine,
+                  bias=norm.bias is not None)
+        new.load_state_dict(norm.state_dict())
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight is None or self.bias is None or len(self.normalized_shape) != 1 or _exporting():
+            return super().forward(x)
+        return arith.layer_norm(x, self.weight, self.bias, self.eps)
+
+
+class KernelGELU(nn.GELU):
+    """Exact (erf) GELU computed as the kernels compute it (arith.gelu)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) if _exporting() else arith.gelu(x)
+
+
+def _exporting() -> bool:
+    # A model the integer kernels cannot run is exported as its simulation: standard ops there.
+    return torch.compiler.is_exporting()
+
 
 class QuantLinear(nn.Module):
     """y = Q_w(W) Q_x(x) + b. A Shift-Log2 input is consumed shifted, the un-shift in the bias."""
@@ -71,8 +124,11 @@ class QuantLinear(nn.Module):
         iq = self.input_quant
         if isinstance(iq, ShiftLog2Quantizer) and iq.enabled and not iq._observing:
             # The device's fc2: W @ x' + (b - shift * W @ 1).
-            shifted = iq.quantize(x) + iq.shift
-            return F.linear(shifted, w, self.folded_bias(w, iq.shift))
+            bias = self.folded_bias(w, iq.shift)
+            if integer_weights(self):
+                levels = arith.log_values(iq.codes(x), iq.delta, iq.bits, iq.k)
+                return arith.log_linear(levels, *weight_integer_form(self), bias)
+            return F.linear(iq.quantize(x) + iq.shift, w, bias)
         return F.linear(iq(x), w, self.bias)
 
     def folded_bias(self, w: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
@@ -107,17 +163,22 @@ def weight_integer_form(op: QuantLinear | QuantConv2d) -> tuple[torch.Tensor, to
     return codes - offset, zero - offset, scale
 
 
+def integer_weights(op: QuantLinear | QuantConv2d) -> bool:
+    """Inference with integer weight codes (uniform, or hardened AdaRound)."""
+    wq = op.weight_quant
+    return (kernel_arithmetic() and wq.enabled and isinstance(wq, (AdaRoundQuantizer, UniformQuantizer))
+            and (not isinstance(wq, AdaRoundQuantizer) or wq.hard))
+
+
 def integer_operands(op: QuantLinear | QuantConv2d) -> bool:
     """Inference with a uniform input and integer weight codes: run the kernel's integer arithmetic.
 
     Calibration and reconstruction (observing, gradients, soft AdaRound) keep the float
     fake-quant forward: same values up to float rounding, and differentiable.
     """
-    iq, wq = op.input_quant, op.weight_quant
-    return (not torch.is_grad_enabled() and type(iq) in (UniformQuantizer, PerPatchOutlierQuantizer)
-            and iq.enabled and not iq._observing and iq.granularity in ("tensor", "token")
-            and wq.enabled and (not isinstance(wq, AdaRoundQuantizer) or wq.hard)
-            and (isinstance(wq, AdaRoundQuantizer) or isinstance(wq, UniformQuantizer)))
+    iq = op.input_quant
+    return (integer_weights(op) and type(iq) in (UniformQuantizer, PerPatchOutlierQuantizer)
+            and iq.enabled and not iq._observing and iq.granularity in ("tensor", "token"))
 
 
 def integer_forward(op: QuantLinear | QuantConv2d, x: torch.Tensor) -> torch.Tensor:
@@ -206,7 +267,7 @@ class QuantAttention(nn.Module):
         p = self.av.a_quant
         if not isinstance(p, LogQuantizer):
             uniform.append(p)
-        return (not torch.is_grad_enabled() and p.enabled and not p._observing
+        return (kernel_arithmetic() and p.enabled and not p._observing
                 and all(type(u) is UniformQuantizer and u.granularity == "tensor" and u.enabled and not u._observing
                         and float(u.zero_point) == round(float(u.zero_point)) for u in uniform))
 
@@ -225,7 +286,8 @@ class QuantMlp(nn.Module):
     def __init__(self, mlp: Mlp, path: str, make: QuantizerFactory) -> None:
         super().__init__()
         self.fc1 = QuantLinear(mlp.fc1, make(f"{path}.fc1", "weight"), make(f"{path}.fc1", "input"))
-        self.act = mlp.act
+        exact_gelu = type(mlp.act) is nn.GELU and mlp.act.approximate == "none"
+        self.act = KernelGELU() if exact_gelu else mlp.act
         self.fc2 = QuantLinear(mlp.fc2, make(f"{path}.fc2", "weight"), make(f"{path}.fc2", "input"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -255,12 +317,18 @@ def quantize_vit(model: nn.Module, make: QuantizerFactory) -> nn.Module:
     for i, blk in enumerate(qmodel.blocks):
         blk.attn = QuantAttention(blk.attn, f"blocks.{i}.attn", make)
         blk.mlp = QuantMlp(blk.mlp, f"blocks.{i}.mlp", make)
+        blk.norm1, blk.norm2 = _kernel_norm(blk.norm1), _kernel_norm(blk.norm2)
+    qmodel.norm, qmodel.fc_norm = _kernel_norm(qmodel.norm), _kernel_norm(qmodel.fc_norm)
     if isinstance(qmodel.head, nn.Linear):
         qmodel.head = QuantLinear(qmodel.head, make("head", "weight"), make("head", "input"))
     for p in qmodel.parameters():
         p.requires_grad_(False)
     init_weight_quantizers(qmodel)
     return qmodel
+
+
+def _kernel_norm(norm: nn.Module) -> nn.Module:
+    return KernelLayerNorm.of(norm) if type(norm) in (nn.LayerNorm, LayerNorm) else norm
 
 
 QuantOp = QuantLinear | QuantConv2d | QuantMatMul

@@ -10,7 +10,6 @@ value positive; fc2 (vitq::log_linear) carries -shift * W * 1 in its bias.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from vitq_edge.lower.ops import define
 from vitq_edge.quant import arith
@@ -19,7 +18,7 @@ ARGS = "Tensor x, float shift, float delta, int bits, int steps_per_octave"
 
 
 def reference(x: torch.Tensor, shift: float, delta: float, bits: int, steps_per_octave: int) -> torch.Tensor:
-    shifted = F.gelu(x) + torch.tensor(shift, dtype=torch.float32)
+    shifted = arith.gelu(x) + torch.tensor(shift, dtype=torch.float32)
     delta_t = torch.tensor(delta, dtype=torch.float32)
     return arith.log_codes(shifted, delta_t, bits, steps_per_octave).to(torch.uint8)
 

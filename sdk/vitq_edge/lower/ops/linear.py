@@ -7,8 +7,8 @@
 x float [..., K] -> out float [..., N]. Step by step (the C++ kernel does the same):
 
 1. prologue: 0 none, 1 LayerNorm over K (norm_weight, norm_bias [K], norm_eps),
-   2 GELU (erf form). Fusing them is what keeps LayerNorm's output from ever being
-   written in float.
+   2 GELU (erf form), both as quant/arith.py defines them (layer_norm, gelu). Fusing
+   them is what keeps LayerNorm's output from ever being written in float.
 2. input codes, uniform: c = clamp(round(x / s) + z, qmin, qmax) with (s, z) from
    input_scale / input_zero, shape [1] (per tensor) or [T] (per token position, the
    PPOQ quantizer: T = x.shape[-2]).
@@ -24,7 +24,6 @@ x float [..., K] -> out float [..., N]. Step by step (the C++ kernel does the sa
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from vitq_edge.lower.ops import define
 from vitq_edge.quant import arith
@@ -52,18 +51,12 @@ def unpack_int4(packed: torch.Tensor, k: int) -> torch.Tensor:
     return torch.stack([low, high], -1).reshape(packed.shape[0], -1)[:, :k]
 
 
-def weight_values(weight: torch.Tensor, weight_scale: torch.Tensor, weight_zero: torch.Tensor,
-                  weight_bits: int, k: int) -> torch.Tensor:
-    """The float weight [N, K] the integers stand for."""
-    return arith.uniform_values(unpack_weight(weight, weight_bits, k), weight_scale[:, None], weight_zero[:, None])
-
-
 def apply_prologue(x: torch.Tensor, prologue: int, norm_weight: torch.Tensor, norm_bias: torch.Tensor,
                    norm_eps: float) -> torch.Tensor:
     if prologue == PROLOGUE_LAYER_NORM:
-        return F.layer_norm(x, (x.shape[-1],), norm_weight, norm_bias, norm_eps)
+        return arith.layer_norm(x, norm_weight, norm_bias, norm_eps)
     if prologue == PROLOGUE_GELU:
-        return F.gelu(x)
+        return arith.gelu(x)
     return x
 
 

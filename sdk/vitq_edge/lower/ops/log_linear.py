@@ -4,17 +4,17 @@
                      steps_per_octave, weight_bits) -> out
 
 codes uint8 [..., K] (from vitq::gelu_shift_log2) stand for delta * 2^(-code/k), code
-2^b - 1 for 0; weights as in vitq::linear. out = values @ W^T + bias, where the bias
-already holds fc2's bias minus shift * W * 1 (the un-shift of Shift-Log2).
+2^b - 1 for 0; weights as in vitq::linear. out = sum_k value_k (w' - wz) ws + bias
+(quant/arith.py: log_linear, the sums exact), where the bias already holds fc2's bias
+minus shift * W * 1 (the un-shift of Shift-Log2).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from vitq_edge.lower.ops import define
-from vitq_edge.lower.ops.linear import weight_values
+from vitq_edge.lower.ops.linear import unpack_weight
 from vitq_edge.quant import arith
 
 ARGS = ("Tensor codes, Tensor weight, Tensor weight_scale, Tensor weight_zero, Tensor bias, "
@@ -23,9 +23,9 @@ ARGS = ("Tensor codes, Tensor weight, Tensor weight_scale, Tensor weight_zero, T
 
 def reference(codes: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, weight_zero: torch.Tensor,
               bias: torch.Tensor, delta: float, bits: int, steps_per_octave: int, weight_bits: int) -> torch.Tensor:
-    values = arith.log_values(codes.float(), torch.tensor(delta, dtype=torch.float32), bits, steps_per_octave)
-    w = weight_values(weight, weight_scale, weight_zero, weight_bits, codes.shape[-1])
-    return F.linear(values, w, bias)
+    levels = arith.log_values(codes.float(), torch.tensor(delta, dtype=torch.float32), bits, steps_per_octave)
+    w = unpack_weight(weight, weight_bits, codes.shape[-1])
+    return arith.log_linear(levels, w, weight_zero, weight_scale, bias)
 
 
 def fake(codes: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, *args) -> torch.Tensor:
