@@ -4,11 +4,11 @@
 //   qkv float [B, T, 3C] (q | k | v, heads inside each, C = H * D) -> out float [B, T, C]
 //   1. q, k, v codes per tensor, c = clamp(round(x / s) + z, qmin, qmax);
 //   2. scores[i][j] = (sum_d (cq - zq)(ck - zk)) [int32] * q_scale * k_scale * scale;
-//   3. softmax over j in float (max subtracted);
+//   3. softmax over j (arith.softmax: exp_nonpositive, the sum in double);
 //   4. probability codes: uniform (p_scale, p_zero, p_qmin, p_qmax), or log codes
 //      (delta = p_scale, p_log_bits bits, p_steps_per_octave steps per octave);
 //   5. out[i] = sum_j (cp_j - zp)(cv_j - zv) [int32] * p_scale * v_scale (uniform),
-//      or sum_j Pvalue_j * (cv_j - zv) [float] * v_scale (log).
+//      or sum_j Pvalue_j * (cv_j - zv) [double, exact but for ~1e-16] * v_scale (log).
 //
 // How: the codes minus their zero points are stored once as int16 in a
 // head-major layout ([B, H, T, D] for each of q, k, v), so every dot product
@@ -85,15 +85,15 @@ inline void code_row_i16(const float* __restrict x, size_t n, const Uniform& u, 
   for (size_t i = 0; i < n; ++i) dst[i] = static_cast<int16_t>(uniform_code(x[i], s, z, lo, hi) - z);
 }
 
-// The softmax of one row of scores, in place: exp(s - max) * (1 / sum), as
-// torch's CPU softmax (it also multiplies by the reciprocal of the sum).
+// arith.softmax of one row of scores, in place: exp(s - max) * f32(1 / sum),
+// the sum in double (any order gives the same float reciprocal but for ~1e-16).
 inline void softmax_row(float* __restrict p, size_t n) {
   float max_score = -std::numeric_limits<float>::infinity();
   for (size_t j = 0; j < n; ++j) max_score = p[j] > max_score ? p[j] : max_score;
   for (size_t j = 0; j < n; ++j) p[j] = exp_nonpositive(p[j] - max_score);
-  float sum = 0.0f;
+  double sum = 0.0;
   for (size_t j = 0; j < n; ++j) sum += p[j];
-  const float inv_sum = 1.0f / sum;
+  const float inv_sum = static_cast<float>(1.0 / sum);
   for (size_t j = 0; j < n; ++j) p[j] *= inv_sum;
 }
 
@@ -105,8 +105,7 @@ struct AttentionJob {
   float alpha;       // q_scale * k_scale * scale
   Uniform p;         // uniform probability codes (log_bits == 0)
   int log_bits;
-  float log_k;       // steps per octave
-  const LogCoder* coder;  // log codes without log2 (null: k too large, use log_code)
+  const LogCoder* coder;  // log codes (log_bits > 0)
   float log_table[256];
   float out_scale;   // p_scale * v_scale (uniform) or v_scale (log)
   float* out;        // [B, T, H * D]
@@ -124,13 +123,14 @@ void attention_task(const AttentionJob& job, size_t task) {
 
   thread_local Scratch<float> probs_buf;
   thread_local Scratch<int32_t> iacc_buf, weights_buf, index_buf;
-  thread_local Scratch<float> facc_buf, fweights_buf;
+  thread_local Scratch<float> fweights_buf;
+  thread_local Scratch<double> facc_buf;
   float* probs = probs_buf.get(t, 0);
   int32_t* index = index_buf.get(t, 0);
   int32_t* iweight = weights_buf.get(t, 0);
   float* fweight = fweights_buf.get(t, 0);
   int32_t* iacc = iacc_buf.get(d, 0);
-  float* facc = facc_buf.get(d, 0);
+  double* facc = facc_buf.get(d, 0);
   const int zero_code = job.log_bits ? (1 << job.log_bits) - 1 : 0;
 
   thread_local Scratch<int32_t> dots_buf;
@@ -162,20 +162,12 @@ void attention_task(const AttentionJob& job, size_t task) {
           iweight[nnz++] = pcodes[j];
         }
       }
-    } else if (job.coder != nullptr) {
+    } else {
       job.coder->encode(probs, 0.0f, lcodes, t);
       for (j = 0; j < t; ++j) {
         if (lcodes[j] != zero_code) {
           index[nnz] = static_cast<int32_t>(j);
           fweight[nnz++] = job.log_table[lcodes[j]];
-        }
-      }
-    } else {
-      for (j = 0; j < t; ++j) {
-        const int code = log_code(probs[j], job.p.scale, job.log_k, zero_code);
-        if (code != zero_code) {
-          index[nnz] = static_cast<int32_t>(j);
-          fweight[nnz++] = job.log_table[code];
         }
       }
     }
@@ -191,13 +183,14 @@ void attention_task(const AttentionJob& job, size_t task) {
       }
       for (size_t c = 0; c < d; ++c) dst[c] = static_cast<float>(iacc[c]) * job.out_scale;
     } else {
-      std::fill(facc, facc + d, 0.0f);
+      // level * (cv - zv) is exact in double; so is their sum, but for ~1e-16.
+      std::fill(facc, facc + d, 0.0);
       for (size_t e = 0; e < nnz; ++e) {
         const int16_t* vj = vh + static_cast<size_t>(index[e]) * d;
-        const float pw = fweight[e];
-        for (size_t c = 0; c < d; ++c) facc[c] += pw * static_cast<float>(vj[c]);
+        const double pw = fweight[e];
+        for (size_t c = 0; c < d; ++c) facc[c] += pw * static_cast<double>(vj[c]);
       }
-      for (size_t c = 0; c < d; ++c) dst[c] = facc[c] * job.out_scale;
+      for (size_t c = 0; c < d; ++c) dst[c] = static_cast<float>(facc[c]) * job.out_scale;
     }
   }
 }
@@ -232,8 +225,11 @@ Tensor& attention_out(KernelRuntimeContext& ctx, const Tensor& qkv, int64_t num_
     ET_KERNEL_CHECK_MSG(ctx, !*e, InvalidArgument, out, "vitq::attention: probability quantizer: %s", e);
   } else {
     const float ps = static_cast<float>(p_scale);
-    ET_KERNEL_CHECK_MSG(ctx, std::isfinite(ps) && ps > 0.0f && p_steps_per_octave >= 1, InvalidArgument, out,
-                        "vitq::attention: log probability codes need p_scale > 0 and p_steps_per_octave >= 1");
+    ET_KERNEL_CHECK_MSG(ctx,
+                        std::isfinite(ps) && ps > 0.0f && p_steps_per_octave >= 1 &&
+                            p_steps_per_octave <= kMaxStepsPerOctave,
+                        InvalidArgument, out,
+                        "vitq::attention: log probability codes need p_scale > 0 and p_steps_per_octave in [1, 64]");
   }
   ET_KERNEL_CHECK_MSG(ctx, std::isfinite(scale), InvalidArgument, out, "vitq::attention: scale must be finite");
 
@@ -296,14 +292,13 @@ Tensor& attention_out(KernelRuntimeContext& ctx, const Tensor& qkv, int64_t num_
     job->out_scale = static_cast<float>(static_cast<double>(job->p.scale) * uv.scale);
   } else {
     job->p = Uniform{static_cast<float>(p_scale), 0.0f, 0.0f, 0.0f, 0};
-    job->log_k = static_cast<float>(p_steps_per_octave);
     const int zero_code = (1 << p_log_bits) - 1;
     for (int code = 0; code < 256; ++code)
-      job->log_table[code] = log_value(code, job->p.scale, job->log_k, zero_code);
+      job->log_table[code] = log_value(code, job->p.scale, static_cast<int>(p_steps_per_octave), zero_code);
     job->out_scale = uv.scale;
   }
   std::unique_ptr<LogCoder> coder;
-  if (p_log_bits != 0 && LogCoder::supports(static_cast<int>(p_steps_per_octave)))
+  if (p_log_bits != 0)
     coder = std::make_unique<LogCoder>(job->p.scale, static_cast<int>(p_steps_per_octave),
                                        static_cast<int>(p_log_bits));
   job->coder = coder.get();

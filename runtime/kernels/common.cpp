@@ -1,6 +1,8 @@
 // Shared plumbing of the vitq kernels (see common.h) and the library's version.
 #include "common.h"
 
+#include "quant_math.h"
+
 #include <algorithm>
 #include <mutex>
 
@@ -22,27 +24,19 @@ bool xnnpack_ready() {
   return ok;
 }
 
-bool gelu_f32(const float* x, float* y, size_t n) {
-  // The vector kernels may read past the end of a row (XNN_EXTRA_BYTES) only
-  // when its length is not a multiple of their block, so the bulk is run in
-  // place on a multiple of 64 floats and the rest from a padded copy.
-  constexpr size_t kBlock = 64;
-  const size_t bulk = n / kBlock * kBlock, tail = n - bulk;
-  if (bulk > 0 &&
-      xnn_run_unary_elementwise_nc(xnn_unary_gelu, xnn_datatype_fp32, xnn_datatype_fp32, nullptr, nullptr,
-                                   nullptr, 0, bulk / kBlock, kBlock, kBlock, kBlock, threadpool(), x,
-                                   y) != xnn_status_success)
-    return false;
-  if (tail > 0) {
-    float in[kBlock + VITQ_XNN_EXTRA_BYTES / sizeof(float)] = {};
-    float out[kBlock];
-    std::memcpy(in, x + bulk, tail * sizeof(float));
-    if (xnn_run_unary_elementwise_nc(xnn_unary_gelu, xnn_datatype_fp32, xnn_datatype_fp32, nullptr, nullptr,
-                                     nullptr, 0, 1, tail, tail, tail, nullptr, in, out) != xnn_status_success)
-      return false;
-    std::memcpy(y + bulk, out, tail * sizeof(float));
-  }
-  return true;
+// Kept out of line so the loop is vectorized on its own (restrict pointers).
+__attribute__((noinline)) static void gelu_span(const float* __restrict x, float* __restrict y, size_t n) {
+  for (size_t i = 0; i < n; ++i) y[i] = gelu(x[i]);
+}
+
+void gelu_f32(const float* x, float* y, size_t n) {
+  constexpr size_t kChunk = 4096;
+  const size_t chunks = (n + kChunk - 1) / kChunk;
+  const size_t tasks = std::min(chunks, task_count(chunks, kChunk * 8));
+  parallel_for(tasks, [&](size_t task) {
+    const size_t begin = n * task / tasks, end = n * (task + 1) / tasks;
+    gelu_span(x + begin, y + begin, end - begin);
+  });
 }
 
 size_t task_count(size_t rows, size_t row_cost) {

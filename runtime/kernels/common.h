@@ -31,13 +31,10 @@ inline pthreadpool_t threadpool() {
 // call is idempotent). False when XNNPACK cannot run on this CPU.
 bool xnnpack_ready();
 
-// y = GELU(x) (exact, erf form) for n floats, with XNNPACK's vectorized
-// kernel: a rational approximation of erf whose error (<= 1.1e-6 absolute,
-// <= 2.2e-7 * |x|, measured on [-10, 10]) is below that of torch's own
-// vectorized CPU GELU (1.2e-6, 3.6e-7 * |x|) against the exact function.
-// x needs no slack: the tail is copied into a padded buffer. False if
-// XNNPACK failed.
-bool gelu_f32(const float* x, float* y, size_t n);
+// y = GELU(x) for n floats as arith.gelu computes it (quant_math.h: gelu),
+// chunks on the thread pool. (XNNPACK's GELU is a different approximation:
+// its last bits differ from the simulation's.)
+void gelu_f32(const float* x, float* y, size_t n);
 
 // Runs fn(i) for i in [0, n) on the thread pool. fn must not throw.
 template <class Fn>

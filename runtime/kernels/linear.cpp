@@ -1,7 +1,7 @@
 // vitq::linear.out -- quantized linear layer with a fused prologue
 // (definition: sdk/vitq_edge/lower/ops/linear.py).
 //
-//   1. prologue (none / LayerNorm / GELU) per row, in float;
+//   1. prologue (none / LayerNorm / GELU) per row, as arith.layer_norm / arith.gelu;
 //   2. input codes c = clamp(round(x / s) + z, qmin, qmax), (s, z) per tensor or
 //      per token position; outliers (|x| > threshold) get code z (value 0);
 //   3. out = sum_k (c - z) s * (w' - wz) ws + bias with XNNPACK's dynamically
@@ -9,7 +9,8 @@
 //      unpacked to int8 at prepack, see kUseQc4wKernels): int8 x int8
 //      products, int32 sums, one float scale per row and per output channel;
 //   4. fix-ups after the GEMM: the rank-1 term of nonzero weight zero points,
-//      and the outliers' exact float products (sparse, rare).
+//      and the outliers' products with the weight values (sparse, rare), summed
+//      in double and added once, as arith.quantized_linear.
 //
 // XNNPACK's qd8 input is int8 with one {zero_point, scale} per row. Unsigned
 // codes (qmin >= 0, up to 255) are shifted by -128 to fit, and so is their zero
@@ -137,7 +138,7 @@ struct QuantizeJob {
   int64_t prologue;
   const float* norm_weight;
   const float* norm_bias;
-  float norm_eps;
+  double norm_eps;
   const float* scale;  // input_scale
   const float* zero;   // input_zero
   size_t params;       // 1 (per tensor) or T (per token position)
@@ -152,10 +153,9 @@ struct QuantizeJob {
   size_t tasks;
 };
 
-// LayerNorm of one row like torch's CPU kernel: y = (x * rstd + (-mean * rstd))
-// * gamma + beta, biased variance. Moments in double (closer to exact than
-// torch's float Welford; the difference is float rounding).
-void layer_norm_row(const float* x, size_t k, const float* g, const float* b, float eps, float* y) {
+// arith.layer_norm of one row: everything in double (biased variance), each
+// output rounded once to float, so the summation order does not show.
+void layer_norm_row(const float* x, size_t k, const float* g, const float* b, double eps, float* y) {
   double sum = 0.0;
   for (size_t i = 0; i < k; ++i) sum += x[i];
   const double mean = sum / static_cast<double>(k);
@@ -164,10 +164,9 @@ void layer_norm_row(const float* x, size_t k, const float* g, const float* b, fl
     const double d = x[i] - mean;
     sq += d * d;
   }
-  const float var = static_cast<float>(sq / static_cast<double>(k));
-  const float rstd = 1.0f / std::sqrt(var + eps);
-  const float shift = -static_cast<float>(mean) * rstd;
-  for (size_t i = 0; i < k; ++i) y[i] = (x[i] * rstd + shift) * g[i] + b[i];
+  const double rstd = 1.0 / std::sqrt(sq / static_cast<double>(k) + eps);
+  for (size_t i = 0; i < k; ++i)
+    y[i] = static_cast<float>(((x[i] - mean) * rstd) * static_cast<double>(g[i]) + static_cast<double>(b[i]));
 }
 
 // Codes of one row, shifted into int8 by `offset`; values with |v| > threshold
@@ -185,11 +184,13 @@ int32_t quantize_row(const float* __restrict src, size_t k, float s, float z, fl
   return row_sum;
 }
 
-// y[j] += v * ((w'[j] - wz[j]) * ws[j]) for one outlier v and its weight column.
+// acc[j] += v * W[j] for one outlier v and its weight column, W = (w' - wz) * ws
+// in float as torch has it; the product is exact in double.
 // noinline: inlined, GCC loses the restrict qualifiers and keeps it scalar.
-__attribute__((noinline)) void add_outlier(float v, const int8_t* __restrict wcol, const float* __restrict wz, const float* __restrict ws,
-                 size_t n, float* __restrict y) {
-  for (size_t j = 0; j < n; ++j) y[j] += v * ((static_cast<float>(wcol[j]) - wz[j]) * ws[j]);
+__attribute__((noinline)) void add_outlier(float v, const int8_t* __restrict wcol, const float* __restrict wz,
+                                           const float* __restrict ws, size_t n, double* __restrict acc) {
+  const double vd = v;
+  for (size_t j = 0; j < n; ++j) acc[j] += vd * static_cast<double>((static_cast<float>(wcol[j]) - wz[j]) * ws[j]);
 }
 
 void quantize_rows(const QuantizeJob& job, size_t task) {
@@ -303,11 +304,10 @@ Tensor& linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& wei
   thread_local Scratch<int32_t> row_sums_buf;
   QuantizeJob job{};
   job.x = x.const_data_ptr<float>();
-  if (prologue == kPrologueGelu) {
-    // GELU of the whole input at once with XNNPACK's vector kernel (common.h).
+  if (prologue == kPrologueGelu) {  // GELU of the whole input at once (common.h)
     thread_local Scratch<float> gelu_buf;
     float* g = gelu_buf.get(m * kk, 0);
-    ET_KERNEL_CHECK_MSG(ctx, gelu_f32(job.x, g, m * kk), Internal, out, "vitq::linear: XNNPACK GELU failed");
+    gelu_f32(job.x, g, m * kk);
     job.x = g;
   }
   job.rows = m;
@@ -318,7 +318,7 @@ Tensor& linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& wei
     job.norm_weight = norm_weight.const_data_ptr<float>();
     job.norm_bias = norm_bias.const_data_ptr<float>();
   }
-  job.norm_eps = static_cast<float>(norm_eps);
+  job.norm_eps = norm_eps;
   job.scale = scale;
   job.zero = zero;
   job.params = params;
@@ -374,7 +374,8 @@ Tensor& linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& wei
       for (size_t j = 0; j < n; ++j) yr[j] -= rs * zt[j];
     }
   }
-  // 4b. Outliers: x * W[n][k] in float, W = (w' - wz) * ws as torch has it.
+  // 4b. Outliers: sum over a row's outliers of x * W[n][k] in double, added once.
+  // The lists hold each task's rows in order, tasks in row order.
   size_t outlier_count = 0;
   for (const auto& list : outliers) outlier_count += list.size();
   if (outlier_count > 0) {
@@ -385,10 +386,25 @@ Tensor& linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& wei
         for (size_t c = 0; c < kk; ++c)
           op->weights_t[c * n + r] = static_cast<int8_t>(w.at(static_cast<int64_t>(r), static_cast<int64_t>(c)));
     }
-    for (const auto& list : outliers)
-      for (const Outlier& o : list)
+    std::vector<double> acc(n, 0.0);
+    size_t row = SIZE_MAX;
+    auto flush = [&] {
+      if (row == SIZE_MAX) return;
+      float* yr = y + row * n;
+      for (size_t j = 0; j < n; ++j) yr[j] += static_cast<float>(acc[j]);
+      std::fill(acc.begin(), acc.end(), 0.0);
+    };
+    for (const auto& list : outliers) {
+      for (const Outlier& o : list) {
+        if (o.row != row) {
+          flush();
+          row = o.row;
+        }
         add_outlier(o.value, op->weights_t.data() + static_cast<size_t>(o.col) * n, w.zero, w.scale, n,
-                    y + o.row * n);
+                    acc.data());
+      }
+    }
+    flush();
   }
   return out;
 }

@@ -1,13 +1,19 @@
-// vitq::log_linear.out -- linear layer on log2 codes, fc2 after Shift-Log2
-// (definition: sdk/vitq_edge/lower/ops/log_linear.py).
+// vitq::log_linear.out -- linear layer on log codes, fc2 after Shift-Log2
+// (definition: sdk/vitq_edge/lower/ops/log_linear.py, quant/arith.py: log_linear).
 //
-//   value(code) = delta * 2^(-code / k), code 2^b - 1 -> 0; out = values @ W^T + bias
+//   level(code) = delta * 2^(-code / k), code 2^b - 1 -> 0
+//   out[n] = f32(sum_k level(c_k) (w'[n][k] - wz[n])) * ws[n] + bias[n]
 //
-// A code has at most 256 values, so the input is decoded through a table into
-// float rows and multiplied with XNNPACK's f32 fully-connected operator, whose
-// weights are the dequantized W (w' - wz) * ws, built once at prepack time
-// (op_cache.h). The decoded values are exactly the reference's float values,
-// so only the GEMM's summation order differs from torch.
+// A row of codes takes at most 2^b - 1 distinct nonzero levels. So per row the
+// integer weights are summed per code (int32, exact): S_c[n] = sum_{k: c_k = c}
+// w'[n][k] -- one vector add of a weight row per input element, the
+// shift-accumulate of log2 codes without the shifts -- and then each code's
+// sum is scaled by its level once, in double: sum_c level_c (S_c[n] - wz[n]
+// cnt_c). Every product is exact in double and the few sums round at ~1e-16,
+// so the float result is the one the simulation's double matmul gives. (A
+// float GEMM on decoded levels, XNNPACK's f32 kernel, rounds in its own order
+// and so differs from the simulation in the last bits.)
+#include <algorithm>
 #include <cmath>
 #include <mutex>
 
@@ -19,23 +25,81 @@
 namespace vitq {
 namespace {
 
-struct LogLinearOp {
-  XnnOperator op;
-  std::mutex run_mutex;  // held from reshape to run (see op_cache.h)
+// The weights transposed, one contiguous row of N integers per input channel.
+struct LogLinearWeights {
+  std::vector<int16_t> wt;  // [K][N]
 };
 
-OperatorCache<LogLinearOp>& log_linear_cache() {
-  static OperatorCache<LogLinearOp> cache(256);
+OperatorCache<LogLinearWeights>& log_linear_cache() {
+  static OperatorCache<LogLinearWeights> cache(256);
   return cache;
 }
 
-std::shared_ptr<LogLinearOp> create_log_linear_op(const Weights& w, xnn_status* status) {
-  auto entry = std::make_shared<LogLinearOp>();
-  const std::vector<float> values = dequantize(w);  // packed (copied) by create
+std::shared_ptr<LogLinearWeights> transpose_weights(const Weights& w) {
+  auto entry = std::make_shared<LogLinearWeights>();
   const size_t k = static_cast<size_t>(w.k), n = static_cast<size_t>(w.n);
-  *status = xnn_create_fully_connected_nc_f32(k, n, k, n, values.data(), w.bias, -INFINITY, INFINITY,
-                                              /*flags=*/0, /*weights_cache=*/nullptr, entry->op.out());
-  return *status == xnn_status_success ? entry : nullptr;
+  entry->wt.resize(k * n);
+  for (size_t r = 0; r < n; ++r)
+    for (size_t c = 0; c < k; ++c)
+      entry->wt[c * n + r] = static_cast<int16_t>(w.at(static_cast<int64_t>(r), static_cast<int64_t>(c)));
+  return entry;
+}
+
+// acc[j] += w[j]: kept out of line so it vectorizes (restrict pointers).
+__attribute__((noinline)) void add_row(const int16_t* __restrict w, int32_t* __restrict acc, size_t n) {
+  for (size_t j = 0; j < n; ++j) acc[j] += w[j];
+}
+
+struct LogLinearJob {
+  const uint8_t* codes;  // [rows, K]
+  size_t rows, k, n;
+  const int16_t* wt;     // [K][N]
+  const Weights* w;
+  const float* levels;   // [256]
+  int zero_code;
+  float* out;            // [rows, N]
+  size_t tasks;
+};
+
+void log_linear_rows(const LogLinearJob& job, size_t task) {
+  const size_t n = job.n, k = job.k;
+  thread_local Scratch<int32_t> acc_buf;
+  thread_local Scratch<double> sum_buf;
+  int16_t slot[256];
+  int32_t count[256];
+  uint8_t used[256];
+  double* sum = sum_buf.get(n, 0);
+  for (size_t m = job.rows * task / job.tasks; m < job.rows * (task + 1) / job.tasks; ++m) {
+    const uint8_t* c = job.codes + m * k;
+    // The distinct nonzero codes of this row, each with its accumulator.
+    std::fill(slot, slot + 256, int16_t{-1});
+    int slots = 0;
+    for (size_t i = 0; i < k; ++i) {
+      const uint8_t code = c[i];
+      if (code != job.zero_code && slot[code] < 0) {
+        slot[code] = static_cast<int16_t>(slots);
+        used[slots++] = code;
+      }
+    }
+    int32_t* acc = acc_buf.get(static_cast<size_t>(std::max(slots, 1)) * n, 0);
+    std::fill(acc, acc + static_cast<size_t>(slots) * n, 0);
+    std::fill(count, count + slots, 0);
+    for (size_t i = 0; i < k; ++i) {
+      const int s = slot[c[i]];
+      if (s < 0) continue;
+      add_row(job.wt + i * n, acc + static_cast<size_t>(s) * n, n);
+      ++count[s];
+    }
+    std::fill(sum, sum + n, 0.0);
+    for (int s = 0; s < slots; ++s) {
+      const double level = job.levels[used[s]];
+      const int32_t* a = acc + static_cast<size_t>(s) * n;
+      const double cnt = count[s];
+      for (size_t j = 0; j < n; ++j) sum[j] += level * (static_cast<double>(a[j]) - job.w->zero[j] * cnt);
+    }
+    float* y = job.out + m * n;
+    for (size_t j = 0; j < n; ++j) y[j] = static_cast<float>(sum[j]) * job.w->scale[j] + job.w->bias[j];
+  }
 }
 
 }  // namespace
@@ -51,8 +115,8 @@ Tensor& log_linear_out(KernelRuntimeContext& ctx, const Tensor& codes, const Ten
   ET_KERNEL_CHECK_MSG(ctx, k >= 1, InvalidArgument, out, "vitq::log_linear: codes.size(-1) must be >= 1");
   ET_KERNEL_CHECK_MSG(ctx, bits >= 1 && bits <= 8, InvalidArgument, out,
                       "vitq::log_linear: bits must be in [1, 8], got %lld", static_cast<long long>(bits));
-  ET_KERNEL_CHECK_MSG(ctx, steps_per_octave >= 1, InvalidArgument, out,
-                      "vitq::log_linear: steps_per_octave must be >= 1, got %lld",
+  ET_KERNEL_CHECK_MSG(ctx, steps_per_octave >= 1 && steps_per_octave <= kMaxStepsPerOctave, InvalidArgument, out,
+                      "vitq::log_linear: steps_per_octave must be in [1, 64], got %lld",
                       static_cast<long long>(steps_per_octave));
   const float delta_f = static_cast<float>(delta);  // torch.tensor(delta, dtype=float32)
   ET_KERNEL_CHECK_MSG(ctx, std::isfinite(delta_f) && delta_f > 0.0f, InvalidArgument, out,
@@ -60,45 +124,35 @@ Tensor& log_linear_out(KernelRuntimeContext& ctx, const Tensor& codes, const Ten
   Weights w;
   const char* werr = check_weights(weight, weight_scale, weight_zero, bias, k, weight_bits, &w);
   ET_KERNEL_CHECK_MSG(ctx, werr == nullptr, InvalidArgument, out, "vitq::log_linear: %s", werr);
+  // int32 sums of at most K weights of |w'| <= 128.
+  ET_KERNEL_CHECK_MSG(ctx, k <= (int64_t{1} << 23), InvalidArgument, out,
+                      "vitq::log_linear: K = %lld too large for int32 sums", static_cast<long long>(k));
   ET_KERNEL_CHECK_MSG(ctx, resize_like_with_last(out, codes, w.n) == Error::Ok, InvalidArgument, out,
                       "vitq::log_linear: cannot resize out to [..., %lld]", static_cast<long long>(w.n));
   const size_t m = rows_of(codes);
   if (m == 0) return out;
-  ET_KERNEL_CHECK_MSG(ctx, xnnpack_ready(), NotSupported, out,
-                      "vitq::log_linear: XNNPACK failed to initialize on this CPU");
 
-  xnn_status status = xnn_status_success;
   const OperatorKey key{w.data, weights_checksum(w, /*salt=*/0x6c6f676c696eull)};
-  std::shared_ptr<LogLinearOp> op =
-      log_linear_cache().get_or_create(key, [&] { return create_log_linear_op(w, &status); });
-  ET_KERNEL_CHECK_MSG(ctx, op != nullptr, Internal, out,
-                      "vitq::log_linear: creating the XNNPACK fully-connected operator failed (status %d)",
-                      static_cast<int>(status));
+  std::shared_ptr<LogLinearWeights> packed = log_linear_cache().get_or_create(key, [&] { return transpose_weights(w); });
 
-  // Decode: all 256 byte values get their reference value (codes above the
-  // zero code cannot come from gelu_shift_log2, but decode like torch would).
-  float table[256];
-  const float kf = static_cast<float>(steps_per_octave);
+  // Levels of all 256 byte values (codes above the zero code cannot come from
+  // gelu_shift_log2, but decode like the reference would).
+  float levels[256];
   const int zero_code = (1 << bits) - 1;
-  for (int c = 0; c < 256; ++c) table[c] = log_value(c, delta_f, kf, zero_code);
-  const size_t kk = static_cast<size_t>(k), total = m * kk;
-  thread_local Scratch<float> values_buf;
-  float* values = values_buf.get(total);  // + XNN_EXTRA_BYTES
-  const uint8_t* src = codes.const_data_ptr<uint8_t>();
-  for (size_t i = 0; i < total; ++i) values[i] = table[src[i]];
+  for (int c = 0; c < 256; ++c) levels[c] = log_value(c, delta_f, static_cast<int>(steps_per_octave), zero_code);
 
-  float* y = out.mutable_data_ptr<float>();
-  std::lock_guard<std::mutex> lock(op->run_mutex);
-  pthreadpool_t pool = threadpool();
-  status = xnn_reshape_fully_connected_nc_f32(op->op.get(), m, pool);
-  ET_KERNEL_CHECK_MSG(ctx, status == xnn_status_success, Internal, out,
-                      "vitq::log_linear: XNNPACK reshape failed (status %d)", static_cast<int>(status));
-  status = xnn_setup_fully_connected_nc_f32(op->op.get(), values, y);
-  ET_KERNEL_CHECK_MSG(ctx, status == xnn_status_success, Internal, out,
-                      "vitq::log_linear: XNNPACK setup failed (status %d)", static_cast<int>(status));
-  status = xnn_run_operator(op->op.get(), pool);
-  ET_KERNEL_CHECK_MSG(ctx, status == xnn_status_success, Internal, out,
-                      "vitq::log_linear: XNNPACK run failed (status %d)", static_cast<int>(status));
+  LogLinearJob job{};
+  job.codes = codes.const_data_ptr<uint8_t>();
+  job.rows = m;
+  job.k = static_cast<size_t>(k);
+  job.n = static_cast<size_t>(w.n);
+  job.wt = packed->wt.data();
+  job.w = &w;
+  job.levels = levels;
+  job.zero_code = zero_code;
+  job.out = out.mutable_data_ptr<float>();
+  job.tasks = task_count(m, job.k * job.n);
+  parallel_for(job.tasks, [&job](size_t task) { log_linear_rows(job, task); });
   return out;
 }
 

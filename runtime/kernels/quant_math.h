@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <vector>
 
 namespace vitq {
 
@@ -38,66 +39,47 @@ inline float uniform_code(float x, float scale, float zero, float qmin, float qm
   return clamp_code(round_half_even(x / scale) + zero, qmin, qmax);
 }
 
-// arith.log_codes for one value: levels delta * 2^(-q/k), q = 0 .. 2^b - 2;
-// zero_code = 2^b - 1 for x <= 0 and for x below the smallest level.
-//   ratio = max(x / delta, 1e-30); q = round(-k * log2(ratio))
-inline int log_code(float x, float delta, float k, int zero_code) {
-  float ratio = x / delta;
-  ratio = ratio > 1e-30f ? ratio : 1e-30f;  // torch.clamp(min=1e-30); NaN -> 1e-30
-  const float q = round_half_even(-k * std::log2(ratio));
-  if (!(x > 0.0f) || q > static_cast<float>(zero_code - 1)) return zero_code;
-  return q < 0.0f ? 0 : static_cast<int>(q);
-}
+// arith.log_codes: levels delta * 2^(-q/k), q = 0 .. 2^b - 2; zero_code =
+// 2^b - 1 for x <= 0 and for x below the smallest level. Exactly rounded
+// q = round(-k * log2(ratio)), ratio = max(x / delta, 1e-30), without log2:
+// with ratio = m * 2^e (m in [1, 2), always a normal float), -k * log2(ratio)
+// = -k*e - k*log2(m), and k*log2(m) in [0, k) rounds to the number j of
+// thresholds 2^((j + 0.5) / k), j < k, that m reaches. The thresholds are
+// irrational, so there are no ties; arith.log_codes counts the same ones.
+constexpr int64_t kMaxStepsPerOctave = 64;
 
-// arith.log_codes without log2, vectorizable, for k <= kMaxSteps steps per
-// octave. With ratio = max(x / delta, 1e-30) = m * 2^e (m in [1, 2), always a
-// normal float), -k * log2(ratio) = -k*e - k*log2(m), and k*log2(m) in [0, k)
-// rounds to the number j of thresholds 2^((j + 0.5) / k), j < k, that m reaches.
-// Those thresholds are irrational, so there are no ties and the code is the
-// exactly rounded one; torch's log2f (<= 1 ulp) can differ from it only for a
-// ratio within an ulp or so of a level boundary.
 class LogCoder {
  public:
-  static constexpr int kMaxSteps = 16;
-
   LogCoder(float delta, int steps_per_octave, int bits)
-      : delta_(delta), k_(steps_per_octave), zero_code_((1 << bits) - 1) {
-    for (int j = 0; j < kMaxSteps; ++j) {
-      if (j >= k_) {
-        thresholds_[j] = std::numeric_limits<float>::infinity();  // never reached
-        continue;
-      }
+      : delta_(delta), k_(steps_per_octave), zero_code_((1 << bits) - 1), thresholds_(k_) {
+    for (int j = 0; j < k_; ++j) {
       const double t = std::exp2((j + 0.5) / k_);
       float tf = static_cast<float>(t);
       if (static_cast<double>(tf) < t) tf = std::nextafter(tf, 2.0f);  // smallest float >= t
       thresholds_[j] = tf;
     }
   }
-  static bool supports(int steps_per_octave) {
-    return steps_per_octave >= 1 && steps_per_octave <= kMaxSteps;
-  }
   int zero_code() const { return zero_code_; }
 
-  // out[i] = code(x[i] + shift) for n values; written so the compiler
-  // vectorizes it (no calls, no early returns, restrict pointers).
+  // out[i] = code(x[i] + shift) for n values. For up to kVectorSteps steps per
+  // octave the loop has a fixed shape the compiler vectorizes.
   void encode(const float* __restrict x, float shift, uint8_t* __restrict out, size_t n) const {
+    if (k_ > kVectorSteps) {
+      for (size_t i = 0; i < n; ++i) out[i] = static_cast<uint8_t>(code(x[i] + shift));
+      return;
+    }
     const float delta = delta_;
     const int k = k_, zero_code = zero_code_;
-    float thr[kMaxSteps];
-    for (int t = 0; t < kMaxSteps; ++t) thr[t] = thresholds_[t];
+    float thr[kVectorSteps];
+    for (int t = 0; t < kVectorSteps; ++t) thr[t] = t < k ? thresholds_[t] : INFINITY;  // never reached
     for (size_t i = 0; i < n; ++i) {
       const float v = x[i] + shift;
       float ratio = v / delta;
-      ratio = ratio > 1e-30f ? ratio : 1e-30f;
-      uint32_t bits;
-      std::memcpy(&bits, &ratio, sizeof bits);
-      const int e = static_cast<int>(bits >> 23) - 127;
-      const uint32_t mbits = (bits & 0x007FFFFFu) | 0x3F800000u;
-      float m;
-      std::memcpy(&m, &mbits, sizeof m);
+      ratio = ratio > 1e-30f ? ratio : 1e-30f;  // torch.clamp(min=1e-30); NaN -> 1e-30
+      const float m = mantissa(ratio);
       int j = 0;
-      for (int t = 0; t < kMaxSteps; ++t) j += m >= thr[t] ? 1 : 0;
-      const int q = -k * e - j;
+      for (int t = 0; t < kVectorSteps; ++t) j += m >= thr[t] ? 1 : 0;
+      const int q = -k * exponent(ratio) - j;
       const int c = q < 0 ? 0 : q;
       out[i] = static_cast<uint8_t>((v > 0.0f && q <= zero_code - 1) ? c : zero_code);
     }
@@ -105,45 +87,56 @@ class LogCoder {
 
   int code(float x) const {
     float ratio = x / delta_;
-    ratio = ratio > 1e-30f ? ratio : 1e-30f;  // torch.clamp(min=1e-30); NaN -> 1e-30
-    uint32_t bits;
-    std::memcpy(&bits, &ratio, sizeof bits);
-    const int e = static_cast<int>(bits >> 23) - 127;  // ratio > 0: no sign bit
-    const uint32_t mbits = (bits & 0x007FFFFFu) | 0x3F800000u;
-    float m;
-    std::memcpy(&m, &mbits, sizeof m);
+    ratio = ratio > 1e-30f ? ratio : 1e-30f;
+    const float m = mantissa(ratio);
     int j = 0;
-    for (int t = 0; t < kMaxSteps; ++t) j += m >= thresholds_[t] ? 1 : 0;
-    const int q = -k_ * e - j;
+    for (int t = 0; t < k_; ++t) j += m >= thresholds_[t] ? 1 : 0;
+    const int q = -k_ * exponent(ratio) - j;
     if (!(x > 0.0f) || q > zero_code_ - 1) return zero_code_;
     return q < 0 ? 0 : q;
   }
 
  private:
+  static constexpr int kVectorSteps = 16;
+  // ratio = m * 2^e for a positive normal float: the exponent field and the
+  // significand with the exponent of 1.
+  static int exponent(float ratio) {
+    uint32_t bits;
+    std::memcpy(&bits, &ratio, sizeof bits);
+    return static_cast<int>(bits >> 23) - 127;
+  }
+  static float mantissa(float ratio) {
+    uint32_t bits;
+    std::memcpy(&bits, &ratio, sizeof bits);
+    bits = (bits & 0x007FFFFFu) | 0x3F800000u;
+    float m;
+    std::memcpy(&m, &bits, sizeof m);
+    return m;
+  }
+
   float delta_;
   int k_;
   int zero_code_;
-  float thresholds_[kMaxSteps];
+  std::vector<float> thresholds_;
 };
 
-// exp(x) for x <= 0 (softmax after subtracting the maximum), vectorizable
-// (expf is a call per element). Cody-Waite reduction x = n ln2 + r, |r| <=
-// ln2/2, with ln2 split so n * ln2_hi is exact; exp(r) by its Taylor series
-// to r^7 (truncation < 6e-9 relative). Checked on every float in [-87, 0]:
-// within 1 ulp of glibc's expf, 1.02e-7 relative to the exact value. Values
-// below -87 (exp < 1.7e-38) give 0.
+// arith.exp_nonpositive: exp(x) for x <= 0 (softmax after subtracting the
+// maximum), vectorizable (expf is a call per element). Cody-Waite reduction
+// x = n ln2 + r, |r| <= ln2/2, with ln2 split so n * ln2_hi is exact; exp(r)
+// by its Taylor series to r^7 (truncation < 6e-9 relative). Within 1 ulp of
+// glibc's expf on every float in [-87, 0]; below -87 (exp < 1.7e-38) it is 0.
 inline float exp_nonpositive(float x) {
-  const float log2e = 1.44269504088896341f;
-  const float ln2_hi = 0.693145751953125f;      // 0x3F317200: 16 significant bits
-  const float ln2_lo = 1.42860676533018732e-6f;  // ln2 - ln2_hi
+  const float log2e = 0x1.715476p+0f;
+  const float ln2_hi = 0x1.62e4p-1f;  // 16 significant bits
+  const float ln2_lo = 0x1.7f7d1cp-20f;
   const float xc = x >= -87.0f ? x : -87.0f;
   const float n = round_half_even(xc * log2e);
   const float r = (xc - n * ln2_hi) - n * ln2_lo;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
+  float p = 0x1.a01a02p-13f;  // 1/7!
+  p = p * r + 0x1.6c16c2p-10f;  // 1/6!
+  p = p * r + 0x1.111112p-7f;   // 1/5!
+  p = p * r + 0x1.555556p-5f;   // 1/4!
+  p = p * r + 0x1.555556p-3f;   // 1/3!
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
@@ -153,11 +146,28 @@ inline float exp_nonpositive(float x) {
   return x >= -87.0f ? p * scale : 0.0f;
 }
 
-// arith.log_values for one code: delta * 2^(-code / k), exactly 0 for the
-// zero code. (-code) / k is a float division as in torch.
-inline float log_value(int code, float delta, float k, int zero_code) {
+// arith.gelu: x/2 (1 + erf(x / sqrt 2)) through erfc(|x| / sqrt 2) ~ t (a1 +
+// t (a2 + ... + t a5)) exp(-x^2 / 2), t = 1 / (1 + p |x| / sqrt 2)
+// (Abramowitz & Stegun 7.1.26, |error| <= 1.5e-7), so the negative side has no
+// cancellation. Float32 steps in arith's order; vectorizable.
+inline float gelu(float x) {
+  const float a = std::fabs(x * 0x1.6a09e6p-1f);
+  const float t = 1.0f / (1.0f + 0x1.4f740ap-2f * a);
+  float poly = 0x1.0fb844p+0f;     // a5
+  poly = poly * t + -0x1.7401c6p+0f;  // a4
+  poly = poly * t + 0x1.6be1c6p+0f;   // a3
+  poly = poly * t + -0x1.23531cp-2f;  // a2
+  poly = poly * t + 0x1.04f20cp-2f;   // a1
+  const float tail = (poly * t) * exp_nonpositive(-(a * a));
+  const float half = 0.5f * x;
+  return x >= 0.0f ? half * (2.0f - tail) : half * tail;
+}
+
+// arith.log_values for one code: delta * 2^(-code / k), the power in double
+// rounded once to float; exactly 0 for the zero code.
+inline float log_value(int code, float delta, int k, int zero_code) {
   if (code == zero_code) return 0.0f;
-  return delta * std::exp2(-static_cast<float>(code) / k);
+  return delta * static_cast<float>(std::exp2(-static_cast<double>(code) / k));
 }
 
 }  // namespace vitq

@@ -48,11 +48,4 @@ uint64_t weights_checksum(const Weights& w, uint64_t salt) {
   return hash_bytes(w.bias, n * sizeof(float), h);
 }
 
-std::vector<float> dequantize(const Weights& w) {
-  std::vector<float> out(static_cast<size_t>(w.n * w.k));
-  for (int64_t r = 0; r < w.n; ++r)
-    for (int64_t c = 0; c < w.k; ++c) out[static_cast<size_t>(r * w.k + c)] = w.value(r, c);
-  return out;
-}
-
 }  // namespace vitq

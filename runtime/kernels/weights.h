@@ -1,5 +1,5 @@
 // The quantized weight format shared by vitq::linear and vitq::log_linear
-// (sdk/vitq_edge/lower/ops/linear.py: weight_values, pack_int4):
+// (sdk/vitq_edge/lower/ops/linear.py: unpack_weight, pack_int4):
 //
 //   integer w' in [-2^(b-1), 2^(b-1) - 1], value (w' - weight_zero[n]) * weight_scale[n]
 //   b <= 4: uint8 [N, ceil(K/2)], two per byte, low nibble = even k, nibble = w' + 8
@@ -32,11 +32,6 @@ struct Weights {
     const uint8_t byte = r[col / 2];
     return static_cast<int>((col & 1) ? (byte >> 4) : (byte & 0xF)) - 8;
   }
-  // The float value the integer stands for, as torch computes it:
-  // (w' - zero) * scale in float32.
-  float value(int64_t row, int64_t col) const {
-    return (static_cast<float>(at(row, col)) - zero[row]) * scale[row];
-  }
 };
 
 // Checks the weight tensors against the op's schema for input width k. On
@@ -49,8 +44,5 @@ const char* check_weights(const Tensor& weight, const Tensor& weight_scale,
 // checksum of the contents; `salt` separates operators built differently
 // from the same weights.
 uint64_t weights_checksum(const Weights& w, uint64_t salt);
-
-// The dequantized weight matrix [N, K], row-major.
-std::vector<float> dequantize(const Weights& w);
 
 }  // namespace vitq

@@ -120,24 +120,6 @@ enum xnn_status xnn_setup_fully_connected_nc_qd8_f32_qc4w(
     xnn_operator_t fully_connected_op, const int8_t* input, float* output, void* workspace,
     const struct xnn_quantization_params* quantization_params);
 
-// --- unary elementwise (GELU): xnnpack.h:544-578, 266-270, 2673-2690 -------------
-// Enumerator values counted from the pinned enum (xnn_unary_invalid = -1,
-// abs = 0, approxgelu, bankers_rounding, ceiling, clamp, convert, cosine, elu,
-// exp, floor, gelu = 10); the call test checks the result is the exact (erf)
-// GELU, not the tanh approximation.
-enum xnn_unary_operator { xnn_unary_gelu = 10 };
-enum xnn_datatype { xnn_datatype_fp32 = 1 };
-union xnn_unary_params;
-// Creates, reshapes, sets up, runs and deletes a transient operator.
-// batch_size rows of `channels` elements at the given strides (in elements).
-enum xnn_status xnn_run_unary_elementwise_nc(
-    enum xnn_unary_operator op_type, enum xnn_datatype input_datatype,
-    enum xnn_datatype output_datatype, const union xnn_unary_params* params,
-    const struct xnn_quantization_params* input_quantization,
-    const struct xnn_quantization_params* output_quantization, uint32_t flags,
-    size_t batch_size, size_t channels, size_t input_stride, size_t output_stride,
-    pthreadpool_t threadpool, const void* input, void* output);
-
 }  // extern "C"
 
 // --- ExecuTorch thread pool ------------------------------------------------------------
