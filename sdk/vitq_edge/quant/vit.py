@@ -15,9 +15,10 @@ path such as "blocks.3.mlp.fc2", `role` is "weight", "input", "a" or "b"), so on
 transformation serves every recipe. What stays in float is listed in `FLOAT_OPS`,
 the one place the build's manifest reads it from.
 
-At inference (no autograd) the quantized layers run the kernels' arithmetic: integer
-sums scaled once, and LayerNorm / GELU / softmax as `arith` defines them, so the
-lowered program (lower/integer_vit.py) computes the same floats. Calibration and
+LayerNorm and GELU are always computed as `arith` defines them (what the kernels
+compute). At inference (no autograd) the quantized layers also run the kernels'
+arithmetic: integer sums scaled once, arith's softmax and log codes, so the lowered
+program (lower/integer_vit.py) computes the same floats, bit for bit. Calibration and
 reconstruction run the differentiable fake-quant forward, as does `fake_quant_forward()`.
 """
 
