@@ -1,4 +1,5 @@
-// A cache of prepacked XNNPACK operators.
+// A cache of prepacked XNNPACK operators (or other per-weight prepacked data:
+// log_linear keeps its transposed integer weights here).
 //
 // Creating an XNNPACK fully-connected operator packs (copies and reorders) its
 // weights, which costs about as much as several runs. A program's weights are

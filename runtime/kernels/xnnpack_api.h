@@ -67,18 +67,6 @@ enum xnn_status xnn_initialize(const struct xnn_allocator* allocator);
 enum xnn_status xnn_run_operator(xnn_operator_t op, pthreadpool_t threadpool);
 enum xnn_status xnn_delete_operator(xnn_operator_t op);
 
-// --- f32 fully connected: xnnpack.h:4108-4150 ---------------------------------------
-// kernel: float [output_channels, input_channels] (no XNN_FLAG_TRANSPOSE_WEIGHTS);
-// packed (copied) at create time when weights_cache is null.
-enum xnn_status xnn_create_fully_connected_nc_f32(
-    size_t input_channels, size_t output_channels, size_t input_stride, size_t output_stride,
-    const float* kernel, const float* bias, float output_min, float output_max,
-    uint32_t flags, xnn_weights_cache_t weights_cache, xnn_operator_t* fully_connected_op_out);
-enum xnn_status xnn_reshape_fully_connected_nc_f32(
-    xnn_operator_t fully_connected_op, size_t batch_size, pthreadpool_t threadpool);
-enum xnn_status xnn_setup_fully_connected_nc_f32(
-    xnn_operator_t fully_connected_op, const float* input, float* output);
-
 // --- dynamically quantized input, int8 per-channel weights: xnnpack.h:4502-4527 ----
 // input int8 [batch, input_stride] with one {zero_point, scale} per batch row:
 //   out[m][n] = (sum_k (a[m][k] - zp_m) * w[n][k]) * scale_m * kernel_scale[n] + bias[n]

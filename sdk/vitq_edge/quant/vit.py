@@ -15,11 +15,11 @@ path such as "blocks.3.mlp.fc2", `role` is "weight", "input", "a" or "b"), so on
 transformation serves every recipe. What stays in float is listed in `FLOAT_OPS`,
 the one place the build's manifest reads it from.
 
-LayerNorm and GELU are always computed as `arith` defines them (what the kernels
-compute). At inference (no autograd) the quantized layers also run the kernels'
-arithmetic: integer sums scaled once, arith's softmax and log codes, so the lowered
-program (lower/integer_vit.py) computes the same floats, bit for bit. Calibration and
-reconstruction run the differentiable fake-quant forward, as does `fake_quant_forward()`.
+At inference (no autograd) the quantized model runs the kernels' arithmetic: integer
+sums scaled once, and LayerNorm, GELU, softmax and log codes as `arith` defines them, so
+the lowered program (lower/integer_vit.py) computes the same floats, bit for bit.
+Reconstruction (autograd) runs the differentiable fake-quant forward with torch's own
+LayerNorm and GELU, as does inference inside `fake_quant_forward()`.
 """
 
 from __future__ import annotations
@@ -79,7 +79,11 @@ def kernel_arithmetic() -> bool:
 
 
 class KernelLayerNorm(nn.LayerNorm):
-    """nn.LayerNorm computed as the kernels compute it (arith.layer_norm)."""
+    """nn.LayerNorm computed as the kernels compute it (arith.layer_norm) when kernel_arithmetic().
+
+    Under autograd (reconstruction) torch's own LayerNorm: the same values up to float
+    rounding, and the double-precision definition would slow every training step ~2x.
+    """
 
     @classmethod
     def of(cls, norm: nn.LayerNorm) -> KernelLayerNorm:
@@ -89,16 +93,17 @@ class KernelLayerNorm(nn.LayerNorm):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight is None or self.bias is None or len(self.normalized_shape) != 1 or _exporting():
+        if (not kernel_arithmetic() or self.weight is None or self.bias is None
+                or len(self.normalized_shape) != 1 or _exporting()):
             return super().forward(x)
         return arith.layer_norm(x, self.weight, self.bias, self.eps)
 
 
 class KernelGELU(nn.GELU):
-    """Exact (erf) GELU computed as the kernels compute it (arith.gelu)."""
+    """Exact (erf) GELU computed as the kernels compute it (arith.gelu) when kernel_arithmetic()."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x) if _exporting() else arith.gelu(x)
+        return arith.gelu(x) if kernel_arithmetic() and not _exporting() else super().forward(x)
 
 
 def _exporting() -> bool:
