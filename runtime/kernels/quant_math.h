@@ -59,7 +59,6 @@ class LogCoder {
       thresholds_[j] = tf;
     }
   }
-  int zero_code() const { return zero_code_; }
 
   // out[i] = code(x[i] + shift) for n values. For up to kVectorSteps steps per
   // octave the loop has a fixed shape the compiler vectorizes.
