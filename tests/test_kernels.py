@@ -166,10 +166,11 @@ def attention_args(log_probs: bool, signed: bool = False) -> list:
     return [3, 0.125, *uniform(0.04, 120), *uniform(0.05, 131), *uniform(0.03, 127), *probs]
 
 
-@pytest.mark.parametrize("tokens", [1, 17, 50])
+@pytest.mark.parametrize("tokens,head_dim", [(1, 16), (17, 16), (50, 16), (6, 3), (13, 13)])
 @pytest.mark.parametrize("probs", ["uniform", "log"])
-def test_attention_matches_reference(tokens, probs):
-    qkv = torch.randn(2, tokens, 3 * 3 * 16, generator=torch.Generator().manual_seed(6)) * 2
+def test_attention_matches_reference(tokens, head_dim, probs):
+    """Token and head-dim counts off the kernel's 4-row tiles and 8-lane vectors too."""
+    qkv = torch.randn(2, tokens, 3 * 3 * head_dim, generator=torch.Generator().manual_seed(6)) * 2
     args = attention_args(probs == "log")
     assert_same(run_program(torch.ops.vitq.attention, qkv, *args), attention.reference(qkv, *args))
 

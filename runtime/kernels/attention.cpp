@@ -11,17 +11,21 @@
 //      or sum_j Pvalue_j * (cv_j - zv) [double, exact but for ~1e-16] * v_scale (log).
 //
 // How: the codes minus their zero points are stored once as int16 in a
-// head-major layout ([B, H, T, D] for each of q, k, v), so every dot product
-// reads two contiguous int16 rows; products are exact in int32. Then one task
-// per (batch, head, block of query rows) does, row by row, the T dot products,
-// the softmax, the probability codes and the weighted sum of V rows. Nothing
-// of size T x T is ever stored, and the V sum skips the probabilities whose
-// code stands for 0 (after softmax most of them, for uniform 8-bit codes).
-// The int16 loops are written for the compiler's vectorizer (pmaddwd on x86,
-// smlal on NEON).
+// head-major layout ([B, H, T, D] for each of q, k, v; V as [B, H, D, T] for
+// uniform probability codes), so every dot product reads two contiguous int16
+// rows; products are exact in int32. Then one task per (batch, head, block of
+// query rows) does, row by row, the T dot products, the softmax, the
+// probability codes and A.V: dense int16 dot products with the rows of V^T for
+// uniform codes; for log codes a double sum of the V rows whose level is not 0.
+// Nothing of size T x T is ever stored. The int16 loops are written for the
+// compiler's vectorizer (pmaddwd on x86, smlal on NEON).
 #include <algorithm>
 #include <cmath>
 #include <limits>
+
+#if defined(__aarch64__)
+#include <arm_neon.h>
+#endif
 
 #include "common.h"
 #include "quant_math.h"
@@ -55,28 +59,78 @@ const char* uniform_error(double scale, int64_t zero, int64_t qmin, int64_t qmax
   return "";
 }
 
-inline int32_t dot_i16(const int16_t* __restrict a, const int16_t* __restrict b, size_t n) {
-  int32_t s = 0;
-  for (size_t i = 0; i < n; ++i) s += static_cast<int32_t>(a[i]) * static_cast<int32_t>(b[i]);
-  return s;
-}
-
-// Four dot products of one query row with four key rows: the query is read
-// once per four keys (the compiler keeps four vector accumulators).
-inline void dot4_i16(const int16_t* __restrict q, const int16_t* __restrict k0, const int16_t* __restrict k1,
-                     const int16_t* __restrict k2, const int16_t* __restrict k3, size_t n, int32_t* out) {
-  int32_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-  for (size_t i = 0; i < n; ++i) {
-    const int32_t qi = q[i];
-    s0 += qi * k0[i];
-    s1 += qi * k1[i];
-    s2 += qi * k2[i];
-    s3 += qi * k3[i];
+// The dot products of 4 rows of A with 4 rows of B (int16, n long):
+// out[r][c] = sum_i a[r][i] * b[c][i], exact in int32 (attention_out checks
+// the bound). A tile reuses every loaded row four times.
+#if defined(__aarch64__)
+// NEON by hand (GCC 12 leaves these reductions scalar on aarch64): smlal on
+// int16 lanes, 16 accumulators.
+inline void dot_tile(const int16_t* const a[4], const int16_t* const b[4], size_t n, int32_t out[4][4]) {
+  int32x4_t acc[4][4];
+  for (int r = 0; r < 4; ++r)
+    for (int c = 0; c < 4; ++c) acc[r][c] = vdupq_n_s32(0);
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    int16x8_t va[4], vb[4];
+    for (int r = 0; r < 4; ++r) va[r] = vld1q_s16(a[r] + i);
+    for (int c = 0; c < 4; ++c) vb[c] = vld1q_s16(b[c] + i);
+    for (int r = 0; r < 4; ++r) {
+      for (int c = 0; c < 4; ++c) {
+        acc[r][c] = vmlal_s16(acc[r][c], vget_low_s16(va[r]), vget_low_s16(vb[c]));
+        acc[r][c] = vmlal_high_s16(acc[r][c], va[r], vb[c]);
+      }
+    }
   }
-  out[0] = s0;
-  out[1] = s1;
-  out[2] = s2;
-  out[3] = s3;
+  for (int r = 0; r < 4; ++r) {
+    for (int c = 0; c < 4; ++c) {
+      int32_t sum = vaddvq_s32(acc[r][c]);
+      for (size_t e = i; e < n; ++e) sum += static_cast<int32_t>(a[r][e]) * static_cast<int32_t>(b[c][e]);
+      out[r][c] = sum;
+    }
+  }
+}
+#else
+// One A row against four B rows per pass: the compiler keeps four vector
+// accumulators (pmaddwd on x86).
+inline void dot_tile(const int16_t* const a[4], const int16_t* const b[4], size_t n, int32_t out[4][4]) {
+  const int16_t* __restrict b0 = b[0];
+  const int16_t* __restrict b1 = b[1];
+  const int16_t* __restrict b2 = b[2];
+  const int16_t* __restrict b3 = b[3];
+  for (int r = 0; r < 4; ++r) {
+    const int16_t* __restrict ar = a[r];
+    int32_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    for (size_t i = 0; i < n; ++i) {
+      const int32_t x = ar[i];
+      s0 += x * b0[i];
+      s1 += x * b1[i];
+      s2 += x * b2[i];
+      s3 += x * b3[i];
+    }
+    out[r][0] = s0;
+    out[r][1] = s1;
+    out[r][2] = s2;
+    out[r][3] = s3;
+  }
+}
+#endif
+
+// out[r * ldo + c] = dot(A row r, B row c) for r < rows_a (<= 4), c < rows_b,
+// rows n long, A rows lda apart, B rows ldb apart. Tiles at the edges repeat
+// the last row and drop the repeats.
+inline void dot_rows(const int16_t* a, size_t lda, size_t rows_a, const int16_t* b, size_t ldb, size_t rows_b,
+                     size_t n, int32_t* out, size_t ldo) {
+  const int16_t* ar[4];
+  for (size_t r = 0; r < 4; ++r) ar[r] = a + std::min(r, rows_a - 1) * lda;
+  for (size_t c0 = 0; c0 < rows_b; c0 += 4) {
+    const int16_t* br[4];
+    for (size_t c = 0; c < 4; ++c) br[c] = b + std::min(c0 + c, rows_b - 1) * ldb;
+    int32_t tile[4][4];
+    dot_tile(ar, br, n, tile);
+    const size_t cols = std::min<size_t>(4, rows_b - c0);
+    for (size_t r = 0; r < rows_a; ++r)
+      for (size_t c = 0; c < cols; ++c) out[r * ldo + c0 + c] = tile[r][c];
+  }
 }
 
 // c - z of a row of uniform codes, as int16 (vectorizes).
@@ -97,11 +151,17 @@ inline void softmax_row(float* __restrict p, size_t n) {
   for (size_t j = 0; j < n; ++j) p[j] *= inv_sum;
 }
 
+constexpr size_t kRowTile = 4;  // query rows per pass (dot_tile's A rows)
+
+// V^T rows (uniform probability codes) are t rounded up to 8 long, zero
+// padded, so A.V runs whole NEON vectors; the padded code rows match.
+inline size_t padded_tokens(size_t t) { return (t + 7) / 8 * 8; }
+
 struct AttentionJob {
   size_t batch, t, heads, d;
   const int16_t* q;  // [B, H, T, D], codes minus zero point
   const int16_t* k;
-  const int16_t* v;
+  const int16_t* v;  // [B, H, D, padded_tokens(T)] for uniform probability codes
   float alpha;       // q_scale * k_scale * scale
   Uniform p;         // uniform probability codes (log_bits == 0)
   int log_bits;
@@ -109,80 +169,69 @@ struct AttentionJob {
   float log_table[256];
   float out_scale;   // p_scale * v_scale (uniform) or v_scale (log)
   float* out;        // [B, T, H * D]
-  size_t row_blocks, rows_per_block;
+  size_t row_blocks, rows_per_block;  // rows_per_block: a multiple of kRowTile
 };
 
-void attention_task(const AttentionJob& job, size_t task) {
+VITQ_HOT_LOOPS void attention_task(const AttentionJob& job, size_t task) {
   const size_t block = task % job.row_blocks, bh = task / job.row_blocks;
   const size_t b = bh / job.heads, h = bh % job.heads;
-  const size_t t = job.t, d = job.d;
-  const size_t head_offset = bh * t * d;
-  const int16_t* qh = job.q + head_offset;
-  const int16_t* kh = job.k + head_offset;
-  const int16_t* vh = job.v + head_offset;
+  const size_t t = job.t, d = job.d, tp = padded_tokens(t);
+  const int16_t* qh = job.q + bh * t * d;
+  const int16_t* kh = job.k + bh * t * d;
+  const int16_t* vh = job.v + bh * (job.log_bits == 0 ? d * tp : t * d);
 
-  thread_local Scratch<float> probs_buf;
-  thread_local Scratch<int32_t> iacc_buf, weights_buf, index_buf;
-  thread_local Scratch<float> fweights_buf;
+  thread_local Scratch<int32_t> dots_buf, iacc_buf, index_buf;
+  thread_local Scratch<float> probs_buf, fweights_buf;
   thread_local Scratch<double> facc_buf;
-  float* probs = probs_buf.get(t, 0);
-  int32_t* index = index_buf.get(t, 0);
-  int32_t* iweight = weights_buf.get(t, 0);
-  float* fweight = fweights_buf.get(t, 0);
-  int32_t* iacc = iacc_buf.get(d, 0);
-  double* facc = facc_buf.get(d, 0);
-  const int zero_code = job.log_bits ? (1 << job.log_bits) - 1 : 0;
-
-  thread_local Scratch<int32_t> dots_buf;
   thread_local Scratch<int16_t> pcodes_buf;
   thread_local Scratch<uint8_t> lcodes_buf;
-  int32_t* dots = dots_buf.get(t + 4, 0);
-  int16_t* pcodes = pcodes_buf.get(t, 0);
+  int32_t* dots = dots_buf.get(kRowTile * t, 0);
+  float* probs = probs_buf.get(kRowTile * t, 0);
+  int32_t* iacc = iacc_buf.get(kRowTile * d, 0);
+  int16_t* pcodes = pcodes_buf.get(kRowTile * tp, 0);
+  int32_t* index = index_buf.get(t, 0);
+  float* fweight = fweights_buf.get(t, 0);
+  double* facc = facc_buf.get(d, 0);
   uint8_t* lcodes = lcodes_buf.get(t, 0);
+  const int zero_code = job.log_bits ? (1 << job.log_bits) - 1 : 0;
 
   const size_t row_begin = block * job.rows_per_block;
   const size_t row_end = std::min(t, row_begin + job.rows_per_block);
-  for (size_t i = row_begin; i < row_end; ++i) {
-    // Scores: exact int32 dot products, one float scale.
-    const int16_t* qi = qh + i * d;
-    size_t j = 0;
-    for (; j + 4 <= t; j += 4)
-      dot4_i16(qi, kh + j * d, kh + (j + 1) * d, kh + (j + 2) * d, kh + (j + 3) * d, d, dots + j);
-    for (; j < t; ++j) dots[j] = dot_i16(qi, kh + j * d, d);
-    for (j = 0; j < t; ++j) probs[j] = static_cast<float>(dots[j]) * job.alpha;
-    softmax_row(probs, t);
+  for (size_t i0 = row_begin; i0 < row_end; i0 += kRowTile) {
+    const size_t rows = std::min(kRowTile, row_end - i0);
+    // Scores: exact int32 dot products, one float scale; then softmax per row.
+    dot_rows(qh + i0 * d, d, rows, kh, d, t, d, dots, t);
+    for (size_t j = 0; j < rows * t; ++j) probs[j] = static_cast<float>(dots[j]) * job.alpha;
+    for (size_t r = 0; r < rows; ++r) softmax_row(probs + r * t, t);
 
-    // Probability codes; keep only those that do not stand for 0.
-    size_t nnz = 0;
     if (job.log_bits == 0) {
-      code_row_i16(probs, t, job.p, pcodes);
-      for (j = 0; j < t; ++j) {
-        if (pcodes[j] != 0) {
-          index[nnz] = static_cast<int32_t>(j);
-          iweight[nnz++] = pcodes[j];
-        }
+      // Uniform probability codes: out[c] = sum_j (cp_j - zp)(cv_j - zv), exact
+      // in int32, as dense dot products of the code rows with the rows of V^T
+      // (skipping zero codes only pays when nearly all are zero).
+      for (size_t r = 0; r < rows; ++r) {
+        int16_t* codes = pcodes + r * tp;
+        code_row_i16(probs + r * t, t, job.p, codes);
+        std::fill(codes + t, codes + tp, int16_t{0});
       }
-    } else {
-      job.coder->encode(probs, 0.0f, lcodes, t);
-      for (j = 0; j < t; ++j) {
+      dot_rows(pcodes, tp, rows, vh, tp, d, tp, iacc, d);
+      for (size_t r = 0; r < rows; ++r) {
+        float* dst = job.out + (b * t + i0 + r) * job.heads * d + h * d;
+        for (size_t c = 0; c < d; ++c) dst[c] = static_cast<float>(iacc[r * d + c]) * job.out_scale;
+      }
+      continue;
+    }
+
+    // Log probability codes: keep those that do not stand for 0, then the
+    // weighted sum of V rows in double.
+    for (size_t r = 0; r < rows; ++r) {
+      job.coder->encode(probs + r * t, 0.0f, lcodes, t);
+      size_t nnz = 0;
+      for (size_t j = 0; j < t; ++j) {
         if (lcodes[j] != zero_code) {
           index[nnz] = static_cast<int32_t>(j);
           fweight[nnz++] = job.log_table[lcodes[j]];
         }
       }
-    }
-
-    // Weighted sum of V rows.
-    float* dst = job.out + (b * t + i) * job.heads * d + h * d;
-    if (job.log_bits == 0) {
-      std::fill(iacc, iacc + d, 0);
-      for (size_t e = 0; e < nnz; ++e) {
-        const int16_t* vj = vh + static_cast<size_t>(index[e]) * d;
-        const int32_t pw = iweight[e];
-        for (size_t c = 0; c < d; ++c) iacc[c] += pw * static_cast<int32_t>(vj[c]);
-      }
-      for (size_t c = 0; c < d; ++c) dst[c] = static_cast<float>(iacc[c]) * job.out_scale;
-    } else {
       // level * (cv - zv) is exact in double; so is their sum, but for ~1e-16.
       std::fill(facc, facc + d, 0.0);
       for (size_t e = 0; e < nnz; ++e) {
@@ -190,6 +239,7 @@ void attention_task(const AttentionJob& job, size_t task) {
         const double pw = fweight[e];
         for (size_t c = 0; c < d; ++c) facc[c] += pw * static_cast<double>(vj[c]);
       }
+      float* dst = job.out + (b * t + i0 + r) * job.heads * d + h * d;
       for (size_t c = 0; c < d; ++c) dst[c] = static_cast<float>(facc[c]) * job.out_scale;
     }
   }
@@ -252,10 +302,16 @@ Tensor& attention_out(KernelRuntimeContext& ctx, const Tensor& qkv, int64_t num_
                       out, "vitq::attention: cannot resize out to [B, T, C]");
   if (batch == 0 || t == 0) return out;
 
-  // 1. Codes minus zero points, head-major: qkvh[which][b][h][t][d].
+  // 1. Codes minus zero points, head-major: qkvh[which][b][h][t][d], except V
+  // for uniform probability codes, stored transposed and zero padded
+  // ([b][h][d][padded_tokens(t)]) for the dense A.V dot products.
+  const bool v_transposed = p_log_bits == 0;
+  const size_t tp = padded_tokens(t);
   const size_t per_tensor = batch * heads * t * d;
+  const size_t v_size = v_transposed ? batch * heads * d * tp : per_tensor;
   thread_local Scratch<int16_t> codes_buf;
-  int16_t* codes = codes_buf.get(3 * per_tensor, 0);
+  int16_t* codes = codes_buf.get(2 * per_tensor + v_size, 0);
+  int16_t* v_codes = codes + 2 * per_tensor;
   const float* src = qkv.const_data_ptr<float>();
   const Uniform* quant[3] = {&uq, &uk, &uv};
   const size_t rows = batch * t;
@@ -268,12 +324,21 @@ Tensor& attention_out(KernelRuntimeContext& ctx, const Tensor& qkv, int64_t num_
         const Uniform& u = *quant[which];
         for (size_t h = 0; h < heads; ++h) {
           const float* x = row + which * c + h * d;
-          int16_t* dst = codes + which * per_tensor + ((b * heads + h) * t + i) * d;
-          code_row_i16(x, d, u, dst);
+          if (which == 2 && v_transposed) {
+            int16_t* column = v_codes + (b * heads + h) * d * tp + i;  // V^T [D, tp]: column i
+            for (size_t e = 0; e < d; ++e)
+              column[e * tp] = static_cast<int16_t>(uniform_code(x[e], u.scale, u.zero, u.qmin, u.qmax) - u.zero);
+          } else {
+            code_row_i16(x, d, u, codes + which * per_tensor + ((b * heads + h) * t + i) * d);
+          }
         }
       }
     }
   });
+  if (v_transposed && tp > t) {
+    for (size_t row = 0; row < batch * heads * d; ++row)
+      std::fill(v_codes + row * tp + t, v_codes + (row + 1) * tp, int16_t{0});
+  }
 
   // 2. Attention, one task per (batch, head, block of query rows).
   auto job = std::make_unique<AttentionJob>();
@@ -283,7 +348,7 @@ Tensor& attention_out(KernelRuntimeContext& ctx, const Tensor& qkv, int64_t num_
   job->d = d;
   job->q = codes;
   job->k = codes + per_tensor;
-  job->v = codes + 2 * per_tensor;
+  job->v = v_codes;
   // (q * qs) @ (k * ks)^T * scale: one float factor on the exact integer sum.
   job->alpha = static_cast<float>(static_cast<double>(uq.scale) * uk.scale * scale);
   job->log_bits = static_cast<int>(p_log_bits);
@@ -307,6 +372,7 @@ Tensor& attention_out(KernelRuntimeContext& ctx, const Tensor& qkv, int64_t num_
   const size_t want_tasks = task_count(heads_total * t, 2 * t * d);
   job->row_blocks = std::max<size_t>(1, std::min(t, (want_tasks + heads_total - 1) / heads_total));
   job->rows_per_block = (t + job->row_blocks - 1) / job->row_blocks;
+  job->rows_per_block = (job->rows_per_block + kRowTile - 1) / kRowTile * kRowTile;
   job->row_blocks = (t + job->rows_per_block - 1) / job->rows_per_block;
   const AttentionJob& j = *job;
   parallel_for(heads_total * j.row_blocks, [&j](size_t task) { attention_task(j, task); });

@@ -25,7 +25,7 @@ bool xnnpack_ready() {
 }
 
 // Kept out of line so the loop is vectorized on its own (restrict pointers).
-__attribute__((noinline)) static void gelu_span(const float* __restrict x, float* __restrict y, size_t n) {
+VITQ_HOT_LOOPS __attribute__((noinline)) static void gelu_span(const float* __restrict x, float* __restrict y, size_t n) {
   for (size_t i = 0; i < n; ++i) y[i] = gelu(x[i]);
 }
 

@@ -13,6 +13,17 @@
 
 #include "xnnpack_api.h"
 
+// Functions holding the hot loops. On x86-64 GCC adds an AVX2 (x86-64-v3)
+// clone picked when the library loads (ifunc); the default clone stays baseline
+// x86-64. Results are the same bits: the integer sums are exact, and the float
+// steps are IEEE operations in either instruction set (-ffp-contract=off keeps
+// FMA out). aarch64 builds target the Pi 4's baseline (CMakeLists.txt).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define VITQ_HOT_LOOPS __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define VITQ_HOT_LOOPS
+#endif
+
 namespace vitq {
 
 using executorch::aten::ScalarType;

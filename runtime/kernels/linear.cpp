@@ -193,7 +193,7 @@ __attribute__((noinline)) void add_outlier(float v, const int8_t* __restrict wco
   for (size_t j = 0; j < n; ++j) acc[j] += vd * static_cast<double>((static_cast<float>(wcol[j]) - wz[j]) * ws[j]);
 }
 
-void quantize_rows(const QuantizeJob& job, size_t task) {
+VITQ_HOT_LOOPS void quantize_rows(const QuantizeJob& job, size_t task) {
   const size_t begin = job.rows * task / job.tasks, end = job.rows * (task + 1) / job.tasks;
   thread_local Scratch<float> row_buffer;
   float* y = job.prologue == kPrologueLayerNorm ? row_buffer.get(job.k, 0) : nullptr;

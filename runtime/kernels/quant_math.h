@@ -24,6 +24,13 @@ inline float round_half_even(float v) {
   return a < magic ? std::copysign(r, v) : v;
 }
 
+// round_half_even for |v| < 2^23 only (no select for the large case, which
+// GCC otherwise if-converts by computing everything after it twice).
+inline float round_half_even_small(float v) {
+  const float magic = 8388608.0f;  // 2^23
+  return std::copysign((std::fabs(v) + magic) - magic, v);
+}
+
 // Clamp written with plain comparisons (std::fmin/fmax are libm calls on
 // x86 and block vectorization). A NaN fails both comparisons' "keep" test and
 // becomes lo, so it never reaches a float -> int conversion (undefined
@@ -129,7 +136,7 @@ inline float exp_nonpositive(float x) {
   const float ln2_hi = 0x1.62e4p-1f;  // 16 significant bits
   const float ln2_lo = 0x1.7f7d1cp-20f;
   const float xc = x >= -87.0f ? x : -87.0f;
-  const float n = round_half_even(xc * log2e);
+  const float n = round_half_even_small(xc * log2e);  // |xc * log2e| <= 126
   const float r = (xc - n * ln2_hi) - n * ln2_lo;
   float p = 0x1.a01a02p-13f;  // 1/7!
   p = p * r + 0x1.6c16c2p-10f;  // 1/6!
