@@ -59,9 +59,13 @@ const char* uniform_error(double scale, int64_t zero, int64_t qmin, int64_t qmax
   return "";
 }
 
-// The dot products of 4 rows of A with 4 rows of B (int16, n long):
-// out[r][c] = sum_i a[r][i] * b[c][i], exact in int32 (attention_out checks
-// the bound). A tile reuses every loaded row four times.
+// The dot products of 4 rows of A with 4 rows of B (int16, n long, n a
+// multiple of kLanes: the rows are zero padded): out[r][c] = sum_i a[r][i] *
+// b[c][i], exact in int32 (attention_out checks the bound). A tile reuses
+// every loaded row four times.
+constexpr size_t kLanes = 8;
+inline size_t padded(size_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
+
 #if defined(__aarch64__)
 // NEON by hand (GCC 12 leaves these reductions scalar on aarch64): smlal on
 // int16 lanes, 16 accumulators.
@@ -69,8 +73,7 @@ inline void dot_tile(const int16_t* const a[4], const int16_t* const b[4], size_
   int32x4_t acc[4][4];
   for (int r = 0; r < 4; ++r)
     for (int c = 0; c < 4; ++c) acc[r][c] = vdupq_n_s32(0);
-  size_t i = 0;
-  for (; i + 8 <= n; i += 8) {
+  for (size_t i = 0; i < n; i += kLanes) {
     int16x8_t va[4], vb[4];
     for (int r = 0; r < 4; ++r) va[r] = vld1q_s16(a[r] + i);
     for (int c = 0; c < 4; ++c) vb[c] = vld1q_s16(b[c] + i);
@@ -81,12 +84,9 @@ inline void dot_tile(const int16_t* const a[4], const int16_t* const b[4], size_
       }
     }
   }
-  for (int r = 0; r < 4; ++r) {
-    for (int c = 0; c < 4; ++c) {
-      int32_t sum = vaddvq_s32(acc[r][c]);
-      for (size_t e = i; e < n; ++e) sum += static_cast<int32_t>(a[r][e]) * static_cast<int32_t>(b[c][e]);
-      out[r][c] = sum;
-    }
+  for (int r = 0; r < 4; ++r) {  // lanes c = 0..3 of row r: pairwise sums
+    const int32x4_t s01 = vpaddq_s32(acc[r][0], acc[r][1]), s23 = vpaddq_s32(acc[r][2], acc[r][3]);
+    vst1q_s32(out[r], vpaddq_s32(s01, s23));
   }
 }
 #else
@@ -116,8 +116,8 @@ inline void dot_tile(const int16_t* const a[4], const int16_t* const b[4], size_
 #endif
 
 // out[r * ldo + c] = dot(A row r, B row c) for r < rows_a (<= 4), c < rows_b,
-// rows n long, A rows lda apart, B rows ldb apart. Tiles at the edges repeat
-// the last row and drop the repeats.
+// rows n long (a multiple of kLanes), A rows lda apart, B rows ldb apart.
+// Tiles at the edges repeat the last row and drop the repeats.
 inline void dot_rows(const int16_t* a, size_t lda, size_t rows_a, const int16_t* b, size_t ldb, size_t rows_b,
                      size_t n, int32_t* out, size_t ldo) {
   const int16_t* ar[4];
@@ -128,8 +128,7 @@ inline void dot_rows(const int16_t* a, size_t lda, size_t rows_a, const int16_t*
     int32_t tile[4][4];
     dot_tile(ar, br, n, tile);
     const size_t cols = std::min<size_t>(4, rows_b - c0);
-    for (size_t r = 0; r < rows_a; ++r)
-      for (size_t c = 0; c < cols; ++c) out[r * ldo + c0 + c] = tile[r][c];
+    for (size_t r = 0; r < rows_a; ++r) std::memcpy(out + r * ldo + c0, tile[r], cols * sizeof(int32_t));
   }
 }
 
@@ -142,26 +141,34 @@ inline void code_row_i16(const float* __restrict x, size_t n, const Uniform& u, 
 // arith.softmax of one row of scores, in place: exp(s - max) * f32(1 / sum),
 // the sum in double (any order gives the same float reciprocal but for ~1e-16).
 inline void softmax_row(float* __restrict p, size_t n) {
-  float max_score = -std::numeric_limits<float>::infinity();
-  for (size_t j = 0; j < n; ++j) max_score = p[j] > max_score ? p[j] : max_score;
-  for (size_t j = 0; j < n; ++j) p[j] = exp_nonpositive(p[j] - max_score);
-  double sum = 0.0;
-  for (size_t j = 0; j < n; ++j) sum += p[j];
+  // The maximum over kLanes interleaved running maxima (vectorizes; any order
+  // gives the same maximum).
+  float lane_max[kLanes];
+  for (size_t l = 0; l < kLanes; ++l) lane_max[l] = -std::numeric_limits<float>::infinity();
+  size_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (size_t l = 0; l < kLanes; ++l) lane_max[l] = p[j + l] > lane_max[l] ? p[j + l] : lane_max[l];
+  float max_score = lane_max[0];
+  for (size_t l = 1; l < kLanes; ++l) max_score = lane_max[l] > max_score ? lane_max[l] : max_score;
+  for (; j < n; ++j) max_score = p[j] > max_score ? p[j] : max_score;
+  for (j = 0; j < n; ++j) p[j] = exp_nonpositive(p[j] - max_score);
+  constexpr size_t kSums = 4;  // interleaved partial sums: vector lanes
+  double lane_sum[kSums] = {0.0, 0.0, 0.0, 0.0};
+  for (j = 0; j + kSums <= n; j += kSums)
+    for (size_t l = 0; l < kSums; ++l) lane_sum[l] += p[j + l];
+  double sum = (lane_sum[0] + lane_sum[1]) + (lane_sum[2] + lane_sum[3]);
+  for (; j < n; ++j) sum += p[j];
   const float inv_sum = static_cast<float>(1.0 / sum);
   for (size_t j = 0; j < n; ++j) p[j] *= inv_sum;
 }
 
 constexpr size_t kRowTile = 4;  // query rows per pass (dot_tile's A rows)
 
-// V^T rows (uniform probability codes) are t rounded up to 8 long, zero
-// padded, so A.V runs whole NEON vectors; the padded code rows match.
-inline size_t padded_tokens(size_t t) { return (t + 7) / 8 * 8; }
-
 struct AttentionJob {
   size_t batch, t, heads, d;
-  const int16_t* q;  // [B, H, T, D], codes minus zero point
+  const int16_t* q;  // [B, H, T, padded(D)], codes minus zero point, zero padded
   const int16_t* k;
-  const int16_t* v;  // [B, H, D, padded_tokens(T)] for uniform probability codes
+  const int16_t* v;  // [B, H, D, padded(T)] (uniform probability codes) or [B, H, T, D]
   float alpha;       // q_scale * k_scale * scale
   Uniform p;         // uniform probability codes (log_bits == 0)
   int log_bits;
@@ -175,9 +182,9 @@ struct AttentionJob {
 VITQ_HOT_LOOPS void attention_task(const AttentionJob& job, size_t task) {
   const size_t block = task % job.row_blocks, bh = task / job.row_blocks;
   const size_t b = bh / job.heads, h = bh % job.heads;
-  const size_t t = job.t, d = job.d, tp = padded_tokens(t);
-  const int16_t* qh = job.q + bh * t * d;
-  const int16_t* kh = job.k + bh * t * d;
+  const size_t t = job.t, d = job.d, tp = padded(t), dp = padded(d);
+  const int16_t* qh = job.q + bh * t * dp;
+  const int16_t* kh = job.k + bh * t * dp;
   const int16_t* vh = job.v + bh * (job.log_bits == 0 ? d * tp : t * d);
 
   thread_local Scratch<int32_t> dots_buf, iacc_buf, index_buf;
@@ -200,7 +207,7 @@ VITQ_HOT_LOOPS void attention_task(const AttentionJob& job, size_t task) {
   for (size_t i0 = row_begin; i0 < row_end; i0 += kRowTile) {
     const size_t rows = std::min(kRowTile, row_end - i0);
     // Scores: exact int32 dot products, one float scale; then softmax per row.
-    dot_rows(qh + i0 * d, d, rows, kh, d, t, d, dots, t);
+    dot_rows(qh + i0 * dp, dp, rows, kh, dp, t, dp, dots, t);
     for (size_t j = 0; j < rows * t; ++j) probs[j] = static_cast<float>(dots[j]) * job.alpha;
     for (size_t r = 0; r < rows; ++r) softmax_row(probs + r * t, t);
 
@@ -302,16 +309,16 @@ Tensor& attention_out(KernelRuntimeContext& ctx, const Tensor& qkv, int64_t num_
                       out, "vitq::attention: cannot resize out to [B, T, C]");
   if (batch == 0 || t == 0) return out;
 
-  // 1. Codes minus zero points, head-major: qkvh[which][b][h][t][d], except V
-  // for uniform probability codes, stored transposed and zero padded
-  // ([b][h][d][padded_tokens(t)]) for the dense A.V dot products.
+  // 1. Codes minus zero points, head-major, rows zero padded to whole vectors:
+  // q, k as [b][h][t][padded(d)]; V for uniform probability codes transposed,
+  // [b][h][d][padded(t)], for the dense A.V dot products, else [b][h][t][d].
   const bool v_transposed = p_log_bits == 0;
-  const size_t tp = padded_tokens(t);
-  const size_t per_tensor = batch * heads * t * d;
-  const size_t v_size = v_transposed ? batch * heads * d * tp : per_tensor;
+  const size_t tp = padded(t), dp = padded(d);
+  const size_t qk_size = batch * heads * t * dp;
+  const size_t v_size = v_transposed ? batch * heads * d * tp : batch * heads * t * d;
   thread_local Scratch<int16_t> codes_buf;
-  int16_t* codes = codes_buf.get(2 * per_tensor + v_size, 0);
-  int16_t* v_codes = codes + 2 * per_tensor;
+  int16_t* codes = codes_buf.get(2 * qk_size + v_size, 0);
+  int16_t* v_codes = codes + 2 * qk_size;
   const float* src = qkv.const_data_ptr<float>();
   const Uniform* quant[3] = {&uq, &uk, &uv};
   const size_t rows = batch * t;
@@ -329,7 +336,11 @@ Tensor& attention_out(KernelRuntimeContext& ctx, const Tensor& qkv, int64_t num_
             for (size_t e = 0; e < d; ++e)
               column[e * tp] = static_cast<int16_t>(uniform_code(x[e], u.scale, u.zero, u.qmin, u.qmax) - u.zero);
           } else {
-            code_row_i16(x, d, u, codes + which * per_tensor + ((b * heads + h) * t + i) * d);
+            const bool padded_row = which < 2;
+            int16_t* dst = padded_row ? codes + which * qk_size + ((b * heads + h) * t + i) * dp
+                                      : v_codes + ((b * heads + h) * t + i) * d;
+            code_row_i16(x, d, u, dst);
+            if (padded_row) std::fill(dst + d, dst + dp, int16_t{0});
           }
         }
       }
@@ -347,7 +358,7 @@ Tensor& attention_out(KernelRuntimeContext& ctx, const Tensor& qkv, int64_t num_
   job->heads = heads;
   job->d = d;
   job->q = codes;
-  job->k = codes + per_tensor;
+  job->k = codes + qk_size;
   job->v = v_codes;
   // (q * qs) @ (k * ks)^T * scale: one float factor on the exact integer sum.
   job->alpha = static_cast<float>(static_cast<double>(uq.scale) * uk.scale * scale);

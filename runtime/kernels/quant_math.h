@@ -13,19 +13,11 @@
 
 namespace vitq {
 
-// torch.round: round half to even. Adding and subtracting 2^23 rounds a float
-// below 2^23 in magnitude to an integer in the current (default: nearest-even)
-// rounding mode; larger floats are integers already. Inline, branch-light and
-// vectorizable, unlike a nearbyintf call on baseline x86-64.
-inline float round_half_even(float v) {
-  const float magic = 8388608.0f;  // 2^23
-  const float a = std::fabs(v);
-  const float r = (a + magic) - magic;
-  return a < magic ? std::copysign(r, v) : v;
-}
-
-// round_half_even for |v| < 2^23 only (no select for the large case, which
-// GCC otherwise if-converts by computing everything after it twice).
+// torch.round (round half to even) of a float below 2^23 in magnitude: adding
+// and subtracting 2^23 rounds it to an integer in the current (default:
+// nearest-even) rounding mode. Inline, branch-free and vectorizable, unlike a
+// nearbyintf call on baseline x86-64. Callers bound the argument (a select for
+// larger values made GCC compute everything after it twice).
 inline float round_half_even_small(float v) {
   const float magic = 8388608.0f;  // 2^23
   return std::copysign((std::fabs(v) + magic) - magic, v);
@@ -41,9 +33,13 @@ inline float clamp_code(float c, float lo, float hi) {
 }
 
 // arith.uniform_codes: clamp(round(x / scale) + zero, qmin, qmax). A true
-// division (not a multiply by 1/scale): torch divides.
+// division (not a multiply by 1/scale): torch divides. x / scale is first
+// clamped to [qmin - zero - 1, qmax - zero + 1], which changes no code (those
+// bounds are integers, rounding is monotonic) but lets the rounding assume a
+// small value (and a NaN still becomes qmin).
 inline float uniform_code(float x, float scale, float zero, float qmin, float qmax) {
-  return clamp_code(round_half_even(x / scale) + zero, qmin, qmax);
+  const float v = clamp_code(x / scale, qmin - zero - 1.0f, qmax - zero + 1.0f);
+  return clamp_code(round_half_even_small(v) + zero, qmin, qmax);
 }
 
 // arith.log_codes: levels delta * 2^(-q/k), q = 0 .. 2^b - 2; zero_code =
