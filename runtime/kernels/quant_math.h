@@ -13,24 +13,32 @@
 
 namespace vitq {
 
-// torch.round (round half to even) of a float below 2^23 in magnitude: adding
-// and subtracting 2^23 rounds it to an integer in the current (default:
-// nearest-even) rounding mode. Inline, branch-free and vectorizable, unlike a
-// nearbyintf call on baseline x86-64. Callers bound the argument (a select for
-// larger values made GCC compute everything after it twice).
+// torch.round (round half to even) of a float below 2^23 in magnitude.
+// Clamp with a NaN becoming lo, so it never reaches a float -> int
+// conversion (undefined behaviour); torch would keep the NaN, which no integer
+// code can hold.
+#if defined(__aarch64__)
+// One instruction each (frintn; fmaxnm and fminnm, which return the number
+// when the other operand is a NaN), all of them vectorizable.
+inline float round_half_even_small(float v) { return __builtin_roundevenf(v); }
+inline float clamp_code(float c, float lo, float hi) { return std::fmin(std::fmax(c, lo), hi); }
+#else
+// Adding and subtracting 2^23 rounds to an integer in the current (default:
+// nearest-even) rounding mode: inline, branch-free and vectorizable, unlike a
+// nearbyintf call on baseline x86-64. Callers bound the argument (a select
+// for larger values made GCC compute everything after it twice).
 inline float round_half_even_small(float v) {
   const float magic = 8388608.0f;  // 2^23
   return std::copysign((std::fabs(v) + magic) - magic, v);
 }
 
-// Clamp written with plain comparisons (std::fmin/fmax are libm calls on
-// x86 and block vectorization). A NaN fails both comparisons' "keep" test and
-// becomes lo, so it never reaches a float -> int conversion (undefined
-// behaviour); torch would keep the NaN, which no integer code can hold.
+// Plain comparisons: std::fmin/fmax are libm calls on x86 and block
+// vectorization. A NaN fails the first "keep" test and becomes lo.
 inline float clamp_code(float c, float lo, float hi) {
   c = c >= lo ? c : lo;
   return c <= hi ? c : hi;
 }
+#endif
 
 // arith.uniform_codes: clamp(round(x / scale) + zero, qmin, qmax). A true
 // division (not a multiply by 1/scale): torch divides. x / scale is first
