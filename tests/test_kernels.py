@@ -199,6 +199,18 @@ def test_missing_kernels_library_is_a_clear_error(tmp_path):
     assert "not built" in proc.stdout and "build_runtime.sh" in proc.stdout
 
 
+@pytest.mark.skipif(os.environ.get("VITQ_ATTENTION_INT8") == "1", reason="already the int8 run")
+def test_attention_int8_codes_match_reference():
+    """The attention tests again with q/k and p/V stored as offset int8 codes (the path CPUs with
+    dot-product instructions take; forced here, on a CPU without them): the offset corrections
+    must give the same bits."""
+    env = {**os.environ, "VITQ_ATTENTION_INT8": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "attention",
+                           __file__], capture_output=True, text=True, env=env, cwd=REPO, timeout=1800)
+    assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
+    assert " passed" in proc.stdout and " failed" not in proc.stdout
+
+
 ASAN_LIB = runtime_dir() / "host-asan" / "lib" / "libvitq_kernels.so"
 
 

@@ -5,7 +5,7 @@ runs on all 10,000 bundled evaluation images in ExecuTorch's runtime on this mac
 is compared with the simulation: identical top-1 on >= 99.9% of images, logits within
 1e-3 of the logit range on every image (they are in fact bit-identical). The recipes
 run with small search / reconstruction budgets (parity is about the lowering, not
-about the recipe's accuracy). Then the program runs on the emulated Raspberry Pi 4
+about the recipe's accuracy). Then the program runs on the emulated Raspberry Pi 4 and 5
 (aarch64 runner, qemu) and must agree with the host.
 """
 
@@ -77,8 +77,9 @@ def test_host_program_matches_the_simulation(reference, tmp_path, recipe, bits):
     assert within == 1.0, summary
 
 
-def test_emulated_rpi4_agrees_with_host(tmp_path):
-    """A full CLI build (adfq W4A4: every kernel and code path), then 500 images on the emulated Pi 4."""
+def test_emulated_pis_agree_with_host(tmp_path):
+    """A full CLI build (adfq W4A4: every kernel and code path), then 500 images on the emulated Pi 4
+    (Cortex-A72: int16 attention) and Pi 5 (Cortex-A76: int8 q.k^T on its dot-product instructions)."""
     from vitq_edge.evaluate import device_logits
 
     out = tmp_path / "adfq"
@@ -92,12 +93,13 @@ def test_emulated_rpi4_agrees_with_host(tmp_path):
     assert acc["eval_images"] == 10_000
     assert abs(acc["pte_host"] - acc["simulated"]) <= 0.1, acc
 
-    emulated, labels, info = device_logits(out, "emulated-rpi4", limit=500)
-    assert info["detected_cpu"]["uarch"] == "cortex-a72"
     program = HostProgram(out / PROGRAM)
     loaded = load_model(None, pretrained=False, checkpoint=None, model_kwargs={})
     x = torch.cat([x for x, _ in bundled_set("eval").limit(500).batches(loaded.preprocess, 250)])
     with torch.no_grad():
         host = program(x).numpy()
-    assert len(emulated) == 500
-    assert np.array_equal(emulated.argmax(1), host.argmax(1))
+    for device, uarch in (("emulated-rpi4", "cortex-a72"), ("emulated-rpi5", "cortex-a76")):
+        emulated, labels, info = device_logits(out, device, limit=500)
+        assert info["detected_cpu"]["uarch"] == uarch
+        assert len(emulated) == 500
+        assert np.array_equal(emulated.argmax(1), host.argmax(1)), device

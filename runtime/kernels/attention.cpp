@@ -10,21 +10,28 @@
 //   5. out[i] = sum_j (cp_j - zp)(cv_j - zv) [int32] * p_scale * v_scale (uniform),
 //      or sum_j Pvalue_j * (cv_j - zv) [double, exact but for ~1e-16] * v_scale (log).
 //
-// How: the codes minus their zero points are stored once as int16 in a
-// head-major layout ([B, H, T, D] for each of q, k, v; V as [B, H, D, T] for
-// uniform probability codes), so every dot product reads two contiguous int16
-// rows; products are exact in int32. Then one task per (batch, head, block of
-// query rows) does, row by row, the T dot products, the softmax, the
-// probability codes and A.V: dense int16 dot products with the rows of V^T for
-// uniform codes; for log codes a double sum of the V rows whose level is not 0.
-// Nothing of size T x T is ever stored. The int16 loops are written for the
-// compiler's vectorizer (pmaddwd on x86, smlal on NEON).
+// How: the codes are stored once in a head-major layout, rows zero padded to
+// whole vectors: q, k as [B, H, T, D]; V as V^T [B, H, D, T] for uniform
+// probability codes (as [B, H, T, D] for log codes). Stored as int16 c - zero,
+// or, on CPUs with dot-product instructions (Cortex-A76) and codes that fit 8
+// bits, as int8 c - (qmin + 128), the offset terms added back exactly. Then
+// one task per (batch, head, block of query rows) does, 4 query rows at a
+// time, the scores as 4x4 tiles of dot products, the softmax, the probability
+// codes and A.V: for uniform codes dense dot products with the rows of V^T
+// (the same tiles), for log codes a double sum of the V rows whose level is
+// not 0. Every integer sum is exact in int32; nothing of size T x T is stored.
+// Tiles: NEON smlal (int16) or sdot (int8) on aarch64, the compiler's
+// vectorizer elsewhere (pmaddwd on x86).
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 
 #if defined(__aarch64__)
 #include <arm_neon.h>
+#include <asm/hwcap.h>
+#include <sys/auxv.h>
 #endif
 
 #include "common.h"
@@ -38,6 +45,10 @@ struct Uniform {
   float scale, zero, qmin, qmax;
   int32_t max_abs;  // max |c - z| over the code range
 };
+
+// int8 storage (int8_codes) needs at most 256 codes, offset so they fit.
+bool fits_int8(const Uniform& u) { return u.qmax - u.qmin <= 255.0f; }
+float int8_offset(const Uniform& u) { return u.qmin + 128.0f; }
 
 Uniform make_uniform(double scale, int64_t zero, int64_t qmin, int64_t qmax) {
   Uniform u;
@@ -59,13 +70,21 @@ const char* uniform_error(double scale, int64_t zero, int64_t qmin, int64_t qmax
   return "";
 }
 
-// The dot products of 4 rows of A with 4 rows of B (int16, n long, n a
-// multiple of kLanes: the rows are zero padded): out[r][c] = sum_i a[r][i] *
-// b[c][i], exact in int32 (attention_out checks the bound). A tile reuses
-// every loaded row four times.
-constexpr size_t kLanes = 8;
-inline size_t padded(size_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
+// Codes are stored as int16 c - zero, or (where dot-product instructions
+// pay, see int8_codes) as int8 a = c - (qmin + 128), with c - zero = a + shift.
+// Rows are zero padded to whole vectors: Lanes<Code> codes.
+template <class Code> struct Lanes;
+template <> struct Lanes<int16_t> { static constexpr size_t value = 8; };
+template <> struct Lanes<int8_t> { static constexpr size_t value = 16; };
+template <class Code>
+inline size_t padded(size_t n) {
+  constexpr size_t lanes = Lanes<Code>::value;
+  return (n + lanes - 1) / lanes * lanes;
+}
 
+// The dot products of 4 rows of A with 4 rows of B (n long, a multiple of
+// Lanes<Code>): out[r][c] = sum_i a[r][i] * b[c][i], exact in int32
+// (attention_out checks the bound). A tile reuses every loaded row four times.
 #if defined(__aarch64__)
 // NEON by hand (GCC 12 leaves these reductions scalar on aarch64): smlal on
 // int16 lanes, 16 accumulators.
@@ -73,7 +92,7 @@ inline void dot_tile(const int16_t* const a[4], const int16_t* const b[4], size_
   int32x4_t acc[4][4];
   for (int r = 0; r < 4; ++r)
     for (int c = 0; c < 4; ++c) acc[r][c] = vdupq_n_s32(0);
-  for (size_t i = 0; i < n; i += kLanes) {
+  for (size_t i = 0; i < n; i += 8) {
     int16x8_t va[4], vb[4];
     for (int r = 0; r < 4; ++r) va[r] = vld1q_s16(a[r] + i);
     for (int c = 0; c < 4; ++c) vb[c] = vld1q_s16(b[c] + i);
@@ -89,16 +108,39 @@ inline void dot_tile(const int16_t* const a[4], const int16_t* const b[4], size_
     vst1q_s32(out[r], vpaddq_s32(s01, s23));
   }
 }
+
+// sdot (Armv8.2 dot product; Cortex-A76 and later): 16 int8 products summed
+// into 4 int32 lanes per instruction. Called only where the CPU has it.
+__attribute__((target("arch=armv8.2-a+dotprod"))) inline void dot_tile(const int8_t* const a[4],
+                                                                       const int8_t* const b[4], size_t n,
+                                                                       int32_t out[4][4]) {
+  int32x4_t acc[4][4];
+  for (int r = 0; r < 4; ++r)
+    for (int c = 0; c < 4; ++c) acc[r][c] = vdupq_n_s32(0);
+  for (size_t i = 0; i < n; i += 16) {
+    int8x16_t va[4], vb[4];
+    for (int r = 0; r < 4; ++r) va[r] = vld1q_s8(a[r] + i);
+    for (int c = 0; c < 4; ++c) vb[c] = vld1q_s8(b[c] + i);
+    for (int r = 0; r < 4; ++r)
+      for (int c = 0; c < 4; ++c) acc[r][c] = vdotq_s32(acc[r][c], va[r], vb[c]);
+  }
+  for (int r = 0; r < 4; ++r) {
+    const int32x4_t s01 = vpaddq_s32(acc[r][0], acc[r][1]), s23 = vpaddq_s32(acc[r][2], acc[r][3]);
+    vst1q_s32(out[r], vpaddq_s32(s01, s23));
+  }
+}
 #else
 // One A row against four B rows per pass: the compiler keeps four vector
-// accumulators (pmaddwd on x86).
-inline void dot_tile(const int16_t* const a[4], const int16_t* const b[4], size_t n, int32_t out[4][4]) {
-  const int16_t* __restrict b0 = b[0];
-  const int16_t* __restrict b1 = b[1];
-  const int16_t* __restrict b2 = b[2];
-  const int16_t* __restrict b3 = b[3];
+// accumulators (pmaddwd on x86). The int8 variant only runs when forced
+// (VITQ_ATTENTION_INT8=1, for tests of its arithmetic off ARM).
+template <class Code>
+inline void dot_tile(const Code* const a[4], const Code* const b[4], size_t n, int32_t out[4][4]) {
+  const Code* __restrict b0 = b[0];
+  const Code* __restrict b1 = b[1];
+  const Code* __restrict b2 = b[2];
+  const Code* __restrict b3 = b[3];
   for (int r = 0; r < 4; ++r) {
-    const int16_t* __restrict ar = a[r];
+    const Code* __restrict ar = a[r];
     int32_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
     for (size_t i = 0; i < n; ++i) {
       const int32_t x = ar[i];
@@ -115,41 +157,73 @@ inline void dot_tile(const int16_t* const a[4], const int16_t* const b[4], size_
 }
 #endif
 
+// Whether q/k and p/V codes that fit 8 bits are stored as int8 (see Lanes):
+// on CPUs with dot-product instructions, where int8 sums cost a quarter of
+// int16 ones. The corrections for the offsets are exact integer terms.
+bool int8_codes() {
+#if defined(__aarch64__)
+  static const bool yes = (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+#else
+  static const bool yes = [] {
+    const char* force = std::getenv("VITQ_ATTENTION_INT8");
+    return force != nullptr && std::strcmp(force, "1") == 0;
+  }();
+#endif
+  return yes;
+}
+
 // out[r * ldo + c] = dot(A row r, B row c) for r < rows_a (<= 4), c < rows_b,
-// rows n long (a multiple of kLanes), A rows lda apart, B rows ldb apart.
+// rows n long (a multiple of Lanes<Code>), A rows lda apart, B rows ldb apart.
 // Tiles at the edges repeat the last row and drop the repeats.
-inline void dot_rows(const int16_t* a, size_t lda, size_t rows_a, const int16_t* b, size_t ldb, size_t rows_b,
-                     size_t n, int32_t* out, size_t ldo) {
-  const int16_t* ar[4];
+template <class Code>
+inline void dot_rows(const Code* a, size_t lda, size_t rows_a, const Code* b, size_t ldb, size_t rows_b, size_t n,
+                     int32_t* out, size_t ldo) {
+  const Code* ar[4];
   for (size_t r = 0; r < 4; ++r) ar[r] = a + std::min(r, rows_a - 1) * lda;
   for (size_t c0 = 0; c0 < rows_b; c0 += 4) {
-    const int16_t* br[4];
+    const Code* br[4];
     for (size_t c = 0; c < 4; ++c) br[c] = b + std::min(c0 + c, rows_b - 1) * ldb;
     int32_t tile[4][4];
     dot_tile(ar, br, n, tile);
     const size_t cols = std::min<size_t>(4, rows_b - c0);
-    for (size_t r = 0; r < rows_a; ++r) std::memcpy(out + r * ldo + c0, tile[r], cols * sizeof(int32_t));
+    for (size_t r = 0; r < rows_a; ++r) {
+      if (cols == 4)
+        std::memcpy(out + r * ldo + c0, tile[r], sizeof tile[r]);  // fixed size: inlined
+      else
+        std::memcpy(out + r * ldo + c0, tile[r], cols * sizeof(int32_t));
+    }
   }
 }
 
-// c - z of a row of uniform codes, as int16 (vectorizes).
-inline void code_row_i16(const float* __restrict x, size_t n, const Uniform& u, int16_t* __restrict dst) {
+// Stored codes c - offset of a row of n values (vectorizes), zero padded to
+// `width`; returns their sum.
+template <class Code>
+inline int32_t code_row(const float* __restrict x, size_t n, const Uniform& u, float offset, Code* __restrict dst,
+                        size_t width) {
   const float s = u.scale, z = u.zero, lo = u.qmin, hi = u.qmax;
-  for (size_t i = 0; i < n; ++i) dst[i] = static_cast<int16_t>(uniform_code(x[i], s, z, lo, hi) - z);
+  int32_t sum = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const int32_t a = static_cast<int32_t>(uniform_code(x[i], s, z, lo, hi) - offset);
+    dst[i] = static_cast<Code>(a);
+    sum += a;
+  }
+  std::fill(dst + n, dst + width, Code{0});
+  return sum;
 }
 
 // arith.softmax of one row of scores, in place: exp(s - max) * f32(1 / sum),
 // the sum in double (any order gives the same float reciprocal but for ~1e-16).
 inline void softmax_row(float* __restrict p, size_t n) {
-  // The maximum over kLanes interleaved running maxima (vectorizes; any order
-  // gives the same maximum).
-  float lane_max[kLanes];
-  for (size_t l = 0; l < kLanes; ++l) lane_max[l] = -std::numeric_limits<float>::infinity();
+  constexpr size_t kMaxLanes = 8;
+  // The maximum over kMaxLanes interleaved running maxima (vectorizes; any
+  // order gives the same maximum).
+  float lane_max[kMaxLanes];
+  for (size_t l = 0; l < kMaxLanes; ++l) lane_max[l] = -std::numeric_limits<float>::infinity();
   size_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (size_t l = 0; l < kLanes; ++l) lane_max[l] = p[j + l] > lane_max[l] ? p[j + l] : lane_max[l];
+  for (; j + kMaxLanes <= n; j += kMaxLanes)
+    for (size_t l = 0; l < kMaxLanes; ++l) lane_max[l] = p[j + l] > lane_max[l] ? p[j + l] : lane_max[l];
   float max_score = lane_max[0];
-  for (size_t l = 1; l < kLanes; ++l) max_score = lane_max[l] > max_score ? lane_max[l] : max_score;
+  for (size_t l = 1; l < kMaxLanes; ++l) max_score = lane_max[l] > max_score ? lane_max[l] : max_score;
   for (; j < n; ++j) max_score = p[j] > max_score ? p[j] : max_score;
   for (j = 0; j < n; ++j) p[j] = exp_nonpositive(p[j] - max_score);
   constexpr size_t kSums = 4;  // interleaved partial sums: vector lanes
@@ -162,13 +236,36 @@ inline void softmax_row(float* __restrict p, size_t n) {
   for (size_t j = 0; j < n; ++j) p[j] *= inv_sum;
 }
 
+// The same codes written down a column: dst[e * stride], for V^T.
+template <class Code>
+inline void code_column(const float* __restrict x, size_t n, const Uniform& u, float offset, Code* __restrict dst,
+                        size_t stride) {
+  const float s = u.scale, z = u.zero, lo = u.qmin, hi = u.qmax;
+  for (size_t i = 0; i < n; ++i) dst[i * stride] = static_cast<Code>(uniform_code(x[i], s, z, lo, hi) - offset);
+}
+
 constexpr size_t kRowTile = 4;  // query rows per pass (dot_tile's A rows)
+// int8 storage: the offset corrections stay within int32 up to this length.
+constexpr size_t kMaxInt8Length = 16384;
+
+// The stored codes of one operand (q, k or V): int16 c - zero, or int8 with
+// c - zero = stored + shift and the sum of the stored codes of every row.
+struct Operand {
+  bool int8;
+  const void* codes;
+  const int32_t* sums;  // int8 only
+  int32_t shift;        // int8 only (0 for int16)
+  template <class Code>
+  const Code* rows(size_t first_row, size_t width) const {
+    return static_cast<const Code*>(codes) + first_row * width;
+  }
+};
 
 struct AttentionJob {
   size_t batch, t, heads, d;
-  const int16_t* q;  // [B, H, T, padded(D)], codes minus zero point, zero padded
-  const int16_t* k;
-  const int16_t* v;  // [B, H, D, padded(T)] (uniform probability codes) or [B, H, T, D]
+  // q, k: [B, H, T, padded(D)] rows; V: [B, H, D, padded(T)] (V^T, uniform
+  // probability codes) or int16 [B, H, T, D] (log probability codes).
+  Operand q, k, v;
   float alpha;       // q_scale * k_scale * scale
   Uniform p;         // uniform probability codes (log_bits == 0)
   int log_bits;
@@ -179,23 +276,63 @@ struct AttentionJob {
   size_t row_blocks, rows_per_block;  // rows_per_block: a multiple of kRowTile
 };
 
+// dots[r * ldo + c] = sum over n of (a - za)(b - zb) for rows_a rows of A
+// against rows_b rows of B, both stored as Code (A's row r starting at
+// a + r * width, B's row c at b + c * width); a_sums / b_sums are the rows'
+// stored-code sums (int8 only). The offset terms are added exactly:
+// (sa + x)(sb + y) summed = sum sa sb + y sum sa + x sum sb + n x y.
+template <class Code>
+void exact_dots(const Code* a, const int32_t* a_sums, int32_t a_shift, size_t rows_a, const Code* b,
+                const int32_t* b_sums, int32_t b_shift, size_t rows_b, size_t n, size_t width, int32_t* dots,
+                size_t ldo) {
+  dot_rows(a, width, rows_a, b, width, rows_b, width, dots, ldo);
+  if (a_shift == 0 && b_shift == 0) return;
+  const int32_t both = static_cast<int32_t>(n) * a_shift * b_shift;
+  for (size_t r = 0; r < rows_a; ++r) {
+    const int32_t row_term = b_shift * a_sums[r] + both;
+    for (size_t c = 0; c < rows_b; ++c) dots[r * ldo + c] += row_term + a_shift * b_sums[c];
+  }
+}
+
+// Scores of rows [i0, i0 + rows) of head bh against all keys, exact int32.
+template <class Code>
+void score_rows(const AttentionJob& job, size_t bh, size_t i0, size_t rows, int32_t* dots) {
+  const size_t t = job.t, d = job.d, width = padded<Code>(d);
+  const Code* qh = job.q.rows<Code>(bh * t, width);
+  const Code* kh = job.k.rows<Code>(bh * t, width);
+  const int32_t* q_sums = job.q.int8 ? job.q.sums + bh * t + i0 : nullptr;
+  const int32_t* k_sums = job.k.int8 ? job.k.sums + bh * t : nullptr;
+  exact_dots(qh + i0 * width, q_sums, job.q.shift, rows, kh, k_sums, job.k.shift, t, d, width, dots, t);
+}
+
+// A.V of uniform probability codes for `rows` rows of probabilities: iacc[r][c]
+// = sum_j (cp_j - zp)(cv_j - zv), exact int32.
+template <class Code>
+void weighted_values(const AttentionJob& job, size_t bh, const float* probs, size_t rows, int32_t* iacc) {
+  const size_t t = job.t, d = job.d, width = padded<Code>(t);
+  thread_local Scratch<Code> pcodes_buf;
+  Code* pcodes = pcodes_buf.get(kRowTile * width, 0);
+  const float offset = job.v.int8 ? int8_offset(job.p) : job.p.zero;
+  int32_t p_sums[kRowTile];
+  for (size_t r = 0; r < rows; ++r) p_sums[r] = code_row(probs + r * t, t, job.p, offset, pcodes + r * width, width);
+  const int32_t p_shift = static_cast<int32_t>(offset - job.p.zero);
+  const int32_t* v_sums = job.v.int8 ? job.v.sums + bh * d : nullptr;
+  exact_dots(pcodes, p_sums, p_shift, rows, job.v.rows<Code>(bh * d, width), v_sums, job.v.shift, d, t, width, iacc,
+             d);
+}
+
 VITQ_HOT_LOOPS void attention_task(const AttentionJob& job, size_t task) {
   const size_t block = task % job.row_blocks, bh = task / job.row_blocks;
   const size_t b = bh / job.heads, h = bh % job.heads;
-  const size_t t = job.t, d = job.d, tp = padded(t), dp = padded(d);
-  const int16_t* qh = job.q + bh * t * dp;
-  const int16_t* kh = job.k + bh * t * dp;
-  const int16_t* vh = job.v + bh * (job.log_bits == 0 ? d * tp : t * d);
+  const size_t t = job.t, d = job.d;
 
   thread_local Scratch<int32_t> dots_buf, iacc_buf, index_buf;
   thread_local Scratch<float> probs_buf, fweights_buf;
   thread_local Scratch<double> facc_buf;
-  thread_local Scratch<int16_t> pcodes_buf;
   thread_local Scratch<uint8_t> lcodes_buf;
   int32_t* dots = dots_buf.get(kRowTile * t, 0);
   float* probs = probs_buf.get(kRowTile * t, 0);
   int32_t* iacc = iacc_buf.get(kRowTile * d, 0);
-  int16_t* pcodes = pcodes_buf.get(kRowTile * tp, 0);
   int32_t* index = index_buf.get(t, 0);
   float* fweight = fweights_buf.get(t, 0);
   double* facc = facc_buf.get(d, 0);
@@ -207,20 +344,20 @@ VITQ_HOT_LOOPS void attention_task(const AttentionJob& job, size_t task) {
   for (size_t i0 = row_begin; i0 < row_end; i0 += kRowTile) {
     const size_t rows = std::min(kRowTile, row_end - i0);
     // Scores: exact int32 dot products, one float scale; then softmax per row.
-    dot_rows(qh + i0 * dp, dp, rows, kh, dp, t, dp, dots, t);
+    if (job.q.int8)
+      score_rows<int8_t>(job, bh, i0, rows, dots);
+    else
+      score_rows<int16_t>(job, bh, i0, rows, dots);
     for (size_t j = 0; j < rows * t; ++j) probs[j] = static_cast<float>(dots[j]) * job.alpha;
     for (size_t r = 0; r < rows; ++r) softmax_row(probs + r * t, t);
 
     if (job.log_bits == 0) {
-      // Uniform probability codes: out[c] = sum_j (cp_j - zp)(cv_j - zv), exact
-      // in int32, as dense dot products of the code rows with the rows of V^T
-      // (skipping zero codes only pays when nearly all are zero).
-      for (size_t r = 0; r < rows; ++r) {
-        int16_t* codes = pcodes + r * tp;
-        code_row_i16(probs + r * t, t, job.p, codes);
-        std::fill(codes + t, codes + tp, int16_t{0});
-      }
-      dot_rows(pcodes, tp, rows, vh, tp, d, tp, iacc, d);
+      // Uniform probability codes: dense dot products of the code rows with
+      // the rows of V^T (skipping zero codes only pays when nearly all are 0).
+      if (job.v.int8)
+        weighted_values<int8_t>(job, bh, probs, rows, iacc);
+      else
+        weighted_values<int16_t>(job, bh, probs, rows, iacc);
       for (size_t r = 0; r < rows; ++r) {
         float* dst = job.out + (b * t + i0 + r) * job.heads * d + h * d;
         for (size_t c = 0; c < d; ++c) dst[c] = static_cast<float>(iacc[r * d + c]) * job.out_scale;
@@ -229,7 +366,8 @@ VITQ_HOT_LOOPS void attention_task(const AttentionJob& job, size_t task) {
     }
 
     // Log probability codes: keep those that do not stand for 0, then the
-    // weighted sum of V rows in double.
+    // weighted sum of V rows (int16 c - z) in double.
+    const int16_t* vh = job.v.rows<int16_t>(bh * t, d);
     for (size_t r = 0; r < rows; ++r) {
       job.coder->encode(probs + r * t, 0.0f, lcodes, t);
       size_t nnz = 0;
@@ -309,18 +447,30 @@ Tensor& attention_out(KernelRuntimeContext& ctx, const Tensor& qkv, int64_t num_
                       out, "vitq::attention: cannot resize out to [B, T, C]");
   if (batch == 0 || t == 0) return out;
 
-  // 1. Codes minus zero points, head-major, rows zero padded to whole vectors:
-  // q, k as [b][h][t][padded(d)]; V for uniform probability codes transposed,
-  // [b][h][d][padded(t)], for the dense A.V dot products, else [b][h][t][d].
+  // 1. The stored codes (see Operand), head-major, rows zero padded to whole
+  // vectors: q, k as [b][h][t][padded(d)]; V for uniform probability codes
+  // transposed, [b][h][d][padded(t)], for the dense A.V dot products, else
+  // int16 [b][h][t][d].
   const bool v_transposed = p_log_bits == 0;
-  const size_t tp = padded(t), dp = padded(d);
-  const size_t qk_size = batch * heads * t * dp;
-  const size_t v_size = v_transposed ? batch * heads * d * tp : batch * heads * t * d;
-  thread_local Scratch<int16_t> codes_buf;
-  int16_t* codes = codes_buf.get(2 * qk_size + v_size, 0);
-  int16_t* v_codes = codes + 2 * qk_size;
-  const float* src = qkv.const_data_ptr<float>();
+  const Uniform up = v_transposed ? make_uniform(p_scale, p_zero, p_qmin, p_qmax) : Uniform{};
+  const bool qk8 = int8_codes() && fits_int8(uq) && fits_int8(uk) && d <= kMaxInt8Length;
+  const bool pv8 = int8_codes() && v_transposed && fits_int8(up) && fits_int8(uv) && t <= kMaxInt8Length;
+  const size_t dq = qk8 ? padded<int8_t>(d) : padded<int16_t>(d);
+  const size_t tv = pv8 ? padded<int8_t>(t) : padded<int16_t>(t);
+  const size_t qk_bytes = batch * heads * t * dq * (qk8 ? 1 : 2);
+  const size_t v_bytes = v_transposed ? batch * heads * d * tv * (pv8 ? 1 : 2) : batch * heads * t * d * 2;
+  thread_local Scratch<int16_t> codes_buf;  // q | k | v, each at a 16-byte boundary
+  const size_t qk_words = (qk_bytes + 15) / 16 * 8;
+  int16_t* codes = codes_buf.get(2 * qk_words + (v_bytes + 1) / 2, 0);
+  void* stored[3] = {codes, codes + qk_words, codes + 2 * qk_words};
+  thread_local Scratch<int32_t> sums_buf;  // int8 rows: q, k [b][h][t], V^T [b][h][d]
+  int32_t* sums = sums_buf.get(2 * batch * heads * t + batch * heads * d, 0);
+  int32_t* row_sums[3] = {sums, sums + batch * heads * t, sums + 2 * batch * heads * t};
   const Uniform* quant[3] = {&uq, &uk, &uv};
+  const bool int8[3] = {qk8, qk8, pv8};
+  float offset[3];
+  for (size_t w = 0; w < 3; ++w) offset[w] = int8[w] ? int8_offset(*quant[w]) : quant[w]->zero;
+  const float* src = qkv.const_data_ptr<float>();
   const size_t rows = batch * t;
   const size_t qtasks = task_count(rows, 3 * c * 4);
   parallel_for(qtasks, [&](size_t task) {
@@ -331,24 +481,38 @@ Tensor& attention_out(KernelRuntimeContext& ctx, const Tensor& qkv, int64_t num_
         const Uniform& u = *quant[which];
         for (size_t h = 0; h < heads; ++h) {
           const float* x = row + which * c + h * d;
-          if (which == 2 && v_transposed) {
-            int16_t* column = v_codes + (b * heads + h) * d * tp + i;  // V^T [D, tp]: column i
-            for (size_t e = 0; e < d; ++e)
-              column[e * tp] = static_cast<int16_t>(uniform_code(x[e], u.scale, u.zero, u.qmin, u.qmax) - u.zero);
-          } else {
-            const bool padded_row = which < 2;
-            int16_t* dst = padded_row ? codes + which * qk_size + ((b * heads + h) * t + i) * dp
-                                      : v_codes + ((b * heads + h) * t + i) * d;
-            code_row_i16(x, d, u, dst);
-            if (padded_row) std::fill(dst + d, dst + dp, int16_t{0});
+          const size_t head_row = (b * heads + h) * t + i;
+          if (which < 2 && int8[which]) {
+            int8_t* dst = static_cast<int8_t*>(stored[which]) + head_row * dq;
+            row_sums[which][head_row] = code_row(x, d, u, offset[which], dst, dq);
+          } else if (which < 2) {
+            code_row(x, d, u, offset[which], static_cast<int16_t*>(stored[which]) + head_row * dq, dq);
+          } else if (!v_transposed) {
+            code_row(x, d, u, offset[which], static_cast<int16_t*>(stored[which]) + head_row * d, d);
+          } else {  // V^T: column i
+            const size_t first = (b * heads + h) * d * tv + i;
+            if (pv8)
+              code_column(x, d, u, offset[which], static_cast<int8_t*>(stored[which]) + first, tv);
+            else
+              code_column(x, d, u, offset[which], static_cast<int16_t*>(stored[which]) + first, tv);
           }
         }
       }
     }
   });
-  if (v_transposed && tp > t) {
-    for (size_t row = 0; row < batch * heads * d; ++row)
-      std::fill(v_codes + row * tp + t, v_codes + (row + 1) * tp, int16_t{0});
+  if (v_transposed) {  // V^T rows: zero padding, and their sums (int8)
+    for (size_t row = 0; row < batch * heads * d; ++row) {
+      if (pv8) {
+        int8_t* vt = static_cast<int8_t*>(stored[2]) + row * tv;
+        std::fill(vt + t, vt + tv, int8_t{0});
+        int32_t sum = 0;
+        for (size_t j = 0; j < t; ++j) sum += vt[j];
+        row_sums[2][row] = sum;
+      } else {
+        int16_t* vt = static_cast<int16_t*>(stored[2]) + row * tv;
+        std::fill(vt + t, vt + tv, int16_t{0});
+      }
+    }
   }
 
   // 2. Attention, one task per (batch, head, block of query rows).
@@ -357,14 +521,18 @@ Tensor& attention_out(KernelRuntimeContext& ctx, const Tensor& qkv, int64_t num_
   job->t = t;
   job->heads = heads;
   job->d = d;
-  job->q = codes;
-  job->k = codes + qk_size;
-  job->v = v_codes;
+  for (size_t w = 0; w < 3; ++w) {
+    Operand& o = w == 0 ? job->q : w == 1 ? job->k : job->v;
+    o.int8 = int8[w];
+    o.codes = stored[w];
+    o.sums = int8[w] ? row_sums[w] : nullptr;
+    o.shift = int8[w] ? static_cast<int32_t>(offset[w] - quant[w]->zero) : 0;
+  }
   // (q * qs) @ (k * ks)^T * scale: one float factor on the exact integer sum.
   job->alpha = static_cast<float>(static_cast<double>(uq.scale) * uk.scale * scale);
   job->log_bits = static_cast<int>(p_log_bits);
   if (p_log_bits == 0) {
-    job->p = make_uniform(p_scale, p_zero, p_qmin, p_qmax);
+    job->p = up;
     job->out_scale = static_cast<float>(static_cast<double>(job->p.scale) * uv.scale);
   } else {
     job->p = Uniform{static_cast<float>(p_scale), 0.0f, 0.0f, 0.0f, 0};

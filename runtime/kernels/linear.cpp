@@ -154,18 +154,32 @@ struct QuantizeJob {
 };
 
 // arith.layer_norm of one row: everything in double (biased variance), each
-// output rounded once to float, so the summation order does not show.
-void layer_norm_row(const float* x, size_t k, const float* g, const float* b, double eps, float* y) {
-  double sum = 0.0;
-  for (size_t i = 0; i < k; ++i) sum += x[i];
+// output rounded once to float, so the summation order does not show (the
+// sums run as kSums interleaved partial sums, which vectorize).
+VITQ_HOT_LOOPS void layer_norm_row(const float* __restrict x, size_t k, const float* __restrict g,
+                                   const float* __restrict b, double eps, float* __restrict y) {
+  constexpr size_t kSums = 4;
+  double part[kSums] = {0.0, 0.0, 0.0, 0.0};
+  size_t i = 0;
+  for (; i + kSums <= k; i += kSums)
+    for (size_t l = 0; l < kSums; ++l) part[l] += x[i + l];
+  double sum = (part[0] + part[1]) + (part[2] + part[3]);
+  for (; i < k; ++i) sum += x[i];
   const double mean = sum / static_cast<double>(k);
-  double sq = 0.0;
-  for (size_t i = 0; i < k; ++i) {
+  for (size_t l = 0; l < kSums; ++l) part[l] = 0.0;
+  for (i = 0; i + kSums <= k; i += kSums) {
+    for (size_t l = 0; l < kSums; ++l) {
+      const double d = x[i + l] - mean;
+      part[l] += d * d;
+    }
+  }
+  double sq = (part[0] + part[1]) + (part[2] + part[3]);
+  for (; i < k; ++i) {
     const double d = x[i] - mean;
     sq += d * d;
   }
   const double rstd = 1.0 / std::sqrt(sq / static_cast<double>(k) + eps);
-  for (size_t i = 0; i < k; ++i)
+  for (i = 0; i < k; ++i)
     y[i] = static_cast<float>(((x[i] - mean) * rstd) * static_cast<double>(g[i]) + static_cast<double>(b[i]));
 }
 
