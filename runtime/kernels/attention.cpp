@@ -211,6 +211,17 @@ inline int32_t code_row(const float* __restrict x, size_t n, const Uniform& u, f
   return sum;
 }
 
+// max(m, x) for a running maximum m (never a NaN): a NaN x is skipped. On
+// aarch64 fmaxnm, which vectorizes (GCC leaves the select there scalar); a
+// zero's sign may differ from the select's, which exp(s - max) does not see.
+inline float running_max(float m, float x) {
+#if defined(__aarch64__)
+  return std::fmax(m, x);
+#else
+  return x > m ? x : m;
+#endif
+}
+
 // arith.softmax of one row of scores, in place: exp(s - max) * f32(1 / sum),
 // the sum in double (any order gives the same float reciprocal but for ~1e-16).
 inline void softmax_row(float* __restrict p, size_t n) {
@@ -221,7 +232,7 @@ inline void softmax_row(float* __restrict p, size_t n) {
   for (size_t l = 0; l < kMaxLanes; ++l) lane_max[l] = -std::numeric_limits<float>::infinity();
   size_t j = 0;
   for (; j + kMaxLanes <= n; j += kMaxLanes)
-    for (size_t l = 0; l < kMaxLanes; ++l) lane_max[l] = p[j + l] > lane_max[l] ? p[j + l] : lane_max[l];
+    for (size_t l = 0; l < kMaxLanes; ++l) lane_max[l] = running_max(lane_max[l], p[j + l]);
   float max_score = lane_max[0];
   for (size_t l = 1; l < kMaxLanes; ++l) max_score = lane_max[l] > max_score ? lane_max[l] : max_score;
   for (; j < n; ++j) max_score = p[j] > max_score ? p[j] : max_score;
