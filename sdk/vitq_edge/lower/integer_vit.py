@@ -142,12 +142,11 @@ class IntLogLinear(nn.Module):
                                          self.delta, self.bits, self.k, self.weight_bits)
 
 
-def _tensor_params(q: Quantizer, what: str) -> tuple[float, int, int, int]:
+def _check_tensor_quantizer(q: Quantizer, what: str) -> None:
     _enabled(q, what)
     _require(type(q) is UniformQuantizer and q.granularity == "tensor", f"{what} is not per-tensor uniform")
     zero = _f32(q.zero_point)
     _require(zero == round(zero), f"{what} has a fractional zero point")
-    return (_f32(q.scale), int(zero), *q.qrange)
 
 
 class IntAttention(nn.Module):
@@ -158,15 +157,17 @@ class IntAttention(nn.Module):
         self.qkv = IntLinear(attn.qkv, f"{path}.qkv", PROLOGUE_LAYER_NORM, norm)
         self.proj = IntLinear(attn.proj, f"{path}.proj")
         self.num_heads, self.scale = attn.num_heads, float(attn.scale)
-        self.q = _tensor_params(attn.qk.a_quant, f"{path}.qk's q")
-        self.k = _tensor_params(attn.qk.b_quant, f"{path}.qk's k")
-        self.v = _tensor_params(attn.av.b_quant, f"{path}.av's v")
+        _check_tensor_quantizer(attn.qk.a_quant, f"{path}.qk's q")
+        _check_tensor_quantizer(attn.qk.b_quant, f"{path}.qk's k")
+        _check_tensor_quantizer(attn.av.b_quant, f"{path}.av's v")
         p = attn.av.a_quant
         if isinstance(p, LogQuantizer):
             _enabled(p, f"{path}'s attention probabilities")
-            self.p = (_f32(p.delta), 0, 0, 0, p.bits, p.k)
         else:
-            self.p = (*_tensor_params(p, f"{path}'s attention probabilities"), 0, 0)
+            _check_tensor_quantizer(p, f"{path}'s attention probabilities")
+        # The simulation's own parameters (QuantAttention.integer_params), in the op's argument order.
+        self.q, self.k, self.v, p_uniform, p_log = attn.integer_params()
+        self.p = (p_log[0], 0, 0, 0, *p_log[1:]) if p_log else (*p_uniform, 0, 0)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, **_) -> torch.Tensor:
         if attn_mask is not None:
