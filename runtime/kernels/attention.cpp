@@ -134,7 +134,7 @@ __attribute__((target("arch=armv8.2-a+dotprod"))) inline void dot_tile(const int
 // accumulators (pmaddwd on x86). The int8 variant only runs when forced
 // (VITQ_ATTENTION_INT8=1, for tests of its arithmetic off ARM).
 template <class Code>
-inline void dot_tile(const Code* const a[4], const Code* const b[4], size_t n, int32_t out[4][4]) {
+VITQ_INLINE void dot_tile(const Code* const a[4], const Code* const b[4], size_t n, int32_t out[4][4]) {
   const Code* __restrict b0 = b[0];
   const Code* __restrict b1 = b[1];
   const Code* __restrict b2 = b[2];
@@ -176,7 +176,7 @@ bool int8_codes() {
 // rows n long (a multiple of Lanes<Code>), A rows lda apart, B rows ldb apart.
 // Tiles at the edges repeat the last row and drop the repeats.
 template <class Code>
-inline void dot_rows(const Code* a, size_t lda, size_t rows_a, const Code* b, size_t ldb, size_t rows_b, size_t n,
+VITQ_INLINE void dot_rows(const Code* a, size_t lda, size_t rows_a, const Code* b, size_t ldb, size_t rows_b, size_t n,
                      int32_t* out, size_t ldo) {
   const Code* ar[4];
   for (size_t r = 0; r < 4; ++r) ar[r] = a + std::min(r, rows_a - 1) * lda;
@@ -198,7 +198,7 @@ inline void dot_rows(const Code* a, size_t lda, size_t rows_a, const Code* b, si
 // Stored codes c - offset of a row of n values (vectorizes), zero padded to
 // `width`; returns their sum.
 template <class Code>
-inline int32_t code_row(const float* __restrict x, size_t n, const Uniform& u, float offset, Code* __restrict dst,
+VITQ_INLINE int32_t code_row(const float* __restrict x, size_t n, const Uniform& u, float offset, Code* __restrict dst,
                         size_t width) {
   const float s = u.scale, z = u.zero, lo = u.qmin, hi = u.qmax;
   int32_t sum = 0;
@@ -224,7 +224,7 @@ inline float running_max(float m, float x) {
 
 // arith.softmax of one row of scores, in place: exp(s - max) * f32(1 / sum),
 // the sum in double (any order gives the same float reciprocal but for ~1e-16).
-inline void softmax_row(float* __restrict p, size_t n) {
+VITQ_INLINE void softmax_row(float* __restrict p, size_t n) {
   constexpr size_t kMaxLanes = 8;
   // The maximum over kMaxLanes interleaved running maxima (vectorizes; any
   // order gives the same maximum).
@@ -293,7 +293,7 @@ struct AttentionJob {
 // stored-code sums (int8 only). The offset terms are added exactly:
 // (sa + x)(sb + y) summed = sum sa sb + y sum sa + x sum sb + n x y.
 template <class Code>
-void exact_dots(const Code* a, const int32_t* a_sums, int32_t a_shift, size_t rows_a, const Code* b,
+VITQ_INLINE void exact_dots(const Code* a, const int32_t* a_sums, int32_t a_shift, size_t rows_a, const Code* b,
                 const int32_t* b_sums, int32_t b_shift, size_t rows_b, size_t n, size_t width, int32_t* dots,
                 size_t ldo) {
   dot_rows(a, width, rows_a, b, width, rows_b, width, dots, ldo);
@@ -307,7 +307,7 @@ void exact_dots(const Code* a, const int32_t* a_sums, int32_t a_shift, size_t ro
 
 // Scores of rows [i0, i0 + rows) of head bh against all keys, exact int32.
 template <class Code>
-void score_rows(const AttentionJob& job, size_t bh, size_t i0, size_t rows, int32_t* dots) {
+VITQ_INLINE void score_rows(const AttentionJob& job, size_t bh, size_t i0, size_t rows, int32_t* dots) {
   const size_t t = job.t, d = job.d, width = padded<Code>(d);
   const Code* qh = job.q.rows<Code>(bh * t, width);
   const Code* kh = job.k.rows<Code>(bh * t, width);
@@ -319,7 +319,7 @@ void score_rows(const AttentionJob& job, size_t bh, size_t i0, size_t rows, int3
 // A.V of uniform probability codes for `rows` rows of probabilities: iacc[r][c]
 // = sum_j (cp_j - zp)(cv_j - zv), exact int32.
 template <class Code>
-void weighted_values(const AttentionJob& job, size_t bh, const float* probs, size_t rows, int32_t* iacc) {
+VITQ_INLINE void weighted_values(const AttentionJob& job, size_t bh, const float* probs, size_t rows, int32_t* iacc) {
   const size_t t = job.t, d = job.d, width = padded<Code>(t);
   thread_local Scratch<Code> pcodes_buf;
   Code* pcodes = pcodes_buf.get(kRowTile * width, 0);
