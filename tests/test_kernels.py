@@ -199,16 +199,72 @@ def test_missing_kernels_library_is_a_clear_error(tmp_path):
     assert "not built" in proc.stdout and "build_runtime.sh" in proc.stdout
 
 
-@pytest.mark.skipif(os.environ.get("VITQ_ATTENTION_INT8") == "1", reason="already the int8 run")
-def test_attention_int8_codes_match_reference():
-    """The attention tests again with q/k and p/V stored as offset int8 codes (the path CPUs with
-    dot-product instructions take; forced here, on a CPU without them): the offset corrections
-    must give the same bits."""
-    env = {**os.environ, "VITQ_ATTENTION_INT8": "1"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "attention",
+FORCED_PATHS = {
+    # q/k and p/V stored as offset int8 codes: the path of CPUs with dot-product instructions
+    "attention int8 codes": ("VITQ_ATTENTION_INT8", "1", "attention"),
+    # our int8 GEMM (qs8_gemm.h), here in portable C++: the packing of CPUs without dot products (Pi 4)
+    "linear GEMM, pairs packing": ("VITQ_LINEAR_GEMM", "pairs", "linear and not emulated"),
+    # ... and of CPUs with them (Pi 5)
+    "linear GEMM, dot packing": ("VITQ_LINEAR_GEMM", "dot", "linear and not emulated"),
+}
+
+
+@pytest.mark.parametrize("path", FORCED_PATHS)
+def test_forced_code_paths_match_reference(path):
+    """The attention / linear tests again on the code path another CPU takes (forced here): the
+    offset corrections of the int8 codes, and our GEMM's packing, tails and epilogue, must give the
+    same bits."""
+    var, value, tests = FORCED_PATHS[path]
+    if os.environ.get("VITQ_FORCED_RUN") == "1":
+        pytest.skip("already a forced run")  # (the -k filter selects these tests too)
+    env = {**os.environ, var: value, "VITQ_FORCED_RUN": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", tests,
                            __file__], capture_output=True, text=True, env=env, cwd=REPO, timeout=1800)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     assert " passed" in proc.stdout and " failed" not in proc.stdout
+
+
+def _emulated_pis_ready() -> bool:
+    from vitq_edge.device.emulated import find_qemu
+    from vitq_edge.errors import VitqError
+
+    try:
+        find_qemu()
+    except VitqError:
+        return False
+    return (runtime_dir() / "aarch64" / "lib" / "libvitq_kernels.so").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _emulated_pis_ready(), reason="no aarch64 bundle or qemu (bash tools/setup.sh)")
+@pytest.mark.parametrize("case", ["random", "-128 pairs, saturated"])
+@pytest.mark.parametrize("device", ["emulated-rpi4", "emulated-rpi5"])
+def test_linear_on_emulated_pi_matches_reference(tmp_path, device, case):
+    """vitq::linear on the emulated Pis, where our NEON GEMMs run (Cortex-A72: smull/smlal2 pairs in
+    int16 lanes; Cortex-A76: sdot): the host's bits, i.e. the reference's. On the A72 a -128/-128
+    weight pair at k and k + 8 meeting inputs of code -128 would overflow an int16 lane (XNNPACK's
+    neon_mlal kernels get this case wrong): our GEMM packs -128 as -127 and corrects the sums."""
+    import numpy as np
+    from executorch.exir import to_edge
+    from vitq_edge.device import get_device
+    from vitq_edge.device.runner import RunRequest
+
+    k, n, tokens = 200, 43, 17  # K not a multiple of 16, N of 4, tokens of 4: every tail of the tiles
+    args = linear_args(k, n, tokens, seed=5)
+    x = torch.randn(1, 1, tokens, k, generator=torch.Generator().manual_seed(6)) * 2
+    if case != "random":
+        w = args[0].clone()
+        w[0, 0] = w[0, 8] = w[n - 1, 16] = w[n - 1, 24] = -128
+        args[0] = w
+        x[0, 0, 3] = -1e4  # code 0 = -128 after the unsigned shift, at every k
+    program = to_edge(torch.export.export(OneOp(torch.ops.vitq.linear, args), (x,), strict=False)).to_executorch()
+    pte, inputs = tmp_path / "linear.pte", tmp_path / "x.npy"
+    pte.write_bytes(program.buffer)
+    np.save(inputs, x.numpy())
+    with get_device(device).session(pte) as session:
+        result = session.run(RunRequest(inputs=[inputs], outputs=True, timeout=600))
+    got = torch.from_numpy(result.output).reshape(1, 1, tokens, n)
+    assert_same(got, linear.reference(x, *args))
 
 
 ASAN_LIB = runtime_dir() / "host-asan" / "lib" / "libvitq_kernels.so"

@@ -7,7 +7,9 @@
 //   3. out = sum_k (c - z) s * (w' - wz) ws + bias with XNNPACK's dynamically
 //      quantized fully-connected operator (qd8_f32_qc8w; 4-bit weights are
 //      unpacked to int8 at prepack, see kUseQc4wKernels): int8 x int8
-//      products, int32 sums, one float scale per row and per output channel;
+//      products, int32 sums, one float scale per row and per output channel.
+//      On the Pis' CPUs (aarch64) our own GEMM computes the x86 host's bits,
+//      with fewer instructions (qs8_gemm.h);
 //   4. fix-ups after the GEMM: the rank-1 term of nonzero weight zero points,
 //      and the outliers' products with the weight values (sparse, rare), summed
 //      in double and added once, as arith.quantized_linear.
@@ -21,6 +23,7 @@
 
 #include "common.h"
 #include "op_cache.h"
+#include "qs8_gemm.h"
 #include "quant_math.h"
 #include "weights.h"
 
@@ -29,9 +32,12 @@ namespace {
 
 constexpr int64_t kPrologueNone = 0, kPrologueLayerNorm = 1, kPrologueGelu = 2;
 
-// A prepacked qd8 fully-connected operator and what the fix-ups need.
+// A prepacked qd8 fully-connected operator (XNNPACK's, or ours when `own`)
+// and what the fix-ups need.
 struct LinearOp {
   XnnOperator op;
+  bool own = false;
+  Qs8Gemm gemm;  // when own; read-only after creation, so runs need no lock
   bool qc4w = false;
   size_t k_padded = 0;  // input channels of the operator (K, or K + 1: see padded_nibbles)
   // ws[n] * wz[n] per output channel; empty when every weight zero point is 0.
@@ -110,9 +116,14 @@ std::shared_ptr<LinearOp> create_linear_op(const Weights& w, xnn_status* status)
       unpacked = unpack_to_int8(w);
       kernel = unpacked.data();
     }
-    *status = xnn_create_fully_connected_nc_qd8_f32_qc8w(
-        k, n, k, n, w.scale, kernel, w.bias, -inf, inf,
-        /*flags=*/0, /*weights_cache=*/nullptr, entry->op.out());
+    entry->own = qs8_gemm_layout() != Qs8Layout::kNone;
+    if (entry->own) {
+      qs8_gemm_create(qs8_gemm_layout(), kernel, n, k, w.scale, w.bias, &entry->gemm);
+    } else {
+      *status = xnn_create_fully_connected_nc_qd8_f32_qc8w(
+          k, n, k, n, w.scale, kernel, w.bias, -inf, inf,
+          /*flags=*/0, /*weights_cache=*/nullptr, entry->op.out());
+    }
   }
   if (*status != xnn_status_success) return nullptr;
   bool any_zero = false;
@@ -183,17 +194,20 @@ VITQ_HOT_LOOPS void layer_norm_row(const float* __restrict x, size_t k, const fl
     y[i] = static_cast<float>(((x[i] - mean) * rstd) * static_cast<double>(g[i]) + static_cast<double>(b[i]));
 }
 
-// Codes of one row, shifted into int8 by `offset`; values with |v| > threshold
-// (outliers; threshold = +inf for none) get the code of 0, i.e. z. Returns
-// sum (c - z). Kept free of calls and branches so it vectorizes.
-int32_t quantize_row(const float* __restrict src, size_t k, float s, float z, float qmin, float qmax,
-                     float threshold, int32_t offset, int8_t* __restrict dst) {
+// Codes of one row, shifted into int8 by `offset`; with kOutliers, values with
+// |v| > threshold get the code of 0, i.e. z. Returns sum (c - z) when kRowSum
+// (else 0). Kept free of calls and branches so it vectorizes; the variants
+// drop the work a layer does not need (the outlier select alone was a third of
+// the loop's instructions on aarch64).
+template <bool kOutliers, bool kRowSum>
+VITQ_INLINE int32_t quantize_row(const float* __restrict src, size_t k, float s, float z, float qmin, float qmax,
+                                 float threshold, int32_t offset, int8_t* __restrict dst) {
   int32_t row_sum = 0;
   for (size_t i = 0; i < k; ++i) {
-    const float v = std::fabs(src[i]) > threshold ? 0.0f : src[i];
+    const float v = kOutliers && std::fabs(src[i]) > threshold ? 0.0f : src[i];
     const float c = uniform_code(v, s, z, qmin, qmax);
     dst[i] = static_cast<int8_t>(static_cast<int32_t>(c) - offset);
-    row_sum += static_cast<int32_t>(c - z);
+    if (kRowSum) row_sum += static_cast<int32_t>(c - z);
   }
   return row_sum;
 }
@@ -223,7 +237,13 @@ VITQ_HOT_LOOPS void quantize_rows(const QuantizeJob& job, size_t task) {
     const float s = job.scale[p], z = job.zero[p];
     int8_t* dst = job.codes + m * job.stride;
     if (job.stride > job.k) dst[job.k] = static_cast<int8_t>(static_cast<int32_t>(z) - job.offset);
-    const int32_t row_sum = quantize_row(src, job.k, s, z, job.qmin, job.qmax, threshold, job.offset, dst);
+    int32_t row_sum;
+    if (outliers)
+      row_sum = job.want_row_sums ? quantize_row<true, true>(src, job.k, s, z, job.qmin, job.qmax, threshold, job.offset, dst)
+                                  : quantize_row<true, false>(src, job.k, s, z, job.qmin, job.qmax, threshold, job.offset, dst);
+    else
+      row_sum = job.want_row_sums ? quantize_row<false, true>(src, job.k, s, z, job.qmin, job.qmax, threshold, job.offset, dst)
+                                  : quantize_row<false, false>(src, job.k, s, z, job.qmin, job.qmax, threshold, job.offset, dst);
     if (outliers) {  // rare: remember them for the exact float correction
       for (size_t i = 0; i < job.k; ++i)
         if (std::fabs(src[i]) > threshold) (*job.outliers)[task].push_back({m, static_cast<int64_t>(i), src[i]});
@@ -356,9 +376,11 @@ Tensor& linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& wei
   // the last row's result.
   for (size_t i = m; i < m + VITQ_XNN_EXTRA_QUANTIZATION_PARAMS; ++i) job.qparams[i] = job.qparams[m - 1];
 
-  // 3. The integer GEMM (one operator run at a time: it holds setup state).
+  // 3. The integer GEMM (one XNNPACK operator run at a time: it holds setup state).
   float* y = out.mutable_data_ptr<float>();
-  {
+  if (op->own) {
+    qs8_gemm_run(op->gemm, job.codes, job.stride, m, job.qparams, y);
+  } else {
     std::lock_guard<std::mutex> lock(op->run_mutex);
     pthreadpool_t pool = threadpool();
     size_t workspace_bytes = 0;

@@ -235,7 +235,7 @@ def integer_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def integer_linear(x_codes: torch.Tensor, x_zero: torch.Tensor, x_scale: torch.Tensor, w_int: torch.Tensor,
                    w_zero: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """sum_k (c - z) s (w' - wz) ws + b, rounded as the kernel (XNNPACK qd8 GEMM) rounds it.
+    """sum_k (c - z) s (w' - wz) ws + b, rounded as the kernel (XNNPACK's qd8 GEMM, ours on aarch64) rounds it.
 
     x_codes [..., K] with x_zero / x_scale broadcasting per row ([..., 1] or scalars);
     w_int [N, K] integers w', w_zero / w_scale [N]. The GEMM sums (c - z) w' exactly, then

@@ -1,0 +1,75 @@
+// Our int8 GEMM with XNNPACK's qd8 epilogue, for the Raspberry Pis' CPUs.
+//
+//   y[m][n] = fma(float(sum_k (a[m][k] - zp[m]) w[n][k]) * s[m], ws[n], bias[n])
+//
+// the same integers and the same float steps as XNNPACK's x86 qd8_f32_qc8w
+// fully-connected kernels (arith.integer_linear), so a Pi computes the host's
+// bits. Two packings of the weights, chosen by the CPU:
+//
+//   kPairs (no dot product: Pi 4, Cortex-A72): 4x4 tiles of 16-deep int8 dot
+//     products, smull + smlal2 + sadalp (16 products per 3 instructions);
+//     ~4.3 products per instruction against ~3.2 for XNNPACK's 2x8c2s4
+//     neon_mlal kernels. Packed [n/4][k/16][4 columns][16 k].
+//   kDot (Pi 5, Cortex-A76): 8x8 tiles of sdot by lane, packed
+//     [n/8][k/16][4 k-quads][2 x 4 columns][4 k]. XNNPACK's dot-product
+//     kernels round the epilogue differently (a Pi 5 would not give the
+//     host's bits); ours do not.
+//
+// kPairs adds two int8 x int8 products in an int16 lane (a[k] w[k] +
+// a[k+8] w[k+8]), which overflows when both weights AND both inputs are
+// -128. So there weights of -128 are packed as -127 and the difference, -a[k]
+// for each of them, is added to the int32 sums exactly (a sparse correction:
+// such weights are rare, e.g. the lowest code of an asymmetric channel).
+// XNNPACK's neon_mlal kernels pair products the same way without that
+// correction: a -128 pair meeting inputs of code -128 gives a wrong sum
+// (test_kernels.py: test_linear_on_emulated_pi_matches_reference).
+//
+// Lifecycle as XNNPACK's operators: qs8_gemm_create packs the weights once;
+// qs8_gemm_run computes one product (no state: threads may share a packing).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "xnnpack_api.h"
+
+namespace vitq {
+
+enum class Qs8Layout { kNone, kPairs, kDot };
+
+struct Qs8Gemm {
+  // A weight of -128 packed as -127 (kPairs): its column within the group and k.
+  struct Fix {
+    uint32_t col, k;
+  };
+  Qs8Layout layout = Qs8Layout::kNone;
+  size_t n = 0, k = 0;
+  size_t k_blocks = 0;  // ceil(k / 16)
+  size_t n_groups = 0;  // ceil(n / columns per group)
+  std::vector<int8_t> packed;  // zero beyond n and k
+  // Per column, padded to whole groups: sum_k w[n][k], ws[n], bias[n].
+  std::vector<int32_t> weight_sums;
+  std::vector<float> scale, bias;
+  // fixes[fix_start[g] .. fix_start[g + 1]) belong to column group g.
+  std::vector<Fix> fixes;
+  std::vector<size_t> fix_start;
+};
+
+// The packing vitq::linear uses on this CPU: kPairs / kDot on aarch64 without /
+// with dot-product instructions, kNone (XNNPACK's GEMM) elsewhere.
+// VITQ_LINEAR_GEMM=pairs, =dot or =xnnpack overrides the choice (tests of the
+// packings' arithmetic on x86, where they run in portable C++; A/B measurements).
+Qs8Layout qs8_gemm_layout();
+
+// Packs w [n][k] int8 (row-major) with per-column scale and bias (layout != kNone).
+void qs8_gemm_create(Qs8Layout layout, const int8_t* w, size_t n, size_t k, const float* scale, const float* bias,
+                     Qs8Gemm* gemm);
+
+// y [m][n] (row-major) from the int8 codes a [m][lda] (reads up to 15 bytes
+// past each row's k: the caller's buffer needs that slack) and one
+// {zero_point, scale} per row. Rows are split over the thread pool.
+void qs8_gemm_run(const Qs8Gemm& gemm, const int8_t* a, size_t lda, size_t m, const xnn_quantization_params* rows,
+                  float* y);
+
+}  // namespace vitq

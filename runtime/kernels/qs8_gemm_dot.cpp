@@ -1,0 +1,50 @@
+// The kDot tile of our int8 GEMM (qs8_gemm.h), for CPUs with dot-product
+// instructions: this file is compiled for Armv8.2-A + dot product
+// (CMakeLists.txt) and only called where the CPU has them (qs8_gemm_layout).
+#include "qs8_gemm_tiles.h"
+
+#if defined(__aarch64__)
+namespace vitq::qs8 {
+namespace {
+
+// An 8x8 tile: each sdot adds a 4-deep product to 4 columns of one row, the
+// row's 4 codes taken by lane, so the accumulators are the outputs (no
+// reduction, no overflow: int8 x int8 into int32).
+struct DotTile {
+  static inline void run(const int8_t* const a[], const int8_t* b, size_t k_blocks, const TileParams& p,
+                         float* out, size_t ldo) {
+    constexpr size_t mr = 8;
+    int32x4_t acc[mr][2];
+    for (size_t r = 0; r < mr; ++r) acc[r][0] = acc[r][1] = vdupq_n_s32(0);
+    for (size_t kb = 0; kb < k_blocks; ++kb) {
+      int8x16_t va[mr], vb[8];
+      for (size_t r = 0; r < mr; ++r) va[r] = vld1q_s8(a[r] + kb * kKc);
+      for (size_t v = 0; v < 8; ++v) vb[v] = vld1q_s8(b + v * 16);  // k-quad v / 2, columns 4 (v % 2) ...
+      b += 8 * kKc;
+      for (size_t r = 0; r < mr; ++r) {
+        acc[r][0] = vdotq_laneq_s32(acc[r][0], vb[0], va[r], 0);
+        acc[r][1] = vdotq_laneq_s32(acc[r][1], vb[1], va[r], 0);
+        acc[r][0] = vdotq_laneq_s32(acc[r][0], vb[2], va[r], 1);
+        acc[r][1] = vdotq_laneq_s32(acc[r][1], vb[3], va[r], 1);
+        acc[r][0] = vdotq_laneq_s32(acc[r][0], vb[4], va[r], 2);
+        acc[r][1] = vdotq_laneq_s32(acc[r][1], vb[5], va[r], 2);
+        acc[r][0] = vdotq_laneq_s32(acc[r][0], vb[6], va[r], 3);
+        acc[r][1] = vdotq_laneq_s32(acc[r][1], vb[7], va[r], 3);
+      }
+    }
+    for (size_t r = 0; r < mr; ++r) {
+      vst1q_f32(out + r * ldo, epilogue(acc[r][0], p, r, 0));
+      vst1q_f32(out + r * ldo + 4, epilogue(acc[r][1], p, r, 4));
+    }
+  }
+};
+
+}  // namespace
+
+void run_rows_dot(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t m, size_t row_begin, size_t row_end,
+                  const xnn_quantization_params* rows, float* y) {
+  run_rows<Qs8Layout::kDot, DotTile>(g, a, lda, m, row_begin, row_end, rows, y);
+}
+
+}  // namespace vitq::qs8
+#endif
