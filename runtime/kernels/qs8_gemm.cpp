@@ -59,7 +59,15 @@ struct PairsTile {
       qs8::fix_sums(a, mr, p, fix);
       for (size_t r = 0; r < mr; ++r) sums[r] = vaddq_s32(sums[r], vld1q_s32(fix[r]));
     }
-    for (size_t r = 0; r < mr; ++r) vst1q_f32(out + r * ldo, qs8::epilogue(sums[r], p, r, 0));
+    const qs8::Columns cols = qs8::load_columns(p, 0);
+    int32_t zero_point[mr];
+    float input_scale[mr];
+    for (size_t r = 0; r < mr; ++r) {
+      zero_point[r] = p.zero_point[r];
+      input_scale[r] = p.input_scale[r];
+    }
+    for (size_t r = 0; r < mr; ++r)
+      vst1q_f32(out + r * ldo, qs8::epilogue(sums[r], cols, zero_point[r], input_scale[r]));
   }
 };
 #endif

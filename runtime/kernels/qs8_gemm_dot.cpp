@@ -32,9 +32,16 @@ struct DotTile {
         acc[r][1] = vdotq_laneq_s32(acc[r][1], vb[7], va[r], 3);
       }
     }
+    const Columns c0 = load_columns(p, 0), c1 = load_columns(p, 4);
+    int32_t zero_point[mr];
+    float input_scale[mr];
     for (size_t r = 0; r < mr; ++r) {
-      vst1q_f32(out + r * ldo, epilogue(acc[r][0], p, r, 0));
-      vst1q_f32(out + r * ldo + 4, epilogue(acc[r][1], p, r, 4));
+      zero_point[r] = p.zero_point[r];
+      input_scale[r] = p.input_scale[r];
+    }
+    for (size_t r = 0; r < mr; ++r) {
+      vst1q_f32(out + r * ldo, epilogue(acc[r][0], c0, zero_point[r], input_scale[r]));
+      vst1q_f32(out + r * ldo + 4, epilogue(acc[r][1], c1, zero_point[r], input_scale[r]));
     }
   }
 };

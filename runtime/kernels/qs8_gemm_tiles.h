@@ -51,13 +51,24 @@ inline void fix_sums(const int8_t* const a[], size_t mr, const TileParams& p, in
 }
 
 #if defined(__aarch64__)
-// sum (int32x4, 4 columns from c0) - zp * weight_sums (exact: |zp| <= 128,
+// The epilogue's inputs of 4 columns from c0, loaded once per tile: loaded
+// per row, after stores to `out` (a float*, which may alias them), GCC
+// reloads them for every row.
+struct Columns {
+  int32x4_t weight_sums;
+  float32x4_t scale, bias;
+};
+inline Columns load_columns(const TileParams& p, size_t c0) {
+  return {vld1q_s32(p.weight_sums + c0), vld1q_f32(p.scale + c0), vld1q_f32(p.bias + c0)};
+}
+
+// sum (int32x4, 4 columns) - zp * weight_sums (exact: |zp| <= 128,
 // |weight_sums| <= 128 k), then XNNPACK's epilogue: float(sum) * s rounded,
 // then one fused multiply-add with ws and bias.
-inline float32x4_t epilogue(int32x4_t sum, const TileParams& p, size_t r, size_t c0) {
-  sum = vmlsq_n_s32(sum, vld1q_s32(p.weight_sums + c0), p.zero_point[r]);
-  const float32x4_t v = vmulq_n_f32(vcvtq_f32_s32(sum), p.input_scale[r]);
-  return vfmaq_f32(vld1q_f32(p.bias + c0), v, vld1q_f32(p.scale + c0));
+inline float32x4_t epilogue(int32x4_t sum, const Columns& c, int32_t zero_point, float input_scale) {
+  sum = vmlsq_n_s32(sum, c.weight_sums, zero_point);
+  const float32x4_t v = vmulq_n_f32(vcvtq_f32_s32(sum), input_scale);
+  return vfmaq_f32(c.bias, v, c.scale);
 }
 #endif
 
