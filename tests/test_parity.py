@@ -79,7 +79,8 @@ def test_host_program_matches_the_simulation(reference, tmp_path, recipe, bits):
 
 def test_emulated_pis_agree_with_host(tmp_path):
     """A full CLI build (adfq W4A4: every kernel and code path), then 500 images on the emulated Pi 4
-    (Cortex-A72: int16 attention) and Pi 5 (Cortex-A76: int8 q.k^T on its dot-product instructions)."""
+    (Cortex-A72: int16 attention, the smull/smlal2 GEMM) and Pi 5 (Cortex-A76: int8 q.k^T and the
+    GEMM on its dot-product instructions): the host's logits."""
     from vitq_edge.evaluate import device_logits
 
     out = tmp_path / "adfq"
@@ -103,3 +104,5 @@ def test_emulated_pis_agree_with_host(tmp_path):
         assert info["detected_cpu"]["uarch"] == uarch
         assert len(emulated) == 500
         assert np.array_equal(emulated.argmax(1), host.argmax(1)), device
+        # In fact bit for bit: every kernel on the Pis (our GEMM included) rounds as on the host.
+        assert np.array_equal(emulated, host), (device, float(np.abs(emulated - host).max()))

@@ -237,13 +237,15 @@ VITQ_HOT_LOOPS void quantize_rows(const QuantizeJob& job, size_t task) {
     const float s = job.scale[p], z = job.zero[p];
     int8_t* dst = job.codes + m * job.stride;
     if (job.stride > job.k) dst[job.k] = static_cast<int8_t>(static_cast<int32_t>(z) - job.offset);
+    const float lo = job.qmin, hi = job.qmax;
+    const int32_t off = job.offset;
     int32_t row_sum;
     if (outliers)
-      row_sum = job.want_row_sums ? quantize_row<true, true>(src, job.k, s, z, job.qmin, job.qmax, threshold, job.offset, dst)
-                                  : quantize_row<true, false>(src, job.k, s, z, job.qmin, job.qmax, threshold, job.offset, dst);
+      row_sum = job.want_row_sums ? quantize_row<true, true>(src, job.k, s, z, lo, hi, threshold, off, dst)
+                                  : quantize_row<true, false>(src, job.k, s, z, lo, hi, threshold, off, dst);
     else
-      row_sum = job.want_row_sums ? quantize_row<false, true>(src, job.k, s, z, job.qmin, job.qmax, threshold, job.offset, dst)
-                                  : quantize_row<false, false>(src, job.k, s, z, job.qmin, job.qmax, threshold, job.offset, dst);
+      row_sum = job.want_row_sums ? quantize_row<false, true>(src, job.k, s, z, lo, hi, threshold, off, dst)
+                                  : quantize_row<false, false>(src, job.k, s, z, lo, hi, threshold, off, dst);
     if (outliers) {  // rare: remember them for the exact float correction
       for (size_t i = 0; i < job.k; ++i)
         if (std::fabs(src[i]) > threshold) (*job.outliers)[task].push_back({m, static_cast<int64_t>(i), src[i]});

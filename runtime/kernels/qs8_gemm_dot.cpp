@@ -19,7 +19,7 @@ struct DotTile {
     for (size_t kb = 0; kb < k_blocks; ++kb) {
       int8x16_t va[mr], vb[8];
       for (size_t r = 0; r < mr; ++r) va[r] = vld1q_s8(a[r] + kb * kKc);
-      for (size_t v = 0; v < 8; ++v) vb[v] = vld1q_s8(b + v * 16);  // k-quad v / 2, columns 4 (v % 2) ...
+      for (size_t v = 0; v < 8; ++v) vb[v] = vld1q_s8(b + v * 16);  // k-quad v / 2, columns 4 (v % 2) to +3
       b += 8 * kKc;
       for (size_t r = 0; r < mr; ++r) {
         acc[r][0] = vdotq_laneq_s32(acc[r][0], vb[0], va[r], 0);
