@@ -30,8 +30,6 @@
 
 #if defined(__aarch64__)
 #include <arm_neon.h>
-#include <asm/hwcap.h>
-#include <sys/auxv.h>
 #endif
 
 #include "common.h"
@@ -162,14 +160,14 @@ VITQ_INLINE void dot_tile(const Code* const a[4], const Code* const b[4], size_t
 // int16 ones. The corrections for the offsets are exact integer terms.
 bool int8_codes() {
 #if defined(__aarch64__)
-  static const bool yes = (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+  return cpu_has_dot_product();
 #else
   static const bool yes = [] {
     const char* force = std::getenv("VITQ_ATTENTION_INT8");
     return force != nullptr && std::strcmp(force, "1") == 0;
   }();
-#endif
   return yes;
+#endif
 }
 
 // out[r * ldo + c] = dot(A row r, B row c) for r < rows_a (<= 4), c < rows_b,

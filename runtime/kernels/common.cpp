@@ -6,6 +6,11 @@
 #include <algorithm>
 #include <mutex>
 
+#if defined(__aarch64__)
+#include <asm/hwcap.h>
+#include <sys/auxv.h>
+#endif
+
 #ifndef VITQ_KERNELS_VERSION
 #define VITQ_KERNELS_VERSION "dev"
 #endif
@@ -22,6 +27,15 @@ bool xnnpack_ready() {
   static bool ok = false;
   std::call_once(once, [] { ok = xnn_initialize(nullptr) == xnn_status_success; });
   return ok;
+}
+
+bool cpu_has_dot_product() {
+#if defined(__aarch64__)
+  static const bool yes = (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0;
+  return yes;
+#else
+  return false;
+#endif
 }
 
 // Kept out of line so the loop is vectorized on its own (restrict pointers).

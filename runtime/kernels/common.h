@@ -48,6 +48,10 @@ inline pthreadpool_t threadpool() {
 // call is idempotent). False when XNNPACK cannot run on this CPU.
 bool xnnpack_ready();
 
+// Whether the CPU has the Armv8.2-A dot-product instructions (sdot; the
+// Pi 5's Cortex-A76, not the Pi 4's A72), read once from HWCAP. False off aarch64.
+bool cpu_has_dot_product();
+
 // y = GELU(x) for n floats as arith.gelu computes it (quant_math.h: gelu),
 // chunks on the thread pool. (XNNPACK's GELU is a different approximation:
 // its last bits differ from the simulation's.)

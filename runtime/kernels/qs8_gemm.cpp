@@ -9,11 +9,6 @@
 #include "common.h"
 #include "qs8_gemm_tiles.h"
 
-#if defined(__aarch64__)
-#include <asm/hwcap.h>
-#include <sys/auxv.h>
-#endif
-
 namespace vitq {
 namespace {
 
@@ -120,7 +115,7 @@ Qs8Layout qs8_gemm_layout() {
     if (force != nullptr && std::strcmp(force, "dot") == 0) return Qs8Layout::kDot;
     if (force != nullptr && std::strcmp(force, "xnnpack") == 0) return Qs8Layout::kNone;
 #if defined(__aarch64__)
-    return (getauxval(AT_HWCAP) & HWCAP_ASIMDDP) != 0 ? Qs8Layout::kDot : Qs8Layout::kPairs;
+    return cpu_has_dot_product() ? Qs8Layout::kDot : Qs8Layout::kPairs;
 #else
     return Qs8Layout::kNone;
 #endif
