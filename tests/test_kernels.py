@@ -200,12 +200,11 @@ def test_missing_kernels_library_is_a_clear_error(tmp_path):
 
 
 FORCED_PATHS = {
-    # q/k and p/V stored as offset int8 codes: the path of CPUs with dot-product instructions
-    "attention int8 codes": ("VITQ_ATTENTION_INT8", "1", "attention"),
-    # our int8 GEMM (qs8_gemm.h), here in portable C++: the packing of CPUs without dot products (Pi 4)
-    "linear GEMM, pairs packing": ("VITQ_LINEAR_GEMM", "pairs", "linear and not emulated"),
+    # our int8 GEMM (qs8_gemm.h), here in portable C++, for the linear layers and the attention's
+    # int8 codes: the packing of CPUs without dot products (Pi 4), with its -128 fixes ...
+    "int8 GEMM, pairs packing": ("VITQ_GEMM", "pairs", "(linear or attention) and not emulated"),
     # ... and of CPUs with them (Pi 5)
-    "linear GEMM, dot packing": ("VITQ_LINEAR_GEMM", "dot", "linear and not emulated"),
+    "int8 GEMM, dot packing": ("VITQ_GEMM", "dot", "(linear or attention) and not emulated"),
 }
 
 
@@ -235,6 +234,22 @@ def _emulated_pis_ready() -> bool:
     return (runtime_dir() / "aarch64" / "lib" / "libvitq_kernels.so").is_file()
 
 
+def run_on_device(device: str, op, x: torch.Tensor, args: list, tmp_path) -> torch.Tensor:
+    """`op(x, *args)` as a one-op .pte run by vitq-runner on `device`; the output, flat."""
+    import numpy as np
+    from executorch.exir import to_edge
+    from vitq_edge.device import get_device
+    from vitq_edge.device.runner import RunRequest
+
+    program = to_edge(torch.export.export(OneOp(op, args), (x,), strict=False)).to_executorch()
+    pte, inputs = tmp_path / "op.pte", tmp_path / "x.npy"
+    pte.write_bytes(program.buffer)
+    np.save(inputs, x.numpy())
+    with get_device(device).session(pte) as session:
+        result = session.run(RunRequest(inputs=[inputs], outputs=True, timeout=600))
+    return torch.from_numpy(result.output).flatten()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not _emulated_pis_ready(), reason="no aarch64 bundle or qemu (bash tools/setup.sh)")
 @pytest.mark.parametrize("case", ["random", "-128 pairs, saturated"])
@@ -244,11 +259,6 @@ def test_linear_on_emulated_pi_matches_reference(tmp_path, device, case):
     int16 lanes; Cortex-A76: sdot): the host's bits, i.e. the reference's. On the A72 a -128/-128
     weight pair at k and k + 8 meeting inputs of code -128 would overflow an int16 lane (XNNPACK's
     neon_mlal kernels get this case wrong): our GEMM packs -128 as -127 and corrects the sums."""
-    import numpy as np
-    from executorch.exir import to_edge
-    from vitq_edge.device import get_device
-    from vitq_edge.device.runner import RunRequest
-
     k, n, tokens = 200, 43, 17  # K not a multiple of 16, N of 4, tokens of 4: every tail of the tiles
     args = linear_args(k, n, tokens, seed=5)
     x = torch.randn(1, 1, tokens, k, generator=torch.Generator().manual_seed(6)) * 2
@@ -257,14 +267,23 @@ def test_linear_on_emulated_pi_matches_reference(tmp_path, device, case):
         w[0, 0] = w[0, 8] = w[n - 1, 16] = w[n - 1, 24] = -128
         args[0] = w
         x[0, 0, 3] = -1e4  # code 0 = -128 after the unsigned shift, at every k
-    program = to_edge(torch.export.export(OneOp(torch.ops.vitq.linear, args), (x,), strict=False)).to_executorch()
-    pte, inputs = tmp_path / "linear.pte", tmp_path / "x.npy"
-    pte.write_bytes(program.buffer)
-    np.save(inputs, x.numpy())
-    with get_device(device).session(pte) as session:
-        result = session.run(RunRequest(inputs=[inputs], outputs=True, timeout=600))
-    got = torch.from_numpy(result.output).reshape(1, 1, tokens, n)
+    got = run_on_device(device, torch.ops.vitq.linear, x, args, tmp_path).reshape(1, 1, tokens, n)
     assert_same(got, linear.reference(x, *args))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _emulated_pis_ready(), reason="no aarch64 bundle or qemu (bash tools/setup.sh)")
+@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("device", ["emulated-rpi4", "emulated-rpi5"])
+def test_attention_on_emulated_pi_matches_reference(tmp_path, device, signed):
+    """vitq::attention on the emulated Pis, where q.k^T and A.V run on our GEMM's NEON tiles (int8
+    codes with offsets). Saturated q / k / v put codes of -128 on both sides of the A72's int16 pairs:
+    the keys' and V's -128 are packed as -127 and corrected."""
+    tokens, head_dim = 37, 24  # tails of the 4- and 8-row tiles, of 16-deep blocks and of column groups
+    qkv = torch.randn(1, tokens, 3 * 3 * head_dim, generator=torch.Generator().manual_seed(8)) * 50
+    args = attention_args(False, signed=signed)
+    got = run_on_device(device, torch.ops.vitq.attention, qkv, args, tmp_path).reshape(1, tokens, 3 * head_dim)
+    assert_same(got, attention.reference(qkv, *args))
 
 
 ASAN_LIB = runtime_dir() / "host-asan" / "lib" / "libvitq_kernels.so"

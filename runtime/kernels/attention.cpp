@@ -12,16 +12,15 @@
 //
 // How: the codes are stored once in a head-major layout, rows zero padded to
 // whole vectors: q, k as [B, H, T, D]; V as V^T [B, H, D, T] for uniform
-// probability codes (as [B, H, T, D] for log codes). Stored as int16 c - zero,
-// or, on CPUs with dot-product instructions (Cortex-A76) and codes that fit 8
-// bits, as int8 c - (qmin + 128), the offset terms added back exactly. Then
-// one task per (batch, head, block of query rows) does, 4 query rows at a
-// time, the scores as 4x4 tiles of dot products, the softmax, the probability
-// codes and A.V: for uniform codes dense dot products with the rows of V^T
-// (the same tiles), for log codes a double sum of the V rows whose level is
-// not 0. Every integer sum is exact in int32; nothing of size T x T is stored.
-// Tiles: NEON smlal (int16) or sdot (int8) on aarch64, the compiler's
-// vectorizer elsewhere (pmaddwd on x86).
+// probability codes (as [B, H, T, D] for log codes). Where our int8 GEMM runs
+// (qs8_gemm.h: the Pis) and codes fit 8 bits, they are stored as int8
+// c - offset, the offset terms added back exactly, and each head's keys and
+// V^T are packed as the GEMM's columns; elsewhere as int16 c - zero. Then one
+// task per (batch, head, block of query rows) does, 8 query rows at a time,
+// the scores (GEMM tiles, or 4x4 int16 dot-product tiles), the softmax, the
+// probability codes and A.V: for uniform codes dense products with V^T (the
+// same tiles), for log codes a double sum of the V rows whose level is not 0.
+// Every integer sum is exact in int32; nothing of size T x T is stored.
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -33,6 +32,7 @@
 #endif
 
 #include "common.h"
+#include "qs8_gemm.h"
 #include "quant_math.h"
 
 namespace vitq {
@@ -43,10 +43,6 @@ struct Uniform {
   float scale, zero, qmin, qmax;
   int32_t max_abs;  // max |c - z| over the code range
 };
-
-// int8 storage (int8_codes) needs at most 256 codes, offset so they fit.
-bool fits_int8(const Uniform& u) { return u.qmax - u.qmin <= 255.0f; }
-float int8_offset(const Uniform& u) { return u.qmin + 128.0f; }
 
 Uniform make_uniform(double scale, int64_t zero, int64_t qmin, int64_t qmax) {
   Uniform u;
@@ -68,9 +64,9 @@ const char* uniform_error(double scale, int64_t zero, int64_t qmin, int64_t qmax
   return "";
 }
 
-// Codes are stored as int16 c - zero, or (where dot-product instructions
-// pay, see int8_codes) as int8 a = c - (qmin + 128), with c - zero = a + shift.
-// Rows are zero padded to whole vectors: Lanes<Code> codes.
+// Codes are stored as int16 c - zero, or (where our int8 GEMM runs, see
+// int8_codes) as int8 a = c - offset, with c - zero = a + shift. Rows are zero
+// padded to whole vectors: Lanes<Code> codes.
 template <class Code> struct Lanes;
 template <> struct Lanes<int16_t> { static constexpr size_t value = 8; };
 template <> struct Lanes<int8_t> { static constexpr size_t value = 16; };
@@ -80,8 +76,20 @@ inline size_t padded(size_t n) {
   return (n + lanes - 1) / lanes * lanes;
 }
 
-// The dot products of 4 rows of A with 4 rows of B (n long, a multiple of
-// Lanes<Code>): out[r][c] = sum_i a[r][i] * b[c][i], exact in int32
+// int8 storage needs at most 256 codes. The offset puts them in [-127, 127]
+// where there are at most 255 (no -128: the Pi 4's GEMM then needs no fixes,
+// qs8_gemm.h), else in [-128, 127].
+bool fits_int8(const Uniform& u) { return u.qmax - u.qmin <= 255.0f; }
+float int8_offset(const Uniform& u) { return u.qmax - u.qmin <= 254.0f ? u.qmin + 127.0f : u.qmin + 128.0f; }
+
+// Whether q/k and p/V codes that fit 8 bits are stored as int8 and multiplied
+// by our int8 GEMM (qs8_gemm.h: its 4x4 smull/smlal2 tiles on the Pi 4, its
+// 8x8 sdot tiles on the Pi 5; forced off ARM by VITQ_GEMM, for the tests).
+// Elsewhere int16 codes and the dot_tile below.
+bool int8_codes() { return qs8_gemm_layout() != Qs8Layout::kNone; }
+
+// The dot products of 4 rows of A with 4 rows of B (n long, a multiple of 8),
+// int16 codes: out[r][c] = sum_i a[r][i] * b[c][i], exact in int32
 // (attention_out checks the bound). A tile reuses every loaded row four times.
 #if defined(__aarch64__)
 // NEON by hand (GCC 12 leaves these reductions scalar on aarch64): smlal on
@@ -106,39 +114,16 @@ inline void dot_tile(const int16_t* const a[4], const int16_t* const b[4], size_
     vst1q_s32(out[r], vpaddq_s32(s01, s23));
   }
 }
-
-// sdot (Armv8.2 dot product; Cortex-A76 and later): 16 int8 products summed
-// into 4 int32 lanes per instruction. Called only where the CPU has it.
-__attribute__((target("arch=armv8.2-a+dotprod"))) inline void dot_tile(const int8_t* const a[4],
-                                                                       const int8_t* const b[4], size_t n,
-                                                                       int32_t out[4][4]) {
-  int32x4_t acc[4][4];
-  for (int r = 0; r < 4; ++r)
-    for (int c = 0; c < 4; ++c) acc[r][c] = vdupq_n_s32(0);
-  for (size_t i = 0; i < n; i += 16) {
-    int8x16_t va[4], vb[4];
-    for (int r = 0; r < 4; ++r) va[r] = vld1q_s8(a[r] + i);
-    for (int c = 0; c < 4; ++c) vb[c] = vld1q_s8(b[c] + i);
-    for (int r = 0; r < 4; ++r)
-      for (int c = 0; c < 4; ++c) acc[r][c] = vdotq_s32(acc[r][c], va[r], vb[c]);
-  }
-  for (int r = 0; r < 4; ++r) {
-    const int32x4_t s01 = vpaddq_s32(acc[r][0], acc[r][1]), s23 = vpaddq_s32(acc[r][2], acc[r][3]);
-    vst1q_s32(out[r], vpaddq_s32(s01, s23));
-  }
-}
 #else
 // One A row against four B rows per pass: the compiler keeps four vector
-// accumulators (pmaddwd on x86). The int8 variant only runs when forced
-// (VITQ_ATTENTION_INT8=1, for tests of its arithmetic off ARM).
-template <class Code>
-VITQ_INLINE void dot_tile(const Code* const a[4], const Code* const b[4], size_t n, int32_t out[4][4]) {
-  const Code* __restrict b0 = b[0];
-  const Code* __restrict b1 = b[1];
-  const Code* __restrict b2 = b[2];
-  const Code* __restrict b3 = b[3];
+// accumulators (pmaddwd on x86).
+VITQ_INLINE void dot_tile(const int16_t* const a[4], const int16_t* const b[4], size_t n, int32_t out[4][4]) {
+  const int16_t* __restrict b0 = b[0];
+  const int16_t* __restrict b1 = b[1];
+  const int16_t* __restrict b2 = b[2];
+  const int16_t* __restrict b3 = b[3];
   for (int r = 0; r < 4; ++r) {
-    const Code* __restrict ar = a[r];
+    const int16_t* __restrict ar = a[r];
     int32_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
     for (size_t i = 0; i < n; ++i) {
       const int32_t x = ar[i];
@@ -155,40 +140,28 @@ VITQ_INLINE void dot_tile(const Code* const a[4], const Code* const b[4], size_t
 }
 #endif
 
-// Whether q/k and p/V codes that fit 8 bits are stored as int8 (see Lanes):
-// on CPUs with dot-product instructions, where int8 sums cost a quarter of
-// int16 ones. The corrections for the offsets are exact integer terms.
-bool int8_codes() {
-#if defined(__aarch64__)
-  return cpu_has_dot_product();
-#else
-  static const bool yes = [] {
-    const char* force = std::getenv("VITQ_ATTENTION_INT8");
-    return force != nullptr && std::strcmp(force, "1") == 0;
-  }();
-  return yes;
-#endif
-}
-
-// out[r * ldo + c] = dot(A row r, B row c) for r < rows_a (<= 4), c < rows_b,
-// rows n long (a multiple of Lanes<Code>), A rows lda apart, B rows ldb apart.
-// Tiles at the edges repeat the last row and drop the repeats.
-template <class Code>
-VITQ_INLINE void dot_rows(const Code* a, size_t lda, size_t rows_a, const Code* b, size_t ldb, size_t rows_b, size_t n,
-                     int32_t* out, size_t ldo) {
-  const Code* ar[4];
-  for (size_t r = 0; r < 4; ++r) ar[r] = a + std::min(r, rows_a - 1) * lda;
-  for (size_t c0 = 0; c0 < rows_b; c0 += 4) {
-    const Code* br[4];
-    for (size_t c = 0; c < 4; ++c) br[c] = b + std::min(c0 + c, rows_b - 1) * ldb;
-    int32_t tile[4][4];
-    dot_tile(ar, br, n, tile);
-    const size_t cols = std::min<size_t>(4, rows_b - c0);
-    for (size_t r = 0; r < rows_a; ++r) {
-      if (cols == 4)
-        std::memcpy(out + r * ldo + c0, tile[r], sizeof tile[r]);  // fixed size: inlined
-      else
-        std::memcpy(out + r * ldo + c0, tile[r], cols * sizeof(int32_t));
+// out[r * ldo + c] = dot(A row r, B row c) for r < rows_a, c < rows_b, int16
+// rows n long (a multiple of 8), A rows lda apart, B rows ldb apart. Tiles at
+// the edges repeat the last row and drop the repeats.
+VITQ_INLINE void dot_rows(const int16_t* a, size_t lda, size_t rows_a, const int16_t* b, size_t ldb, size_t rows_b,
+                          size_t n, int32_t* out, size_t ldo) {
+  for (size_t r0 = 0; r0 < rows_a; r0 += 4) {
+    const size_t rows = std::min<size_t>(4, rows_a - r0);
+    const int16_t* ar[4];
+    for (size_t r = 0; r < 4; ++r) ar[r] = a + (r0 + std::min(r, rows - 1)) * lda;
+    for (size_t c0 = 0; c0 < rows_b; c0 += 4) {
+      const int16_t* br[4];
+      for (size_t c = 0; c < 4; ++c) br[c] = b + std::min(c0 + c, rows_b - 1) * ldb;
+      int32_t tile[4][4];
+      dot_tile(ar, br, n, tile);
+      const size_t cols = std::min<size_t>(4, rows_b - c0);
+      for (size_t r = 0; r < rows; ++r) {
+        int32_t* dst = out + (r0 + r) * ldo + c0;
+        if (cols == 4)
+          std::memcpy(dst, tile[r], sizeof tile[r]);  // fixed size: inlined
+        else
+          std::memcpy(dst, tile[r], cols * sizeof(int32_t));
+      }
     }
   }
 }
@@ -253,17 +226,22 @@ inline void code_column(const float* __restrict x, size_t n, const Uniform& u, f
   for (size_t i = 0; i < n; ++i) dst[i * stride] = static_cast<Code>(uniform_code(x[i], s, z, lo, hi) - offset);
 }
 
-constexpr size_t kRowTile = 4;  // query rows per pass (dot_tile's A rows)
+// Query rows per pass: one tile of our int8 GEMM on the Pi 5 (8 rows), two on
+// the Pi 4 and of the int16 dot_tile (4 rows).
+constexpr size_t kRowTile = 8;
 // int8 storage: the offset corrections stay within int32 up to this length.
 constexpr size_t kMaxInt8Length = 16384;
 
 // The stored codes of one operand (q, k or V): int16 c - zero, or int8 with
-// c - zero = stored + shift and the sum of the stored codes of every row.
+// c - zero = stored + shift. int8 k and V^T are also packed per (batch, head)
+// as the columns of our int8 GEMM, whose weight_sums are the rows' sums of
+// stored codes; int8 q keeps its rows' sums.
 struct Operand {
   bool int8;
   const void* codes;
-  const int32_t* sums;  // int8 only
-  int32_t shift;        // int8 only (0 for int16)
+  const int32_t* sums;    // int8 q: [B, H, T]
+  const Qs8Gemm* packed;  // int8 k, V^T: [B * H]
+  int32_t shift;          // int8 only (0 for int16)
   template <class Code>
   const Code* rows(size_t first_row, size_t width) const {
     return static_cast<const Code*>(codes) + first_row * width;
@@ -285,17 +263,12 @@ struct AttentionJob {
   size_t row_blocks, rows_per_block;  // rows_per_block: a multiple of kRowTile
 };
 
-// dots[r * ldo + c] = sum over n of (a - za)(b - zb) for rows_a rows of A
-// against rows_b rows of B, both stored as Code (A's row r starting at
-// a + r * width, B's row c at b + c * width); a_sums / b_sums are the rows'
-// stored-code sums (int8 only). The offset terms are added exactly:
-// (sa + x)(sb + y) summed = sum sa sb + y sum sa + x sum sb + n x y.
-template <class Code>
-VITQ_INLINE void exact_dots(const Code* a, const int32_t* a_sums, int32_t a_shift, size_t rows_a, const Code* b,
-                const int32_t* b_sums, int32_t b_shift, size_t rows_b, size_t n, size_t width, int32_t* dots,
-                size_t ldo) {
-  dot_rows(a, width, rows_a, b, width, rows_b, width, dots, ldo);
-  if (a_shift == 0 && b_shift == 0) return;
+// Turns exact sums of int8 stored codes into sums of (a - za)(b - zb) over n,
+// for rows_a rows of A against rows_b rows of B; a_sums / b_sums are the rows'
+// stored-code sums: (sa + x)(sb + y) summed = sum sa sb + y sum sa + x sum sb
+// + n x y, all exact in int32 (kMaxInt8Length).
+VITQ_INLINE void add_offset_terms(const int32_t* a_sums, int32_t a_shift, size_t rows_a, const int32_t* b_sums,
+                                  int32_t b_shift, size_t rows_b, size_t n, int32_t* dots, size_t ldo) {
   const int32_t both = static_cast<int32_t>(n) * a_shift * b_shift;
   for (size_t r = 0; r < rows_a; ++r) {
     const int32_t row_term = b_shift * a_sums[r] + both;
@@ -304,30 +277,44 @@ VITQ_INLINE void exact_dots(const Code* a, const int32_t* a_sums, int32_t a_shif
 }
 
 // Scores of rows [i0, i0 + rows) of head bh against all keys, exact int32.
-template <class Code>
 VITQ_INLINE void score_rows(const AttentionJob& job, size_t bh, size_t i0, size_t rows, int32_t* dots) {
-  const size_t t = job.t, d = job.d, width = padded<Code>(d);
-  const Code* qh = job.q.rows<Code>(bh * t, width);
-  const Code* kh = job.k.rows<Code>(bh * t, width);
-  const int32_t* q_sums = job.q.int8 ? job.q.sums + bh * t + i0 : nullptr;
-  const int32_t* k_sums = job.k.int8 ? job.k.sums + bh * t : nullptr;
-  exact_dots(qh + i0 * width, q_sums, job.q.shift, rows, kh, k_sums, job.k.shift, t, d, width, dots, t);
+  const size_t t = job.t, d = job.d;
+  if (job.q.int8) {
+    const size_t width = padded<int8_t>(d);
+    const Qs8Gemm& keys = job.k.packed[bh];
+    qs8_gemm_sums(keys, job.q.rows<int8_t>(bh * t + i0, width), width, rows, dots, t);
+    add_offset_terms(job.q.sums + bh * t + i0, job.q.shift, rows, keys.weight_sums.data(), job.k.shift, t, d, dots,
+                     t);
+  } else {
+    const size_t width = padded<int16_t>(d);
+    dot_rows(job.q.rows<int16_t>(bh * t + i0, width), width, rows, job.k.rows<int16_t>(bh * t, width), width, t,
+             width, dots, t);
+  }
 }
 
 // A.V of uniform probability codes for `rows` rows of probabilities: iacc[r][c]
 // = sum_j (cp_j - zp)(cv_j - zv), exact int32.
-template <class Code>
 VITQ_INLINE void weighted_values(const AttentionJob& job, size_t bh, const float* probs, size_t rows, int32_t* iacc) {
-  const size_t t = job.t, d = job.d, width = padded<Code>(t);
-  thread_local Scratch<Code> pcodes_buf;
-  Code* pcodes = pcodes_buf.get(kRowTile * width, 0);
-  const float offset = job.v.int8 ? int8_offset(job.p) : job.p.zero;
-  int32_t p_sums[kRowTile];
-  for (size_t r = 0; r < rows; ++r) p_sums[r] = code_row(probs + r * t, t, job.p, offset, pcodes + r * width, width);
-  const int32_t p_shift = static_cast<int32_t>(offset - job.p.zero);
-  const int32_t* v_sums = job.v.int8 ? job.v.sums + bh * d : nullptr;
-  exact_dots(pcodes, p_sums, p_shift, rows, job.v.rows<Code>(bh * d, width), v_sums, job.v.shift, d, t, width, iacc,
-             d);
+  const size_t t = job.t, d = job.d;
+  if (job.v.int8) {
+    const size_t width = padded<int8_t>(t);
+    thread_local Scratch<int8_t> pcodes_buf;
+    int8_t* pcodes = pcodes_buf.get(kRowTile * width, 0);
+    const float offset = int8_offset(job.p);
+    int32_t p_sums[kRowTile];
+    for (size_t r = 0; r < rows; ++r)
+      p_sums[r] = code_row(probs + r * t, t, job.p, offset, pcodes + r * width, width);
+    const Qs8Gemm& values = job.v.packed[bh];
+    qs8_gemm_sums(values, pcodes, width, rows, iacc, d);
+    add_offset_terms(p_sums, static_cast<int32_t>(offset - job.p.zero), rows, values.weight_sums.data(), job.v.shift,
+                     d, t, iacc, d);
+  } else {
+    const size_t width = padded<int16_t>(t);
+    thread_local Scratch<int16_t> pcodes_buf;
+    int16_t* pcodes = pcodes_buf.get(kRowTile * width, 0);
+    for (size_t r = 0; r < rows; ++r) code_row(probs + r * t, t, job.p, job.p.zero, pcodes + r * width, width);
+    dot_rows(pcodes, width, rows, job.v.rows<int16_t>(bh * d, width), width, d, width, iacc, d);
+  }
 }
 
 VITQ_HOT_LOOPS void attention_task(const AttentionJob& job, size_t task) {
@@ -353,20 +340,14 @@ VITQ_HOT_LOOPS void attention_task(const AttentionJob& job, size_t task) {
   for (size_t i0 = row_begin; i0 < row_end; i0 += kRowTile) {
     const size_t rows = std::min(kRowTile, row_end - i0);
     // Scores: exact int32 dot products, one float scale; then softmax per row.
-    if (job.q.int8)
-      score_rows<int8_t>(job, bh, i0, rows, dots);
-    else
-      score_rows<int16_t>(job, bh, i0, rows, dots);
+    score_rows(job, bh, i0, rows, dots);
     for (size_t j = 0; j < rows * t; ++j) probs[j] = static_cast<float>(dots[j]) * job.alpha;
     for (size_t r = 0; r < rows; ++r) softmax_row(probs + r * t, t);
 
     if (job.log_bits == 0) {
       // Uniform probability codes: dense dot products of the code rows with
       // the rows of V^T (skipping zero codes only pays when nearly all are 0).
-      if (job.v.int8)
-        weighted_values<int8_t>(job, bh, probs, rows, iacc);
-      else
-        weighted_values<int16_t>(job, bh, probs, rows, iacc);
+      weighted_values(job, bh, probs, rows, iacc);
       for (size_t r = 0; r < rows; ++r) {
         float* dst = job.out + (b * t + i0 + r) * job.heads * d + h * d;
         for (size_t c = 0; c < d; ++c) dst[c] = static_cast<float>(iacc[r * d + c]) * job.out_scale;
@@ -472,9 +453,8 @@ Tensor& attention_out(KernelRuntimeContext& ctx, const Tensor& qkv, int64_t num_
   const size_t qk_words = (qk_bytes + 15) / 16 * 8;
   int16_t* codes = codes_buf.get(2 * qk_words + (v_bytes + 1) / 2, 0);
   void* stored[3] = {codes, codes + qk_words, codes + 2 * qk_words};
-  thread_local Scratch<int32_t> sums_buf;  // int8 rows: q, k [b][h][t], V^T [b][h][d]
-  int32_t* sums = sums_buf.get(2 * batch * heads * t + batch * heads * d, 0);
-  int32_t* row_sums[3] = {sums, sums + batch * heads * t, sums + 2 * batch * heads * t};
+  thread_local Scratch<int32_t> q_sums_buf;  // int8 q rows' sums, [b][h][t]
+  int32_t* q_sums = q_sums_buf.get(batch * heads * t, 0);
   const Uniform* quant[3] = {&uq, &uk, &uv};
   const bool int8[3] = {qk8, qk8, pv8};
   float offset[3];
@@ -492,8 +472,8 @@ Tensor& attention_out(KernelRuntimeContext& ctx, const Tensor& qkv, int64_t num_
           const float* x = row + which * c + h * d;
           const size_t head_row = (b * heads + h) * t + i;
           if (which < 2 && int8[which]) {
-            int8_t* dst = static_cast<int8_t*>(stored[which]) + head_row * dq;
-            row_sums[which][head_row] = code_row(x, d, u, offset[which], dst, dq);
+            const int32_t sum = code_row(x, d, u, offset[which], static_cast<int8_t*>(stored[which]) + head_row * dq, dq);
+            if (which == 0) q_sums[head_row] = sum;
           } else if (which < 2) {
             code_row(x, d, u, offset[which], static_cast<int16_t*>(stored[which]) + head_row * dq, dq);
           } else if (!v_transposed) {
@@ -509,19 +489,27 @@ Tensor& attention_out(KernelRuntimeContext& ctx, const Tensor& qkv, int64_t num_
       }
     }
   });
-  if (v_transposed) {  // V^T rows: zero padding, and their sums (int8)
+  if (v_transposed) {  // V^T rows: zero padding
     for (size_t row = 0; row < batch * heads * d; ++row) {
-      if (pv8) {
-        int8_t* vt = static_cast<int8_t*>(stored[2]) + row * tv;
-        std::fill(vt + t, vt + tv, int8_t{0});
-        int32_t sum = 0;
-        for (size_t j = 0; j < t; ++j) sum += vt[j];
-        row_sums[2][row] = sum;
-      } else {
-        int16_t* vt = static_cast<int16_t*>(stored[2]) + row * tv;
-        std::fill(vt + t, vt + tv, int16_t{0});
-      }
+      if (pv8)
+        std::fill(static_cast<int8_t*>(stored[2]) + row * tv + t, static_cast<int8_t*>(stored[2]) + (row + 1) * tv,
+                  int8_t{0});
+      else
+        std::fill(static_cast<int16_t*>(stored[2]) + row * tv + t, static_cast<int16_t*>(stored[2]) + (row + 1) * tv,
+                  int16_t{0});
     }
+  }
+  // int8 keys and V^T of each head packed as our GEMM's columns (padding
+  // included: zeros), once per call.
+  thread_local std::vector<Qs8Gemm> packed_k, packed_v;
+  if (qk8) packed_k.resize(batch * heads);
+  if (pv8) packed_v.resize(batch * heads);
+  if (qk8 || pv8) {
+    const Qs8Layout layout = qs8_gemm_layout();
+    parallel_for(batch * heads, [&](size_t bh) {
+      if (qk8) qs8_gemm_pack(layout, static_cast<const int8_t*>(stored[1]) + bh * t * dq, dq, t, dq, &packed_k[bh]);
+      if (pv8) qs8_gemm_pack(layout, static_cast<const int8_t*>(stored[2]) + bh * d * tv, tv, d, tv, &packed_v[bh]);
+    });
   }
 
   // 2. Attention, one task per (batch, head, block of query rows).
@@ -534,7 +522,8 @@ Tensor& attention_out(KernelRuntimeContext& ctx, const Tensor& qkv, int64_t num_
     Operand& o = w == 0 ? job->q : w == 1 ? job->k : job->v;
     o.int8 = int8[w];
     o.codes = stored[w];
-    o.sums = int8[w] ? row_sums[w] : nullptr;
+    o.sums = int8[w] && w == 0 ? q_sums : nullptr;
+    o.packed = !int8[w] ? nullptr : w == 1 ? packed_k.data() : w == 2 ? packed_v.data() : nullptr;
     o.shift = int8[w] ? static_cast<int32_t>(offset[w] - quant[w]->zero) : 0;
   }
   // (q * qs) @ (k * ks)^T * scale: one float factor on the exact integer sum.

@@ -2,6 +2,7 @@
 // tile, the portable tiles and the dispatch. The kDot tile: qs8_gemm_dot.cpp.
 #include "qs8_gemm.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -24,45 +25,39 @@ using qs8::TileParams;
 // A 4x4 tile: 16-deep dot products with smull + smlal2 (two products per int16
 // lane) + sadalp; pairwise reductions at the end.
 struct PairsTile {
+  template <qs8::Output kOut>
   static inline void run(const int8_t* const a[], const int8_t* b, size_t k_blocks, const TileParams& p,
-                         float* out, size_t ldo) {
+                         qs8::OutT<kOut>* out, size_t ldo) {
     constexpr size_t mr = 4, nr = 4;
     int32x4_t acc[mr][nr];
     for (size_t r = 0; r < mr; ++r)
       for (size_t c = 0; c < nr; ++c) acc[r][c] = vdupq_n_s32(0);
+#pragma GCC unroll 2
     for (size_t kb = 0; kb < k_blocks; ++kb) {
-      int8x16_t va[mr], vb[nr];
+      int8x16_t va[mr];
       for (size_t r = 0; r < mr; ++r) va[r] = vld1q_s8(a[r] + kb * kKc);
-      for (size_t c = 0; c < nr; ++c) vb[c] = vld1q_s8(b + c * kKc);
+      const int8x16x4_t vb = vld1q_s8_x4(b);  // the group's 4 columns x 16 k: one load
       b += nr * kKc;
       for (size_t r = 0; r < mr; ++r) {
         for (size_t c = 0; c < nr; ++c) {
           // lane j: a[j] b[j] + a[j+8] b[j+8], at most 2 * 128 * 127 in magnitude
-          int16x8_t prod = vmull_s8(vget_low_s8(va[r]), vget_low_s8(vb[c]));
-          prod = vmlal_high_s8(prod, va[r], vb[c]);
+          int16x8_t prod = vmull_s8(vget_low_s8(va[r]), vget_low_s8(vb.val[c]));
+          prod = vmlal_high_s8(prod, va[r], vb.val[c]);
           acc[r][c] = vpadalq_s16(acc[r][c], prod);
         }
       }
     }
-    int32x4_t sums[mr];
+    int32x4_t sums[mr][1];
     for (size_t r = 0; r < mr; ++r) {
       const int32x4_t s01 = vpaddq_s32(acc[r][0], acc[r][1]), s23 = vpaddq_s32(acc[r][2], acc[r][3]);
-      sums[r] = vpaddq_s32(s01, s23);
+      sums[r][0] = vpaddq_s32(s01, s23);
     }
     if (p.fix_count != 0) {
       int32_t fix[mr][kMaxNr] = {};
       qs8::fix_sums(a, mr, p, fix);
-      for (size_t r = 0; r < mr; ++r) sums[r] = vaddq_s32(sums[r], vld1q_s32(fix[r]));
+      for (size_t r = 0; r < mr; ++r) sums[r][0] = vaddq_s32(sums[r][0], vld1q_s32(fix[r]));
     }
-    const qs8::Columns cols = qs8::load_columns(p, 0);
-    int32_t zero_point[mr];
-    float input_scale[mr];
-    for (size_t r = 0; r < mr; ++r) {
-      zero_point[r] = p.zero_point[r];
-      input_scale[r] = p.input_scale[r];
-    }
-    for (size_t r = 0; r < mr; ++r)
-      vst1q_f32(out + r * ldo, qs8::epilogue(sums[r], cols, zero_point[r], input_scale[r]));
+    qs8::store_tile<kOut>(sums, p, out, ldo);
   }
 };
 #endif
@@ -71,8 +66,9 @@ struct PairsTile {
 // (runs when forced, so the tests check both packings and the epilogue off ARM).
 template <Qs8Layout kLayout>
 struct PortableTile {
+  template <qs8::Output kOut>
   static void run(const int8_t* const a[], const int8_t* b, size_t k_blocks, const TileParams& p,
-                  float* out, size_t ldo) {
+                  qs8::OutT<kOut>* out, size_t ldo) {
     constexpr size_t mr = tile_rows(kLayout), nr = tile_cols(kLayout);
     int32_t acc[kMaxMr][kMaxNr] = {};
     for (size_t c = 0; c < nr; ++c) {
@@ -84,25 +80,32 @@ struct PortableTile {
     qs8::fix_sums(a, mr, p, acc);
     for (size_t r = 0; r < mr; ++r) {
       for (size_t c = 0; c < nr; ++c) {
-        const int32_t sum = acc[r][c] - p.zero_point[r] * p.weight_sums[c];
-        out[r * ldo + c] = std::fma(static_cast<float>(sum) * p.input_scale[r], p.scale[c], p.bias[c]);
+        if constexpr (kOut == qs8::Output::kInt32) {
+          out[r * ldo + c] = acc[r][c];
+        } else {
+          const int32_t sum = acc[r][c] - p.zero_point[r] * p.weight_sums[c];
+          out[r * ldo + c] = std::fma(static_cast<float>(sum) * p.input_scale[r], p.scale[c], p.bias[c]);
+        }
       }
     }
   }
 };
 
+template <qs8::Output kOut>
 void run_rows(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t m, size_t row_begin, size_t row_end,
-              const xnn_quantization_params* rows, float* y) {
+              const xnn_quantization_params* rows, qs8::OutT<kOut>* y, size_t ldy) {
 #if defined(__aarch64__)
   if (g.layout == Qs8Layout::kPairs)
-    qs8::run_rows<Qs8Layout::kPairs, PairsTile>(g, a, lda, m, row_begin, row_end, rows, y);
+    qs8::run_rows<Qs8Layout::kPairs, PairsTile, kOut>(g, a, lda, m, row_begin, row_end, rows, y, ldy);
   else
-    qs8::run_rows_dot(g, a, lda, m, row_begin, row_end, rows, y);
+    qs8::run_rows_dot<kOut>(g, a, lda, m, row_begin, row_end, rows, y, ldy);
 #else
   if (g.layout == Qs8Layout::kPairs)
-    qs8::run_rows<Qs8Layout::kPairs, PortableTile<Qs8Layout::kPairs>>(g, a, lda, m, row_begin, row_end, rows, y);
+    qs8::run_rows<Qs8Layout::kPairs, PortableTile<Qs8Layout::kPairs>, kOut>(g, a, lda, m, row_begin, row_end, rows,
+                                                                              y, ldy);
   else
-    qs8::run_rows<Qs8Layout::kDot, PortableTile<Qs8Layout::kDot>>(g, a, lda, m, row_begin, row_end, rows, y);
+    qs8::run_rows<Qs8Layout::kDot, PortableTile<Qs8Layout::kDot>, kOut>(g, a, lda, m, row_begin, row_end, rows, y,
+                                                                          ldy);
 #endif
 }
 
@@ -110,7 +113,7 @@ void run_rows(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t m, size_t ro
 
 Qs8Layout qs8_gemm_layout() {
   static const Qs8Layout layout = [] {
-    const char* force = std::getenv("VITQ_LINEAR_GEMM");
+    const char* force = std::getenv("VITQ_GEMM");
     if (force != nullptr && std::strcmp(force, "pairs") == 0) return Qs8Layout::kPairs;
     if (force != nullptr && std::strcmp(force, "dot") == 0) return Qs8Layout::kDot;
     if (force != nullptr && std::strcmp(force, "xnnpack") == 0) return Qs8Layout::kNone;
@@ -123,38 +126,53 @@ Qs8Layout qs8_gemm_layout() {
   return layout;
 }
 
-void qs8_gemm_create(Qs8Layout layout, const int8_t* w, size_t n, size_t k, const float* scale, const float* bias,
-                     Qs8Gemm* g) {
+void qs8_gemm_pack(Qs8Layout layout, const int8_t* b, size_t ldb, size_t n, size_t k, Qs8Gemm* g) {
   const size_t nr = tile_cols(layout);
   g->layout = layout;
   g->n = n;
   g->k = k;
   g->k_blocks = (k + kKc - 1) / kKc;
   g->n_groups = (n + nr - 1) / nr;
-  const size_t cols = g->n_groups * nr;
-  g->packed.assign(g->n_groups * g->k_blocks * nr * kKc, 0);
-  g->weight_sums.assign(cols, 0);
-  g->scale.assign(cols, 0.0f);
-  g->bias.assign(cols, 0.0f);
+  const size_t block_bytes = nr * kKc;
+  g->packed.assign(g->n_groups * g->k_blocks * block_bytes, 0);
+  g->weight_sums.assign(g->n_groups * nr, 0);
   g->fixes.clear();
   g->fix_start.assign(g->n_groups + 1, 0);
+  const size_t whole = k / kKc * kKc;  // k in whole blocks: copied in runs, the rest one by one
   for (size_t col = 0; col < n; ++col) {
-    const int8_t* wr = w + col * k;
-    int32_t sum = 0;
+    const int8_t* src = b + col * ldb;
+    int8_t* dst = g->packed.data() + packed_offset(layout, g->k_blocks, col, 0);
+    if (layout == Qs8Layout::kPairs) {  // runs of 16 k
+      for (size_t i = 0; i < whole; i += kKc) std::memcpy(dst + i / kKc * block_bytes, src + i, kKc);
+    } else {  // runs of 4 k, k-quads nr / 4 * 16 bytes apart
+      for (size_t i = 0; i < whole; i += 4)
+        std::memcpy(dst + i / kKc * block_bytes + (i % kKc / 4) * (nr / 4) * 16, src + i, 4);
+    }
+    for (size_t i = whole; i < k; ++i) g->packed[packed_offset(layout, g->k_blocks, col, i)] = src[i];
+    int32_t sum = 0, lowest = 0;
     for (size_t i = 0; i < k; ++i) {
-      int8_t packed = wr[i];
-      if (packed == -128 && layout == Qs8Layout::kPairs) {
-        packed = -127;
-        g->fixes.push_back({static_cast<uint32_t>(col % nr), static_cast<uint32_t>(i)});
-      }
-      g->packed[packed_offset(layout, g->k_blocks, col, i)] = packed;
-      sum += wr[i];
+      sum += src[i];
+      lowest |= src[i] == -128;
     }
     g->weight_sums[col] = sum;
-    g->scale[col] = scale[col];
-    g->bias[col] = bias[col];
+    if (lowest != 0 && layout == Qs8Layout::kPairs) {  // -128 -> -127 and a fix (qs8_gemm.h)
+      for (size_t i = 0; i < k; ++i) {
+        if (src[i] != -128) continue;
+        g->packed[packed_offset(layout, g->k_blocks, col, i)] = -127;
+        g->fixes.push_back({static_cast<uint32_t>(col % nr), static_cast<uint32_t>(i)});
+      }
+    }
     g->fix_start[col / nr + 1] = g->fixes.size();  // columns come in group order
   }
+}
+
+void qs8_gemm_create(Qs8Layout layout, const int8_t* w, size_t n, size_t k, const float* scale, const float* bias,
+                     Qs8Gemm* g) {
+  qs8_gemm_pack(layout, w, k, n, k, g);
+  g->scale.assign(g->weight_sums.size(), 0.0f);
+  g->bias.assign(g->weight_sums.size(), 0.0f);
+  std::copy(scale, scale + n, g->scale.begin());
+  std::copy(bias, bias + n, g->bias.begin());
 }
 
 void qs8_gemm_run(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t m, const xnn_quantization_params* rows,
@@ -164,8 +182,13 @@ void qs8_gemm_run(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t m, const
   const size_t tasks = task_count(tiles, g.n * g.k * mr);
   parallel_for(tasks, [&](size_t task) {
     const size_t begin = tiles * task / tasks * mr, end = std::min(m, tiles * (task + 1) / tasks * mr);
-    run_rows(g, a, lda, m, begin, end, rows, y);
+    run_rows<qs8::Output::kFloat>(g, a, lda, m, begin, end, rows, y, g.n);
   });
+}
+
+void qs8_gemm_sums(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t m, int32_t* y, size_t ldy) {
+  if (m == 0) return;
+  run_rows<qs8::Output::kInt32>(g, a, lda, m, 0, m, nullptr, y, ldy);
 }
 
 }  // namespace vitq

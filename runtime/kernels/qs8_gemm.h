@@ -56,20 +56,32 @@ struct Qs8Gemm {
   std::vector<size_t> fix_start;
 };
 
-// The packing vitq::linear uses on this CPU: kPairs / kDot on aarch64 without /
-// with dot-product instructions, kNone (XNNPACK's GEMM) elsewhere.
-// VITQ_LINEAR_GEMM=pairs, =dot or =xnnpack overrides the choice (tests of the
-// packings' arithmetic on x86, where they run in portable C++; A/B measurements).
+// The packing vitq::linear and vitq::attention use on this CPU: kPairs / kDot
+// on aarch64 without / with dot-product instructions, kNone elsewhere
+// (linear: XNNPACK's GEMM; attention: int16 codes). VITQ_GEMM=pairs, =dot or
+// =xnnpack overrides the choice (tests of the packings' arithmetic on x86,
+// where they run in portable C++; A/B measurements).
 Qs8Layout qs8_gemm_layout();
+
+// Packs the n rows of b (int8, row-major, rows ldb apart, k used) as the
+// GEMM's n columns for `layout` (!= kNone): the packing, the column sums
+// sum_k b[n][k] in weight_sums, and the fixes of -128 (kPairs). Leaves scale
+// and bias alone. The weights at create; attention's keys and V^T per call.
+void qs8_gemm_pack(Qs8Layout layout, const int8_t* b, size_t ldb, size_t n, size_t k, Qs8Gemm* gemm);
 
 // Packs w [n][k] int8 (row-major) with per-column scale and bias (layout != kNone).
 void qs8_gemm_create(Qs8Layout layout, const int8_t* w, size_t n, size_t k, const float* scale, const float* bias,
                      Qs8Gemm* gemm);
 
-// y [m][n] (row-major) from the int8 codes a [m][lda] (reads up to 15 bytes
-// past each row's k: the caller's buffer needs that slack) and one
-// {zero_point, scale} per row. Rows are split over the thread pool.
+// y [m][n] (row-major) from the int8 codes a [m][lda] (reads the whole of
+// each row's last block of 16: the caller's buffer needs up to 15 bytes of
+// slack past k) and one {zero_point, scale} per row. Rows are split over the
+// thread pool.
 void qs8_gemm_run(const Qs8Gemm& gemm, const int8_t* a, size_t lda, size_t m, const xnn_quantization_params* rows,
                   float* y);
+
+// The exact int32 sums alone, y[r * ldy + c] = sum_k a[r][k] b[c][k] (no zero
+// points, no epilogue), on the calling thread; a as for qs8_gemm_run.
+void qs8_gemm_sums(const Qs8Gemm& gemm, const int8_t* a, size_t lda, size_t m, int32_t* y, size_t ldy);
 
 }  // namespace vitq

@@ -11,15 +11,21 @@ namespace {
 // row's 4 codes taken by lane, so the accumulators are the outputs (no
 // reduction, no overflow: int8 x int8 into int32).
 struct DotTile {
+  template <Output kOut>
   static inline void run(const int8_t* const a[], const int8_t* b, size_t k_blocks, const TileParams& p,
-                         float* out, size_t ldo) {
+                         OutT<kOut>* out, size_t ldo) {
     constexpr size_t mr = 8;
     int32x4_t acc[mr][2];
     for (size_t r = 0; r < mr; ++r) acc[r][0] = acc[r][1] = vdupq_n_s32(0);
+#pragma GCC unroll 2
     for (size_t kb = 0; kb < k_blocks; ++kb) {
-      int8x16_t va[mr], vb[8];
+      int8x16_t va[mr];
       for (size_t r = 0; r < mr; ++r) va[r] = vld1q_s8(a[r] + kb * kKc);
-      for (size_t v = 0; v < 8; ++v) vb[v] = vld1q_s8(b + v * 16);  // k-quad v / 2, columns 4 (v % 2) to +3
+      // The group's 128 bytes of this block in two 4-register loads: vb[v] is
+      // k-quad v / 2, columns 4 (v % 2) to +3.
+      const int8x16x4_t b0 = vld1q_s8_x4(b), b1 = vld1q_s8_x4(b + 64);
+      const int8x16_t vb[8] = {b0.val[0], b0.val[1], b0.val[2], b0.val[3],
+                               b1.val[0], b1.val[1], b1.val[2], b1.val[3]};
       b += 8 * kKc;
       for (size_t r = 0; r < mr; ++r) {
         acc[r][0] = vdotq_laneq_s32(acc[r][0], vb[0], va[r], 0);
@@ -32,26 +38,22 @@ struct DotTile {
         acc[r][1] = vdotq_laneq_s32(acc[r][1], vb[7], va[r], 3);
       }
     }
-    const Columns c0 = load_columns(p, 0), c1 = load_columns(p, 4);
-    int32_t zero_point[mr];
-    float input_scale[mr];
-    for (size_t r = 0; r < mr; ++r) {
-      zero_point[r] = p.zero_point[r];
-      input_scale[r] = p.input_scale[r];
-    }
-    for (size_t r = 0; r < mr; ++r) {
-      vst1q_f32(out + r * ldo, epilogue(acc[r][0], c0, zero_point[r], input_scale[r]));
-      vst1q_f32(out + r * ldo + 4, epilogue(acc[r][1], c1, zero_point[r], input_scale[r]));
-    }
+    store_tile<kOut>(acc, p, out, ldo);
   }
 };
 
 }  // namespace
 
+template <Output kOut>
 void run_rows_dot(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t m, size_t row_begin, size_t row_end,
-                  const xnn_quantization_params* rows, float* y) {
-  run_rows<Qs8Layout::kDot, DotTile>(g, a, lda, m, row_begin, row_end, rows, y);
+                  const xnn_quantization_params* rows, OutT<kOut>* y, size_t ldy) {
+  run_rows<Qs8Layout::kDot, DotTile, kOut>(g, a, lda, m, row_begin, row_end, rows, y, ldy);
 }
+
+template void run_rows_dot<Output::kFloat>(const Qs8Gemm&, const int8_t*, size_t, size_t, size_t, size_t,
+                                           const xnn_quantization_params*, float*, size_t);
+template void run_rows_dot<Output::kInt32>(const Qs8Gemm&, const int8_t*, size_t, size_t, size_t, size_t,
+                                           const xnn_quantization_params*, int32_t*, size_t);
 
 }  // namespace vitq::qs8
 #endif

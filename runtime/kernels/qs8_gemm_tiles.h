@@ -9,6 +9,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "qs8_gemm.h"
 
@@ -24,6 +25,12 @@ constexpr size_t kMaxNr = 8;  // tile columns = columns per packed group
 
 constexpr size_t tile_rows(Qs8Layout layout) { return layout == Qs8Layout::kPairs ? 4 : 8; }
 constexpr size_t tile_cols(Qs8Layout layout) { return layout == Qs8Layout::kPairs ? 4 : 8; }
+
+// What a tile writes: XNNPACK's qd8 epilogue in float (the linear layers), or
+// the exact int32 sums (attention, which scales them itself).
+enum class Output { kFloat, kInt32 };
+template <Output kOut>
+using OutT = std::conditional_t<kOut == Output::kFloat, float, int32_t>;
 
 // Offset of w[col][k] in the packed weights (qs8_gemm.h, Qs8Layout).
 inline size_t packed_offset(Qs8Layout layout, size_t k_blocks, size_t col, size_t k) {
@@ -70,14 +77,39 @@ inline float32x4_t epilogue(int32x4_t sum, const Columns& c, int32_t zero_point,
   const float32x4_t v = vmulq_n_f32(vcvtq_f32_s32(sum), input_scale);
   return vfmaq_f32(c.bias, v, c.scale);
 }
+
+// Stores a tile of mr rows x (4 * kQuads) columns of int32 sums: as they are
+// (Output::kInt32), or through the epilogue (Output::kFloat).
+template <Output kOut, size_t kMr, size_t kQuads>
+inline void store_tile(const int32x4_t (&sums)[kMr][kQuads], const TileParams& p, OutT<kOut>* out, size_t ldo) {
+  if constexpr (kOut == Output::kInt32) {
+    for (size_t r = 0; r < kMr; ++r)
+      for (size_t q = 0; q < kQuads; ++q) vst1q_s32(out + r * ldo + 4 * q, sums[r][q]);
+  } else {
+    Columns cols[kQuads];
+    for (size_t q = 0; q < kQuads; ++q) cols[q] = load_columns(p, 4 * q);
+    // Copies: read after the stores below, the TileParams fields would be
+    // reloaded for every row (see Columns).
+    int32_t zero_point[kMr];
+    float input_scale[kMr];
+    for (size_t r = 0; r < kMr; ++r) {
+      zero_point[r] = p.zero_point[r];
+      input_scale[r] = p.input_scale[r];
+    }
+    for (size_t r = 0; r < kMr; ++r)
+      for (size_t q = 0; q < kQuads; ++q)
+        vst1q_f32(out + r * ldo + 4 * q, epilogue(sums[r][q], cols[q], zero_point[r], input_scale[r]));
+  }
+}
 #endif
 
-// Rows [row_begin, row_end) of y, all columns; Tile::run(a, b, k_blocks, p,
-// out, ldo) computes one tile into out (rows ldo apart; inlined: one instance
-// per tile kind).
-template <Qs8Layout kLayout, class Tile>
+// Rows [row_begin, row_end) of y, all columns; Tile::template run<kOut>(a, b,
+// k_blocks, p, out, ldo) computes one tile into out (rows ldo apart; inlined:
+// one instance per tile kind). `rows` (the rows' zero points and scales) only
+// for Output::kFloat.
+template <Qs8Layout kLayout, class Tile, Output kOut>
 inline void run_rows(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t m, size_t row_begin, size_t row_end,
-                     const xnn_quantization_params* rows, float* y) {
+                     const xnn_quantization_params* rows, OutT<kOut>* y, size_t ldy) {
   constexpr size_t mr = tile_rows(kLayout), nr = tile_cols(kLayout);
   const size_t group_bytes = g.k_blocks * nr * kKc;
   for (size_t m0 = row_begin; m0 < row_end; m0 += mr) {
@@ -88,31 +120,37 @@ inline void run_rows(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t m, si
     for (size_t r = 0; r < mr; ++r) {
       const size_t row = std::min(m0 + r, m - 1);
       ar[r] = a + row * lda;
-      p.zero_point[r] = rows[row].zero_point;
-      p.input_scale[r] = rows[row].scale;
+      if constexpr (kOut == Output::kFloat) {
+        p.zero_point[r] = rows[row].zero_point;
+        p.input_scale[r] = rows[row].scale;
+      }
     }
     for (size_t grp = 0; grp < g.n_groups; ++grp) {
       const size_t n0 = grp * nr, cols = std::min(nr, g.n - n0);
-      p.weight_sums = g.weight_sums.data() + n0;
-      p.scale = g.scale.data() + n0;
-      p.bias = g.bias.data() + n0;
+      if constexpr (kOut == Output::kFloat) {
+        p.weight_sums = g.weight_sums.data() + n0;
+        p.scale = g.scale.data() + n0;
+        p.bias = g.bias.data() + n0;
+      }
       p.fixes = g.fixes.data() + g.fix_start[grp];
       p.fix_count = g.fix_start[grp + 1] - g.fix_start[grp];
       const int8_t* packed = g.packed.data() + grp * group_bytes;
-      float* dst = y + m0 * g.n + n0;
+      OutT<kOut>* dst = y + m0 * ldy + n0;
       if (rows_here == mr && cols == nr) {
-        Tile::run(ar, packed, g.k_blocks, p, dst, g.n);
+        Tile::template run<kOut>(ar, packed, g.k_blocks, p, dst, ldy);
       } else {  // an edge tile: computed whole, then its valid part copied
-        float out[kMaxMr * kMaxNr];
-        Tile::run(ar, packed, g.k_blocks, p, out, kMaxNr);
-        for (size_t r = 0; r < rows_here; ++r) std::memcpy(dst + r * g.n, out + r * kMaxNr, cols * sizeof(float));
+        OutT<kOut> out[kMaxMr * kMaxNr];
+        Tile::template run<kOut>(ar, packed, g.k_blocks, p, out, kMaxNr);
+        for (size_t r = 0; r < rows_here; ++r)
+          std::memcpy(dst + r * ldy, out + r * kMaxNr, cols * sizeof(OutT<kOut>));
       }
     }
   }
 }
 
 // qs8_gemm_dot.cpp: run_rows with the kDot tile (aarch64 only).
+template <Output kOut>
 void run_rows_dot(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t m, size_t row_begin, size_t row_end,
-                  const xnn_quantization_params* rows, float* y);
+                  const xnn_quantization_params* rows, OutT<kOut>* y, size_t ldy);
 
 }  // namespace vitq::qs8
