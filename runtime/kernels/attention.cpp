@@ -263,38 +263,53 @@ struct AttentionJob {
   size_t row_blocks, rows_per_block;  // rows_per_block: a multiple of kRowTile
 };
 
-// Turns exact sums of int8 stored codes into sums of (a - za)(b - zb) over n,
-// for rows_a rows of A against rows_b rows of B; a_sums / b_sums are the rows'
-// stored-code sums: (sa + x)(sb + y) summed = sum sa sb + y sum sa + x sum sb
-// + n x y, all exact in int32 (kMaxInt8Length).
-VITQ_INLINE void add_offset_terms(const int32_t* a_sums, int32_t a_shift, size_t rows_a, const int32_t* b_sums,
-                                  int32_t b_shift, size_t rows_b, size_t n, int32_t* dots, size_t ldo) {
+// out[r * ldo + c] = float(sum of (a - za)(b - zb) over n) * factor for rows_a
+// rows of A against rows_b rows of B, from the exact sums of their int8 stored
+// codes (rows lds apart) and the rows' stored-code
+// sums a_sums / b_sums: (sa + x)(sb + y) summed = sum sa sb + y sum sa + x sum
+// sb + n x y, all exact in int32 (kMaxInt8Length); one pass with the scaling.
+VITQ_INLINE void scale_int8_sums(const int32_t* sums, size_t lds, const int32_t* a_sums, int32_t a_shift,
+                                 size_t rows_a, const int32_t* b_sums, int32_t b_shift, size_t rows_b, size_t n,
+                                 float factor, float* out, size_t ldo) {
   const int32_t both = static_cast<int32_t>(n) * a_shift * b_shift;
   for (size_t r = 0; r < rows_a; ++r) {
     const int32_t row_term = b_shift * a_sums[r] + both;
-    for (size_t c = 0; c < rows_b; ++c) dots[r * ldo + c] += row_term + a_shift * b_sums[c];
+    const int32_t* sr = sums + r * lds;
+    float* dst = out + r * ldo;
+    for (size_t c = 0; c < rows_b; ++c) dst[c] = static_cast<float>(sr[c] + row_term + a_shift * b_sums[c]) * factor;
   }
 }
 
-// Scores of rows [i0, i0 + rows) of head bh against all keys, exact int32.
-VITQ_INLINE void score_rows(const AttentionJob& job, size_t bh, size_t i0, size_t rows, int32_t* dots) {
+// out[r * ldo + c] = float(sums[r * lds + c]) * factor (int16 codes: no offsets).
+VITQ_INLINE void scale_sums(const int32_t* sums, size_t lds, size_t rows, size_t cols, float factor, float* out,
+                            size_t ldo) {
+  for (size_t r = 0; r < rows; ++r)
+    for (size_t c = 0; c < cols; ++c) out[r * ldo + c] = static_cast<float>(sums[r * lds + c]) * factor;
+}
+
+// Scores of rows [i0, i0 + rows) of head bh against all keys: the exact int32
+// dot products (in dots) times alpha, into scores [rows][T].
+VITQ_INLINE void score_rows(const AttentionJob& job, size_t bh, size_t i0, size_t rows, int32_t* dots,
+                            float* scores) {
   const size_t t = job.t, d = job.d;
   if (job.q.int8) {
     const size_t width = padded<int8_t>(d);
     const Qs8Gemm& keys = job.k.packed[bh];
     qs8_gemm_sums(keys, job.q.rows<int8_t>(bh * t + i0, width), width, rows, dots, t);
-    add_offset_terms(job.q.sums + bh * t + i0, job.q.shift, rows, keys.weight_sums.data(), job.k.shift, t, d, dots,
-                     t);
+    scale_int8_sums(dots, t, job.q.sums + bh * t + i0, job.q.shift, rows, keys.weight_sums.data(), job.k.shift, t, d,
+                    job.alpha, scores, t);
   } else {
     const size_t width = padded<int16_t>(d);
     dot_rows(job.q.rows<int16_t>(bh * t + i0, width), width, rows, job.k.rows<int16_t>(bh * t, width), width, t,
              width, dots, t);
+    scale_sums(dots, t, rows, t, job.alpha, scores, t);
   }
 }
 
-// A.V of uniform probability codes for `rows` rows of probabilities: iacc[r][c]
-// = sum_j (cp_j - zp)(cv_j - zv), exact int32.
-VITQ_INLINE void weighted_values(const AttentionJob& job, size_t bh, const float* probs, size_t rows, int32_t* iacc) {
+// A.V of uniform probability codes for `rows` rows of probabilities:
+// out[r * ldo + c] = sum_j (cp_j - zp)(cv_j - zv) [exact int32, in iacc] * out_scale.
+VITQ_INLINE void weighted_values(const AttentionJob& job, size_t bh, const float* probs, size_t rows, int32_t* iacc,
+                                 float* out, size_t ldo) {
   const size_t t = job.t, d = job.d;
   if (job.v.int8) {
     const size_t width = padded<int8_t>(t);
@@ -306,14 +321,15 @@ VITQ_INLINE void weighted_values(const AttentionJob& job, size_t bh, const float
       p_sums[r] = code_row(probs + r * t, t, job.p, offset, pcodes + r * width, width);
     const Qs8Gemm& values = job.v.packed[bh];
     qs8_gemm_sums(values, pcodes, width, rows, iacc, d);
-    add_offset_terms(p_sums, static_cast<int32_t>(offset - job.p.zero), rows, values.weight_sums.data(), job.v.shift,
-                     d, t, iacc, d);
+    scale_int8_sums(iacc, d, p_sums, static_cast<int32_t>(offset - job.p.zero), rows, values.weight_sums.data(),
+                    job.v.shift, d, t, job.out_scale, out, ldo);
   } else {
     const size_t width = padded<int16_t>(t);
     thread_local Scratch<int16_t> pcodes_buf;
     int16_t* pcodes = pcodes_buf.get(kRowTile * width, 0);
     for (size_t r = 0; r < rows; ++r) code_row(probs + r * t, t, job.p, job.p.zero, pcodes + r * width, width);
     dot_rows(pcodes, width, rows, job.v.rows<int16_t>(bh * d, width), width, d, width, iacc, d);
+    scale_sums(iacc, d, rows, d, job.out_scale, out, ldo);
   }
 }
 
@@ -340,18 +356,13 @@ VITQ_HOT_LOOPS void attention_task(const AttentionJob& job, size_t task) {
   for (size_t i0 = row_begin; i0 < row_end; i0 += kRowTile) {
     const size_t rows = std::min(kRowTile, row_end - i0);
     // Scores: exact int32 dot products, one float scale; then softmax per row.
-    score_rows(job, bh, i0, rows, dots);
-    for (size_t j = 0; j < rows * t; ++j) probs[j] = static_cast<float>(dots[j]) * job.alpha;
+    score_rows(job, bh, i0, rows, dots, probs);
     for (size_t r = 0; r < rows; ++r) softmax_row(probs + r * t, t);
 
     if (job.log_bits == 0) {
       // Uniform probability codes: dense dot products of the code rows with
       // the rows of V^T (skipping zero codes only pays when nearly all are 0).
-      weighted_values(job, bh, probs, rows, iacc);
-      for (size_t r = 0; r < rows; ++r) {
-        float* dst = job.out + (b * t + i0 + r) * job.heads * d + h * d;
-        for (size_t c = 0; c < d; ++c) dst[c] = static_cast<float>(iacc[r * d + c]) * job.out_scale;
-      }
+      weighted_values(job, bh, probs, rows, iacc, job.out + (b * t + i0) * job.heads * d + h * d, job.heads * d);
       continue;
     }
 
