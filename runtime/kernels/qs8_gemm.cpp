@@ -26,17 +26,18 @@ using qs8::TileParams;
 // lane) + sadalp; pairwise reductions at the end.
 struct PairsTile {
   template <qs8::Output kOut>
-  static inline void run(const int8_t* const a[], const int8_t* b, size_t k_blocks, const TileParams& p,
+  static inline void run(const int8_t* const a_tile, const int8_t* b, size_t k_blocks, const TileParams& p,
                          qs8::OutT<kOut>* out, size_t ldo) {
     constexpr size_t mr = 4, nr = 4;
+    const int8_t* a = a_tile;
     int32x4_t acc[mr][nr];
     for (size_t r = 0; r < mr; ++r)
       for (size_t c = 0; c < nr; ++c) acc[r][c] = vdupq_n_s32(0);
 #pragma GCC unroll 2
     for (size_t kb = 0; kb < k_blocks; ++kb) {
-      int8x16_t va[mr];
-      for (size_t r = 0; r < mr; ++r) va[r] = vld1q_s8(a[r] + kb * kKc);
-      const int8x16x4_t vb = vld1q_s8_x4(b);  // the group's 4 columns x 16 k: one load
+      const int8x16x4_t a4 = vld1q_s8_x4(a), vb = vld1q_s8_x4(b);  // 4 rows / columns x 16 k each
+      const int8x16_t va[mr] = {a4.val[0], a4.val[1], a4.val[2], a4.val[3]};
+      a += mr * kKc;
       b += nr * kKc;
       for (size_t r = 0; r < mr; ++r) {
         for (size_t c = 0; c < nr; ++c) {
@@ -54,7 +55,7 @@ struct PairsTile {
     }
     if (p.fix_count != 0) {
       int32_t fix[mr][kMaxNr] = {};
-      qs8::fix_sums(a, mr, p, fix);
+      qs8::fix_sums(a_tile, mr, p, fix);
       for (size_t r = 0; r < mr; ++r) sums[r][0] = vaddq_s32(sums[r][0], vld1q_s32(fix[r]));
     }
     qs8::store_tile<kOut>(sums, p, out, ldo);
@@ -67,14 +68,14 @@ struct PairsTile {
 template <Qs8Layout kLayout>
 struct PortableTile {
   template <qs8::Output kOut>
-  static void run(const int8_t* const a[], const int8_t* b, size_t k_blocks, const TileParams& p,
+  static void run(const int8_t* a, const int8_t* b, size_t k_blocks, const TileParams& p,
                   qs8::OutT<kOut>* out, size_t ldo) {
     constexpr size_t mr = tile_rows(kLayout), nr = tile_cols(kLayout);
     int32_t acc[kMaxMr][kMaxNr] = {};
     for (size_t c = 0; c < nr; ++c) {
       for (size_t k = 0; k < k_blocks * kKc; ++k) {
         const int32_t w = b[packed_offset(kLayout, k_blocks, c, k)];
-        for (size_t r = 0; r < mr; ++r) acc[r][c] += int32_t{a[r][k]} * w;
+        for (size_t r = 0; r < mr; ++r) acc[r][c] += int32_t{qs8::a_at(a, mr, r, k)} * w;
       }
     }
     qs8::fix_sums(a, mr, p, acc);

@@ -12,20 +12,21 @@ namespace {
 // reduction, no overflow: int8 x int8 into int32).
 struct DotTile {
   template <Output kOut>
-  static inline void run(const int8_t* const a[], const int8_t* b, size_t k_blocks, const TileParams& p,
+  static inline void run(const int8_t* a, const int8_t* b, size_t k_blocks, const TileParams& p,
                          OutT<kOut>* out, size_t ldo) {
     constexpr size_t mr = 8;
     int32x4_t acc[mr][2];
     for (size_t r = 0; r < mr; ++r) acc[r][0] = acc[r][1] = vdupq_n_s32(0);
 #pragma GCC unroll 2
     for (size_t kb = 0; kb < k_blocks; ++kb) {
-      int8x16_t va[mr];
-      for (size_t r = 0; r < mr; ++r) va[r] = vld1q_s8(a[r] + kb * kKc);
-      // The group's 128 bytes of this block in two 4-register loads: vb[v] is
-      // k-quad v / 2, columns 4 (v % 2) to +3.
-      const int8x16x4_t b0 = vld1q_s8_x4(b), b1 = vld1q_s8_x4(b + 64);
-      const int8x16_t vb[8] = {b0.val[0], b0.val[1], b0.val[2], b0.val[3],
-                               b1.val[0], b1.val[1], b1.val[2], b1.val[3]};
+      // The tile's 8 rows x 16 k, then the group's 128 bytes of this block:
+      // vb[v] is k-quad v / 2, columns 4 (v % 2) to +3. Adjacent vectors, so
+      // load pairs (ldp); 4-register loads leave the allocator no consecutive
+      // registers here (all 32 are in use) and it spills.
+      int8x16_t va[mr], vb[8];
+      for (size_t r = 0; r < mr; ++r) va[r] = vld1q_s8(a + r * kKc);
+      for (size_t v = 0; v < 8; ++v) vb[v] = vld1q_s8(b + v * 16);
+      a += mr * kKc;
       b += 8 * kKc;
       for (size_t r = 0; r < mr; ++r) {
         acc[r][0] = vdotq_laneq_s32(acc[r][0], vb[0], va[r], 0);

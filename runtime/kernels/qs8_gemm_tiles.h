@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 #include "qs8_gemm.h"
 
@@ -51,10 +52,15 @@ struct TileParams {
   size_t fix_count;
 };
 
+// A tile's rows of the input are first copied into [k_blocks][mr][16 k] (once
+// per row tile, for all column groups), so the tile loads its rows' next 16 k
+// with one (4 rows) or two (8 rows) 4-register loads instead of one per row.
+inline int8_t a_at(const int8_t* a, size_t mr, size_t r, size_t k) { return a[(k / kKc * mr + r) * kKc + k % kKc]; }
+
 // sum_k a[r][k] (w - packed w)[c][k] = -a[r][k] for each weight of -128 (rare).
-inline void fix_sums(const int8_t* const a[], size_t mr, const TileParams& p, int32_t fix[][kMaxNr]) {
+inline void fix_sums(const int8_t* a, size_t mr, const TileParams& p, int32_t fix[][kMaxNr]) {
   for (size_t i = 0; i < p.fix_count; ++i)
-    for (size_t r = 0; r < mr; ++r) fix[r][p.fixes[i].col] -= a[r][p.fixes[i].k];
+    for (size_t r = 0; r < mr; ++r) fix[r][p.fixes[i].col] -= a_at(a, mr, r, p.fixes[i].k);
 }
 
 #if defined(__aarch64__)
@@ -104,7 +110,7 @@ inline void store_tile(const int32x4_t (&sums)[kMr][kQuads], const TileParams& p
 #endif
 
 // Rows [row_begin, row_end) of y, all columns; Tile::template run<kOut>(a, b,
-// k_blocks, p, out, ldo) computes one tile into out (rows ldo apart; inlined:
+// k_blocks, p, out, ldo) computes one tile (a: its rows, see a_at) into out (rows ldo apart; inlined:
 // one instance per tile kind). `rows` (the rows' zero points and scales) only
 // for Output::kFloat.
 template <Qs8Layout kLayout, class Tile, Output kOut>
@@ -112,14 +118,20 @@ inline void run_rows(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t m, si
                      const xnn_quantization_params* rows, OutT<kOut>* y, size_t ldy) {
   constexpr size_t mr = tile_rows(kLayout), nr = tile_cols(kLayout);
   const size_t group_bytes = g.k_blocks * nr * kKc;
+  // The row tile's input (see a_at). A plain pointer: every use of the
+  // thread_local itself would look up its address again (a call, in a shared
+  // library).
+  thread_local std::vector<int8_t> tile_buffer;
+  tile_buffer.resize(g.k_blocks * mr * kKc);
+  int8_t* const tile_a = tile_buffer.data();
   for (size_t m0 = row_begin; m0 < row_end; m0 += mr) {
     const size_t rows_here = std::min(mr, row_end - m0);
-    const int8_t* ar[kMaxMr];
     TileParams p{};
     // Rows past the end repeat the last one; their results are dropped.
     for (size_t r = 0; r < mr; ++r) {
       const size_t row = std::min(m0 + r, m - 1);
-      ar[r] = a + row * lda;
+      const int8_t* src = a + row * lda;
+      for (size_t kb = 0; kb < g.k_blocks; ++kb) std::memcpy(tile_a + (kb * mr + r) * kKc, src + kb * kKc, kKc);
       if constexpr (kOut == Output::kFloat) {
         p.zero_point[r] = rows[row].zero_point;
         p.input_scale[r] = rows[row].scale;
@@ -137,10 +149,10 @@ inline void run_rows(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t m, si
       const int8_t* packed = g.packed.data() + grp * group_bytes;
       OutT<kOut>* dst = y + m0 * ldy + n0;
       if (rows_here == mr && cols == nr) {
-        Tile::template run<kOut>(ar, packed, g.k_blocks, p, dst, ldy);
+        Tile::template run<kOut>(tile_a, packed, g.k_blocks, p, dst, ldy);
       } else {  // an edge tile: computed whole, then its valid part copied
         OutT<kOut> out[kMaxMr * kMaxNr];
-        Tile::template run<kOut>(ar, packed, g.k_blocks, p, out, kMaxNr);
+        Tile::template run<kOut>(tile_a, packed, g.k_blocks, p, out, kMaxNr);
         for (size_t r = 0; r < rows_here; ++r)
           std::memcpy(dst + r * ldy, out + r * kMaxNr, cols * sizeof(OutT<kOut>));
       }
