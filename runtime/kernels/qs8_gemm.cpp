@@ -156,11 +156,11 @@ void qs8_gemm_pack(Qs8Layout layout, const int8_t* b, size_t ldb, size_t n, size
       lowest |= src[i] == -128;
     }
     g->weight_sums[col] = sum;
-    if (lowest != 0 && layout == Qs8Layout::kPairs) {  // -128 -> -127 and a fix (qs8_gemm.h)
-      for (size_t i = 0; i < k; ++i) {
-        if (src[i] != -128) continue;
-        g->packed[packed_offset(layout, g->k_blocks, col, i)] = -127;
-        g->fixes.push_back({static_cast<uint32_t>(col % nr), static_cast<uint32_t>(i)});
+    if (lowest != 0 && layout == Qs8Layout::kPairs) {  // -128 pairs: k+8 -> -127 and a fix (qs8_gemm.h)
+      for (size_t i = 0; i + 8 < k; ++i) {
+        if (i % kKc >= 8 || src[i] != -128 || src[i + 8] != -128) continue;
+        g->packed[packed_offset(layout, g->k_blocks, col, i + 8)] = -127;
+        g->fixes.push_back({static_cast<uint32_t>(col % nr), static_cast<uint32_t>(i + 8)});
       }
     }
     g->fix_start[col / nr + 1] = g->fixes.size();  // columns come in group order

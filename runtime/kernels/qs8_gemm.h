@@ -16,10 +16,11 @@
 //     host's bits); ours do not.
 //
 // kPairs adds two int8 x int8 products in an int16 lane (a[k] w[k] +
-// a[k+8] w[k+8]), which overflows when both weights AND both inputs are
-// -128. So there weights of -128 are packed as -127 and the difference, -a[k]
-// for each of them, is added to the int32 sums exactly (a sparse correction:
-// such weights are rare, e.g. the lowest code of an asymmetric channel).
+// a[k+8] w[k+8] within a block of 16), which overflows only when both
+// weights AND both inputs are -128. So where both weights of such a pair are
+// -128, the one at k+8 is packed as -127 and the difference, -a[k+8], is
+// added to the int32 sums exactly (a sparse correction: such pairs are rare,
+// e.g. the lowest code of an asymmetric channel twice).
 // XNNPACK's neon_mlal kernels pair products the same way without that
 // correction: a -128 pair meeting inputs of code -128 gives a wrong sum
 // (test_kernels.py: test_linear_on_emulated_pi_matches_reference).
@@ -39,7 +40,7 @@ namespace vitq {
 enum class Qs8Layout { kNone, kPairs, kDot };
 
 struct Qs8Gemm {
-  // A weight of -128 packed as -127 (kPairs): its column within the group and k.
+  // A weight of -128 packed as -127 (kPairs, see above): its column within the group and k.
   struct Fix {
     uint32_t col, k;
   };
@@ -65,7 +66,7 @@ Qs8Layout qs8_gemm_layout();
 
 // Packs the n rows of b (int8, row-major, rows ldb apart, k used) as the
 // GEMM's n columns for `layout` (!= kNone): the packing, the column sums
-// sum_k b[n][k] in weight_sums, and the fixes of -128 (kPairs). Leaves scale
+// sum_k b[n][k] in weight_sums, and the fixes of -128 pairs (kPairs). Leaves scale
 // and bias alone. The weights at create; attention's keys and V^T per call.
 void qs8_gemm_pack(Qs8Layout layout, const int8_t* b, size_t ldb, size_t n, size_t k, Qs8Gemm* gemm);
 
