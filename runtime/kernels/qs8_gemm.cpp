@@ -25,28 +25,35 @@ using qs8::TileParams;
 // A 4x4 tile: 16-deep dot products with smull + smlal2 (two products per int16
 // lane) + sadalp; pairwise reductions at the end.
 struct PairsTile {
+  static constexpr size_t mr = 4, nr = 4;
+
+  // One block of 16 k: 4 rows and 4 columns in one 4-register load each.
+  template <bool kFirst>
+  static inline void block(int32x4_t (&acc)[mr][nr], const int8_t* a, const int8_t* b) {
+    const int8x16x4_t va = vld1q_s8_x4(a), vb = vld1q_s8_x4(b);
+    for (size_t r = 0; r < mr; ++r) {
+      for (size_t c = 0; c < nr; ++c) {
+        // lane j: a[j] b[j] + a[j+8] b[j+8], at most 2 * 128 * 127 in magnitude
+        int16x8_t prod = vmull_s8(vget_low_s8(va.val[r]), vget_low_s8(vb.val[c]));
+        prod = vmlal_high_s8(prod, va.val[r], vb.val[c]);
+        acc[r][c] = kFirst ? vpaddlq_s16(prod) : vpadalq_s16(acc[r][c], prod);
+      }
+    }
+  }
+
   template <qs8::Output kOut>
   static inline void run(const int8_t* const a_tile, const int8_t* b, size_t k_blocks, const TileParams& p,
                          qs8::OutT<kOut>* out, size_t ldo) {
-    constexpr size_t mr = 4, nr = 4;
-    const int8_t* a = a_tile;
+    // The first block sets the accumulators (saddlp), the others add (sadalp).
     int32x4_t acc[mr][nr];
-    for (size_t r = 0; r < mr; ++r)
-      for (size_t c = 0; c < nr; ++c) acc[r][c] = vdupq_n_s32(0);
+    block<true>(acc, a_tile, b);
+    const int8_t* a = a_tile + mr * kKc;
+    b += nr * kKc;
 #pragma GCC unroll 2
-    for (size_t kb = 0; kb < k_blocks; ++kb) {
-      const int8x16x4_t a4 = vld1q_s8_x4(a), vb = vld1q_s8_x4(b);  // 4 rows / columns x 16 k each
-      const int8x16_t va[mr] = {a4.val[0], a4.val[1], a4.val[2], a4.val[3]};
+    for (size_t kb = 1; kb < k_blocks; ++kb) {
+      block<false>(acc, a, b);
       a += mr * kKc;
       b += nr * kKc;
-      for (size_t r = 0; r < mr; ++r) {
-        for (size_t c = 0; c < nr; ++c) {
-          // lane j: a[j] b[j] + a[j+8] b[j+8], at most 2 * 128 * 127 in magnitude
-          int16x8_t prod = vmull_s8(vget_low_s8(va[r]), vget_low_s8(vb.val[c]));
-          prod = vmlal_high_s8(prod, va[r], vb.val[c]);
-          acc[r][c] = vpadalq_s16(acc[r][c], prod);
-        }
-      }
     }
     int32x4_t sums[mr][1];
     for (size_t r = 0; r < mr; ++r) {

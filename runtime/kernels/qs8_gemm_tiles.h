@@ -124,6 +124,15 @@ inline void run_rows(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t m, si
   thread_local std::vector<int8_t> tile_buffer;
   tile_buffer.resize(g.k_blocks * mr * kKc);
   int8_t* const tile_a = tile_buffer.data();
+  // g's fields as locals: the stores to y may alias them, and GCC would reload
+  // them for every column group.
+  const size_t n = g.n, n_groups = g.n_groups, k_blocks = g.k_blocks;
+  const int8_t* const packed_all = g.packed.data();
+  const int32_t* const weight_sums = g.weight_sums.data();
+  const float* const scale = g.scale.data();
+  const float* const bias = g.bias.data();
+  const Qs8Gemm::Fix* const fixes = g.fixes.data();
+  const size_t* const fix_start = g.fix_start.data();
   for (size_t m0 = row_begin; m0 < row_end; m0 += mr) {
     const size_t rows_here = std::min(mr, row_end - m0);
     TileParams p{};
@@ -131,28 +140,28 @@ inline void run_rows(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t m, si
     for (size_t r = 0; r < mr; ++r) {
       const size_t row = std::min(m0 + r, m - 1);
       const int8_t* src = a + row * lda;
-      for (size_t kb = 0; kb < g.k_blocks; ++kb) std::memcpy(tile_a + (kb * mr + r) * kKc, src + kb * kKc, kKc);
+      for (size_t kb = 0; kb < k_blocks; ++kb) std::memcpy(tile_a + (kb * mr + r) * kKc, src + kb * kKc, kKc);
       if constexpr (kOut == Output::kFloat) {
         p.zero_point[r] = rows[row].zero_point;
         p.input_scale[r] = rows[row].scale;
       }
     }
-    for (size_t grp = 0; grp < g.n_groups; ++grp) {
-      const size_t n0 = grp * nr, cols = std::min(nr, g.n - n0);
+    for (size_t grp = 0; grp < n_groups; ++grp) {
+      const size_t n0 = grp * nr, cols = std::min(nr, n - n0);
       if constexpr (kOut == Output::kFloat) {
-        p.weight_sums = g.weight_sums.data() + n0;
-        p.scale = g.scale.data() + n0;
-        p.bias = g.bias.data() + n0;
+        p.weight_sums = weight_sums + n0;
+        p.scale = scale + n0;
+        p.bias = bias + n0;
       }
-      p.fixes = g.fixes.data() + g.fix_start[grp];
-      p.fix_count = g.fix_start[grp + 1] - g.fix_start[grp];
-      const int8_t* packed = g.packed.data() + grp * group_bytes;
+      p.fixes = fixes + fix_start[grp];
+      p.fix_count = fix_start[grp + 1] - fix_start[grp];
+      const int8_t* packed = packed_all + grp * group_bytes;
       OutT<kOut>* dst = y + m0 * ldy + n0;
       if (rows_here == mr && cols == nr) {
-        Tile::template run<kOut>(tile_a, packed, g.k_blocks, p, dst, ldy);
+        Tile::template run<kOut>(tile_a, packed, k_blocks, p, dst, ldy);
       } else {  // an edge tile: computed whole, then its valid part copied
         OutT<kOut> out[kMaxMr * kMaxNr];
-        Tile::template run<kOut>(tile_a, packed, g.k_blocks, p, out, kMaxNr);
+        Tile::template run<kOut>(tile_a, packed, k_blocks, p, out, kMaxNr);
         for (size_t r = 0; r < rows_here; ++r)
           std::memcpy(dst + r * ldy, out + r * kMaxNr, cols * sizeof(OutT<kOut>));
       }
