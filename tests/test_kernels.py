@@ -200,11 +200,15 @@ def test_missing_kernels_library_is_a_clear_error(tmp_path):
 
 
 FORCED_PATHS = {
-    # our int8 GEMM (qs8_gemm.h), here in portable C++, for the linear layers and the attention's
-    # int8 codes: the packing of CPUs without dot products (Pi 4), with its -128 fixes ...
+    # Our int8 GEMM (qs8_gemm.h) for the linear layers and the attention's int8 codes runs by
+    # default on the Pis and on x86 CPUs with AVX-VNNI. Forced here in portable C++: the packing of
+    # CPUs without dot products (Pi 4), with its -128 fixes ...
     "int8 GEMM, pairs packing": ("VITQ_GEMM", "pairs", "(linear or attention) and not emulated"),
     # ... and of CPUs with them (Pi 5)
     "int8 GEMM, dot packing": ("VITQ_GEMM", "dot", "(linear or attention) and not emulated"),
+    # The path of x86 CPUs without AVX-VNNI: XNNPACK's GEMM for the linear layers, int16
+    # attention codes.
+    "XNNPACK GEMM, int16 attention": ("VITQ_GEMM", "xnnpack", "(linear or attention) and not emulated"),
 }
 
 

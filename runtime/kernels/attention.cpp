@@ -220,10 +220,66 @@ VITQ_INLINE void softmax_row(float* __restrict p, size_t n) {
 
 // The same codes written down a column: dst[e * stride], for V^T.
 template <class Code>
-inline void code_column(const float* __restrict x, size_t n, const Uniform& u, float offset, Code* __restrict dst,
-                        size_t stride) {
+VITQ_INLINE void code_column(const float* __restrict x, size_t n, const Uniform& u, float offset,
+                             Code* __restrict dst, size_t stride) {
+#if defined(__x86_64__)
+  // Coded as a row first, which vectorizes (the scattered stores cannot; a
+  // division per code left scalar costs more than the copy).
+  constexpr size_t kChunk = 64;
+  Code codes[kChunk];
+  for (size_t i0 = 0; i0 < n; i0 += kChunk) {
+    const size_t len = std::min(kChunk, n - i0);
+    code_row(x + i0, len, u, offset, codes, len);
+    for (size_t i = 0; i < len; ++i) dst[(i0 + i) * stride] = codes[i];
+  }
+#else
   const float s = u.scale, z = u.zero, lo = u.qmin, hi = u.qmax;
   for (size_t i = 0; i < n; ++i) dst[i * stride] = static_cast<Code>(uniform_code(x[i], s, z, lo, hi) - offset);
+#endif
+}
+
+// What coding the q, k and v of the token rows needs (attention_out, step 1).
+struct CodingJob {
+  const float* src;  // qkv [B * T][3C]
+  size_t t, heads, d, dq, tv;
+  bool v_transposed;
+  const Uniform* quant[3];
+  float offset[3];
+  bool int8[3];
+  void* stored[3];
+  int32_t* q_sums;
+};
+
+// Codes of token rows [first, last): q, k rows; V rows, or V^T columns.
+VITQ_HOT_LOOPS void code_token_rows(const CodingJob& job, size_t first, size_t last) {
+  const size_t t = job.t, heads = job.heads, d = job.d, c = heads * d, dq = job.dq;
+  for (size_t r = first; r < last; ++r) {
+    const size_t b = r / t, i = r % t;
+    const float* row = job.src + r * 3 * c;
+    for (size_t which = 0; which < 3; ++which) {
+      const Uniform& u = *job.quant[which];
+      const float offset = job.offset[which];
+      void* stored = job.stored[which];
+      for (size_t h = 0; h < heads; ++h) {
+        const float* x = row + which * c + h * d;
+        const size_t head_row = (b * heads + h) * t + i;
+        if (which < 2 && job.int8[which]) {
+          const int32_t sum = code_row(x, d, u, offset, static_cast<int8_t*>(stored) + head_row * dq, dq);
+          if (which == 0) job.q_sums[head_row] = sum;
+        } else if (which < 2) {
+          code_row(x, d, u, offset, static_cast<int16_t*>(stored) + head_row * dq, dq);
+        } else if (!job.v_transposed) {
+          code_row(x, d, u, offset, static_cast<int16_t*>(stored) + head_row * d, d);
+        } else {  // V^T: column i
+          const size_t first_code = (b * heads + h) * d * job.tv + i;
+          if (job.int8[2])
+            code_column(x, d, u, offset, static_cast<int8_t*>(stored) + first_code, job.tv);
+          else
+            code_column(x, d, u, offset, static_cast<int16_t*>(stored) + first_code, job.tv);
+        }
+      }
+    }
+  }
 }
 
 // Query rows per pass: one tile of our int8 GEMM on the Pi 5 (8 rows), two on
@@ -470,35 +526,17 @@ Tensor& attention_out(KernelRuntimeContext& ctx, const Tensor& qkv, int64_t num_
   const bool int8[3] = {qk8, qk8, pv8};
   float offset[3];
   for (size_t w = 0; w < 3; ++w) offset[w] = int8[w] ? int8_offset(*quant[w]) : quant[w]->zero;
-  const float* src = qkv.const_data_ptr<float>();
+  CodingJob coding{qkv.const_data_ptr<float>(), t, heads, d, dq, tv, v_transposed, {&uq, &uk, &uv}, {}, {}, {},
+                   q_sums};
+  for (size_t w = 0; w < 3; ++w) {
+    coding.offset[w] = offset[w];
+    coding.int8[w] = int8[w];
+    coding.stored[w] = stored[w];
+  }
   const size_t rows = batch * t;
   const size_t qtasks = task_count(rows, 3 * c * 4);
   parallel_for(qtasks, [&](size_t task) {
-    for (size_t r = rows * task / qtasks; r < rows * (task + 1) / qtasks; ++r) {
-      const size_t b = r / t, i = r % t;
-      const float* row = src + r * 3 * c;
-      for (size_t which = 0; which < 3; ++which) {
-        const Uniform& u = *quant[which];
-        for (size_t h = 0; h < heads; ++h) {
-          const float* x = row + which * c + h * d;
-          const size_t head_row = (b * heads + h) * t + i;
-          if (which < 2 && int8[which]) {
-            const int32_t sum = code_row(x, d, u, offset[which], static_cast<int8_t*>(stored[which]) + head_row * dq, dq);
-            if (which == 0) q_sums[head_row] = sum;
-          } else if (which < 2) {
-            code_row(x, d, u, offset[which], static_cast<int16_t*>(stored[which]) + head_row * dq, dq);
-          } else if (!v_transposed) {
-            code_row(x, d, u, offset[which], static_cast<int16_t*>(stored[which]) + head_row * d, d);
-          } else {  // V^T: column i
-            const size_t first = (b * heads + h) * d * tv + i;
-            if (pv8)
-              code_column(x, d, u, offset[which], static_cast<int8_t*>(stored[which]) + first, tv);
-            else
-              code_column(x, d, u, offset[which], static_cast<int16_t*>(stored[which]) + first, tv);
-          }
-        }
-      }
-    }
+    code_token_rows(coding, rows * task / qtasks, rows * (task + 1) / qtasks);
   });
   if (v_transposed) {  // V^T rows: zero padding
     for (size_t row = 0; row < batch * heads * d; ++row) {
@@ -517,9 +555,13 @@ Tensor& attention_out(KernelRuntimeContext& ctx, const Tensor& qkv, int64_t num_
   if (pv8) packed_v.resize(batch * heads);
   if (qk8 || pv8) {
     const Qs8Layout layout = qs8_gemm_layout();
+    // Plain pointers into the caller's vectors: in the pool's threads the
+    // names packed_k / packed_v would be those threads' own (thread_local).
+    Qs8Gemm* const keys = packed_k.data();
+    Qs8Gemm* const values = packed_v.data();
     parallel_for(batch * heads, [&](size_t bh) {
-      if (qk8) qs8_gemm_pack(layout, static_cast<const int8_t*>(stored[1]) + bh * t * dq, dq, t, dq, &packed_k[bh]);
-      if (pv8) qs8_gemm_pack(layout, static_cast<const int8_t*>(stored[2]) + bh * d * tv, tv, d, tv, &packed_v[bh]);
+      if (qk8) qs8_gemm_pack(layout, static_cast<const int8_t*>(stored[1]) + bh * t * dq, dq, t, dq, &keys[bh]);
+      if (pv8) qs8_gemm_pack(layout, static_cast<const int8_t*>(stored[2]) + bh * d * tv, tv, d, tv, &values[bh]);
     });
   }
 

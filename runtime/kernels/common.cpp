@@ -38,6 +38,18 @@ bool cpu_has_dot_product() {
 #endif
 }
 
+bool cpu_has_vnni() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avxvnni") != 0;
+  }();
+  return yes;
+#else
+  return false;
+#endif
+}
+
 // Kept out of line so the loop is vectorized on its own (restrict pointers).
 VITQ_HOT_LOOPS __attribute__((noinline)) static void gelu_span(const float* __restrict x, float* __restrict y, size_t n) {
   for (size_t i = 0; i < n; ++i) y[i] = gelu(x[i]);

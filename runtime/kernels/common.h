@@ -52,6 +52,10 @@ bool xnnpack_ready();
 // Pi 5's Cortex-A76, not the Pi 4's A72), read once from HWCAP. False off aarch64.
 bool cpu_has_dot_product();
 
+// Whether an x86-64 CPU has AVX-VNNI (vpdpbusd on 256-bit vectors: Intel
+// Alder Lake and later, AMD Zen 4 and later), read once. False elsewhere.
+bool cpu_has_vnni();
+
 // y = GELU(x) for n floats as arith.gelu computes it (quant_math.h: gelu),
 // chunks on the thread pool. (XNNPACK's GELU is a different approximation:
 // its last bits differ from the simulation's.)

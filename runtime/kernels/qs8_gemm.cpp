@@ -26,6 +26,7 @@ using qs8::TileParams;
 // lane) + sadalp; pairwise reductions at the end.
 struct PairsTile {
   static constexpr size_t mr = 4, nr = 4;
+  static constexpr bool kUnsignedInput = false;
 
   // One block of 16 k: 4 rows and 4 columns in one 4-register load each.
   template <bool kFirst>
@@ -74,6 +75,7 @@ struct PairsTile {
 // (runs when forced, so the tests check both packings and the epilogue off ARM).
 template <Qs8Layout kLayout>
 struct PortableTile {
+  static constexpr bool kUnsignedInput = false;
   template <qs8::Output kOut>
   static void run(const int8_t* a, const int8_t* b, size_t k_blocks, const TileParams& p,
                   qs8::OutT<kOut>* out, size_t ldo) {
@@ -99,6 +101,29 @@ struct PortableTile {
   }
 };
 
+// The packing, and on x86-64 whether its kDot tile is the AVX-VNNI one (else
+// the portable tile, e.g. forced by VITQ_GEMM=dot).
+struct Choice {
+  Qs8Layout layout;
+  bool vnni;
+};
+
+Choice choice() {
+  static const Choice chosen = [] {
+    const char* force = std::getenv("VITQ_GEMM");
+    const auto is = [force](const char* name) { return force != nullptr && std::strcmp(force, name) == 0; };
+    if (is("pairs")) return Choice{Qs8Layout::kPairs, false};
+    if (is("dot")) return Choice{Qs8Layout::kDot, false};
+    if (is("xnnpack")) return Choice{Qs8Layout::kNone, false};
+#if defined(__aarch64__)
+    return Choice{cpu_has_dot_product() ? Qs8Layout::kDot : Qs8Layout::kPairs, false};
+#else
+    return cpu_has_vnni() ? Choice{Qs8Layout::kDot, true} : Choice{Qs8Layout::kNone, false};
+#endif
+  }();
+  return chosen;
+}
+
 template <qs8::Output kOut>
 void run_rows(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t m, size_t row_begin, size_t row_end,
               const xnn_quantization_params* rows, qs8::OutT<kOut>* y, size_t ldy) {
@@ -111,6 +136,10 @@ void run_rows(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t m, size_t ro
   if (g.layout == Qs8Layout::kPairs)
     qs8::run_rows<Qs8Layout::kPairs, PortableTile<Qs8Layout::kPairs>, kOut>(g, a, lda, m, row_begin, row_end, rows,
                                                                               y, ldy);
+#if defined(__x86_64__) && defined(__GNUC__)
+  else if (choice().vnni)
+    qs8::run_rows_dot<kOut>(g, a, lda, m, row_begin, row_end, rows, y, ldy);
+#endif
   else
     qs8::run_rows<Qs8Layout::kDot, PortableTile<Qs8Layout::kDot>, kOut>(g, a, lda, m, row_begin, row_end, rows, y,
                                                                           ldy);
@@ -119,20 +148,7 @@ void run_rows(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t m, size_t ro
 
 }  // namespace
 
-Qs8Layout qs8_gemm_layout() {
-  static const Qs8Layout layout = [] {
-    const char* force = std::getenv("VITQ_GEMM");
-    if (force != nullptr && std::strcmp(force, "pairs") == 0) return Qs8Layout::kPairs;
-    if (force != nullptr && std::strcmp(force, "dot") == 0) return Qs8Layout::kDot;
-    if (force != nullptr && std::strcmp(force, "xnnpack") == 0) return Qs8Layout::kNone;
-#if defined(__aarch64__)
-    return cpu_has_dot_product() ? Qs8Layout::kDot : Qs8Layout::kPairs;
-#else
-    return Qs8Layout::kNone;
-#endif
-  }();
-  return layout;
-}
+Qs8Layout qs8_gemm_layout() { return choice().layout; }
 
 void qs8_gemm_pack(Qs8Layout layout, const int8_t* b, size_t ldb, size_t n, size_t k, Qs8Gemm* g) {
   const size_t nr = tile_cols(layout);

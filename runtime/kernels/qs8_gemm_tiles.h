@@ -114,7 +114,7 @@ inline void store_tile(const int32x4_t (&sums)[kMr][kQuads], const TileParams& p
 // one instance per tile kind). `rows` (the rows' zero points and scales) only
 // for Output::kFloat.
 template <Qs8Layout kLayout, class Tile, Output kOut>
-inline void run_rows(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t m, size_t row_begin, size_t row_end,
+inline __attribute__((always_inline)) void run_rows(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t m, size_t row_begin, size_t row_end,
                      const xnn_quantization_params* rows, OutT<kOut>* y, size_t ldy) {
   constexpr size_t mr = tile_rows(kLayout), nr = tile_cols(kLayout);
   const size_t group_bytes = g.k_blocks * nr * kKc;
@@ -140,7 +140,12 @@ inline void run_rows(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t m, si
     for (size_t r = 0; r < mr; ++r) {
       const size_t row = std::min(m0 + r, m - 1);
       const int8_t* src = a + row * lda;
-      for (size_t kb = 0; kb < k_blocks; ++kb) std::memcpy(tile_a + (kb * mr + r) * kKc, src + kb * kKc, kKc);
+      for (size_t kb = 0; kb < k_blocks; ++kb) {
+        int8_t* dst = tile_a + (kb * mr + r) * kKc;
+        std::memcpy(dst, src + kb * kKc, kKc);
+        if constexpr (Tile::kUnsignedInput)  // a + 128 as an unsigned byte
+          for (size_t i = 0; i < kKc; ++i) dst[i] = static_cast<int8_t>(dst[i] ^ 0x80);
+      }
       if constexpr (kOut == Output::kFloat) {
         p.zero_point[r] = rows[row].zero_point;
         p.input_scale[r] = rows[row].scale;
@@ -148,8 +153,8 @@ inline void run_rows(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t m, si
     }
     for (size_t grp = 0; grp < n_groups; ++grp) {
       const size_t n0 = grp * nr, cols = std::min(nr, n - n0);
+      p.weight_sums = weight_sums + n0;
       if constexpr (kOut == Output::kFloat) {
-        p.weight_sums = weight_sums + n0;
         p.scale = scale + n0;
         p.bias = bias + n0;
       }
@@ -169,7 +174,8 @@ inline void run_rows(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t m, si
   }
 }
 
-// qs8_gemm_dot.cpp: run_rows with the kDot tile (aarch64 only).
+// qs8_gemm_dot.cpp: run_rows with the kDot tile (aarch64: sdot; x86-64:
+// AVX-VNNI, where cpu_has_vnni()).
 template <Output kOut>
 void run_rows_dot(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t m, size_t row_begin, size_t row_end,
                   const xnn_quantization_params* rows, OutT<kOut>* y, size_t ldy);
