@@ -101,54 +101,51 @@ struct PortableTile {
   }
 };
 
-// The packing, and on x86-64 whether its kDot tile is the AVX-VNNI one (else
-// the portable tile, e.g. forced by VITQ_GEMM=dot).
-struct Choice {
-  Qs8Layout layout;
-  bool vnni;
-};
-
-Choice choice() {
-  static const Choice chosen = [] {
-    const char* force = std::getenv("VITQ_GEMM");
-    const auto is = [force](const char* name) { return force != nullptr && std::strcmp(force, name) == 0; };
-    if (is("pairs")) return Choice{Qs8Layout::kPairs, false};
-    if (is("dot")) return Choice{Qs8Layout::kDot, false};
-    if (is("xnnpack")) return Choice{Qs8Layout::kNone, false};
-#if defined(__aarch64__)
-    return Choice{cpu_has_dot_product() ? Qs8Layout::kDot : Qs8Layout::kPairs, false};
-#else
-    return cpu_has_vnni() ? Choice{Qs8Layout::kDot, true} : Choice{Qs8Layout::kNone, false};
-#endif
-  }();
-  return chosen;
-}
-
 template <qs8::Output kOut>
 void run_rows(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t m, size_t row_begin, size_t row_end,
               const xnn_quantization_params* rows, qs8::OutT<kOut>* y, size_t ldy) {
+  switch (g.layout) {
+    case Qs8Layout::kPairs:
 #if defined(__aarch64__)
-  if (g.layout == Qs8Layout::kPairs)
-    qs8::run_rows<Qs8Layout::kPairs, PairsTile, kOut>(g, a, lda, m, row_begin, row_end, rows, y, ldy);
-  else
-    qs8::run_rows_dot<kOut>(g, a, lda, m, row_begin, row_end, rows, y, ldy);
+      qs8::run_rows<Qs8Layout::kPairs, PairsTile, kOut>(g, a, lda, m, row_begin, row_end, rows, y, ldy);
 #else
-  if (g.layout == Qs8Layout::kPairs)
-    qs8::run_rows<Qs8Layout::kPairs, PortableTile<Qs8Layout::kPairs>, kOut>(g, a, lda, m, row_begin, row_end, rows,
-                                                                              y, ldy);
-#if defined(__x86_64__) && defined(__GNUC__)
-  else if (choice().vnni)
-    qs8::run_rows_dot<kOut>(g, a, lda, m, row_begin, row_end, rows, y, ldy);
+      qs8::run_rows<Qs8Layout::kPairs, PortableTile<Qs8Layout::kPairs>, kOut>(g, a, lda, m, row_begin, row_end,
+                                                                                rows, y, ldy);
 #endif
-  else
-    qs8::run_rows<Qs8Layout::kDot, PortableTile<Qs8Layout::kDot>, kOut>(g, a, lda, m, row_begin, row_end, rows, y,
-                                                                          ldy);
+      return;
+    case Qs8Layout::kDot:
+#if defined(__aarch64__)
+      qs8::run_rows_dot<kOut>(g, a, lda, m, row_begin, row_end, rows, y, ldy);
+#else
+      qs8::run_rows<Qs8Layout::kDot, PortableTile<Qs8Layout::kDot>, kOut>(g, a, lda, m, row_begin, row_end, rows, y,
+                                                                            ldy);
 #endif
+      return;
+    case Qs8Layout::kVnni:  // chosen only on x86-64 CPUs with AVX-VNNI
+      qs8::run_rows_dot<kOut>(g, a, lda, m, row_begin, row_end, rows, y, ldy);
+      return;
+    case Qs8Layout::kNone:
+      return;
+  }
 }
 
 }  // namespace
 
-Qs8Layout qs8_gemm_layout() { return choice().layout; }
+Qs8Layout qs8_gemm_layout() {
+  static const Qs8Layout layout = [] {
+    const char* force = std::getenv("VITQ_GEMM");
+    const auto is = [force](const char* name) { return force != nullptr && std::strcmp(force, name) == 0; };
+    if (is("pairs")) return Qs8Layout::kPairs;
+    if (is("dot")) return Qs8Layout::kDot;
+    if (is("xnnpack")) return Qs8Layout::kNone;
+#if defined(__aarch64__)
+    return cpu_has_dot_product() ? Qs8Layout::kDot : Qs8Layout::kPairs;
+#else
+    return cpu_has_vnni() ? Qs8Layout::kVnni : Qs8Layout::kNone;
+#endif
+  }();
+  return layout;
+}
 
 void qs8_gemm_pack(Qs8Layout layout, const int8_t* b, size_t ldb, size_t n, size_t k, Qs8Gemm* g) {
   const size_t nr = tile_cols(layout);

@@ -1,19 +1,23 @@
-// Our int8 GEMM with XNNPACK's qd8 epilogue, for the Raspberry Pis' CPUs.
+// Our int8 GEMM with XNNPACK's qd8 epilogue, for the Raspberry Pis' CPUs and
+// x86-64 CPUs with AVX-VNNI.
 //
 //   y[m][n] = fma(float(sum_k (a[m][k] - zp[m]) w[n][k]) * s[m], ws[n], bias[n])
 //
 // the same integers and the same float steps as XNNPACK's x86 qd8_f32_qc8w
 // fully-connected kernels (arith.integer_linear), so a Pi computes the host's
-// bits. Two packings of the weights, chosen by the CPU:
+// bits. Three packings of the weights, chosen by the CPU:
 //
 //   kPairs (no dot product: Pi 4, Cortex-A72): 4x4 tiles of 16-deep int8 dot
 //     products, smull + smlal2 + sadalp (16 products per 3 instructions);
 //     ~4.3 products per instruction against ~3.2 for XNNPACK's 2x8c2s4
 //     neon_mlal kernels. Packed [n/4][k/16][4 columns][16 k].
 //   kDot (Pi 5, Cortex-A76): 8x8 tiles of sdot by lane, packed
-//     [n/8][k/16][4 k-quads][2 x 4 columns][4 k]. XNNPACK's dot-product
+//     [n/8][k/16][4 k-quads][8 columns][4 k]. XNNPACK's dot-product
 //     kernels round the epilogue differently (a Pi 5 would not give the
 //     host's bits); ours do not.
+//   kVnni (x86-64 with AVX-VNNI): 4x16 tiles of vpdpbusd, each broadcast row
+//     code feeding two 8-column products; packed as kDot with 16 columns.
+//     On other x86 CPUs the linear layers run XNNPACK's GEMM (kNone).
 //
 // kPairs adds two int8 x int8 products in an int16 lane (a[k] w[k] +
 // a[k+8] w[k+8] within a block of 16), which overflows only when both
@@ -37,7 +41,7 @@
 
 namespace vitq {
 
-enum class Qs8Layout { kNone, kPairs, kDot };
+enum class Qs8Layout { kNone, kPairs, kDot, kVnni };
 
 struct Qs8Gemm {
   // A weight of -128 packed as -127 (kPairs, see above): its column within the group and k.
@@ -58,10 +62,11 @@ struct Qs8Gemm {
 };
 
 // The packing vitq::linear and vitq::attention use on this CPU: kPairs / kDot
-// on aarch64 without / with dot-product instructions, kNone elsewhere
-// (linear: XNNPACK's GEMM; attention: int16 codes). VITQ_GEMM=pairs, =dot or
-// =xnnpack overrides the choice (tests of the packings' arithmetic on x86,
-// where they run in portable C++; A/B measurements).
+// on aarch64 without / with dot-product instructions, kVnni on x86-64 with
+// AVX-VNNI, kNone elsewhere (linear: XNNPACK's GEMM; attention: int16 codes).
+// VITQ_GEMM=pairs, =dot or =xnnpack overrides the choice (tests of the
+// packings' arithmetic on x86, where pairs and dot run in portable C++; A/B
+// measurements).
 Qs8Layout qs8_gemm_layout();
 
 // Packs the n rows of b (int8, row-major, rows ldb apart, k used) as the

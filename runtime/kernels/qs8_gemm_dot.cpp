@@ -1,9 +1,9 @@
-// The kDot tiles of our int8 GEMM (qs8_gemm.h), for CPUs with dot-product
-// instructions: on aarch64 sdot (this file is compiled for Armv8.2-A + dot
-// product, CMakeLists.txt), on x86-64 AVX-VNNI's vpdpbusd (functions compiled
-// for it by target attributes: a file-wide -mavxvnni could leak AVX code into
-// inline functions shared with the rest of the library). Only called where the
-// CPU has them (qs8_gemm_layout).
+// The dot-product tiles of our int8 GEMM (qs8_gemm.h): kDot on aarch64 (sdot;
+// this file is compiled for Armv8.2-A + dot product, CMakeLists.txt), kVnni
+// on x86-64 (AVX-VNNI's vpdpbusd; functions compiled for it by target
+// attributes: a file-wide -mavxvnni could leak AVX code into inline functions
+// shared with the rest of the library). Only called where the CPU has them
+// (qs8_gemm_layout).
 #include "qs8_gemm_tiles.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -71,43 +71,49 @@ template void run_rows_dot<Output::kInt32>(const Qs8Gemm&, const int8_t*, size_t
 namespace vitq::qs8 {
 namespace {
 
-// An 8x8 tile on AVX-VNNI: per k-quad, one load of the group's 8 columns x 4 k
-// (32 bytes of the kDot packing) and, per row, vpdpbusd of the row's 4 codes
-// broadcast to every column. vpdpbusd multiplies unsigned by signed bytes, so
-// the inputs come as a + 128 (kUnsignedInput: run_rows flips their top bit)
-// and 128 * sum_k w is taken off again: exact int32, as the other tiles.
+// A 4x16 tile on AVX-VNNI: per k-quad, two loads of the group's 16 columns x
+// 4 k (kVnni packing) and, per row, the row's 4 codes broadcast once for
+// vpdpbusd with both. vpdpbusd multiplies unsigned by signed bytes, so the
+// inputs come as a + 128 (kUnsignedInput: run_rows flips their top bit) and
+// 128 * sum_k w is taken off again: exact int32, as the other tiles.
 struct VnniTile {
   static constexpr bool kUnsignedInput = true;
   template <Output kOut>
   VITQ_VNNI static inline void run(const int8_t* a, const int8_t* b, size_t k_blocks, const TileParams& p,
                                    OutT<kOut>* out, size_t ldo) {
-    constexpr size_t mr = 8;
-    __m256i acc[mr];
-    for (size_t r = 0; r < mr; ++r) acc[r] = _mm256_setzero_si256();
+    constexpr size_t mr = 4, halves = 2;  // 16 columns = 2 x 8 int32 lanes
+    __m256i acc[mr][halves];
+    for (size_t r = 0; r < mr; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
     for (size_t kb = 0; kb < k_blocks; ++kb) {
       for (size_t q = 0; q < 4; ++q) {
-        const __m256i vb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + q * 32));
+        const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + q * 64));
+        const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + q * 64 + 32));
         for (size_t r = 0; r < mr; ++r) {
           int32_t codes;  // row r's k-quad q
           std::memcpy(&codes, a + r * kKc + q * 4, sizeof codes);
-          acc[r] = _mm256_dpbusd_avx_epi32(acc[r], _mm256_set1_epi32(codes), vb);
+          const __m256i va = _mm256_set1_epi32(codes);
+          acc[r][0] = _mm256_dpbusd_avx_epi32(acc[r][0], va, b0);
+          acc[r][1] = _mm256_dpbusd_avx_epi32(acc[r][1], va, b1);
         }
       }
       a += mr * kKc;
-      b += 8 * kKc;
+      b += 16 * kKc;
     }
-    const __m256i ws = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.weight_sums));
-    if constexpr (kOut == Output::kInt32) {
-      const __m256i offset = _mm256_slli_epi32(ws, 7);  // 128 * sum_k w
-      for (size_t r = 0; r < mr; ++r)
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * ldo), _mm256_sub_epi32(acc[r], offset));
-    } else {
-      // sum - (zp + 128) * weight_sums, then XNNPACK's epilogue as the other tiles.
-      const __m256 scale = _mm256_loadu_ps(p.scale), bias = _mm256_loadu_ps(p.bias);
-      for (size_t r = 0; r < mr; ++r) {
-        const __m256i sum = _mm256_sub_epi32(acc[r], _mm256_mullo_epi32(ws, _mm256_set1_epi32(p.zero_point[r] + 128)));
-        const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(p.input_scale[r]));
-        _mm256_storeu_ps(out + r * ldo, _mm256_fmadd_ps(v, scale, bias));
+    for (size_t h = 0; h < halves; ++h) {
+      const __m256i ws = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.weight_sums + 8 * h));
+      if constexpr (kOut == Output::kInt32) {
+        const __m256i offset = _mm256_slli_epi32(ws, 7);  // 128 * sum_k w
+        for (size_t r = 0; r < mr; ++r)
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * ldo + 8 * h), _mm256_sub_epi32(acc[r][h], offset));
+      } else {
+        // sum - (zp + 128) * weight_sums, then XNNPACK's epilogue as the other tiles.
+        const __m256 scale = _mm256_loadu_ps(p.scale + 8 * h), bias = _mm256_loadu_ps(p.bias + 8 * h);
+        for (size_t r = 0; r < mr; ++r) {
+          const __m256i zp = _mm256_set1_epi32(p.zero_point[r] + 128);
+          const __m256i sum = _mm256_sub_epi32(acc[r][h], _mm256_mullo_epi32(ws, zp));
+          const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(p.input_scale[r]));
+          _mm256_storeu_ps(out + r * ldo + 8 * h, _mm256_fmadd_ps(v, scale, bias));
+        }
       }
     }
   }
@@ -118,7 +124,7 @@ struct VnniTile {
 template <Output kOut>
 VITQ_VNNI void run_rows_dot(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t m, size_t row_begin, size_t row_end,
                             const xnn_quantization_params* rows, OutT<kOut>* y, size_t ldy) {
-  run_rows<Qs8Layout::kDot, VnniTile, kOut>(g, a, lda, m, row_begin, row_end, rows, y, ldy);
+  run_rows<Qs8Layout::kVnni, VnniTile, kOut>(g, a, lda, m, row_begin, row_end, rows, y, ldy);
 }
 
 template void run_rows_dot<Output::kFloat>(const Qs8Gemm&, const int8_t*, size_t, size_t, size_t, size_t,

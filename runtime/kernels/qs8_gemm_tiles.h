@@ -21,11 +21,13 @@
 namespace vitq::qs8 {
 
 constexpr size_t kKc = 16;    // k per packed block
-constexpr size_t kMaxMr = 8;  // tile rows (4 for kPairs, 8 for kDot)
-constexpr size_t kMaxNr = 8;  // tile columns = columns per packed group
+constexpr size_t kMaxMr = 8;   // tile rows (4 for kPairs and kVnni, 8 for kDot)
+constexpr size_t kMaxNr = 16;  // tile columns = columns per packed group
 
-constexpr size_t tile_rows(Qs8Layout layout) { return layout == Qs8Layout::kPairs ? 4 : 8; }
-constexpr size_t tile_cols(Qs8Layout layout) { return layout == Qs8Layout::kPairs ? 4 : 8; }
+constexpr size_t tile_rows(Qs8Layout layout) { return layout == Qs8Layout::kDot ? 8 : 4; }
+constexpr size_t tile_cols(Qs8Layout layout) {
+  return layout == Qs8Layout::kPairs ? 4 : layout == Qs8Layout::kDot ? 8 : 16;
+}
 
 // What a tile writes: XNNPACK's qd8 epilogue in float (the linear layers), or
 // the exact int32 sums (attention, which scales them itself).
@@ -38,7 +40,7 @@ inline size_t packed_offset(Qs8Layout layout, size_t k_blocks, size_t col, size_
   const size_t nr = tile_cols(layout), c = col % nr, i = k % kKc;
   const size_t block = ((col / nr) * k_blocks + k / kKc) * nr * kKc;
   if (layout == Qs8Layout::kPairs) return block + c * kKc + i;
-  return block + ((i / 4) * (nr / 4) + c / 4) * 16 + (c % 4) * 4 + i % 4;
+  return block + ((i / 4) * nr + c) * 4 + i % 4;  // kDot, kVnni: k-quads of nr columns
 }
 
 // The epilogue's per-row and per-column inputs for one tile.
@@ -174,8 +176,8 @@ inline __attribute__((always_inline)) void run_rows(const Qs8Gemm& g, const int8
   }
 }
 
-// qs8_gemm_dot.cpp: run_rows with the kDot tile (aarch64: sdot; x86-64:
-// AVX-VNNI, where cpu_has_vnni()).
+// qs8_gemm_dot.cpp: run_rows with the dot-product tiles, kDot (aarch64: sdot)
+// or kVnni (x86-64: AVX-VNNI).
 template <Output kOut>
 void run_rows_dot(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t m, size_t row_begin, size_t row_end,
                   const xnn_quantization_params* rows, OutT<kOut>* y, size_t ldy);
