@@ -19,6 +19,7 @@ import torch
 from vitq_edge.device.runner import runtime_dir
 from vitq_edge.lower import ops  # noqa: F401  (torch.ops.vitq)
 from vitq_edge.lower.kernels import kernels_path, load_kernels
+from vitq_edge.lower.one_op import one_op_program
 from vitq_edge.lower.ops import attention, gelu_shift_log2, linear, log_linear
 from vitq_edge.lower.ops.linear import PROLOGUE_GELU, PROLOGUE_LAYER_NORM, PROLOGUE_NONE, pack_int4
 
@@ -28,32 +29,13 @@ pytestmark = pytest.mark.skipif(not kernels_path().is_file(),
                                 reason="libvitq_kernels.so not built (bash tools/build_runtime.sh host)")
 
 
-class OneOp(torch.nn.Module):
-    """`op(x, *args)` with every tensor argument but the first held as a constant."""
-
-    def __init__(self, op, args: list) -> None:
-        super().__init__()
-        self.op = op
-        self.args = []
-        for i, a in enumerate(args):
-            if isinstance(a, torch.Tensor):
-                self.register_buffer(f"c{i}", a)
-                self.args.append(f"c{i}")
-            else:
-                self.args.append(a)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op(x, *[getattr(self, a) if isinstance(a, str) else a for a in self.args])
-
-
 def run_program(op, x: torch.Tensor, *args) -> torch.Tensor:
     """Export `op(x, *args)` to a .pte and run it in ExecuTorch's runtime with our kernels."""
-    from executorch.exir import to_edge
     from executorch.runtime import Runtime
 
     load_kernels()
-    program = to_edge(torch.export.export(OneOp(op, list(args)), (x,), strict=False)).to_executorch()
-    method = Runtime.get().load_program(program.buffer).load_method("forward")
+    buffer = one_op_program(op, x, args)  # kept alive while the method runs: the runtime reads it in place
+    method = Runtime.get().load_program(buffer).load_method("forward")
     return method.execute([x])[0]
 
 
@@ -241,13 +223,11 @@ def _emulated_pis_ready() -> bool:
 def run_on_device(device: str, op, x: torch.Tensor, args: list, tmp_path) -> torch.Tensor:
     """`op(x, *args)` as a one-op .pte run by vitq-runner on `device`; the output, flat."""
     import numpy as np
-    from executorch.exir import to_edge
     from vitq_edge.device import get_device
     from vitq_edge.device.runner import RunRequest
 
-    program = to_edge(torch.export.export(OneOp(op, args), (x,), strict=False)).to_executorch()
     pte, inputs = tmp_path / "op.pte", tmp_path / "x.npy"
-    pte.write_bytes(program.buffer)
+    pte.write_bytes(one_op_program(op, x, args))
     np.save(inputs, x.numpy())
     with get_device(device).session(pte) as session:
         result = session.run(RunRequest(inputs=[inputs], outputs=True, timeout=600))
@@ -262,7 +242,8 @@ def test_linear_on_emulated_pi_matches_reference(tmp_path, device, case):
     """vitq::linear on the emulated Pis, where our NEON GEMMs run (Cortex-A72: smull/smlal2 pairs in
     int16 lanes; Cortex-A76: sdot): the host's bits, i.e. the reference's. On the A72 a -128/-128
     weight pair at k and k + 8 meeting inputs of code -128 would overflow an int16 lane (XNNPACK's
-    neon_mlal kernels get this case wrong): our GEMM packs -128 as -127 and corrects the sums."""
+    neon_mlal kernels get this case wrong): our GEMM packs the one at k + 8 as -127 and corrects the
+    sums."""
     k, n, tokens = 200, 43, 17  # K not a multiple of 16, N of 4, tokens of 4: every tail of the tiles
     args = linear_args(k, n, tokens, seed=5)
     x = torch.randn(1, 1, tokens, k, generator=torch.Generator().manual_seed(6)) * 2
@@ -312,15 +293,12 @@ def test_kernels_under_address_sanitizer():
 
 def test_runner_without_the_kernels_library_names_it(tmp_path):
     """vitq-runner on a program calling vitq:: ops, with the bundled library not loaded: a clear error."""
-    from executorch.exir import to_edge
     from vitq_edge.device.runner import find_bundle
 
     runner = find_bundle("host").runner
     x = torch.randn(1, 5, 64)
-    program = to_edge(torch.export.export(OneOp(torch.ops.vitq.linear, linear_args(64, 8, 5)), (x,),
-                                          strict=False)).to_executorch()
     pte = tmp_path / "linear.pte"
-    pte.write_bytes(program.buffer)
+    pte.write_bytes(one_op_program(torch.ops.vitq.linear, x, linear_args(64, 8, 5)))
     ok = subprocess.run([str(runner), str(pte)], capture_output=True, text=True, timeout=120)
     assert ok.returncode == 0, ok.stderr[-2000:]
     missing = subprocess.run([str(runner), "--no-default-kernels", str(pte)], capture_output=True, text=True,

@@ -79,8 +79,8 @@ def test_host_program_matches_the_simulation(reference, tmp_path, recipe, bits):
 
 def test_emulated_pis_agree_with_host(tmp_path):
     """A full CLI build (adfq W4A4: every kernel and code path), then 500 images on the emulated Pi 4
-    (Cortex-A72: int16 attention, the smull/smlal2 GEMM) and Pi 5 (Cortex-A76: int8 q.k^T and the
-    GEMM on its dot-product instructions): the host's logits."""
+    (Cortex-A72: our GEMM's smull/smlal2 tiles for the linear layers and the attention) and Pi 5
+    (Cortex-A76: its sdot tiles): the host's logits."""
     from vitq_edge.evaluate import device_logits
 
     out = tmp_path / "adfq"

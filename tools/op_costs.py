@@ -27,28 +27,12 @@ import vitq_edge  # noqa: F401  (fixes the torchvision import before timm loads)
 from vitq_edge.device import get_device
 from vitq_edge.device.runner import RunRequest
 from vitq_edge.lower import ops  # noqa: F401  (torch.ops.vitq)
+from vitq_edge.lower.one_op import one_op_program
 from vitq_edge.lower.ops.linear import PROLOGUE_GELU, PROLOGUE_LAYER_NORM, PROLOGUE_NONE
 
 
-class OneOp(torch.nn.Module):
-    """op(x, *args), the tensors among args held as buffers (constants of the program)."""
-
-    def __init__(self, op, args: list) -> None:
-        super().__init__()
-        self.op = op
-        self.args = []
-        for i, a in enumerate(args):
-            if isinstance(a, torch.Tensor):
-                self.register_buffer(f"c{i}", a)
-                a = f"c{i}"
-            self.args.append(a)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.op(x, *[getattr(self, a) if isinstance(a, str) else a for a in self.args])
-
-
 def linear_args(k: int, n: int, prologue: int, gen: torch.Generator) -> list:
-    w = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8)
+    w = torch.randint(-127, 128, (n, k), generator=gen, dtype=torch.int8)  # symmetric, as minmax's weights
     norm = (torch.randn(k, generator=gen), torch.randn(k, generator=gen)) if prologue == PROLOGUE_LAYER_NORM \
         else (torch.zeros(0), torch.zeros(0))
     return [w, torch.rand(n, generator=gen) * 0.02 + 1e-3, torch.zeros(n), torch.randn(n, generator=gen),
@@ -70,12 +54,9 @@ def block_ops(tokens: int, width: int, heads: int, mlp: int, gen: torch.Generato
 
 
 def count(device: str, op, shape: list[int], args: list, work: Path, gen: torch.Generator) -> int:
-    from executorch.exir import to_edge
-
     x = torch.randn(*shape, generator=gen) * 2
-    program = to_edge(torch.export.export(OneOp(op, args), (x,), strict=False)).to_executorch()
     pte, inputs = work / "op.pte", work / "x.npy"
-    pte.write_bytes(program.buffer)
+    pte.write_bytes(one_op_program(op, x, args))
     np.save(inputs, x.numpy())
     with get_device(device).session(pte) as session:
         result = session.run(RunRequest(inputs=[inputs], warmup=1, runs=1, threads=1, count_instructions=True))
