@@ -13,7 +13,7 @@
 // How: the codes are stored once in a head-major layout, rows zero padded to
 // whole vectors: q, k as [B, H, T, D]; V as V^T [B, H, D, T] for uniform
 // probability codes (as [B, H, T, D] for log codes). Where our int8 GEMM runs
-// (qs8_gemm.h: the Pis) and codes fit 8 bits, they are stored as int8
+// (qs8_gemm.h: the Pis, x86 with AVX-VNNI) and codes fit 8 bits, stored as int8
 // c - offset, the offset terms added back exactly, and each head's keys and
 // V^T are packed as the GEMM's columns; elsewhere as int16 c - zero. Then one
 // task per (batch, head, block of query rows) does, 8 query rows at a time,
@@ -83,9 +83,9 @@ bool fits_int8(const Uniform& u) { return u.qmax - u.qmin <= 255.0f; }
 float int8_offset(const Uniform& u) { return u.qmax - u.qmin <= 254.0f ? u.qmin + 127.0f : u.qmin + 128.0f; }
 
 // Whether q/k and p/V codes that fit 8 bits are stored as int8 and multiplied
-// by our int8 GEMM (qs8_gemm.h: its 4x4 smull/smlal2 tiles on the Pi 4, its
-// 8x8 sdot tiles on the Pi 5; forced off ARM by VITQ_GEMM, for the tests).
-// Elsewhere int16 codes and the dot_tile below.
+// by our int8 GEMM (qs8_gemm.h: 4x4 smull/smlal2 tiles on the Pi 4, 8x8 sdot
+// tiles on the Pi 5, 4x16 vpdpbusd tiles on x86 with AVX-VNNI; VITQ_GEMM
+// forces a packing, for the tests). Elsewhere int16 codes and dot_tile below.
 bool int8_codes() { return qs8_gemm_layout() != Qs8Layout::kNone; }
 
 // The dot products of 4 rows of A with 4 rows of B (n long, a multiple of 8),

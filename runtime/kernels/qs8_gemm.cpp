@@ -1,5 +1,6 @@
 // Our int8 GEMM with XNNPACK's qd8 epilogue (qs8_gemm.h): packing, the kPairs
-// tile, the portable tiles and the dispatch. The kDot tile: qs8_gemm_dot.cpp.
+// tile, the portable tiles and the dispatch. The kDot and kVnni tiles:
+// qs8_gemm_dot.cpp.
 #include "qs8_gemm.h"
 
 #include <algorithm>

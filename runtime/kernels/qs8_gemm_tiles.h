@@ -1,8 +1,8 @@
 // The parts of our int8 GEMM (qs8_gemm.h) shared by its two translation
 // units: qs8_gemm.cpp (packing, the kPairs and portable tiles) and
-// qs8_gemm_dot.cpp (the kDot tile, compiled for Armv8.2-A + dot product: GCC
-// does not inline a function built for more features into one built for
-// fewer, and a called tile spills its accumulators).
+// qs8_gemm_dot.cpp (the kDot and kVnni tiles, compiled for the dot-product
+// instructions: GCC does not inline a function built for more features into
+// one built for fewer, and a called tile spills its accumulators).
 #pragma once
 
 #include <algorithm>
@@ -59,7 +59,8 @@ struct TileParams {
 // with one (4 rows) or two (8 rows) 4-register loads instead of one per row.
 inline int8_t a_at(const int8_t* a, size_t mr, size_t r, size_t k) { return a[(k / kKc * mr + r) * kKc + k % kKc]; }
 
-// sum_k a[r][k] (w - packed w)[c][k] = -a[r][k] for each weight of -128 (rare).
+// sum_k a[r][k] (w - packed w)[c][k] = -a[r][k] for each weight of a -128
+// pair packed as -127 (kPairs; rare).
 inline void fix_sums(const int8_t* a, size_t mr, const TileParams& p, int32_t fix[][kMaxNr]) {
   for (size_t i = 0; i < p.fix_count; ++i)
     for (size_t r = 0; r < mr; ++r) fix[r][p.fixes[i].col] -= a_at(a, mr, r, p.fixes[i].k);
@@ -112,12 +113,14 @@ inline void store_tile(const int32x4_t (&sums)[kMr][kQuads], const TileParams& p
 #endif
 
 // Rows [row_begin, row_end) of y, all columns; Tile::template run<kOut>(a, b,
-// k_blocks, p, out, ldo) computes one tile (a: its rows, see a_at) into out (rows ldo apart; inlined:
-// one instance per tile kind). `rows` (the rows' zero points and scales) only
-// for Output::kFloat.
+// k_blocks, p, out, ldo) computes one tile (a: its rows, see a_at) into out
+// (rows ldo apart). `rows` (the rows' zero points and scales) only for
+// Output::kFloat. Always inlined: into the AVX-VNNI function that calls it
+// too, so it is compiled for that instruction set.
 template <Qs8Layout kLayout, class Tile, Output kOut>
-inline __attribute__((always_inline)) void run_rows(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t m, size_t row_begin, size_t row_end,
-                     const xnn_quantization_params* rows, OutT<kOut>* y, size_t ldy) {
+inline __attribute__((always_inline)) void run_rows(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t m,
+                                                    size_t row_begin, size_t row_end,
+                                                    const xnn_quantization_params* rows, OutT<kOut>* y, size_t ldy) {
   constexpr size_t mr = tile_rows(kLayout), nr = tile_cols(kLayout);
   const size_t group_bytes = g.k_blocks * nr * kKc;
   // The row tile's input (see a_at). A plain pointer: every use of the
