@@ -51,23 +51,15 @@ struct DotTile {
   }
 };
 
+using DotProductTile = DotTile;
+constexpr Qs8Layout kDotProductLayout = Qs8Layout::kDot;
+#define VITQ_DOT_TARGET  // the whole file is compiled for it (CMakeLists.txt)
+
 }  // namespace
-
-template <Output kOut>
-void run_rows_dot(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t m, size_t row_begin, size_t row_end,
-                  const xnn_quantization_params* rows, OutT<kOut>* y, size_t ldy) {
-  run_rows<Qs8Layout::kDot, DotTile, kOut>(g, a, lda, m, row_begin, row_end, rows, y, ldy);
-}
-
-template void run_rows_dot<Output::kFloat>(const Qs8Gemm&, const int8_t*, size_t, size_t, size_t, size_t,
-                                           const xnn_quantization_params*, float*, size_t);
-template void run_rows_dot<Output::kInt32>(const Qs8Gemm&, const int8_t*, size_t, size_t, size_t, size_t,
-                                           const xnn_quantization_params*, int32_t*, size_t);
-
 }  // namespace vitq::qs8
 
 #elif defined(__x86_64__) && defined(__GNUC__)
-#define VITQ_VNNI __attribute__((target("avx2,fma,avxvnni")))
+#define VITQ_DOT_TARGET __attribute__((target("avx2,fma,avxvnni")))
 namespace vitq::qs8 {
 namespace {
 
@@ -79,7 +71,7 @@ namespace {
 struct VnniTile {
   static constexpr bool kUnsignedInput = true;
   template <Output kOut>
-  VITQ_VNNI static inline void run(const int8_t* a, const int8_t* b, size_t k_blocks, const TileParams& p,
+  VITQ_DOT_TARGET static inline void run(const int8_t* a, const int8_t* b, size_t k_blocks, const TileParams& p,
                                    OutT<kOut>* out, size_t ldo) {
     constexpr size_t mr = 4, halves = 2;  // 16 columns = 2 x 8 int32 lanes
     __m256i acc[mr][halves];
@@ -119,12 +111,20 @@ struct VnniTile {
   }
 };
 
+using DotProductTile = VnniTile;
+constexpr Qs8Layout kDotProductLayout = Qs8Layout::kVnni;
+
 }  // namespace
+}  // namespace vitq::qs8
+#endif
+
+#if defined(__aarch64__) || (defined(__x86_64__) && defined(__GNUC__))
+namespace vitq::qs8 {
 
 template <Output kOut>
-VITQ_VNNI void run_rows_dot(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t m, size_t row_begin, size_t row_end,
-                            const xnn_quantization_params* rows, OutT<kOut>* y, size_t ldy) {
-  run_rows<Qs8Layout::kVnni, VnniTile, kOut>(g, a, lda, m, row_begin, row_end, rows, y, ldy);
+VITQ_DOT_TARGET void run_rows_dot(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t m, size_t row_begin,
+                                  size_t row_end, const xnn_quantization_params* rows, OutT<kOut>* y, size_t ldy) {
+  run_rows<kDotProductLayout, DotProductTile, kOut>(g, a, lda, m, row_begin, row_end, rows, y, ldy);
 }
 
 template void run_rows_dot<Output::kFloat>(const Qs8Gemm&, const int8_t*, size_t, size_t, size_t, size_t,
