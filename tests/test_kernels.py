@@ -263,7 +263,7 @@ def test_linear_on_emulated_pi_matches_reference(tmp_path, device, case):
 def test_attention_on_emulated_pi_matches_reference(tmp_path, device, signed):
     """vitq::attention on the emulated Pis, where q.k^T and A.V run on our GEMM's NEON tiles (int8
     codes with offsets). Saturated q / k / v put codes of -128 on both sides of the A72's int16 pairs:
-    the keys' and V's -128 are packed as -127 and corrected."""
+    the keys' and V's -128 pairs are packed with -127 and corrected."""
     tokens, head_dim = 37, 24  # tails of the 4- and 8-row tiles, of 16-deep blocks and of column groups
     qkv = torch.randn(1, tokens, 3 * 3 * head_dim, generator=torch.Generator().manual_seed(8)) * 50
     args = attention_args(False, signed=signed)
