@@ -18,24 +18,45 @@ import json
 import platform
 from pathlib import Path
 
-from vitq_edge.artifacts import append_to_manifest, file_sha256, locate_program
+from vitq_edge.artifacts import append_to_manifest, file_sha256, is_build_manifest, locate_program, read_manifest
 from vitq_edge.device import RunRequest, get_device
 from vitq_edge.errors import VitqError
 from vitq_edge.progress import steps
 
 DEFAULT_RUNS = 10
 EMULATED_RUNS = 3  # every inference costs ~200x its native time under qemu; the counts repeat exactly
+# More threads than cores only makes a program wait for itself; past this many per core a
+# --threads value is a typo, not a measurement.
+MAX_THREADS_PER_CORE = 4
+RUNNER_MAX_THREADS = 256  # vitq-runner refuses more
+
+
+def check_threads(threads: int, cores: int | None, device: str) -> str | None:
+    """Refuse absurd --threads; a note (to print and record) when it oversubscribes the device's cores."""
+    limit = RUNNER_MAX_THREADS if cores is None else min(RUNNER_MAX_THREADS, MAX_THREADS_PER_CORE * cores)
+    if threads > limit:
+        has = f"{device} has {cores} cores" if cores else f"vitq-runner takes at most {RUNNER_MAX_THREADS}"
+        raise VitqError(f"--threads {threads} is far more than the device can run ({has}); use at most "
+                        f"{cores or RUNNER_MAX_THREADS} (or 0: one per core)")
+    if cores is not None and threads > cores:
+        return (f"--threads {threads} is more than the {cores} cores of {device}: threads wait for one another and "
+                "the latency is not what the device gives with one thread per core")
+    return None
 
 
 def resolve_program(path: str | Path) -> tuple[Path, Path | None]:
     """A build folder or a .pte -> (program, the manifest that describes it, if any)."""
-    pte, manifest = locate_program(path)
+    pte, manifest_path = locate_program(path)
     try:
-        # Only the manifest written with this very program describes it.
-        owned = manifest.is_file() and json.loads(manifest.read_text()).get("program") == pte.name
-    except (OSError, ValueError, AttributeError):
-        owned = False
-    return pte, manifest if owned else None
+        found = json.loads(manifest_path.read_text()) if manifest_path.is_file() else None
+    except (OSError, ValueError):
+        found = None
+    # Only a build manifest written with this very program describes it; checked whole before
+    # anything is appended to it.
+    if not isinstance(found, dict) or not is_build_manifest(found) or found.get("program") != pte.name:
+        return pte, None
+    read_manifest(manifest_path)
+    return pte, manifest_path
 
 
 def benchmark(path: str | Path, device: str = "host", runs: int | None = None, warmup: int = 1, threads: int = 1,
@@ -47,12 +68,14 @@ def benchmark(path: str | Path, device: str = "host", runs: int | None = None, w
     """
     pte, manifest = resolve_program(path)
     dev = get_device(device)
+    check_threads(threads, dev.cores, dev.name)  # before connecting, where the cores are known already
     runs = runs or (EMULATED_RUNS if dev.emulated else DEFAULT_RUNS)
     req = RunRequest(warmup=warmup, runs=runs, threads=threads, count_instructions=dev.emulated, timeout=timeout)
     traced = None
     with steps(f"benchmarking on {dev.name}", 3 if profile else 2) as done:
         with dev.session(pte) as session:
             done("ready")
+            oversubscribed = check_threads(threads, dev.cores, dev.name)
             result = session.run(req)
             done("ran")
             if profile:
@@ -82,7 +105,7 @@ def benchmark(path: str | Path, device: str = "host", runs: int | None = None, w
         "detected_cpu": rep.get("cpu"),
         "runner_version": rep.get("version"),
         "host": f"{platform.system()} {platform.machine()}",
-        "notes": result.notes,
+        "notes": ([oversubscribed] if oversubscribed else []) + result.notes,
     }
     # Before recording: a profile that cannot be read fails the command with the manifest untouched.
     prof = None if traced is None else _profile(traced, pte, dev.name, dev.emulated, rep["latency_ms"]["median"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 
@@ -10,42 +9,53 @@ import numpy as np
 import torch
 
 from vitq_edge.artifacts import resolve_build
-from vitq_edge.data.datasets import ImageSet, bundled_set, image_folder
+from vitq_edge.data.datasets import DEFAULT_MAX_IMAGE_PIXELS, ImageSet, bundled_set, image_folder
 from vitq_edge.data.preprocess import Preprocess
 from vitq_edge.device.host_runtime import HostProgram
 from vitq_edge.errors import VitqError
+from vitq_edge.lifetime import owned_temp_dir
 from vitq_edge.metrics import TopK
 from vitq_edge.progress import progress
 
 
-def _eval_inputs(path: str | Path, data: str | Path | None, limit: int | None) -> tuple[Path, Preprocess, ImageSet]:
+def _eval_inputs(path: str | Path, data: str | Path | None, limit: int | None,
+                 max_pixels: int) -> tuple[Path, Preprocess, ImageSet]:
     """The program, its manifest's preprocessing, and the labelled images to score it on."""
     pte, manifest = resolve_build(path)
     preprocess = Preprocess.from_manifest(manifest["input"])
-    images = (image_folder(data) if data else bundled_set("eval")).limit(limit)
+    labels = manifest.get("labels")
+    images = (image_folder(data, labels=labels, max_pixels=max_pixels) if data else bundled_set("eval")).limit(limit)
     num_classes = manifest["model"].get("num_classes")
     if num_classes is not None and num_classes != len(images.class_names):
         raise VitqError(f"the program has {num_classes} classes but data '{images.name}' has "
-                        f"{len(images.class_names)}; pass --data DIR with matching class folders")
+                        f"{len(images.class_names)} class folders; pass --data DIR with one folder per class"
+                        + (f" ({', '.join(labels[:3])}, ...)" if labels else ""))
     return pte, preprocess, images
 
 
+def _described(images: ImageSet, result: dict) -> dict:
+    if images.class_mapping:
+        result["class_mapping"] = images.class_mapping
+    return result
+
+
 def evaluate_program(path: str | Path, data: str | Path | None = None, limit: int | None = None,
-                     batch_size: int = 64) -> dict:
+                     batch_size: int = 64, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> dict:
     """Top-1/top-5 (percent) and image count of the program at `path` on this machine."""
-    pte, preprocess, images = _eval_inputs(path, data, limit)
+    pte, preprocess, images = _eval_inputs(path, data, limit, max_pixels)
     program = HostProgram(pte)
     score = TopK()
     total = -(-len(images) // batch_size)
     with torch.no_grad():
         for x, y in progress(images.batches(preprocess, batch_size), "evaluating", total=total, unit="batch"):
             score.update(program(x), y)
-    return {"top1": round(score.percent(1), 2), "top5": round(score.percent(5), 2), "n": score.n,
-            "data": images.name, "program": str(pte)}
+    return _described(images, {"top1": round(score.percent(1), 2), "top5": round(score.percent(5), 2),
+                                "n": score.n, "data": images.name, "program": str(pte)})
 
 
 def device_logits(path: str | Path, device: str, data: str | Path | None = None, limit: int | None = None,
-                  timeout: float | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+                  timeout: float | None = None,
+                  max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[np.ndarray, np.ndarray, dict]:
     """The program's logits for every image, computed by vitq-runner on `device`.
 
     Images are preprocessed here, exactly as the manifest says, written as float32
@@ -54,7 +64,7 @@ def device_logits(path: str | Path, device: str, data: str | Path | None = None,
     """
     from vitq_edge.device import RunRequest, get_device
 
-    pte, preprocess, images = _eval_inputs(path, data, limit)
+    pte, preprocess, images = _eval_inputs(path, data, limit, max_pixels)
     dev = get_device(device)
     # Batches bound memory on both sides and give the progress bar steps; under
     # emulation an image costs ~200x its native time, so those steps are smaller.
@@ -62,7 +72,7 @@ def device_logits(path: str | Path, device: str, data: str | Path | None = None,
     chunk = max(1, min(64 if dev.emulated else 512, (64 << 20) // per_image))
     deadline = None if timeout is None else time.monotonic() + timeout
     logits, labels, report = [], [], {}
-    with tempfile.TemporaryDirectory(prefix="vitq-eval-") as tmp, dev.session(pte) as session:
+    with owned_temp_dir("vitq-eval-") as tmp, dev.session(pte) as session:
         batch_file = Path(tmp) / "batch.npy"
         total = -(-len(images) // chunk)
         for x, y in progress(images.batches(preprocess, chunk), f"evaluating on {dev.name}", total=total,
@@ -83,16 +93,17 @@ def device_logits(path: str | Path, device: str, data: str | Path | None = None,
             logits.append(out.astype(np.float32, copy=False))
             labels.append(y.numpy())
             report = result.report
-    info = {"device": dev.name, "runtime": "vitq-runner", "data": images.name, "program": str(pte),
-            "detected_cpu": report.get("cpu")}
+    info = _described(images, {"device": dev.name, "runtime": "vitq-runner", "data": images.name,
+                               "program": str(pte), "detected_cpu": report.get("cpu")})
     return np.concatenate(logits), np.concatenate(labels), info
 
 
 def evaluate_on_device(path: str | Path, device: str, data: str | Path | None = None, limit: int | None = None,
-                       timeout: float | None = None) -> dict:
+                       timeout: float | None = None, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> dict:
     """Top-1/top-5 (percent) of the program at `path`, run by vitq-runner on `device`."""
     t0 = time.monotonic()
-    logits, labels, info = device_logits(path, device, data=data, limit=limit, timeout=timeout)
+    logits, labels, info = device_logits(path, device, data=data, limit=limit, timeout=timeout,
+                                         max_pixels=max_pixels)
     score = TopK()
     score.update(torch.from_numpy(logits), torch.from_numpy(labels))
     return {"top1": round(score.percent(1), 2), "top5": round(score.percent(5), 2), "n": score.n, **info,

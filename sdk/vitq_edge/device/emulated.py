@@ -43,6 +43,7 @@ class Board:
     qemu_cpu: str
     uarch: str  # what the runner's cpuinfo should report
     description: str
+    cores: int = 4  # as the prefix's /proc/cpuinfo and /sys say (tools/make_pi_prefix.py)
 
 
 BOARDS = {
@@ -80,6 +81,7 @@ class EmulatedDevice(LocalDevice):
     def __init__(self, board: str):
         self.board = BOARDS[board]
         self.name = f"emulated-{board}"
+        self.cores = self.board.cores
         self.prefix = runtime_dir() / "pi-prefix" / board
         self.qemu = ""
         self.plugin: Path | None = None

@@ -6,6 +6,7 @@ this is the same C++ runner that runs on the Pi, built for this machine's CPU.
 
 from __future__ import annotations
 
+import os
 import platform
 
 from vitq_edge.device.runner import LocalDevice, host_machine
@@ -14,6 +15,7 @@ from vitq_edge.device.runner import LocalDevice, host_machine
 class HostDevice(LocalDevice):
     name = "host"
     bundle_name = "host"
+    cores = os.cpu_count()
 
     def describe(self) -> dict:
         return {"device": self.name, "kind": "host", "cpu": platform.processor() or host_machine(),

@@ -18,7 +18,6 @@ import shlex
 import shutil
 import signal
 import subprocess
-import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from vitq_edge.errors import VitqError
+from vitq_edge.lifetime import guarded, owned_temp_dir
 
 RUNNER = "vitq-runner"
 
@@ -183,31 +183,31 @@ def parse_report(stdout: str, stderr: str, code: int, where: str, pte_label: str
     return report
 
 
-def run_local(cmd: list[str], timeout: float | None, where: str) -> subprocess.CompletedProcess:
+def run_local(cmd: list[str], timeout: float | None, where: str,
+              timeout_message: str | None = None) -> subprocess.CompletedProcess:
     """Run a local command; a timeout or a missing executable becomes a VitqError.
 
-    The command is forked by a small `sh`, not by this (large) Python process: Linux
-    carries a process's peak RSS across fork+exec, and the runner reports
-    getrusage's ru_maxrss, which would otherwise start at this process's few hundred MB.
-    Its own process group lets a timeout stop the whole tree (sh, qemu, runner).
+    The command runs under `lifetime.guarded` (it dies with this process, even on SIGKILL),
+    in its own process group, so a timeout or Ctrl-C stops the whole tree (shell, qemu,
+    runner). The guard's shell also keeps this (large) process's peak RSS out of the
+    runner's getrusage report.
     """
     if shutil.which(cmd[0]) is None:
         raise VitqError(f"cannot start {cmd[0]} for {where} (not found or not executable)")
-    wrapped = ["/bin/sh", "-c", '"$@"; exit $?', "sh", *cmd]
     try:
-        proc = subprocess.Popen(wrapped, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                text=True, start_new_session=True)
+        proc = subprocess.Popen(guarded(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                stdin=subprocess.DEVNULL, text=True, errors="replace", start_new_session=True)
     except OSError as exc:
         raise VitqError(f"cannot start {shlex.quote(cmd[0])} for {where} ({exc.strerror})") from None
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
-    except BaseException as exc:  # the timeout, or Ctrl-C: do not leave the runner behind
+    except BaseException as exc:  # the timeout, Ctrl-C or SIGTERM: do not leave the runner behind
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
         if isinstance(exc, subprocess.TimeoutExpired):
-            raise VitqError(f"the run on {where} took longer than --timeout {timeout:g} s and was stopped; "
-                            "raise --timeout or use fewer --runs/--limit") from None
+            raise VitqError(timeout_message or f"the run on {where} took longer than --timeout {timeout:g} s and "
+                            "was stopped; raise --timeout or use fewer --runs/--limit") from None
         raise
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
@@ -270,6 +270,7 @@ class Device(abc.ABC):
 
     name: str  # as given to --device
     emulated: bool = False
+    cores: int | None = None  # CPU cores the runner can use there (None: unknown, e.g. before connecting)
 
     @abc.abstractmethod
     def describe(self) -> dict:
@@ -311,7 +312,7 @@ class _LocalSession(Session):
         self.device, self.bundle, self.pte = device, bundle, pte
 
     def run(self, req: RunRequest) -> RunResult:
-        with tempfile.TemporaryDirectory(prefix="vitq-run-") as tmp:
+        with owned_temp_dir("vitq-run-") as tmp:
             out = Path(tmp) / "output.npy" if req.outputs else None
             counts = Path(tmp) / "insn.json" if req.count_instructions else None
             etdump = Path(tmp) / ETDUMP_FILE if req.etdump else None

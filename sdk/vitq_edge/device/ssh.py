@@ -23,10 +23,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import shlex
 import shutil
 import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -44,10 +44,12 @@ from vitq_edge.device.runner import (
     load_etdump,
     load_output,
     parse_report,
+    run_local,
     runner_args,
     runner_error_line,
 )
 from vitq_edge.errors import VitqError
+from vitq_edge.lifetime import SHORT_TEMP, OwnedDir, owned_temp_dir
 
 log = logging.getLogger("vitq_edge")
 
@@ -69,6 +71,21 @@ def _env_seconds(name: str, default: float) -> float:
     return seconds
 
 
+# What a user and host name may hold. Neither may start with "-": ssh would read it as an
+# option (e.g. ssh://-oProxyCommand=...@x), whatever else guards the command line.
+_USER = re.compile(r"[A-Za-z0-9._][A-Za-z0-9._-]*")
+_HOST = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*|[0-9A-Fa-f:.]+(%[A-Za-z0-9._-]+)?")
+
+
+def _check_destination(spec: str, user: str | None, host: str) -> None:
+    if user is not None and not _USER.fullmatch(user):
+        raise VitqError(f"the user name in '{spec}' is not one ssh accepts safely (letters, digits, '.', '_', '-', "
+                        "not starting with '-'); write it as ssh://user@host")
+    if not _HOST.fullmatch(host):
+        raise VitqError(f"the host in '{spec}' is not a host name or IP address (letters, digits, '.', '-', not "
+                        "starting with '-'); write it as ssh://user@host")
+
+
 class SshDevice(Device):
     def __init__(self, spec: str):
         try:
@@ -83,6 +100,7 @@ class SshDevice(Device):
         self.user = parts.username
         self.host = parts.hostname
         self.port = port
+        _check_destination(spec, self.user, self.host)
         self.connect_timeout = _env_seconds("VITQ_SSH_CONNECT_TIMEOUT", DEFAULT_CONNECT_TIMEOUT)
         try:
             self.extra_opts = shlex.split(os.environ.get("VITQ_SSH_OPTS", ""))
@@ -90,6 +108,7 @@ class SshDevice(Device):
             raise VitqError(f"VITQ_SSH_OPTS cannot be split into words ({exc}); check its quotes") from None
         self.wrapper = os.environ.get("VITQ_SSH_WRAPPER", "").strip()
         self._control: str | None = None
+        self.cores: int | None = None  # the device's online cores, known once a session connected
 
     # --- identity ---------------------------------------------------------------------
     @property
@@ -127,23 +146,21 @@ class SshDevice(Device):
 
     def _call(self, cmd: list[str], timeout: float | None, what: str,
               timeout_message: str | None = None) -> subprocess.CompletedProcess:
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-        except subprocess.TimeoutExpired:
-            raise VitqError(timeout_message or f"{what} on {self.where} took longer than {timeout:g} s and was "
-                            "stopped; check the device and the network") from None
+        proc = run_local(cmd, timeout, self.where,
+                         timeout_message or f"{what} on {self.where} took longer than {timeout or 0:g} s and was "
+                         "stopped; check the device and the network")
         if proc.returncode == 255:  # ssh's own failure (connection, authentication, host key)
             raise self._ssh_failure(proc.stderr, what)
         return proc
 
     def ssh(self, remote_command: str, timeout: float | None, what: str,
             timeout_message: str | None = None) -> subprocess.CompletedProcess:
-        return self._call([self._tool("ssh"), *self._options(), "-T", self.destination, remote_command],
+        return self._call([self._tool("ssh"), *self._options(), "-T", "--", self.destination, remote_command],
                           timeout, what, timeout_message)
 
     def scp(self, sources: list[str], target: str, what: str) -> None:
-        proc = self._call([self._tool("scp"), "-q", "-r", *self._options(), *sources, target], TRANSFER_TIMEOUT,
-                          what)
+        proc = self._call([self._tool("scp"), "-q", "-r", *self._options(), "--", *sources, target],
+                          TRANSFER_TIMEOUT, what)
         if proc.returncode != 0:
             detail = last_line(proc.stderr) or f"exit code {proc.returncode}"
             raise VitqError(f"{what} on {self.where} failed: {detail}")
@@ -183,11 +200,12 @@ class SshDevice(Device):
         self._tool("ssh")
         self._tool("scp")
         # A short socket path: unix sockets are limited to ~104 bytes.
-        control_dir = tempfile.mkdtemp(prefix="vq-ssh-", dir="/tmp" if os.path.isdir("/tmp") else None)
-        self._control = os.path.join(control_dir, "%C")
+        control_dir = OwnedDir("vq-ssh-", SHORT_TEMP)
+        self._control = os.path.join(control_dir.path, "%C")
         remote_dir = None
         try:
-            machine, remote_dir = self._make_remote_dir()
+            machine, cores, remote_dir = self._make_remote_dir()
+            self.cores = cores
             if machine not in AARCH64 and not self.wrapper:
                 raise VitqError(f"{self.where} is a {machine} machine, but the runner bundle is built for aarch64 "
                                 "(64-bit Raspberry Pi OS); use an aarch64 device, or set VITQ_SSH_WRAPPER to an "
@@ -199,18 +217,20 @@ class SshDevice(Device):
                     self._remove_remote_dir(remote_dir)
             finally:
                 self._close_master()
-                shutil.rmtree(control_dir, ignore_errors=True)
+                control_dir.release()
                 self._control = None
 
-    def _make_remote_dir(self) -> tuple[str, str]:
-        """(the device's `uname -m`, a new temporary folder there)."""
-        proc = self.ssh('uname -m && d=$(mktemp -d "${TMPDIR:-/tmp}/vitq-edge.XXXXXX") && mkdir "$d/in" '
-                        '&& echo "$d"', self.connect_timeout + 30, "connecting")
+    def _make_remote_dir(self) -> tuple[str, int | None, str]:
+        """(the device's `uname -m`, its online cores, a new temporary folder there)."""
+        proc = self.ssh('uname -m && (getconf _NPROCESSORS_ONLN 2>/dev/null || echo 0) && '
+                        'd=$(mktemp -d "${TMPDIR:-/tmp}/vitq-edge.XXXXXX") && mkdir "$d/in" && echo "$d"',
+                        self.connect_timeout + 30, "connecting")
         lines = proc.stdout.split()
-        if proc.returncode != 0 or len(lines) < 2:
+        if proc.returncode != 0 or len(lines) < 3:
             raise VitqError(f"cannot create a temporary folder on {self.where}: "
                             f"{last_line(proc.stderr) or f'exit code {proc.returncode}'}")
-        return lines[-2], lines[-1]
+        cores = int(lines[-2]) if lines[-2].isdigit() and int(lines[-2]) > 0 else None
+        return lines[-3], cores, lines[-1]
 
     def _remove_remote_dir(self, remote_dir: str) -> None:
         # Stop a runner still going after a timeout (its shell wrote its pid), then delete.
@@ -226,8 +246,8 @@ class SshDevice(Device):
         if not self._control:
             return
         with contextlib.suppress(OSError, subprocess.TimeoutExpired):
-            subprocess.run([self._tool("ssh"), "-o", f"ControlPath={self._control}", "-O", "exit", self.destination],
-                           capture_output=True, timeout=10, stdin=subprocess.DEVNULL)
+            subprocess.run([self._tool("ssh"), "-o", f"ControlPath={self._control}", "-O", "exit", "--",
+                            self.destination], capture_output=True, timeout=10, stdin=subprocess.DEVNULL)
 
 
 class _SshSession(Session):
@@ -240,7 +260,7 @@ class _SshSession(Session):
 
     def run(self, req: RunRequest) -> RunResult:
         dev, q = self.device, shlex.quote(self.dir)
-        with tempfile.TemporaryDirectory(prefix="vitq-ssh-run-") as tmp:
+        with owned_temp_dir("vitq-ssh-run-") as tmp:
             names = []
             if req.inputs:
                 # Unique names on the device, whatever the local files are called.
