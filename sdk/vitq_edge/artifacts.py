@@ -6,50 +6,127 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from vitq_edge.data.preprocess import Preprocess
 from vitq_edge.errors import VitqError
+from vitq_edge.lifetime import OwnedDir, sweep
 
 MANIFEST = "manifest.json"
 PROGRAM = "model.pte"
 REPORT = "report.md"
 
 
+# What a build (and `bench`, beside it) writes into a build folder; nothing else may be there
+# for a build to replace the folder.
+BUILD_FILES = (PROGRAM, MANIFEST, REPORT)
+_BUILD_EXTRAS = re.compile(r"profile-[A-Za-z0-9._-]+\.etdp|\.(manifest\.json|profile-[A-Za-z0-9._-]+\.etdp)\..+\.tmp")
+# The manifest's marker: which program wrote it, and in what layout.
+BUILD_FORMAT = "vitq-edge-build/1"
+
+
+def is_build_manifest(manifest: dict) -> bool:
+    """Whether a parsed manifest.json was written by `vitq-edge build`."""
+    if manifest.get("format") == BUILD_FORMAT:
+        return True
+    # Builds from before the format marker: a manifest only vitq-edge writes.
+    return isinstance(manifest.get("vitq_edge_version"), str) and manifest.get("program") == PROGRAM
+
+
+def foreign_contents(folder: Path) -> str | None:
+    """Why `folder` is not a build folder vitq-edge may replace; None if it is one (or empty)."""
+    entries = sorted(p.name for p in folder.iterdir())
+    if not entries:
+        return None
+    if MANIFEST not in entries:
+        return f"holds {_listing(entries)} and no vitq-edge build"
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        manifest = None
+    if not isinstance(manifest, dict) or not is_build_manifest(manifest):
+        return f"holds a {MANIFEST} that vitq-edge did not write (with {_listing(entries)})"
+    others = [n for n in entries if n not in BUILD_FILES and not _BUILD_EXTRAS.fullmatch(n)]
+    if others:
+        return f"holds files a build does not write ({_listing(others)})"
+    return None
+
+
+def _listing(names: list[str], most: int = 4) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def check_output_folder(out: Path) -> None:
+    """Refuse an --out the build may not replace: a file, or a folder holding anything but a build."""
+    if out.is_symlink():
+        raise VitqError(f"output path {out} is a symbolic link; pass the folder it points to as --out")
+    if out.exists() and not out.is_dir():
+        raise VitqError(f"output path {out} exists and is not a folder; choose another --out")
+    if out.is_dir():
+        try:
+            reason = foreign_contents(out)
+        except OSError as exc:
+            raise VitqError(f"cannot read output folder {out} ({exc.strerror}); choose another --out") from None
+        if reason:
+            raise VitqError(f"output folder {out} {reason}; a build replaces its --out whole, so choose a new "
+                            "or empty folder")
+
+
+def check_inputs_outside(out: Path, inputs: dict[str, str | Path | None]) -> None:
+    """Refuse inputs inside --out: replacing the folder would delete what the build reads."""
+    out = Path(out).resolve()
+    for flag, path in inputs.items():
+        if path is None:
+            continue
+        resolved = Path(path).resolve()
+        if resolved == out or resolved.is_relative_to(out):
+            raise VitqError(f"{flag} {path} is inside the output folder {out}, which the build replaces; move it "
+                            "elsewhere or choose another --out")
+
+
 @contextlib.contextmanager
 def staged_dir(out: Path) -> Iterator[Path]:
     """Yield a temporary folder beside `out`; on success it replaces `out` whole.
 
-    On any failure the temporary folder is removed and `out` is left as it was, so
-    a failed build never leaves partial files behind.
+    `out` must be new, empty or an earlier build (`check_output_folder`). On any failure
+    the temporary folder is removed and `out` is left as it was, so a failed build never
+    leaves partial files behind; stage folders of builds that were killed are removed by
+    the next build into the same place (vitq_edge.lifetime).
     """
-    out = Path(out).resolve()
-    if out.exists() and not out.is_dir():
-        raise VitqError(f"output path {out} exists and is not a folder; choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not (out / MANIFEST).is_file():
-        # Replacing the folder whole would delete whatever the user keeps there.
-        raise VitqError(f"output folder {out} holds files but no earlier build; choose a new or empty --out")
+    out = Path(out).absolute()
+    check_output_folder(out)
+    out = out.resolve()
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        for kind in ("tmp", "old"):
+            sweep(out.parent, f".{out.name}.{kind}-")
+        stage = OwnedDir(f".{out.name}.tmp-", out.parent)
         umask = os.umask(0)
         os.umask(umask)
-        stage.chmod(0o777 & ~umask)  # mkdtemp makes it private; a build folder is not
+        stage.path.chmod(0o777 & ~umask)  # mkdtemp makes it private; a build folder is not
     except OSError as exc:
         raise VitqError(f"cannot write output folder {out} ({exc.strerror}); choose a writable --out") from None
+    old = None
     try:
-        yield stage
-        old = None
+        yield stage.path
+        check_output_folder(out)  # again: the folder may have changed during a long build
         if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "previous")
-        os.replace(stage, out)
+            old = OwnedDir(f".{out.name}.old-", out.parent)
+            os.replace(out, old.path / "previous")
+        stage.disown()
+        os.replace(stage.path, out)
+        stage.release(remove=False)
         if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+            old.release()
     except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
+        stage.release()
+        if old is not None and not out.exists():  # failed between the two renames: put the old build back
+            os.replace(old.path / "previous", out)
+            old.release()
         raise
 
 
@@ -79,18 +156,48 @@ def locate_program(path: str | Path) -> tuple[Path, Path]:
     return pte, manifest_path
 
 
+def read_manifest(manifest_path: Path) -> dict:
+    """A build's manifest.json, checked field by field for what readers use (one loader for all)."""
+    def damaged(problem: str) -> VitqError:
+        return VitqError(f"{manifest_path} is not a usable vitq-edge manifest ({problem}); rebuild with "
+                         "`vitq-edge build`")
+
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except OSError as exc:
+        raise damaged(f"cannot read it: {exc.strerror}") from None
+    except (ValueError, UnicodeDecodeError):
+        raise damaged("not JSON") from None
+    if not isinstance(manifest, dict):
+        raise damaged("not a JSON object")
+    model = manifest.get("model")
+    if not isinstance(model, dict):
+        raise damaged("no 'model' object")
+    num_classes = model.get("num_classes")
+    if num_classes is not None and (type(num_classes) is not int or num_classes < 1):
+        raise damaged(f"model.num_classes is {num_classes!r}, not a positive integer")
+    labels = manifest.get("labels")
+    if labels is not None:
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+            raise damaged("'labels' is not a list of class names")
+        if num_classes is not None and len(labels) != num_classes:
+            raise damaged(f"{len(labels)} labels for {num_classes} classes")
+    if not isinstance(manifest.get("input"), dict):
+        raise damaged("no 'input' object")
+    try:
+        Preprocess.from_manifest(manifest["input"])
+    except ValueError as exc:
+        raise damaged(f"input: {exc}") from None
+    return manifest
+
+
 def resolve_build(path: str | Path) -> tuple[Path, dict]:
     """A build folder or a .pte with manifest.json beside it -> (pte path, manifest)."""
     pte, manifest_path = locate_program(path)
     if not manifest_path.is_file():
         raise VitqError(f"{manifest_path} is missing; a .pte needs the manifest.json written beside it by "
                         "`vitq-edge build`")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        manifest["input"]  # noqa: B018 - the field every reader needs
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise VitqError(f"{manifest_path} is not a vitq-edge manifest; rebuild with `vitq-edge build`") from None
-    return pte, manifest
+    return pte, read_manifest(manifest_path)
 
 
 def append_to_manifest(manifest_path: Path, key: str, record: dict) -> int:

@@ -17,8 +17,17 @@ import torch
 from executorch.version import __version__ as EXECUTORCH_VERSION
 
 import vitq_edge
-from vitq_edge.artifacts import MANIFEST, PROGRAM, REPORT, staged_dir, write_json
-from vitq_edge.data.datasets import ImageSet, bundled_set, image_folder
+from vitq_edge.artifacts import (
+    BUILD_FORMAT,
+    MANIFEST,
+    PROGRAM,
+    REPORT,
+    check_inputs_outside,
+    check_output_folder,
+    staged_dir,
+    write_json,
+)
+from vitq_edge.data.datasets import DEFAULT_MAX_IMAGE_PIXELS, ImageSet, bundled_set, image_folder
 from vitq_edge.device.host_runtime import HostProgram
 from vitq_edge.errors import VitqError
 from vitq_edge.lower.export import LoweredProgram, lower_to_executorch
@@ -52,6 +61,9 @@ class BuildOptions:
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     input_size: int | None = None
+    crop_pct: float | None = None  # timm's meaning: resize the shorter side to size / crop_pct, center-crop
+    interpolation: str | None = None  # nearest, bilinear, bicubic, lanczos
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     batch_size: int = 64
     out: str | None = None  # default build/<target>
     command: str = ""
@@ -69,12 +81,16 @@ def _apply_overrides(loaded: LoadedModel, opts: BuildOptions) -> None:
     for flag, values in (("--mean", opts.mean), ("--std", opts.std)):
         if values is not None and len(values) not in (1, channels):
             raise VitqError(f"{flag} needs 1 or {channels} values for a {channels}-channel model, got {len(values)}")
-    if opts.std is not None and any(s <= 0 for s in opts.std):
-        raise VitqError("--std values must be positive")
     mean = tuple(opts.mean) * (channels // len(opts.mean)) if opts.mean else pre.mean
     std = tuple(opts.std) * (channels // len(opts.std)) if opts.std else pre.std
     size = (opts.input_size, opts.input_size) if opts.input_size else pre.size
-    loaded.preprocess = replace(pre, mean=mean, std=std, size=size)
+    try:
+        loaded.preprocess = replace(pre, mean=mean, std=std, size=size,
+                                    crop_pct=pre.crop_pct if opts.crop_pct is None else opts.crop_pct,
+                                    interpolation=opts.interpolation or pre.interpolation)
+    except ValueError as exc:
+        raise VitqError(f"bad preprocessing override: {exc}; fix --mean/--std/--input-size/--crop-pct/"
+                        "--interpolation") from None
 
 
 def _check_classes(loaded: LoadedModel, data: ImageSet, flag: str) -> None:
@@ -123,6 +139,8 @@ def _evaluate(loaded: LoadedModel, quantized: torch.nn.Module, program: HostProg
     acc = {k: round(s.percent(1), 2) for k, s in scores.items()}
     acc.update(top5={k: round(s.percent(5), 2) for k, s in scores.items()}, eval_images=n,
                eval_set=data.name, pte_agrees_with_simulated=round(100.0 * agree / n, 2))
+    if data.class_mapping:
+        acc["class_mapping"] = data.class_mapping
     return acc
 
 
@@ -145,18 +163,25 @@ def build(opts: BuildOptions) -> BuildResult:
     t_start = time.time()
     target = get_target(opts.target)
     config = recipe_config(opts.recipe, opts.bits, **_recipe_options(opts))
+    if opts.out is not None and not opts.out.strip():
+        raise VitqError("--out is empty; name the output folder (default: build/<target>)")
     out = Path(opts.out or f"build/{target.name}")
     if opts.model is None and opts.pretrained:
         raise VitqError("--pretrained needs --model NAME (a timm model)")
+    # Before any work: where the result goes, and that replacing it loses nothing we read.
+    check_inputs_outside(out, {"--checkpoint": opts.checkpoint, "--calib": opts.calib, "--eval": opts.eval})
+    check_output_folder(out.absolute())
 
     loaded = load_model(opts.model, pretrained=opts.pretrained, checkpoint=opts.checkpoint,
                         model_kwargs=opts.model_kwargs)
     _apply_overrides(loaded, opts)
     _check_input_size(loaded)
-    calib = (image_folder(opts.calib) if opts.calib else bundled_set("calib")).limit(opts.calib_limit)
+    calib = (image_folder(opts.calib, max_pixels=opts.max_image_pixels) if opts.calib
+             else bundled_set("calib")).limit(opts.calib_limit)
     eval_set = None
     if not opts.skip_eval:
-        eval_set = (image_folder(opts.eval) if opts.eval else bundled_set("eval")).limit(opts.eval_limit)
+        eval_set = (image_folder(opts.eval, labels=loaded.labels, max_pixels=opts.max_image_pixels) if opts.eval
+                    else bundled_set("eval")).limit(opts.eval_limit)
         _check_classes(loaded, eval_set, "--eval")
 
     with staged_dir(out) as stage:
@@ -179,6 +204,7 @@ def build(opts: BuildOptions) -> BuildResult:
             accuracy = _evaluate(loaded, quantized.module, HostProgram(lowered.buffer), eval_set, opts.batch_size)
 
         manifest = {
+            "format": BUILD_FORMAT,
             "vitq_edge_version": vitq_edge.__version__,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "command": opts.command,
@@ -207,6 +233,7 @@ def build(opts: BuildOptions) -> BuildResult:
                                 "total": round(time.time() - t_start, 1)},
         }
         write_json(stage / MANIFEST, manifest)
-        (stage / REPORT).write_text(render_report(manifest))
+        # Names from the file system may not be UTF-8 (they arrive as surrogate escapes).
+        (stage / REPORT).write_text(render_report(manifest), encoding="utf-8", errors="backslashreplace")
     return BuildResult(out, manifest)
 
