@@ -6,8 +6,10 @@ user's JPEGs and the bundled arrays go through one code path.
 
 from __future__ import annotations
 
+import os
+import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +18,45 @@ from PIL import Image, UnidentifiedImageError
 
 from vitq_edge.data.preprocess import Preprocess
 from vitq_edge.errors import VitqError
+from vitq_edge.held_stderr import held_stderr
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
+
+# Larger images are refused before decoding (`--max-image-pixels`): a decompression bomb
+# of a few KB can declare billions of pixels. 2**28 (268 M pixels, 16384 x 16384) admits
+# any real photo; decoding one that large takes ~0.8 GB (RGB).
+DEFAULT_MAX_IMAGE_PIXELS = 1 << 28
+
+
+def read_image(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """The image at `path`, decoded; VitqError for anything that is not a readable image within the limit."""
+    def refuse(why: str, fix: str = "remove it or replace it with a JPEG/PNG file") -> VitqError:
+        return VitqError(f"cannot read image {path}: {why}; {fix}")
+
+    # Our limit replaces PIL's, whose warning prints two lines of its own and whose error
+    # fires at a fixed 179 M pixels.
+    pil_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        # PIL warns about odd metadata ("Corrupt EXIF data") and libtiff prints decoding
+        # problems itself: the image reads, or our one error line says why not.
+        with held_stderr(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > max_pixels:
+                    raise refuse(f"{w}x{h} = {w * h:,} pixels is more than --max-image-pixels {max_pixels:,}",
+                                 "raise --max-image-pixels if the image is genuine, or remove it")
+                im.load()
+                return im.copy()
+    except VitqError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError, MemoryError) as exc:
+        # PIL reports damaged files with all of these (ValueError: e.g. a text chunk that
+        # inflates past PIL's limit; SyntaxError: some malformed headers).
+        detail = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        raise refuse(f"{exc.__class__.__name__}: {detail}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = pil_limit
 
 
 @dataclass
@@ -29,6 +68,9 @@ class ImageSet:
     labels: np.ndarray
     _paths: list[Path] | None = None
     _arrays: np.ndarray | None = None  # uint8 [N, H, W] or [N, H, W, C]
+    max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    # How folder names became label indices (ImageFolder sets only): see `image_folder`.
+    class_mapping: str | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -36,23 +78,15 @@ class ImageSet:
     def source(self, i: int) -> Image.Image:
         if self._arrays is not None:
             return Image.fromarray(self._arrays[i])
-        path = self._paths[i]
-        try:
-            with Image.open(path) as im:
-                im.load()
-                return im.copy()
-        except (UnidentifiedImageError, OSError) as exc:
-            raise VitqError(f"cannot read image {path}: {exc.__class__.__name__}; "
-                            "remove it or replace it with a JPEG/PNG file") from None
+        return read_image(self._paths[i], self.max_pixels)
 
     def limit(self, n: int | None) -> ImageSet:
         if n is None or n >= len(self):
             return self
         if n <= 0:
             raise VitqError(f"--limit must be positive, got {n}")
-        return ImageSet(self.name, self.class_names, self.labels[:n],
-                        None if self._paths is None else self._paths[:n],
-                        None if self._arrays is None else self._arrays[:n])
+        return replace(self, labels=self.labels[:n], _paths=None if self._paths is None else self._paths[:n],
+                       _arrays=None if self._arrays is None else self._arrays[:n])
 
     def batches(self, preprocess: Preprocess, batch_size: int = 64) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (inputs float32 [B, C, H, W], labels int64 [B])."""
@@ -62,27 +96,78 @@ class ImageSet:
             yield torch.from_numpy(x), torch.from_numpy(self.labels[start:stop])
 
 
-def image_folder(directory: str | Path) -> ImageSet:
-    """An ImageFolder layout: one subfolder per class (sorted names), images inside."""
+def _images_under(folder: Path) -> list[Path]:
+    """Image files below a class folder, sorted; hidden files and folders (.DS_Store, AppleDouble
+    `._x.png`, .git) skipped, symbolic links to folders not followed (no loops, no double counting)."""
+    found = []
+
+    def fail(err: OSError) -> None:
+        raise VitqError(f"class folder {folder} is not readable ({err.strerror}); check its permissions")
+
+    for top, dirs, files in os.walk(folder, onerror=fail):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        found += [Path(top) / f for f in files
+                  if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_SUFFIXES]
+    return sorted(found)
+
+
+def _class_indices(folders: list[str], labels: list[str] | None) -> tuple[list[int], str]:
+    """Label index of each class folder, and how it was chosen.
+
+    Folders named exactly as the model's labels ("/" in a label written "_", since no
+    folder name can hold it) take those labels' indices, in any order and for any subset
+    of the labels; otherwise the
+    sorted folder order is the label order (ImageFolder's rule). A partial match is
+    refused: it is almost surely a mistake either way.
+    """
+    if labels is None:
+        return list(range(len(folders))), "sorted folder names"
+    index = {label.replace("/", "_"): i for i, label in enumerate(labels)}
+    named = [f for f in folders if f in index]
+    if not named:
+        return list(range(len(folders))), "sorted folder names"
+    if len(named) == len(folders):  # every folder is a label (some labels may have no folder)
+        return [index[f] for f in folders], "folder names = the model's labels"
+    stray = next(f for f in folders if f not in index)
+    raise VitqError(f"only some class folders are named after the model's labels ({len(named)} of {len(folders)} "
+                    f"folders; '{stray}' is no label); name the folders after the labels "
+                    f"({', '.join(list(index)[:4])}, ...) or none of them (then sorted folder order is label order)")
+
+
+def image_folder(directory: str | Path, labels: list[str] | None = None,
+                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> ImageSet:
+    """An ImageFolder layout: one subfolder per class, images inside.
+
+    With `labels` (the model's class names), folders named after them map by name;
+    otherwise sorted folder order is label order (see `_class_indices`).
+    """
     root = Path(directory)
+    if root.is_file():
+        raise VitqError(f"data path {root} is a file; pass a folder with one subfolder per class")
     if not root.is_dir():
-        raise VitqError(f"data folder {root} does not exist; pass a directory with one subfolder per class")
+        raise VitqError(f"data folder {root} does not exist; pass a folder with one subfolder per class")
     try:
         classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     except PermissionError:
         raise VitqError(f"data folder {root} is not readable; check its permissions") from None
+    real_root = root.resolve()
+    for cls in classes:
+        target = (root / cls).resolve()
+        if target == real_root or real_root.is_relative_to(target):
+            raise VitqError(f"class folder {root / cls} is a link to {target}, which holds the data folder "
+                            "itself: its images would count twice; remove the link")
+    indices, mapping = _class_indices(classes, labels)
     paths: list[Path] = []
-    labels: list[int] = []
-    for index, cls in enumerate(classes):
-        try:
-            files = sorted(p for p in (root / cls).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-        except PermissionError:
-            raise VitqError(f"class folder {root / cls} is not readable; check its permissions") from None
+    targets: list[int] = []
+    for index, cls in zip(indices, classes, strict=True):
+        files = _images_under(root / cls)
         paths += files
-        labels += [index] * len(files)
+        targets += [index] * len(files)
     if not paths:
         raise VitqError(f"data folder {root} holds no images; expected <class>/<image>.jpg|png subfolders")
-    return ImageSet(root.name, classes, np.asarray(labels, dtype=np.int64), _paths=paths)
+    names = labels if mapping.startswith("folder names") else classes
+    return ImageSet(root.name, list(names), np.asarray(targets, dtype=np.int64), _paths=paths,
+                    max_pixels=max_pixels, class_mapping=mapping)
 
 
 def bundled_set(kind: str) -> ImageSet:
