@@ -4,34 +4,79 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 import shlex
 import sys
 import warnings
 
 import click
 
+from vitq_edge.data.datasets import DEFAULT_MAX_IMAGE_PIXELS
+from vitq_edge.data.preprocess import INTERPOLATIONS
 from vitq_edge.errors import VitqError
-from vitq_edge.progress import set_quiet
+from vitq_edge.lifetime import Terminated, handle_termination, sweep_temp
+from vitq_edge.progress import close_bars, set_quiet
+
+
+def printable(text: str) -> str:
+    """`text` safe to print: file names that are not UTF-8 arrive as surrogate escapes."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _fail(message: str, code: int = 2) -> int:
+    """The one funnel for failures: bars cleared, one `error:` line on stderr."""
+    close_bars()
+    one_line = "; ".join(part.strip() for part in message.splitlines() if part.strip())
+    click.echo(f"error: {printable(one_line)}", err=True)
+    return code
 
 
 class _Group(click.Group):
-    """Turns VitqError into `error: <message>` and exit code 2, without a traceback."""
+    """Every failure becomes `error: <message>` on one line and exit code 2, without a traceback.
 
-    def invoke(self, ctx: click.Context):
+    Click's own usage errors (unknown option, bad value) get the same one-line form instead of
+    its Usage/Try/Error block; SIGTERM and Ctrl-C unwind (cleanup runs) and exit 128 + signal.
+    """
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        args = sys.argv[1:] if args is None else list(args)
         try:
-            return super().invoke(ctx)
+            with self.make_context(prog_name or "vitq-edge", args, **extra) as ctx:
+                self.invoke(ctx)
+            code = 0
+        except click.exceptions.Exit as exc:  # --help, --version
+            code = exc.exit_code
+        except click.UsageError as exc:
+            # command_path starts with the name click was invoked under; users type vitq-edge.
+            sub = exc.ctx.command_path.split(" ", 1)[1:] if exc.ctx else []
+            code = _fail(f"{exc.format_message()} (see `{' '.join(['vitq-edge', *sub])} --help`)", exc.exit_code)
+        except click.ClickException as exc:
+            code = _fail(exc.format_message(), 2)
         except VitqError as exc:
-            click.echo(f"error: {exc}", err=True)
-            ctx.exit(2)
+            code = _fail(str(exc))
+        except Terminated as exc:
+            code = _fail(f"stopped by {exc}", 128 + exc.signum)
+        except (KeyboardInterrupt, click.Abort):
+            code = _fail("interrupted", 130)
+        except BrokenPipeError:  # `vitq-edge ... | head`: the reader left; nothing to report
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            code = 1
+        if not standalone_mode:
+            return code
+        sys.exit(code)
 
 
 def _floats(ctx: click.Context, param: click.Parameter, value: str | None) -> tuple[float, ...] | None:
     if value is None:
         return None
     try:
-        return tuple(float(v) for v in value.split(","))
+        values = tuple(float(v) for v in value.split(","))
     except ValueError:
         raise click.BadParameter("expected comma-separated numbers, e.g. 0.485,0.456,0.406") from None
+    if not all(math.isfinite(v) for v in values):
+        raise click.BadParameter(f"'{value}' holds NaN or infinity; give finite numbers")
+    return values
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
@@ -46,6 +91,7 @@ def main() -> None:
       vitq-edge targets                    # what you can build for
     """
     _quiet_libraries()
+    sweep_temp()  # what killed commands left behind
 
 
 def _quiet_libraries() -> None:
@@ -55,6 +101,10 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*(TypedStorage|LeafSpec|non-writable).*")
     for name in ("torch", "torchao", "executorch", "timm", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+_MAX_PIXELS_HELP = ("Refuse images with more pixels than this (decompression bombs: a few KB can declare "
+                    "billions of pixels).")
 
 
 @main.command()
@@ -89,10 +139,19 @@ def _quiet_libraries() -> None:
 @click.option("--mean", callback=_floats, default=None, help="Override normalization mean (comma-separated).")
 @click.option("--std", callback=_floats, default=None, help="Override normalization std (comma-separated).")
 @click.option("--input-size", type=click.IntRange(min=1), default=None, help="Override the square input size.")
-@click.option("--out", type=click.Path(), default=None, help="Output folder. Default: build/<target>.")
+@click.option("--crop-pct", type=click.FloatRange(min=0, max=1, min_open=True), default=None,
+              help="Override timm's crop_pct: resize the shorter side to size / crop_pct, then center-crop to size "
+                   "(1 = resize to size, no margin). Default: the model's data config.")
+@click.option("--interpolation", type=click.Choice(INTERPOLATIONS), default=None,
+              help="Override the resize interpolation. Default: the model's data config.")
+@click.option("--max-image-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_IMAGE_PIXELS,
+              help=_MAX_PIXELS_HELP)
+@click.option("--out", default=None, help="Output folder: new, empty, or an earlier build (replaced whole). "
+                                          "Default: build/<target>.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or status lines.")
 def build(target, recipe, bits, iters, calib_device, model, pretrained, checkpoint, model_kwargs, calib, eval_dir,
-          calib_limit, eval_limit, skip_eval, mean, std, input_size, out, quiet) -> None:
+          calib_limit, eval_limit, skip_eval, mean, std, input_size, crop_pct, interpolation, max_image_pixels, out,
+          quiet) -> None:
     """Quantize a model, lower it to a .pte, and write model.pte, manifest.json, report.md."""
     from vitq_edge.build import BuildOptions
     from vitq_edge.build import build as run_build
@@ -103,7 +162,8 @@ def build(target, recipe, bits, iters, calib_device, model, pretrained, checkpoi
                         pretrained=pretrained,
                         checkpoint=checkpoint, model_kwargs=parse_model_kwargs(model_kwargs), calib=calib,
                         eval=eval_dir, calib_limit=calib_limit, eval_limit=eval_limit, skip_eval=skip_eval,
-                        mean=mean, std=std, input_size=input_size, out=out,
+                        mean=mean, std=std, input_size=input_size, crop_pct=crop_pct, interpolation=interpolation,
+                        max_image_pixels=max_image_pixels, out=out,
                         command="vitq-edge " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     result = run_build(opts)
     acc = result.manifest["accuracy"]
@@ -111,7 +171,7 @@ def build(target, recipe, bits, iters, calib_device, model, pretrained, checkpoi
     if acc:
         summary += (f"; top-1 fp32 {acc['fp32']:.2f}%, simulated {acc['simulated']:.2f}%, "
                     f".pte {acc['pte_host']:.2f}% on {acc['eval_images']} images")
-    click.echo(summary)
+    click.echo(printable(summary))
 
 
 _DEVICES_EPILOG = """\b
@@ -146,9 +206,11 @@ Environment:
                    "manifest says, logits computed there. Default: ExecuTorch's Python runtime in this process.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
               help="With --device: stop and fail after SECONDS.")
+@click.option("--max-image-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_IMAGE_PIXELS,
+              help=_MAX_PIXELS_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object with top1, top5, n.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
-def eval_(path, data, limit, device, timeout, as_json, quiet) -> None:
+def eval_(path, data, limit, device, timeout, max_image_pixels, as_json, quiet) -> None:
     """Run a built .pte (build folder or model.pte) and print its top-1/top-5 accuracy.
 
     Without --device it runs in ExecuTorch's Python runtime here; with --device the C++
@@ -160,14 +222,16 @@ def eval_(path, data, limit, device, timeout, as_json, quiet) -> None:
     if device is None:
         if timeout is not None:
             raise VitqError("--timeout applies to --device runs; add --device host (or another device)")
-        result = evaluate_program(path, data=data, limit=limit)
+        result = evaluate_program(path, data=data, limit=limit, max_pixels=max_image_pixels)
     else:
-        result = evaluate_on_device(path, device, data=data, limit=limit, timeout=timeout)
+        result = evaluate_on_device(path, device, data=data, limit=limit, timeout=timeout,
+                                    max_pixels=max_image_pixels)
     if as_json:
         click.echo(json.dumps(result))
     else:
-        click.echo(f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  on {result['n']} images "
-                   f"({result['data']})" + (f" on {result['device']}" if device else ""))
+        mapping = f"; classes by {result['class_mapping']}" if result.get("class_mapping") else ""
+        click.echo(printable(f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  on {result['n']} images "
+                             f"({result['data']}{mapping})" + (f" on {result['device']}" if device else "")))
 
 
 @main.command(epilog=_DEVICES_EPILOG)
@@ -208,7 +272,7 @@ def bench(path, device, runs, warmup, threads, timeout, no_record, profile, top,
         raise VitqError("--top sets how many rows --profile prints; add --profile")
     result = benchmark(path, device=device, runs=runs, warmup=warmup, threads=threads, timeout=timeout,
                        record=not no_record, profile=profile)
-    click.echo(json.dumps(result) if as_json else format_bench(result, top=top))
+    click.echo(json.dumps(result) if as_json else printable(format_bench(result, top=top)))
 
 
 @main.command()
@@ -225,5 +289,11 @@ def targets(as_json) -> None:
         click.echo(f"{t.name:<{width}}  {t.cpu:<20}  {t.abi:<22}  {t.description}")
 
 
-if __name__ == "__main__":
+def run() -> None:
+    """The `vitq-edge` console script: the CLI, with SIGTERM/SIGHUP unwinding like Ctrl-C."""
+    handle_termination()
     main(prog_name="vitq-edge")
+
+
+if __name__ == "__main__":
+    run()

@@ -1,4 +1,4 @@
-"""Progress bars on stderr that `--quiet` turns off."""
+"""Progress bars on stderr, on a terminal only; `--quiet` turns them off."""
 
 from __future__ import annotations
 
@@ -19,8 +19,14 @@ def set_quiet(quiet: bool) -> None:
     _quiet = quiet
 
 
+def _disabled() -> bool:
+    # Off a terminal (a log file, a pipe, CI) a bar is hundreds of carriage-return updates,
+    # and text that an error line would follow on the same line.
+    return _quiet or not sys.stderr.isatty()
+
+
 def progress(items: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Iterator[T]:
-    bar = tqdm(items, desc=desc, total=total, unit=unit, disable=_quiet, file=sys.stderr, leave=False,
+    bar = tqdm(items, desc=desc, total=total, unit=unit, disable=_disabled(), file=sys.stderr, leave=False,
                dynamic_ncols=True)
     return iter(bar)
 
@@ -28,7 +34,7 @@ def progress(items: Iterable[T], desc: str, total: int | None = None, unit: str 
 @contextlib.contextmanager
 def steps(desc: str, total: int) -> Iterator[Callable[[str], None]]:
     """A bar over `total` named stages; call the yielded function after each one."""
-    bar = tqdm(total=total, desc=desc, unit="step", disable=_quiet, file=sys.stderr, leave=False,
+    bar = tqdm(total=total, desc=desc, unit="step", disable=_disabled(), file=sys.stderr, leave=False,
                dynamic_ncols=True)
 
     def done(stage: str) -> None:
@@ -38,4 +44,10 @@ def steps(desc: str, total: int) -> Iterator[Callable[[str], None]]:
     try:
         yield done
     finally:
+        bar.close()
+
+
+def close_bars() -> None:
+    """Clear every live bar (before an error line, which must not share a line with one)."""
+    for bar in list(getattr(tqdm, "_instances", ())):
         bar.close()

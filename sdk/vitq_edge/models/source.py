@@ -7,6 +7,8 @@ it (config, preprocessing, labels, checkpoint hash).
 from __future__ import annotations
 
 import ast
+import pickle
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,6 +68,14 @@ def _read_state_dict(path: Path) -> dict:
         raise VitqError(f"checkpoint {path} does not exist; pass the path of a saved state dict")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" not in str(exc):
+            raise VitqError(f"checkpoint {path} is not a readable torch file (not a torch.save archive or "
+                            "pickle); save it with torch.save(model.state_dict(), path)") from None
+        # torch's own message advises weights_only=False, i.e. running the file's code.
+        raise VitqError(f"checkpoint {path} holds Python objects besides tensors (e.g. a whole pickled model), "
+                        "which vitq-edge does not unpickle because that can run code; save the weights alone "
+                        "with torch.save(model.state_dict(), path)") from None
     except Exception as exc:  # torch raises many types for a damaged file
         reason = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
         raise VitqError(f"checkpoint {path} is not a readable torch file ({reason}); "
@@ -91,14 +101,46 @@ def _load_weights(model: torch.nn.Module, state: dict, path: Path) -> None:
     model.load_state_dict({k: v.float() for k, v in state.items()})
 
 
-def _preprocess_from_timm(model: VisionTransformer) -> Preprocess:
+def _check_finite(model: torch.nn.Module, source: str) -> None:
+    """NaN/Inf weights make every quantization range meaningless: refuse them before calibration."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise VitqError(f"the weights from {source} hold {bad} NaN/Inf value(s) in '{name}'; "
+                            "the model diverged or the file is damaged: use a checkpoint with finite weights")
+
+
+def _construct(factory: Callable[[], torch.nn.Module], name: str, model_kwargs: dict) -> torch.nn.Module:
+    """Build a model; a constructor that rejects --model-kwargs becomes one VitqError line."""
+    try:
+        return factory()
+    except (TypeError, ValueError, AssertionError, RuntimeError, ArithmeticError) as exc:
+        if not model_kwargs:
+            raise
+        detail = str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__
+        shown = ",".join(f"{k}={v}" for k, v in model_kwargs.items())
+        raise VitqError(f"--model-kwargs {shown} not accepted by {name} ({detail}); check the names and values "
+                        "against the timm VisionTransformer arguments") from None
+
+
+def _preprocess(name: str, model_kwargs: dict, **fields) -> Preprocess:
+    try:
+        return Preprocess(**fields)
+    except ValueError as exc:
+        raise VitqError(f"{name}{' with --model-kwargs' if model_kwargs else ''} needs input vitq-edge cannot "
+                        f"feed: {exc}; vitq-edge reads 1- or 3-channel square images") from None
+
+
+def _preprocess_from_timm(model: VisionTransformer, name: str, model_kwargs: dict) -> Preprocess:
     cfg = timm.data.resolve_model_data_config(model)
     # pretrained_cfg keeps the registered input size even when img_size/in_chans were
     # overridden; the model's own patch embedding is the truth.
     h, w = model.patch_embed.img_size
-    return Preprocess(channels=model.patch_embed.proj.in_channels, size=(h, w), mean=tuple(cfg["mean"]),
-                      std=tuple(cfg["std"]), interpolation=cfg.get("interpolation") or "bicubic",
-                      crop_pct=float(cfg.get("crop_pct") or 1.0))
+    channels = model.patch_embed.proj.in_channels
+    return _preprocess(name, model_kwargs, channels=channels, size=(h, w),
+                       mean=_fit_stats(tuple(cfg["mean"]), channels), std=_fit_stats(tuple(cfg["std"]), channels),
+                       interpolation=cfg.get("interpolation") or "bicubic",
+                       crop_pct=float(cfg.get("crop_pct") or 1.0))
 
 
 def _fit_stats(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
@@ -123,14 +165,16 @@ def load_model(
         if pretrained:
             raise VitqError("--pretrained applies to timm models; the reference model ships its weights")
         config = {**REFERENCE_CONFIG, **model_kwargs}
-        model = VisionTransformer(**config) if model_kwargs else create_reference_vit()
+        model = _construct(lambda: VisionTransformer(**config) if model_kwargs else create_reference_vit(),
+                           REFERENCE_NAME, model_kwargs)
         meta = load_reference_meta()
         inp = meta["input"]
-        preprocess = Preprocess(channels=config["in_chans"], size=(config["img_size"],) * 2,
-                                mean=tuple(inp["mean"]), std=tuple(inp["std"]),
-                                interpolation=inp["interpolation"], crop_pct=inp["crop_pct"])
+        preprocess = _preprocess(REFERENCE_NAME, model_kwargs, channels=config["in_chans"],
+                                 size=(config["img_size"],) * 2, mean=tuple(inp["mean"]), std=tuple(inp["std"]),
+                                 interpolation=inp["interpolation"], crop_pct=inp["crop_pct"])
         weights = Path(checkpoint) if checkpoint else reference_assets().weights
         _load_weights(model, _read_state_dict(weights), weights)
+        _check_finite(model, str(weights))
         labels = meta["labels"] if config["num_classes"] == len(meta["labels"]) else None
         return LoadedModel(model.eval(), REFERENCE_NAME, config, preprocess, labels,
                            str(checkpoint) if checkpoint else "bundled", file_sha256(weights))
@@ -139,9 +183,10 @@ def load_model(
         raise VitqError(f"unknown model '{name}': use a timm ViT/DeiT name such as deit_tiny_patch16_224, "
                         "or omit --model for the bundled reference model")
     try:
-        model = timm.create_model(name, pretrained=pretrained, **model_kwargs)
-    except TypeError as exc:
-        raise VitqError(f"--model-kwargs not accepted by {name}: {exc}") from None
+        model = _construct(lambda: timm.create_model(name, pretrained=pretrained, **model_kwargs), name,
+                           model_kwargs)
+    except VitqError:
+        raise
     except Exception as exc:
         if pretrained:
             raise VitqError(f"could not get pretrained weights for {name} ({exc.__class__.__name__}); "
@@ -155,10 +200,8 @@ def load_model(
         path = Path(checkpoint)
         _load_weights(model, _read_state_dict(path), path)
         ckpt_name, sha = str(path), file_sha256(path)
-    preprocess = _preprocess_from_timm(model)
-    channels = preprocess.channels
-    preprocess = Preprocess(channels, preprocess.size, _fit_stats(preprocess.mean, channels),
-                            _fit_stats(preprocess.std, channels), preprocess.interpolation, preprocess.crop_pct)
+    _check_finite(model, ckpt_name or f"timm's {name}")
+    preprocess = _preprocess_from_timm(model, name, model_kwargs)
     config = {"timm_name": name, **model_kwargs}
     notes = [] if pretrained or checkpoint else ["random weights (no --pretrained or --checkpoint)"]
     return LoadedModel(model.eval(), name, config, preprocess, None, ckpt_name, sha, notes)

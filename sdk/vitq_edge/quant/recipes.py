@@ -21,6 +21,7 @@ import torch
 from vitq_edge.errors import VitqError
 
 UNIFORM_BITS = ("W8A8", "W6A6", "W4A4")
+MIXED_MIN_BITS, MIXED_MAX_BITS = 4, 8  # liu2021 mixed:N size budgets
 
 
 def parse_bits(bits: str) -> tuple[int, int]:
@@ -44,10 +45,14 @@ class RecipeConfig:
         if self.bits is None:
             object.__setattr__(self, "bits", self.supported_bits[0])
         elif not self.bits_supported(self.bits):
-            raise VitqError(f"recipe {self.name} supports --bits {', '.join(self.supported_bits)}, not '{self.bits}'")
+            raise VitqError(f"recipe {self.name} supports --bits {self.bits_choices()}, not '{self.bits}'")
 
     def bits_supported(self, bits: str) -> bool:
         return bits in self.supported_bits
+
+    def bits_choices(self) -> str:
+        """The --bits values this recipe takes, for messages."""
+        return ", ".join(self.supported_bits)
 
 
 @dataclass(frozen=True)
@@ -114,7 +119,10 @@ class Liu2021Config(PaperRecipeConfig):
         if bits in self.supported_bits:
             return True
         m = re.fullmatch(r"mixed:(\d+)", bits)
-        return bool(m) and 4 <= int(m.group(1)) <= 8
+        return bool(m) and MIXED_MIN_BITS <= int(m.group(1)) <= MIXED_MAX_BITS
+
+    def bits_choices(self) -> str:
+        return f"{', '.join(self.supported_bits)} or mixed:N (N from {MIXED_MIN_BITS} to {MIXED_MAX_BITS})"
 
     @property
     def mixed(self) -> bool:
