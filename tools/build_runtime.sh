@@ -6,9 +6,13 @@
 #   build/runtime/aarch64/{bin,lib}   cross-compiled for a 64-bit Raspberry Pi, against the
 #                                     manylinux_2_28_aarch64 executorch wheel
 #   build/runtime/pi-prefix/{rpi4,rpi5}  qemu -L prefixes that emulate the boards
-#   build/runtime/host-asan/lib/libvitq_kernels.so
-#                                     (targets asan, all) the kernels alone, built with
-#                                     AddressSanitizer, for the Python tests:
+#   build/runtime/host-asan/{bin,lib}  (targets asan, all) AddressSanitizer builds for the
+#                                     tests, for this machine:
+#     bin/vitq-runner                 the runner's own code sanitized, the ExecuTorch
+#                                     libraries as shipped (copied into lib/, RUNPATH
+#                                     $ORIGIN/../lib); run it directly (tests/test_fuzz.py)
+#     lib/libvitq_kernels.so          the kernels, sanitized; the runner above loads it,
+#                                     and the Python tests with
 #                                     LD_PRELOAD="$(gcc -print-file-name=libasan.so)
 #                                     $(gcc -print-file-name=libstdc++.so)"
 #                                     ASAN_OPTIONS=detect_leaks=0 python ...
@@ -39,7 +43,7 @@ ROOT=$PWD
 TARGET=${1:-all}
 case "$TARGET" in
     host|aarch64|asan|plugin|all) ;;
-    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -euo/{/^#/p}' "$0"; exit 0 ;;  # the header comment
     *) echo "build_runtime: unknown target '$TARGET' (host, aarch64, asan, plugin or all)" >&2; exit 2 ;;
 esac
 
@@ -235,21 +239,35 @@ if [ "$TARGET" = host ] || [ "$TARGET" = all ]; then
 fi
 
 if [ "$TARGET" = asan ] || [ "$TARGET" = all ]; then
-    # Only the kernels library, with AddressSanitizer. The build-tree copy is
-    # taken as is: its RUNPATH is the .venv wheel's lib/ (CMake's build RPATH),
-    # so it also loads outside a Python process that already has those libs.
+    # The runner and the kernels with AddressSanitizer, from one build tree.
     command -v g++ >/dev/null || apt_install g++
     bdir=$OUT/_build/host-asan
+    prefix=$OUT/host-asan
     log "[asan] configuring ($bdir)"
-    "$CMAKE" -S runtime -B "$bdir" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DVITQ_KERNELS_ASAN=ON \
+    "$CMAKE" -S runtime -B "$bdir" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+        -DVITQ_KERNELS_ASAN=ON -DVITQ_RUNNER_ASAN=ON \
         -DEXECUTORCH_PACKAGE_DIR="$ET_PKG_HOST" >"$bdir.configure.log" 2>&1 \
         || { cat "$bdir.configure.log" >&2; die "[asan] cmake configure failed"; }
-    log "[asan] building libvitq_kernels.so (-j$JOBS)"
-    nice -n 19 "$CMAKE" --build "$bdir" -j "$JOBS" --target vitq_kernels
-    mkdir -p "$OUT/host-asan/lib"
-    cp "$bdir/kernels/libvitq_kernels.so" "$OUT/host-asan/lib/libvitq_kernels.so.tmp"
-    mv "$OUT/host-asan/lib/libvitq_kernels.so.tmp" "$OUT/host-asan/lib/libvitq_kernels.so"
-    log "[asan] ready: $OUT/host-asan/lib/libvitq_kernels.so (run Python with" \
+    log "[asan] building vitq-runner and libvitq_kernels.so (-j$JOBS)"
+    nice -n 19 "$CMAKE" --build "$bdir" -j "$JOBS"
+    # The runner as installed (RUNPATH $ORIGIN/../lib, with copies of the ExecuTorch
+    # libraries), so bin/vitq-runner runs directly, as the host bundle's does. The
+    # kernels are the build-tree copy instead, as before the runner was added: its
+    # RUNPATH is the .venv wheel's lib/ (CMake's build RPATH), so Python tests can
+    # load it on its own; in the runner its libraries are already loaded from lib/.
+    stage=$bdir/_install
+    rm -rf "$stage" "$prefix.tmp"
+    "$CMAKE" --install "$bdir" --prefix "$stage" >/dev/null
+    mkdir -p "$prefix.tmp/bin"
+    cp "$stage/bin/vitq-runner" "$prefix.tmp/bin/"
+    cp -r "$stage/lib" "$prefix.tmp/lib"
+    cp "$bdir/kernels/libvitq_kernels.so" "$prefix.tmp/lib/libvitq_kernels.so"
+    rm -rf "$prefix" "$stage"
+    mv "$prefix.tmp" "$prefix"
+    # Leak checking stays on: the runner exits clean of leaks, on errors too.
+    "$prefix/bin/vitq-runner" --version >/dev/null || die "[asan] $prefix/bin/vitq-runner does not start"
+    log "[asan] ready: $prefix/bin/vitq-runner"
+    log "[asan] ready: $prefix/lib/libvitq_kernels.so (run Python with" \
         "LD_PRELOAD=\"\$(gcc -print-file-name=libasan.so) \$(gcc -print-file-name=libstdc++.so)\"" \
         "ASAN_OPTIONS=detect_leaks=0)"
 fi

@@ -9,8 +9,10 @@
 
 #include <dlfcn.h>
 #include <limits.h>
+#include <pthread.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/sysinfo.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -88,6 +90,10 @@ using executorch::extension::module::Module;
 using Clock = std::chrono::steady_clock;
 
 constexpr int kExitError = 2;
+// --threads above this is refused. pthreadpool does not check that its threads
+// were created (see require_startable_threads), and no board we target has
+// anywhere near this many cores, so a larger value is a typo, not a setting.
+constexpr int kMaxThreads = 256;
 constexpr const char* kDefaultKernelsLib = "libvitq_kernels.so";
 
 // An error reported to the user as one line on stderr, exit code 2.
@@ -186,7 +192,7 @@ const char* kUsage =
     "options:\n"
     "  --warmup W        untimed forward calls on the first image first (default 1)\n"
     "  --runs N          timed forward calls per image (default 1)\n"
-    "  --threads T       thread-pool size; 0 = runtime default (default 0)\n"
+    "  --threads T       thread-pool size, 0..256; 0 = runtime default (default 0)\n"
     "  --out PATH        write outputs: PATH.npy (single-output programs) or a\n"
     "                    directory receiving output_<k>.npy; per-image results\n"
     "                    are concatenated along axis 0 in input order\n"
@@ -202,13 +208,18 @@ const char* kUsage =
     "  --verbose         print ExecuTorch log messages on stderr\n"
     "  --version, --help\n";
 
-int parse_int(const std::string& flag, const std::string& value, int min_value) {
+int parse_int(const std::string& flag, const std::string& value, int min_value,
+              int max_value = INT_MAX) {
   char* end = nullptr;
   errno = 0;
   const long v = std::strtol(value.c_str(), &end, 10);
-  if (value.empty() || *end != '\0' || errno != 0 || v < min_value || v > INT_MAX)
+  // strtol saturates on overflow: a positive ERANGE is simply above any limit.
+  const bool integer = !value.empty() && *end == '\0' && (errno == 0 || (errno == ERANGE && v > 0));
+  if (!integer || v < min_value)
     throw UsageError(flag + " expects an integer >= " + std::to_string(min_value) +
                      ", got '" + value + "'");
+  if (v > max_value)
+    throw UsageError(flag + " " + value + " is above the limit of " + std::to_string(max_value));
   return static_cast<int>(v);
 }
 
@@ -248,7 +259,7 @@ Options parse_args(int argc, char** argv) {
     } else if (a == "--runs") {
       o.runs = parse_int(a, next(), 1);
     } else if (a == "--threads") {
-      o.threads = parse_int(a, next(), 0);
+      o.threads = parse_int(a, next(), 0, kMaxThreads);
     } else if (a == "--out") {
       o.out = next();
     } else if (a == "--etdump") {
@@ -403,6 +414,104 @@ void require_writable_target(const std::string& flag, const std::string& path) {
                       " is missing or not writable");
 }
 
+// --- Thread pool size --------------------------------------------------------------
+// pthreadpool_create ignores what pthread_create returns, and pthreadpool_destroy
+// then joins threads that were never created: a SIGSEGV at exit, after the report
+// was printed (seen with --threads 100000, and with --threads 200 under a user's
+// RLIMIT_NPROC of 40; a cgroup's pids.max would do the same). So before resizing
+// the pool, start `extra` threads ourselves, with the same default attributes,
+// all alive at once, and refuse the size if the system will not have them.
+// (Another process could still take the last threads in between; this turns
+// the common case -- a limit below --threads -- into an error line.) The probe
+// threads are joined before the first inference marker, so they do not show in
+// qemu instruction counts.
+void require_startable_threads(int extra) {
+  if (extra <= 0) return;
+  pthread_mutex_t gate = PTHREAD_MUTEX_INITIALIZER;
+  pthread_mutex_lock(&gate);  // every probe thread waits here until all are started
+  std::vector<pthread_t> started;
+  started.reserve(static_cast<size_t>(extra));
+  int err = 0;
+  for (int i = 0; i < extra && err == 0; ++i) {
+    pthread_t t;
+    err = pthread_create(
+        &t, nullptr,
+        [](void* g) -> void* {
+          auto* m = static_cast<pthread_mutex_t*>(g);
+          pthread_mutex_lock(m);
+          pthread_mutex_unlock(m);
+          return nullptr;
+        },
+        &gate);
+    if (err == 0) started.push_back(t);
+  }
+  pthread_mutex_unlock(&gate);
+  for (pthread_t t : started) pthread_join(t, nullptr);
+  pthread_mutex_destroy(&gate);
+  if (err != 0)
+    throw RunnerError("--threads " + std::to_string(extra + 1) + ": only " +
+                      std::to_string(started.size()) + " of the " + std::to_string(extra) +
+                      " worker threads could be started (" + std::strerror(err) +
+                      "); use a smaller --threads");
+}
+
+// --- Sizes the program states ------------------------------------------------------------
+// The runner allocates the program's memory-planned buffers (in load_method) and
+// the synthetic input at the sizes the program states, and a corrupt program
+// can state any size. They are checked against the machine's memory first, so
+// the user gets the sizes rather than "out of memory" (and an AddressSanitizer
+// build, whose operator new aborts instead of throwing, fails the same way).
+
+// RAM + swap in bytes, or UINT64_MAX when unknown.
+uint64_t machine_memory() {
+  struct sysinfo si {};
+  if (sysinfo(&si) != 0) return UINT64_MAX;
+  return (static_cast<uint64_t>(si.totalram) + si.totalswap) * std::max<uint32_t>(si.mem_unit, 1);
+}
+
+std::string mib(uint64_t bytes) {
+  char b[32];
+  std::snprintf(b, sizeof b, "%.1f MiB", static_cast<double>(bytes) / (1 << 20));
+  return b;
+}
+
+// Not knowing the method is left to load_method to report.
+void check_memory_plan(Module& module, const std::string& method) {
+  const auto meta = module.method_meta(method);
+  if (!meta.ok()) return;
+  uint64_t total = 0;
+  for (size_t i = 0; i < meta->num_memory_planned_buffers(); ++i) {
+    const auto size = meta->memory_planned_buffer_size(i);
+    if (!size.ok()) throw RunnerError(et_failure("memory_planned_buffer_size", size.error()));
+    if (*size < 0)
+      throw RunnerError("the program's memory plan is invalid (buffer " + std::to_string(i) +
+                        " has size " + std::to_string(*size) + ")");
+    const uint64_t s = static_cast<uint64_t>(*size);
+    total = s > UINT64_MAX - total ? UINT64_MAX : total + s;
+  }
+  const uint64_t memory = machine_memory();
+  if (total > memory)
+    throw RunnerError("the program's memory plan needs " + mib(total) + ", more than this machine's " +
+                      mib(memory) + " of memory (RAM + swap)");
+}
+
+// Elements of one forward call's input [B, C, H, W]. The product must not wrap:
+// the tensor handed to the program has the stated sizes, so a buffer sized by a
+// wrapped product would be read out of bounds.
+size_t input_elements(const std::vector<int64_t>& sizes) {
+  uint64_t n = 1;
+  for (int64_t d : sizes) {
+    if (d < 0 || (d > 0 && n > UINT64_MAX / sizeof(float) / static_cast<uint64_t>(d)))
+      throw RunnerError("the program input has an invalid shape " + shape_str(sizes));
+    n *= static_cast<uint64_t>(d);
+  }
+  const uint64_t memory = machine_memory();
+  if (n * sizeof(float) > memory || n > SIZE_MAX / sizeof(float))
+    throw RunnerError("the program input " + shape_str(sizes) + " needs " + mib(n * sizeof(float)) +
+                      ", more than this machine's " + mib(memory) + " of memory (RAM + swap)");
+  return static_cast<size_t>(n);
+}
+
 // --- Outputs ---------------------------------------------------------------------------
 // Accumulates one program output over all images: per-forward results are
 // concatenated along axis 0.
@@ -511,7 +620,15 @@ int run(const Options& opt) {
   //    this has to happen before load_method.
   auto* pool = executorch::extension::threadpool::get_threadpool();
   if (pool == nullptr) throw RunnerError("the ExecuTorch thread pool is unavailable");
-  if (opt.threads > 0) pool->_unsafe_reset_threadpool(static_cast<uint32_t>(opt.threads));
+  if (opt.threads > 0 && static_cast<size_t>(opt.threads) != pool->get_thread_count()) {
+    require_startable_threads(opt.threads - 1);  // the calling thread is worker 0
+    // Declared to return false on failure, but ExecuTorch 1.5 returns true even
+    // when pthreadpool_create failed and left a pool of 0 threads: check both.
+    if (!pool->_unsafe_reset_threadpool(static_cast<uint32_t>(opt.threads)) ||
+        pool->get_thread_count() != static_cast<size_t>(opt.threads))
+      throw RunnerError("cannot create a thread pool of " + std::to_string(opt.threads) +
+                        " threads (--threads)");
+  }
   const size_t threads = pool->get_thread_count();
 
   // 3. Load the program and the method (this is where XNNPACK builds its
@@ -537,6 +654,7 @@ int run(const Options& opt) {
   if (const auto e = module.load(et::Program::Verification::InternalConsistency);
       e != et::Error::Ok)
     throw RunnerError(et_failure("loading program " + opt.model, e));
+  check_memory_plan(module, opt.method);
   if (const auto e = module.load_method(opt.method); e != et::Error::Ok)
     throw RunnerError(et_failure("load_method('" + opt.method + "')", e));
   const double load_ms = ms_between(t_load0, Clock::now());
@@ -557,8 +675,7 @@ int run(const Options& opt) {
   const std::vector<int64_t> expected(in_meta->sizes().begin(), in_meta->sizes().end());
   const int64_t batch = expected.empty() ? 1 : expected[0];
   if (batch < 1) throw RunnerError("the program input has a non-positive batch size");
-  size_t chunk_elems = 1;
-  for (int64_t d : expected) chunk_elems *= static_cast<size_t>(d);
+  const size_t chunk_elems = input_elements(expected);
   const std::vector<executorch::aten::SizesType> chunk_sizes(expected.begin(), expected.end());
 
   // 5. Validate every input file before running anything.
@@ -767,7 +884,7 @@ int main(int argc, char** argv) {
   try {
     return run(parse_args(argc, argv));
   } catch (const UsageError& e) {
-    std::fprintf(stderr, "vitq-runner: %s (see --help)\n", one_line(e.what()).c_str());
+    std::fprintf(stderr, "vitq-runner: error: %s (see --help)\n", one_line(e.what()).c_str());
   } catch (const std::bad_alloc&) {
     std::fprintf(stderr, "vitq-runner: error: out of memory\n");
   } catch (const std::exception& e) {
