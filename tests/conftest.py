@@ -46,6 +46,20 @@ def cli():
     return run_cli
 
 
+EVAL_LIMIT = 300
+
+
+@pytest.fixture(scope="session")
+def int8_build(tmp_path_factory) -> Path:
+    """The README's main job (stock int8 for rpi4 on the bundled model), built once per session."""
+    out = tmp_path_factory.mktemp("builds") / "rpi4"
+    result = run_cli("build", "--target", "rpi4", "--out", str(out), "--calib-limit", "256",
+                     "--eval-limit", str(EVAL_LIMIT), "--quiet")
+    assert result.code == 0, result.stderr[-3000:]
+    assert "wrote" in result.stdout
+    return out
+
+
 def make_image_folder(root: Path, classes: int, per_class: int, mode: str = "L", size: int = 28,
                       suffix: str = ".png", seed: int = 0) -> Path:
     """A small ImageFolder of random images (class_000/..., class_001/...)."""

@@ -524,3 +524,16 @@ def test_truncated_program(build_copy):
 ])
 def test_bad_device_names(program, device, fragment):
     assert_user_error(run_cli("bench", str(program), "--device", device), fragment)
+
+
+def test_runner_refuses_an_absurd_thread_count(program):
+    """--threads far above any board's core count is refused before anything runs (pthreadpool
+    used to be asked for 100000 threads and crash the runner with SIGSEGV at exit)."""
+    runner = RUNTIME / "host" / "bin" / "vitq-runner"
+    proc = subprocess.run([str(runner), "--threads", "100000", str(program)], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 2, (proc.returncode, proc.stderr[-2000:])
+    assert proc.stdout == ""
+    error_lines = [line for line in proc.stderr.splitlines() if line.startswith("vitq-runner: error:")]
+    assert len(error_lines) == 1, proc.stderr[-2000:]
+    assert "--threads 100000" in error_lines[0] and "limit of 256" in error_lines[0], error_lines[0]
