@@ -12,8 +12,7 @@ import warnings
 
 import click
 
-from vitq_edge.data.datasets import DEFAULT_MAX_IMAGE_PIXELS
-from vitq_edge.data.preprocess import INTERPOLATIONS
+from vitq_edge.data.options import DEFAULT_MAX_IMAGE_PIXELS, INTERPOLATIONS
 from vitq_edge.errors import VitqError
 from vitq_edge.lifetime import Terminated, handle_termination, sweep_temp
 from vitq_edge.progress import close_bars, set_quiet

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image
 
+from vitq_edge.data.options import INTERPOLATIONS
+
 _INTERPOLATION = {
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
@@ -22,7 +24,7 @@ _INTERPOLATION = {
 }
 
 
-INTERPOLATIONS = tuple(_INTERPOLATION)
+assert tuple(_INTERPOLATION) == INTERPOLATIONS
 
 
 def to_8bit(image: Image.Image) -> Image.Image:

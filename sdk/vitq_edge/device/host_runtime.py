@@ -24,19 +24,20 @@ def _runtime_logs_filtered() -> contextlib.AbstractContextManager[None]:
     return held_stderr(keep=lambda line: not _NATIVE_CHATTER.match(line))
 
 
-def _available_memory() -> int | None:
+def _physical_memory() -> int | None:
     with contextlib.suppress(OSError, ValueError):
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return None
 
 
 def _read_program(path: Path) -> bytes:
     if not path.is_file():
         raise VitqError(f"{path} does not exist; pass a .pte file or a build folder")
-    size, free = path.stat().st_size, _available_memory()
-    if free is not None and size > free:
-        raise VitqError(f"{path} is {size / 1e9:.1f} GB, more than the {free / 1e9:.1f} GB of free memory; it is not "
-                        "a program vitq-edge built (rebuild with `vitq-edge build`)")
+    # A program larger than the machine's memory cannot run here; reading it would only fail late.
+    size, memory = path.stat().st_size, _physical_memory()
+    if memory is not None and size > memory:
+        raise VitqError(f"{path} is {size / 1e9:.1f} GB, more than this machine's {memory / 1e9:.1f} GB of memory; "
+                        "it is not a program vitq-edge built (rebuild with `vitq-edge build`)")
     try:
         return path.read_bytes()
     except MemoryError:
