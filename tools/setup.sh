@@ -40,7 +40,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     index_args=()
     [ -n "${VITQ_TORCH_INDEX:-}" ] && index_args=(--extra-index-url "$VITQ_TORCH_INDEX")
     .venv/bin/python -m pip install -q --upgrade pip
-    .venv/bin/python -m pip install -q "${index_args[@]}" "torch==2.13.0" -e ".[dev]"
+    .venv/bin/python -m pip install -q "${index_args[@]}" "torch==2.13.0" -e ".[dev,real]"
     echo "$want" > "$stamp"
 fi
 # The device layer (`vitq-edge eval|bench --device ...`) and its tests: the aarch64 cross

@@ -8,8 +8,9 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 from vitq_edge.data.preprocess import Preprocess
 from vitq_edge.errors import VitqError
@@ -127,6 +128,22 @@ def staged_dir(out: Path) -> Iterator[Path]:
         if old is not None and not out.exists():  # failed between the two renames: put the old build back
             os.replace(old.path / "previous", out)
             old.release()
+        raise
+
+
+def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Write `path` through `write(file)` into a temporary file beside it, then rename it into place.
+
+    A reader never sees half a file, and a failure (or signal) leaves no temporary file.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
         raise
 
 

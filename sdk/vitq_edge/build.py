@@ -27,14 +27,14 @@ from vitq_edge.artifacts import (
     staged_dir,
     write_json,
 )
-from vitq_edge.data.datasets import DEFAULT_MAX_IMAGE_PIXELS, ImageSet, bundled_set, image_folder
+from vitq_edge.data.datasets import DEFAULT_MAX_IMAGE_PIXELS, ImageSet, image_folder
 from vitq_edge.device.host_runtime import HostProgram
 from vitq_edge.errors import VitqError
 from vitq_edge.lower.export import LoweredProgram, lower_to_executorch
 from vitq_edge.lower.kernels import KERNELS_VERSION
 from vitq_edge.lower.kernels import LIBRARY as KERNELS_LIBRARY
 from vitq_edge.metrics import TopK
-from vitq_edge.models.source import LoadedModel, load_model
+from vitq_edge.models.source import LoadedModel, default_data, load_model
 from vitq_edge.progress import progress
 from vitq_edge.quant import QuantizedModel, quantize, recipe_config
 from vitq_edge.quant.recipes import PaperRecipeConfig
@@ -91,6 +91,15 @@ def _apply_overrides(loaded: LoadedModel, opts: BuildOptions) -> None:
     except ValueError as exc:
         raise VitqError(f"bad preprocessing override: {exc}; fix --mean/--std/--input-size/--crop-pct/"
                         "--interpolation") from None
+
+
+def _images(folder: str | None, loaded: LoadedModel, kind: str, limit: int | None, max_pixels: int) -> ImageSet:
+    """--calib/--eval images, or the model's own default set (`models.source.default_data`)."""
+    if folder:
+        labels = loaded.labels if kind == "eval" else None  # calibration ignores labels
+        return image_folder(folder, labels=labels, max_pixels=max_pixels).limit(limit)
+    images, default_limit = default_data(loaded.name, kind)
+    return images.limit(limit or default_limit)
 
 
 def _check_classes(loaded: LoadedModel, data: ImageSet, flag: str) -> None:
@@ -176,12 +185,10 @@ def build(opts: BuildOptions) -> BuildResult:
                         model_kwargs=opts.model_kwargs)
     _apply_overrides(loaded, opts)
     _check_input_size(loaded)
-    calib = (image_folder(opts.calib, max_pixels=opts.max_image_pixels) if opts.calib
-             else bundled_set("calib")).limit(opts.calib_limit)
+    calib = _images(opts.calib, loaded, "calib", opts.calib_limit, opts.max_image_pixels)
     eval_set = None
     if not opts.skip_eval:
-        eval_set = (image_folder(opts.eval, labels=loaded.labels, max_pixels=opts.max_image_pixels) if opts.eval
-                    else bundled_set("eval")).limit(opts.eval_limit)
+        eval_set = _images(opts.eval, loaded, "eval", opts.eval_limit, opts.max_image_pixels)
         _check_classes(loaded, eval_set, "--eval")
 
     with staged_dir(out) as stage:

@@ -9,12 +9,13 @@ import numpy as np
 import torch
 
 from vitq_edge.artifacts import resolve_build
-from vitq_edge.data.datasets import DEFAULT_MAX_IMAGE_PIXELS, ImageSet, bundled_set, image_folder
+from vitq_edge.data.datasets import DEFAULT_MAX_IMAGE_PIXELS, ImageSet, image_folder
 from vitq_edge.data.preprocess import Preprocess
 from vitq_edge.device.host_runtime import HostProgram
 from vitq_edge.errors import VitqError
 from vitq_edge.lifetime import owned_temp_dir
 from vitq_edge.metrics import TopK
+from vitq_edge.models.source import default_data
 from vitq_edge.progress import progress
 
 
@@ -24,7 +25,11 @@ def _eval_inputs(path: str | Path, data: str | Path | None, limit: int | None,
     pte, manifest = resolve_build(path)
     preprocess = Preprocess.from_manifest(manifest["input"])
     labels = manifest.get("labels")
-    images = (image_folder(data, labels=labels, max_pixels=max_pixels) if data else bundled_set("eval")).limit(limit)
+    if data:
+        images = image_folder(data, labels=labels, max_pixels=max_pixels).limit(limit)
+    else:
+        images, default_limit = default_data(manifest["model"].get("name", ""), "eval")
+        images = images.limit(limit or default_limit)
     num_classes = manifest["model"].get("num_classes")
     if num_classes is not None and num_classes != len(images.class_names):
         raise VitqError(f"the program has {num_classes} classes but data '{images.name}' has "

