@@ -120,23 +120,27 @@ def _images_under(folder: Path) -> list[Path]:
     return sorted(found)
 
 
+# How class folders became label indices (ImageSet.class_mapping, reported by eval).
+BY_FOLDER_ORDER = "sorted folder names"
+BY_LABEL_NAMES = "folder names = the model's labels"
+
+
 def _class_indices(folders: list[str], labels: list[str] | None) -> tuple[list[int], str]:
     """Label index of each class folder, and how it was chosen.
 
     Folders named exactly as the model's labels ("/" in a label written "_", since no
     folder name can hold it) take those labels' indices, in any order and for any subset
-    of the labels; otherwise the
-    sorted folder order is the label order (ImageFolder's rule). A partial match is
-    refused: it is almost surely a mistake either way.
+    of the labels; otherwise the sorted folder order is the label order (ImageFolder's
+    rule). A partial match is refused: it is almost surely a mistake either way.
     """
     if labels is None:
-        return list(range(len(folders))), "sorted folder names"
+        return list(range(len(folders))), BY_FOLDER_ORDER
     index = {label.replace("/", "_"): i for i, label in enumerate(labels)}
     named = [f for f in folders if f in index]
     if not named:
-        return list(range(len(folders))), "sorted folder names"
+        return list(range(len(folders))), BY_FOLDER_ORDER
     if len(named) == len(folders):  # every folder is a label (some labels may have no folder)
-        return [index[f] for f in folders], "folder names = the model's labels"
+        return [index[f] for f in folders], BY_LABEL_NAMES
     stray = next(f for f in folders if f not in index)
     raise VitqError(f"only some class folders are named after the model's labels ({len(named)} of {len(folders)} "
                     f"folders; '{stray}' is no label); name the folders after the labels "
@@ -174,7 +178,7 @@ def image_folder(directory: str | Path, labels: list[str] | None = None,
         targets += [index] * len(files)
     if not paths:
         raise VitqError(f"data folder {root} holds no images; expected <class>/<image>.jpg|png subfolders")
-    names = labels if mapping.startswith("folder names") else classes
+    names = labels if mapping == BY_LABEL_NAMES else classes
     return ImageSet(root.name, list(names), np.asarray(targets, dtype=np.int64), _paths=paths,
                     max_pixels=max_pixels, class_mapping=mapping)
 
