@@ -10,7 +10,8 @@ from __future__ import annotations
 import datetime
 import platform
 import time
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -33,7 +34,7 @@ from vitq_edge.errors import VitqError
 from vitq_edge.lower.export import LoweredProgram, lower_to_executorch
 from vitq_edge.lower.kernels import KERNELS_VERSION
 from vitq_edge.lower.kernels import LIBRARY as KERNELS_LIBRARY
-from vitq_edge.metrics import TopK
+from vitq_edge.metrics import accuracy_summary
 from vitq_edge.models.source import LoadedModel, default_data, load_model
 from vitq_edge.progress import progress
 from vitq_edge.quant import QuantizedModel, quantize, recipe_config
@@ -93,6 +94,13 @@ def _apply_overrides(loaded: LoadedModel, opts: BuildOptions) -> None:
                         "--interpolation") from None
 
 
+def eval_images(loaded: LoadedModel, folder: str | None, limit: int | None, max_pixels: int) -> ImageSet:
+    """The evaluation images of a build (--eval, or the model's default set), checked against the model."""
+    data = _images(folder, loaded, "eval", limit, max_pixels)
+    _check_classes(loaded, data, "--eval")
+    return data
+
+
 def _images(folder: str | None, loaded: LoadedModel, kind: str, limit: int | None, max_pixels: int) -> ImageSet:
     """--calib/--eval images, or the model's own default set (`models.source.default_data`)."""
     if folder:
@@ -131,23 +139,16 @@ def _quantization_summary(quantized: QuantizedModel, lowered: LoweredProgram) ->
 
 def _evaluate(loaded: LoadedModel, quantized: torch.nn.Module, program: HostProgram,
               data: ImageSet, batch_size: int) -> dict:
-    scores = {k: TopK() for k in ("fp32", "simulated", "pte_host")}
-    agree = 0
+    logits: dict[str, list[torch.Tensor]] = {"fp32": [], "simulated": [], "pte": [], "labels": []}
     batches = data.batches(loaded.preprocess, batch_size)
     total = -(-len(data) // batch_size)
     with torch.no_grad():
         for x, y in progress(batches, "evaluating", total=total, unit="batch"):
-            fp = loaded.model(x)
-            sim = quantized(x)
-            dev = program(x)
-            scores["fp32"].update(fp, y)
-            scores["simulated"].update(sim, y)
-            scores["pte_host"].update(dev, y)
-            agree += int((sim.argmax(-1) == dev.argmax(-1)).sum())
-    n = scores["fp32"].n
-    acc = {k: round(s.percent(1), 2) for k, s in scores.items()}
-    acc.update(top5={k: round(s.percent(5), 2) for k, s in scores.items()}, eval_images=n,
-               eval_set=data.name, pte_agrees_with_simulated=round(100.0 * agree / n, 2))
+            for key, out in (("fp32", loaded.model(x)), ("simulated", quantized(x)), ("pte", program(x)),
+                             ("labels", y)):
+                logits[key].append(out)
+    acc = accuracy_summary(*(torch.cat(logits[k]) for k in ("fp32", "simulated", "pte", "labels")))
+    acc["eval_set"] = data.name
     if data.class_mapping:
         acc["class_mapping"] = data.class_mapping
     return acc
@@ -167,29 +168,43 @@ def _recipe_options(opts: BuildOptions) -> dict:
     return options
 
 
-def build(opts: BuildOptions) -> BuildResult:
-    """Run a whole build; raises VitqError on user errors, leaves no partial output."""
+def load_for_build(opts: BuildOptions) -> LoadedModel:
+    """The float model with the build's preprocessing overrides applied and checked."""
+    if opts.model is None and opts.pretrained:
+        raise VitqError("--pretrained needs --model NAME (a timm model)")
+    loaded = load_model(opts.model, pretrained=opts.pretrained, checkpoint=opts.checkpoint,
+                        model_kwargs=opts.model_kwargs)
+    _apply_overrides(loaded, opts)
+    _check_input_size(loaded)
+    return loaded
+
+
+Evaluator = Callable[[LoadedModel, torch.nn.Module, HostProgram], dict]
+
+
+def build(opts: BuildOptions, evaluate: Evaluator | None = None, loaded: LoadedModel | None = None) -> BuildResult:
+    """Run a whole build; raises VitqError on user errors, leaves no partial output.
+
+    `vitq-edge compare` builds many programs of one model: it passes the model it loaded once
+    (`load_for_build(opts)`: the same weights in every row, random ones included) and
+    `evaluate(loaded, simulated model, program)`, which replaces the build's own accuracy step
+    with one on images it prepared once.
+    """
     t_start = time.time()
     target = get_target(opts.target)
     config = recipe_config(opts.recipe, opts.bits, **_recipe_options(opts))
     if opts.out is not None and not opts.out.strip():
         raise VitqError("--out is empty; name the output folder (default: build/<target>)")
     out = Path(opts.out or f"build/{target.name}")
-    if opts.model is None and opts.pretrained:
-        raise VitqError("--pretrained needs --model NAME (a timm model)")
     # Before any work: where the result goes, and that replacing it loses nothing we read.
     check_inputs_outside(out, {"--checkpoint": opts.checkpoint, "--calib": opts.calib, "--eval": opts.eval})
     check_output_folder(out.absolute())
 
-    loaded = load_model(opts.model, pretrained=opts.pretrained, checkpoint=opts.checkpoint,
-                        model_kwargs=opts.model_kwargs)
-    _apply_overrides(loaded, opts)
-    _check_input_size(loaded)
+    loaded = loaded or load_for_build(opts)
     calib = _images(opts.calib, loaded, "calib", opts.calib_limit, opts.max_image_pixels)
     eval_set = None
-    if not opts.skip_eval:
-        eval_set = _images(opts.eval, loaded, "eval", opts.eval_limit, opts.max_image_pixels)
-        _check_classes(loaded, eval_set, "--eval")
+    if not opts.skip_eval and evaluate is None:
+        eval_set = eval_images(loaded, opts.eval, opts.eval_limit, opts.max_image_pixels)
 
     with staged_dir(out) as stage:
         example = (torch.zeros(1, loaded.preprocess.channels, *loaded.preprocess.size),)
@@ -207,7 +222,9 @@ def build(opts: BuildOptions) -> BuildResult:
         pte_path.write_bytes(lowered.buffer)
 
         accuracy = None
-        if eval_set is not None:
+        if evaluate is not None and not opts.skip_eval:
+            accuracy = evaluate(loaded, quantized.module, HostProgram(lowered.buffer))
+        elif eval_set is not None:
             accuracy = _evaluate(loaded, quantized.module, HostProgram(lowered.buffer), eval_set, opts.batch_size)
 
         manifest = {
@@ -221,6 +238,7 @@ def build(opts: BuildOptions) -> BuildResult:
             "target": {"name": target.name, "cpu": target.cpu, "abi": target.abi},
             "recipe": quantized.recipe,
             "bits": quantized.bits,
+            "recipe_config": {"name": config.name, **asdict(config)},
             "float_ops": quantized.float_ops,
             "quantization": _quantization_summary(quantized, lowered),
             "input": loaded.preprocess.to_manifest(),

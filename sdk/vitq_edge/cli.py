@@ -106,6 +106,45 @@ _MAX_PIXELS_HELP = ("Refuse images with more pixels than this (decompression bom
                     "billions of pixels).")
 
 
+_MODEL_AND_DATA_OPTIONS = [
+    click.option("--model", default=None, metavar="NAME",
+                 help="A timm ViT/DeiT name (e.g. deit_tiny_patch16_224), dinov2-s14-cifar10 (a real pretrained "
+                      "ViT-S/14 with a CIFAR-10 probe). Default: the bundled reference model."),
+    click.option("--pretrained", is_flag=True, help="Load timm's pretrained weights (needs network access)."),
+    click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
+                 help="A local state dict (torch.save(model.state_dict(), FILE))."),
+    click.option("--model-kwargs", default=None, metavar="K=V,...",
+                 help="Override timm arguments, e.g. img_size=32,patch_size=4,in_chans=3,num_classes=100."),
+    click.option("--calib", type=click.Path(), default=None,
+                 help="Calibration images, ImageFolder layout. Default: the model's own (bundled 1,024 "
+                      "Fashion-MNIST train images; CIFAR-10 train for dinov2-s14-cifar10)."),
+    click.option("--eval", "eval_dir", type=click.Path(), default=None,
+                 help="Evaluation images, ImageFolder layout. Default: the model's own (bundled Fashion-MNIST "
+                      "test split; CIFAR-10 test for dinov2-s14-cifar10)."),
+    click.option("--calib-limit", type=click.IntRange(min=1), default=None,
+                 help="Use only the first N calibration images."),
+    click.option("--eval-limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N images."),
+    click.option("--skip-eval", is_flag=True, help="Do not measure accuracy (e.g. random-weight cost builds)."),
+    click.option("--mean", callback=_floats, default=None, help="Override normalization mean (comma-separated)."),
+    click.option("--std", callback=_floats, default=None, help="Override normalization std (comma-separated)."),
+    click.option("--input-size", type=click.IntRange(min=1), default=None, help="Override the square input size."),
+    click.option("--crop-pct", type=click.FloatRange(min=0, max=1, min_open=True), default=None,
+                 help="Override timm's crop_pct: resize the shorter side to size / crop_pct, then center-crop to "
+                      "size (1 = resize to size, no margin). Default: the model's data config."),
+    click.option("--interpolation", type=click.Choice(INTERPOLATIONS), default=None,
+                 help="Override the resize interpolation. Default: the model's data config."),
+    click.option("--max-image-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_IMAGE_PIXELS,
+                 help=_MAX_PIXELS_HELP),
+]
+
+
+def _model_and_data_options(f):
+    """The options that say which model and which images (build and compare take the same)."""
+    for option in reversed(_MODEL_AND_DATA_OPTIONS):
+        f = option(f)
+    return f
+
+
 @main.command()
 @click.option("--target", default="rpi4", help="Deployment target (see `vitq-edge targets`).")
 @click.option("--recipe", default="xnnpack-int8",
@@ -120,31 +159,7 @@ _MAX_PIXELS_HELP = ("Refuse images with more pixels than this (decompression bom
               help="adfq: reconstruction iterations per module.  [default: 3000]")
 @click.option("--device", "calib_device", default="cpu", metavar="cpu|cuda",
               help="Where the paper recipes calibrate (cuda needs a GPU visible to torch).")
-@click.option("--model", default=None, metavar="NAME",
-              help="A timm ViT/DeiT name (e.g. deit_tiny_patch16_224). Default: the bundled reference model.")
-@click.option("--pretrained", is_flag=True, help="Load timm's pretrained weights (needs network access).")
-@click.option("--checkpoint", type=click.Path(dir_okay=False), default=None,
-              help="A local state dict (torch.save(model.state_dict(), FILE)).")
-@click.option("--model-kwargs", default=None, metavar="K=V,...",
-              help="Override timm arguments, e.g. img_size=32,patch_size=4,in_chans=3,num_classes=100.")
-@click.option("--calib", type=click.Path(), default=None,
-              help="Calibration images, ImageFolder layout. Default: bundled 1,024 Fashion-MNIST train images.")
-@click.option("--eval", "eval_dir", type=click.Path(), default=None,
-              help="Evaluation images, ImageFolder layout. Default: bundled Fashion-MNIST test split.")
-@click.option("--calib-limit", type=click.IntRange(min=1), default=None,
-              help="Use only the first N calibration images.")
-@click.option("--eval-limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N images.")
-@click.option("--skip-eval", is_flag=True, help="Do not measure accuracy (e.g. random-weight cost builds).")
-@click.option("--mean", callback=_floats, default=None, help="Override normalization mean (comma-separated).")
-@click.option("--std", callback=_floats, default=None, help="Override normalization std (comma-separated).")
-@click.option("--input-size", type=click.IntRange(min=1), default=None, help="Override the square input size.")
-@click.option("--crop-pct", type=click.FloatRange(min=0, max=1, min_open=True), default=None,
-              help="Override timm's crop_pct: resize the shorter side to size / crop_pct, then center-crop to size "
-                   "(1 = resize to size, no margin). Default: the model's data config.")
-@click.option("--interpolation", type=click.Choice(INTERPOLATIONS), default=None,
-              help="Override the resize interpolation. Default: the model's data config.")
-@click.option("--max-image-pixels", type=click.IntRange(min=1), default=DEFAULT_MAX_IMAGE_PIXELS,
-              help=_MAX_PIXELS_HELP)
+@_model_and_data_options
 @click.option("--out", default=None, help="Output folder: new, empty, or an earlier build (replaced whole). "
                                           "Default: build/<target>.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or status lines.")
@@ -272,6 +287,70 @@ def bench(path, device, runs, warmup, threads, timeout, no_record, profile, top,
     result = benchmark(path, device=device, runs=runs, warmup=warmup, threads=threads, timeout=timeout,
                        record=not no_record, profile=profile)
     click.echo(json.dumps(result) if as_json else printable(format_bench(result, top=top)))
+
+def _list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _thread_list(ctx: click.Context, param: click.Parameter, value: str) -> list[int]:
+    try:
+        threads = [int(t) for t in _list(value)]
+    except ValueError:
+        raise click.BadParameter(f"'{value}' is not a comma-separated list of thread counts, e.g. 1,4") from None
+    if not threads or any(t < 1 for t in threads):
+        raise click.BadParameter(f"'{value}': thread counts are whole numbers from 1, e.g. 1,4")
+    return threads
+
+
+@main.command(epilog=_DEVICES_EPILOG)
+@click.option("--programs", default=None, metavar="PROGRAM,...",
+              help="Comma-separated programs to build: RECIPE@BITS (e.g. minmax@W8A8, liu2021@mixed:6) or a recipe "
+                   "alone (fp32, xnnpack-int8; paper recipes at their first width).  [default: fp32, xnnpack-int8, "
+                   "and minmax, liu2021, adfq at W8A8 and W4A4]")
+@click.option("--devices", default="host", metavar="DEVICE,...",
+              help="Where to bench every program (comma-separated; see below). Empty: no benchmarks.")
+@click.option("--threads", "threads", default="1", callback=_thread_list, metavar="N,...",
+              help="Thread counts to bench each program with, e.g. 1,4.")
+@click.option("--runs", type=click.IntRange(min=1), default=None,
+              help="Timed forward calls per benchmark.  [default: 10; 3 on emulated devices]")
+@click.option("--out", default="compare", show_default=True,
+              help="Folder for the programs (programs/<recipe>-<bits>/) and the table (compare.md, compare.json, "
+                   "compare.png). Rerunning the same command there resumes: finished rows are kept.")
+@click.option("--target", default="rpi4", help="Deployment target of every build.")
+@_model_and_data_options
+@click.option("--iters", type=click.IntRange(min=0), default=None, help="adfq rows: reconstruction iterations.")
+@click.option("--calib-device", default="cpu", metavar="cpu|cuda",
+              help="Where the paper recipes calibrate (cuda needs a GPU visible to torch).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars or status lines.")
+def compare(programs, devices, threads, runs, out, target, model, pretrained, checkpoint, model_kwargs, calib,
+            eval_dir, calib_limit, eval_limit, skip_eval, mean, std, input_size, crop_pct, interpolation,
+            max_image_pixels, iters, calib_device, quiet) -> None:
+    """Build several programs of one model, measure them on the same images and devices, write one table.
+
+    Every program is a normal build folder under OUT/programs/. Accuracy: the float model,
+    the simulated quantized model and the .pte on the same images (top-1, drop, agreement,
+    logit SQNR); cost: `vitq-edge bench` on each device and thread count. OUT/compare.json,
+    compare.md and compare.png are rewritten after every finished step, so an interrupted
+    run resumes where it stopped when the same command is run again.
+    """
+    from vitq_edge.compare import CompareOptions, summary_lines
+    from vitq_edge.compare import compare as run_compare
+    from vitq_edge.models.source import parse_model_kwargs
+
+    set_quiet(quiet)
+    opts = CompareOptions(devices=_list(devices), threads=threads, runs=runs, out=out,
+                          target=target, model=model, pretrained=pretrained, checkpoint=checkpoint,
+                          model_kwargs=parse_model_kwargs(model_kwargs), calib=calib, eval=eval_dir,
+                          calib_limit=calib_limit, eval_limit=eval_limit, skip_eval=skip_eval, mean=mean, std=std,
+                          input_size=input_size, crop_pct=crop_pct, interpolation=interpolation, iters=iters,
+                          calib_device=calib_device, max_image_pixels=max_image_pixels,
+                          command="vitq-edge " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    if programs is not None:
+        opts.programs = _list(programs)
+    table = run_compare(opts)
+    for line in summary_lines(table):
+        click.echo(printable(line))
+    click.echo(printable(f"wrote {out}/compare.md, compare.json, compare.png"))
 
 
 @main.command()

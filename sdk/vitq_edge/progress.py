@@ -47,6 +47,12 @@ def steps(desc: str, total: int) -> Iterator[Callable[[str], None]]:
         bar.close()
 
 
+def status(line: str) -> None:
+    """A short line per stage of long work (kept in logs, where bars are off); silent with --quiet."""
+    if not _quiet:
+        tqdm.write(line, file=sys.stderr)
+
+
 def close_bars() -> None:
     """Clear every live bar (before an error line, which must not share a line with one)."""
     for bar in list(getattr(tqdm, "_instances", ())):

@@ -180,13 +180,15 @@ def exp_nonpositive(x: torch.Tensor) -> torch.Tensor:
     """exp(x) for x <= 0 in float32 (within 1 ulp of expf; below -87 it is 0).
 
     Cody-Waite reduction x = n ln2 + r, Taylor series of exp(r) to r^7, times 2^n.
+    Each step rounds to float32 as one operation of the kernels does (in place where no
+    gradient is taken: the same roundings, a third of the memory traffic).
     """
     xc = torch.clamp(x, min=-87.0)
     n = torch.round(xc * _LOG2E)
     r = (xc - n * _LN2_HI) - n * _LN2_LO
     p = torch.full_like(r, _EXP_POLY[0])
     for c in _EXP_POLY[1:]:
-        p = p * r + c
+        p = p * r + c if p.requires_grad or r.requires_grad else p.mul_(r).add_(c)
     two_n = ((n.to(torch.int32) + 127) << 23).view(torch.float32)
     return torch.where(x >= -87.0, p * two_n, torch.zeros_like(p))
 
@@ -200,7 +202,7 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
     t = 1.0 / (1.0 + _ERFC_P * a)
     poly = torch.full_like(t, _ERFC_A[0])
     for c in _ERFC_A[1:]:
-        poly = poly * t + c
+        poly = poly * t + c if t.requires_grad else poly.mul_(t).add_(c)
     tail = (poly * t) * exp_nonpositive(-(a * a))  # erfc(|x| / sqrt 2)
     half = 0.5 * x
     return torch.where(x >= 0, half * (2.0 - tail), half * tail)
@@ -225,12 +227,24 @@ def softmax(scores: torch.Tensor) -> torch.Tensor:
 def integer_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b of integer-valued tensors (codes minus zero points), summed exactly.
 
-    float64 holds every sum of products of 9-bit integers exactly (as the kernels' int32
-    does); the result is rounded to float32 once, like their int32 -> float conversion.
-    A float32 matmul would round at every step, and those rounding differences move
-    values across the next quantizer's code boundaries.
+    The kernels sum in int32 and convert the sum to float32 once; so does this. A float32
+    matmul is exact while every partial sum stays below 2^24 (integers there are
+    representable, whatever order the GEMM adds in), so the reduction is cut into chunks
+    of that length and the chunks' sums added in float64; a plain float32 matmul would
+    round, and move values across the next quantizer's code boundaries.
     """
-    return (a.double() @ b.double()).float()
+    bound = float(a.abs().amax()) * float(b.abs().amax()) if a.numel() and b.numel() else 0.0
+    k = a.shape[-1]
+    chunk = k if bound == 0 else int(2.0**24 // bound)
+    if chunk >= k:
+        return a.float() @ b.float()
+    if chunk == 0:  # wider than any kernel's codes: plain float64
+        return (a.double() @ b.double()).float()
+    total = None
+    for start in range(0, k, chunk):
+        part = (a[..., start:start + chunk].float() @ b[..., start:start + chunk, :].float()).double()
+        total = part if total is None else total + part
+    return total.float()
 
 
 def integer_linear(x_codes: torch.Tensor, x_zero: torch.Tensor, x_scale: torch.Tensor, w_int: torch.Tensor,
@@ -306,4 +320,4 @@ def integer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     delta, bits, steps = p_log
     delta = torch.tensor(delta, dtype=torch.float32)
     levels = log_values(log_codes(probs, delta, bits, steps), delta, bits, steps)
-    return integer_matmul(levels, cv) * f32(v_params[0])
+    return (levels.double() @ cv.double()).float() * f32(v_params[0])  # not integers: summed in double

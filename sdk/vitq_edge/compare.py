@@ -1,0 +1,412 @@
+"""`vitq-edge compare`: several programs of one model, measured on the same images and devices, in one table.
+
+Each program (`recipe@bits`, e.g. `minmax@W8A8`, `liu2021@mixed:6`, `fp32`) is built with
+`vitq-edge build` into OUT/programs/<recipe>-<bits>/ (a normal build folder: ship it, bench it).
+Every row is evaluated on the same preprocessed images, against the float model's logits
+computed once: top-1 of the float model, of the simulated quantized model and of the .pte in
+ExecuTorch's runtime here; drop, agreement with the float top-1 and logit SQNR. Then every
+program is benched on every device and thread count asked for.
+
+OUT/compare.json is rewritten (atomically) after each finished build and each finished bench,
+with OUT/compare.md and OUT/compare.png rendered from it. Run the same command again and it
+resumes: rows already measured with the same settings are kept, only the missing work runs.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import shlex
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import vitq_edge
+from vitq_edge.artifacts import write_atomic
+from vitq_edge.bench import benchmark
+from vitq_edge.build import BuildOptions, build, eval_images, load_for_build
+from vitq_edge.data.datasets import DEFAULT_MAX_IMAGE_PIXELS, ImageSet
+from vitq_edge.device.host_runtime import HostProgram
+from vitq_edge.errors import VitqError
+from vitq_edge.metrics import accuracy_summary
+from vitq_edge.models.source import LoadedModel
+from vitq_edge.progress import progress, status
+from vitq_edge.quant import recipe_config
+
+COMPARE_FORMAT = "vitq-edge-compare/1"
+TABLE = "compare.json"
+DEFAULT_PROGRAMS = ("fp32", "xnnpack-int8", "minmax@W8A8", "liu2021@W8A8", "adfq@W8A8",
+                    "minmax@W4A4", "liu2021@W4A4", "adfq@W4A4")
+
+
+@dataclass
+class CompareOptions:
+    programs: list[str] = field(default_factory=lambda: list(DEFAULT_PROGRAMS))
+    devices: list[str] = field(default_factory=lambda: ["host"])
+    threads: list[int] = field(default_factory=lambda: [1])
+    runs: int | None = None  # bench runs per device (default: bench's own)
+    out: str = "compare"
+    target: str = "rpi4"
+    model: str | None = None
+    pretrained: bool = False
+    checkpoint: str | None = None
+    model_kwargs: dict = field(default_factory=dict)
+    calib: str | None = None
+    eval: str | None = None
+    eval_set: ImageSet | None = None  # Python callers: an image set instead of --eval (e.g. a validation split)
+    calib_limit: int | None = None
+    eval_limit: int | None = None
+    skip_eval: bool = False
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    input_size: int | None = None
+    crop_pct: float | None = None
+    interpolation: str | None = None
+    iters: int | None = None
+    calib_device: str = "cpu"
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    batch_size: int = 64
+    command: str = ""
+
+
+def parse_program(spec: str) -> tuple[str, str, str]:
+    """'minmax@W8A8' -> ('minmax@W8A8', 'minmax', 'W8A8'); 'fp32' -> ('fp32', 'fp32', 'fp32').
+
+    The first item names the row: the recipe alone where it has one width. Checked against
+    the recipe registry, so a typo fails before any work.
+    """
+    recipe, _, bits = spec.strip().partition("@")
+    config = recipe_config(recipe, bits or None)
+    key = recipe if len(config.supported_bits) == 1 and not bits else f"{recipe}@{config.bits}"
+    return key, recipe, config.bits
+
+
+def _folder_name(key: str) -> str:
+    return key.replace("@", "-").replace(":", "")
+
+
+@dataclass
+class _EvalImages:
+    """The evaluation images preprocessed once, and the float model's logits on them."""
+
+    name: str
+    batches: list[torch.Tensor]
+    labels: torch.Tensor
+    fp32_logits: torch.Tensor | None = None
+
+
+def _evaluator(images: _EvalImages) -> Callable[[LoadedModel, torch.nn.Module, HostProgram], dict]:
+    """build()'s accuracy step for a compare row: simulated and .pte logits on the shared images."""
+
+    def evaluate(loaded: LoadedModel, module: torch.nn.Module, program: HostProgram) -> dict:
+        sim, pte = [], []
+        with torch.no_grad():
+            for x in progress(images.batches, "evaluating", unit="batch"):
+                sim.append(module(x))
+                pte.append(program(x))
+        acc = accuracy_summary(images.fp32_logits, torch.cat(sim), torch.cat(pte), images.labels)
+        return {**acc, "eval_set": images.name}
+
+    return evaluate
+
+
+def _settings(opts: CompareOptions) -> dict:
+    """What makes rows comparable: a resumed run must use the same (the table refuses to mix)."""
+    return {"model": opts.model or "reference", "pretrained": opts.pretrained, "checkpoint": opts.checkpoint,
+            "model_kwargs": opts.model_kwargs, "target": opts.target, "calib": opts.calib,
+            "calib_limit": opts.calib_limit, "eval": opts.eval if opts.eval_set is None else opts.eval_set.name,
+            "eval_limit": opts.eval_limit, "skip_eval": opts.skip_eval, "iters": opts.iters,
+            "preprocess": _preprocess_flags(opts)}
+
+
+def _preprocess_flags(opts: CompareOptions) -> dict:
+    flags = {"--mean": opts.mean, "--std": opts.std, "--input-size": opts.input_size, "--crop-pct": opts.crop_pct,
+             "--interpolation": opts.interpolation}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in flags.items() if v is not None}
+
+
+def _read_table(path: Path) -> dict | None:
+    """The table of an earlier compare run in OUT, None where there is none; VitqError if OUT is not ours."""
+    out = path.parent
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise VitqError(f"--out {out} is a file; name a new folder or an earlier compare folder")
+    if not path.is_file():
+        if any(out.iterdir()):
+            raise VitqError(f"--out {out} holds files and no {TABLE}: not a compare folder; choose a new or empty "
+                            "folder")
+        return None
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        table = None
+    if not isinstance(table, dict) or table.get("format") != COMPARE_FORMAT or not isinstance(table.get("rows"), list):
+        raise VitqError(f"{path} was not written by `vitq-edge compare`; choose another --out")
+    return table
+
+
+def _check_resumable(table: dict, settings: dict, path: Path) -> None:
+    old = table.get("settings", {})
+    changed = [k for k in settings if old.get(k) != settings[k]]
+    if changed:
+        diffs = ", ".join(f"{k}: {old.get(k)!r} then, {settings[k]!r} now" for k in changed)
+        raise VitqError(f"{path} holds rows measured with other settings ({diffs}); rerun with the same settings to "
+                        "resume, or pass a new --out")
+
+
+def compare(opts: CompareOptions) -> dict:
+    """Build, evaluate and bench every program; returns the table (also written to OUT)."""
+    if not opts.programs:
+        raise VitqError("no programs to compare: pass --programs, e.g. fp32,minmax@W8A8,adfq@W4A4")
+    specs = {key: (recipe, bits) for key, recipe, bits in map(parse_program, opts.programs)}
+    keys = list(specs)
+    out = Path(opts.out)
+    table_path = out / TABLE
+    settings = _settings(opts)
+    table = _read_table(table_path)
+    if table is not None:
+        _check_resumable(table, settings, table_path)
+    else:
+        table = {"format": COMPARE_FORMAT, "settings": settings, "rows": []}
+    host = f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
+    table.update(command=opts.command, vitq_edge_version=vitq_edge.__version__, host=host)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise VitqError(f"cannot create --out {out} ({exc.strerror}); choose a writable folder") from None
+    rows = {r["program"]: r for r in table["rows"]}
+
+    def save() -> None:
+        table["rows"] = [rows[k] for k in keys if k in rows] + [r for k, r in rows.items() if k not in keys]
+        table["updated"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        _write_outputs(out, table)
+
+    todo = [(k, specs[k]) for k in keys if k not in rows]
+    loaded, images = None, None
+    for key, (recipe, bits) in progress(todo, "compare: building", unit="program"):
+        if loaded is None:
+            torch.manual_seed(0)  # a model without a checkpoint gets the same random weights when resumed
+            loaded = load_for_build(_build_options(opts, "fp32", None, None))
+            images = None if opts.skip_eval else _prepare_images(opts, loaded)
+        status(f"compare: building {key}")
+        rows[key] = _build_row(opts, key, recipe, bits, out, loaded, images)
+        save()
+
+    bench_jobs = [(k, d, t) for k in keys for d in opts.devices for t in opts.threads
+                  if _bench_key(d, t) not in rows[k].get("bench", {})]
+    for key, device, threads in progress(bench_jobs, "compare: benching", unit="run"):
+        status(f"compare: benching {key} on {device}, {threads} thread{'s' if threads != 1 else ''}")
+        r = benchmark(out / rows[key]["folder"], device=device, runs=opts.runs, threads=threads,
+                      warmup=1)
+        rows[key].setdefault("bench", {})[_bench_key(device, threads)] = {
+            "device": device, "threads": r["threads"], "instructions": r["instructions_per_inference"],
+            "latency_ms_median": r["latency_ms"]["median"], "latency_is_emulated": r["latency_is_emulated"],
+            "runs": r["runs"], "peak_rss_mb": r.get("peak_rss_mb")}
+        save()
+    save()
+    return table
+
+
+def _bench_key(device: str, threads: int) -> str:
+    return f"{device}@{threads}"
+
+
+def _prepare_images(opts: CompareOptions, loaded: LoadedModel) -> _EvalImages:
+    """The evaluation images preprocessed once, and the float model's logits on them."""
+    data = opts.eval_set.limit(opts.eval_limit) if opts.eval_set is not None else eval_images(
+        loaded, opts.eval, opts.eval_limit, opts.max_image_pixels)
+    batches, labels = [], []
+    for x, y in progress(data.batches(loaded.preprocess, opts.batch_size), "reading images",
+                         total=-(-len(data) // opts.batch_size), unit="batch"):
+        batches.append(x)
+        labels.append(y)
+    images = _EvalImages(data.name, batches, torch.cat(labels))
+    with torch.no_grad():
+        images.fp32_logits = torch.cat([loaded.model(x) for x in progress(batches, "float model", unit="batch")])
+    return images
+
+
+def _build_options(opts: CompareOptions, recipe: str, bits: str | None, out: Path | None) -> BuildOptions:
+    return BuildOptions(target=opts.target, recipe=recipe, bits=bits,
+                        iters=opts.iters if recipe == "adfq" else None,
+                        calib_device=opts.calib_device if recipe in ("minmax", "liu2021", "adfq") else "cpu",
+                        model=opts.model, pretrained=opts.pretrained, checkpoint=opts.checkpoint,
+                        model_kwargs=opts.model_kwargs, calib=opts.calib, eval=opts.eval,
+                        calib_limit=opts.calib_limit, skip_eval=opts.skip_eval, mean=opts.mean, std=opts.std,
+                        input_size=opts.input_size, crop_pct=opts.crop_pct, interpolation=opts.interpolation,
+                        max_image_pixels=opts.max_image_pixels, batch_size=opts.batch_size,
+                        out=None if out is None else str(out), command=opts.command)
+
+
+def build_command(opts: CompareOptions, recipe: str, bits: str | None) -> str:
+    """The `vitq-edge build` command that makes the same program as a compare row."""
+    args = ["vitq-edge", "build", "--target", opts.target, "--recipe", recipe]
+    if bits and recipe != "fp32":
+        args += ["--bits", bits]
+    for flag, value in (("--model", opts.model), ("--checkpoint", opts.checkpoint), ("--calib", opts.calib),
+                        ("--calib-limit", opts.calib_limit),
+                        ("--iters", opts.iters if recipe == "adfq" else None)):
+        if value is not None:
+            args += [flag, str(value)]
+    if opts.pretrained:
+        args.append("--pretrained")
+    for flag, value in _preprocess_flags(opts).items():
+        args += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    if opts.model_kwargs:
+        args += ["--model-kwargs", ",".join(f"{k}={v}" for k, v in opts.model_kwargs.items())]
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def _build_row(opts: CompareOptions, key: str, recipe: str, bits: str | None, out: Path, loaded: LoadedModel,
+               images: _EvalImages | None) -> dict:
+    folder = Path("programs") / _folder_name(key)
+    t0 = time.time()
+    result = build(_build_options(opts, recipe, bits, out / folder),
+                   evaluate=None if images is None else _evaluator(images), loaded=loaded)
+    m = result.manifest
+    quant = m.get("quantization") or {}
+    return {
+        "program": key, "recipe": m["recipe"], "bits": m["bits"], "folder": str(folder),
+        "accuracy": m["accuracy"],
+        "packed_size_bytes": quant.get("packed_size_bytes"),
+        "pte_size_bytes": m["size_bytes"],
+        "program_arithmetic": quant.get("program_arithmetic", "float" if recipe == "fp32" else "xnnpack"),
+        "calibration_seconds": m["timings_seconds"]["calibration"],
+        "build_seconds": round(time.time() - t0, 1),
+        "calibration": m["calibration"],
+        "recipe_config": m.get("recipe_config"),
+        "mixed_precision_bits": quant.get("mixed_precision", {}).get("bits"),
+        "build_command": build_command(opts, recipe, bits),
+    }
+
+
+def _write_outputs(out: Path, table: dict) -> None:
+    text = json.dumps(table, indent=2) + "\n"
+    write_atomic(out / TABLE, lambda f: f.write(text.encode()))
+    md = render_markdown(table)
+    write_atomic(out / "compare.md", lambda f: f.write(md.encode()))
+    write_atomic(out / "compare.png", lambda f: render_chart(table, f))
+
+
+def _cost_columns(rows: list[dict]) -> list[str]:
+    return list(dict.fromkeys(k for r in rows for k in r.get("bench", {})))
+
+
+def _cost(entry: dict | None) -> str:
+    if not entry:
+        return "–"
+    if entry["instructions"]:
+        return f"{entry['instructions'] / 1e6:,.1f} M instr"
+    return f"{entry['latency_ms_median']:.2f} ms"
+
+
+def _num(value: float | None, fmt: str) -> str:
+    return "–" if value is None else format(value, fmt)
+
+
+def render_markdown(table: dict) -> str:
+    rows = table["rows"]
+    costs = _cost_columns(rows)
+    s = table["settings"]
+    lines = [
+        f"# vitq-edge compare: {s['model']}",
+        "",
+        "Written by `vitq-edge compare` (resumed runs keep the rows already measured):",
+        "",
+        f"    {table['command']}",
+        "",
+        f"on {table['host']}, vitq-edge {table['vitq_edge_version']}, last row {table.get('updated', '')}.",
+        "",
+        "top-1 = the simulated quantized model (what the device computes); `.pte` = the program run in "
+        "ExecuTorch's runtime here on the same images; drop = fp32 top-1 - top-1; agreement = share of images "
+        "whose top-1 equals the float model's; SQNR = 10 log10(float logit power / logit error power); packed = "
+        "weights at their bit width + float32 for the rest; calib = calibration wall time of the build. "
+        "Device cost: instructions per inference on emulated devices (exact), median latency elsewhere; "
+        "the column says device@threads.",
+        "",
+    ]
+    head = ["program", "top-1 %", ".pte %", "drop", "agreement %", "SQNR dB", "packed MB", ".pte MB", "calib s",
+            *costs]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        a = r.get("accuracy") or {}
+        cells = [r["program"], _num(a.get("simulated"), ".2f"), _num(a.get("pte_host"), ".2f"),
+                 _num(a.get("drop"), "+.2f"), _num(a.get("agreement"), ".2f"), _num(a.get("sqnr_db"), ".2f"),
+                 _num(r["packed_size_bytes"] and r["packed_size_bytes"] / 1e6, ".2f"),
+                 f"{r['pte_size_bytes'] / 1e6:.2f}", f"{r['calibration_seconds']:.0f}",
+                 *[_cost(r.get("bench", {}).get(c)) for c in costs]]
+        lines.append("| " + " | ".join(cells) + " |")
+    first = next((r["accuracy"] for r in rows if r.get("accuracy")), None)
+    if first:
+        lines += ["", f"Evaluated on {first['eval_images']} images of {first['eval_set']}; float model top-1 "
+                      f"{first['fp32']:.2f}%."]
+    lines += ["", "## Each row as a build command", ""]
+    for r in rows:
+        lines.append(f"- {r['program']}: `{r['build_command']}`")
+        if r.get("recipe_config"):
+            lines.append(f"  settings: `{json.dumps(r['recipe_config'], sort_keys=True)}`")
+        if r.get("mixed_precision_bits"):
+            lines.append(f"  bits per module: `{json.dumps(r['mixed_precision_bits'], sort_keys=True)}`")
+    lines += ["", "![accuracy against size and device cost](compare.png)", ""]
+    return "\n".join(lines)
+
+
+def render_chart(table: dict, f) -> None:
+    """Top-1 against packed size and against the first device cost; one point per program."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in table["rows"] if r.get("accuracy")]
+    costs = _cost_columns(rows)
+    panels = 1 + bool(costs)
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), squeeze=False)
+
+    def scatter(ax, xs: list[float | None], label: str) -> None:
+        for r, x in zip(rows, xs, strict=True):
+            if x is None:
+                continue
+            ax.scatter(x, r["accuracy"]["simulated"], color="#4c72b0" if r["recipe"] in ("fp32", "xnnpack-int8")
+                       else "#55a868")
+            ax.annotate(r["program"], (x, r["accuracy"]["simulated"]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+        ax.set_xlabel(label)
+        ax.set_ylabel("top-1 % (simulated)")
+        ax.grid(alpha=0.3)
+
+    scatter(axes[0][0], [(r["packed_size_bytes"] or r["pte_size_bytes"]) / 1e6 for r in rows],
+            "size, MB (packed weights; .pte for stock programs)")
+    if costs:
+        # Instruction counts rank programs exactly; host latency where nothing was emulated.
+        c = next((k for k in costs if any((r.get("bench", {}).get(k) or {}).get("instructions") for r in rows)),
+                 costs[0])
+        entries = [r.get("bench", {}).get(c) for r in rows]
+        instr = any(e and e["instructions"] for e in entries)
+        scatter(axes[0][1], [None if not e else (e["instructions"] / 1e6 if instr else e["latency_ms_median"])
+                             for e in entries], f"{c}: {'M instructions' if instr else 'median ms'} per inference")
+    if not rows:
+        axes[0][0].text(0.5, 0.5, "no accuracy measured (--skip-eval)", ha="center", transform=axes[0][0].transAxes)
+    fig.suptitle(f"{table['settings']['model']}: blue stock programs, green vitq-edge recipes")
+    fig.tight_layout()
+    fig.savefig(f, format="png", dpi=110)
+    plt.close(fig)
+
+
+def summary_lines(table: dict) -> list[str]:
+    """What the CLI prints at the end: one line per program."""
+    out = []
+    for r in table["rows"]:
+        a = r.get("accuracy")
+        acc = (f"top-1 {a['simulated']:.2f}% (.pte {a['pte_host']:.2f}%, drop {a['drop']:+.2f})" if a
+               else "accuracy not measured")
+        benches = ", ".join(f"{k} {_cost(v)}" for k, v in r.get("bench", {}).items())
+        line = f"{r['program']:<18} {acc}; {r['pte_size_bytes'] / 1e6:.2f} MB"
+        out.append(line + (f"; {benches}" if benches else ""))
+    return out

@@ -1,0 +1,128 @@
+"""`vitq-edge compare`: several real programs of one model, one table, resumable.
+
+The user's own model is a tiny timm ViT on small image folders (real builds, real .pte
+programs, real benches on the host runner); the bundled model's case is slow.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from vitq_edge.cli import main
+
+from .conftest import make_image_folder
+
+TINY = ["--model", "deit_tiny_patch16_224", "--model-kwargs", "img_size=32,patch_size=8,num_classes=3,depth=2",
+        "--mean", "0.5", "--std", "0.25"]
+
+
+def invoke(*args: str):
+    result = CliRunner().invoke(main, ["compare", *args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result
+
+
+def error_line(result) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("compare-data")
+    make_image_folder(root / "calib", classes=3, per_class=6, mode="RGB", size=40, suffix=".jpg")
+    make_image_folder(root / "eval", classes=3, per_class=5, mode="RGB", size=36, suffix=".png", seed=1)
+    return root / "calib", root / "eval"
+
+
+def tiny_compare(folders: tuple[Path, Path], out: Path, programs: str, *extra: str):
+    calib, eval_dir = folders
+    return invoke("--programs", programs, "--out", str(out), "--calib", str(calib), "--eval", str(eval_dir),
+                  "--runs", "2", "--target", "host", *TINY, *extra)
+
+
+def test_compare_builds_measures_and_benches_a_users_model(folders, tmp_path):
+    out = tmp_path / "cmp"
+    result = tiny_compare(folders, out, "fp32,minmax@W8A8,minmax@W4A4")
+    assert result.exit_code == 0, result.stderr[-3000:]
+    table = json.loads((out / "compare.json").read_text())
+    assert [r["program"] for r in table["rows"]] == ["fp32", "minmax@W8A8", "minmax@W4A4"]
+    fp32, w8, w4 = table["rows"]
+    for r in table["rows"]:
+        a = r["accuracy"]
+        assert a["eval_images"] == 15 and a["fp32"] == fp32["accuracy"]["fp32"]
+        manifest = json.loads((out / r["folder"] / "manifest.json").read_text())
+        assert manifest["recipe"] == r["recipe"] and (out / r["folder"] / "model.pte").stat().st_size == \
+            r["pte_size_bytes"]
+        bench = r["bench"]["host@1"]
+        assert bench["threads"] == 1 and bench["runs"] == 2 and bench["latency_ms_median"] > 0
+    # The float row is the float model itself; the quantized rows lose signal, W4A4 more than W8A8.
+    assert fp32["accuracy"]["sqnr_db"] is None and fp32["accuracy"]["drop"] == 0
+    assert w8["accuracy"]["sqnr_db"] > w4["accuracy"]["sqnr_db"] > 0
+    assert w4["packed_size_bytes"] < w8["packed_size_bytes"]
+    for r in (w8, w4):
+        assert r["recipe_config"]["name"] == "minmax" and r["recipe_config"]["bits"] == r["bits"]
+        assert r["build_command"].startswith("vitq-edge build --target host --recipe minmax --bits")
+    md = (out / "compare.md").read_text()
+    assert "| minmax@W4A4 |" in md and "host@1" in md and table["command"] in md
+    assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "minmax@W8A8" in result.stdout
+
+    # Resuming with one more program builds only that one; the finished rows stay as they were.
+    before = {r["program"]: (out / r["folder"] / "model.pte").stat().st_mtime_ns for r in table["rows"]}
+    result = tiny_compare(folders, out, "fp32,minmax@W8A8,minmax@W4A4,minmax@W6A6")
+    assert result.exit_code == 0, result.stderr[-3000:]
+    resumed = json.loads((out / "compare.json").read_text())
+    assert [r["program"] for r in resumed["rows"]] == ["fp32", "minmax@W8A8", "minmax@W4A4", "minmax@W6A6"]
+    assert resumed["rows"][:3] == table["rows"]
+    assert {k: (out / f"programs/{k.replace('@', '-')}/model.pte").stat().st_mtime_ns for k in before} == before
+
+    # Other settings do not mix into the same table.
+    line = error_line(tiny_compare(folders, out, "fp32", "--eval-limit", "5"))
+    assert "other settings" in line and "eval_limit" in line and "--out" in line
+
+
+def test_compare_refuses_a_folder_it_did_not_write(folders, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    line = error_line(tiny_compare(folders, out, "fp32"))
+    assert "not a compare folder" in line
+    assert (out / "notes.txt").read_text() == "keep me" and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    (out / "compare.json").write_text("{}")
+    assert "not written by `vitq-edge compare`" in error_line(tiny_compare(folders, out, "fp32"))
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--programs", "magic@W8A8"], "unknown recipe 'magic'"),
+    (["--programs", "minmax@W3A3"], "recipe minmax supports --bits"),
+    (["--programs", ","], "no programs to compare"),
+    (["--threads", "0"], "thread counts are whole numbers from 1"),
+    (["--threads", "one"], "not a comma-separated list"),
+])
+def test_compare_usage_errors(args, fragment, tmp_path):
+    line = error_line(invoke(*args, "--out", str(tmp_path / "o")))
+    assert fragment in line
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_compare_on_the_bundled_model_matches_build(tmp_path):
+    out = tmp_path / "ref"
+    result = invoke("--programs", "fp32,minmax@W8A8", "--out", str(out), "--calib-limit", "128",
+                    "--eval-limit", "200", "--devices", "host,emulated-rpi4", "--runs", "1", "--quiet")
+    assert result.exit_code == 0, result.stderr[-3000:]
+    assert not result.stderr
+    rows = json.loads((out / "compare.json").read_text())["rows"]
+    fp32, w8 = rows
+    assert fp32["accuracy"]["fp32"] >= 80 and abs(w8["accuracy"]["drop"]) <= 1.0
+    assert w8["accuracy"]["pte_host"] == w8["accuracy"]["simulated"]
+    assert w8["program_arithmetic"] == "integer"
+    emu = w8["bench"]["emulated-rpi4@1"]
+    assert emu["instructions"] > 0 and emu["latency_is_emulated"]
+    assert w8["bench"]["emulated-rpi4@1"]["instructions"] < fp32["bench"]["emulated-rpi4@1"]["instructions"]
