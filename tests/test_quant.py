@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from vitq_edge.errors import VitqError
 from vitq_edge.lower.kernels import KERNELS_VERSION
-from vitq_edge.quant import arith, quantize, recipe_config, vit
+from vitq_edge.quant import arith, liu2021, quantize, recipe_config, vit
 from vitq_edge.quant.liu2021 import IntervalSearch
 from vitq_edge.quant.losses import attention_kl, ranking_loss
 from vitq_edge.quant.mixed_precision import pareto_choice
@@ -89,8 +89,10 @@ def test_constant_and_zero_tensors_stay_finite(make, value):
 
 # ---- log2 / log-sqrt2 -----------------------------------------------------------------
 
-@given(x=tensors(elements=st.floats(0, 1, width=32)), bits=st.integers(3, 8), k=st.sampled_from([1, 2]),
-       shift=st.integers(-4, 4))
+# Zero or at least 2^-60: x * 2^shift must not underflow (a value that becomes 0 takes the zero code),
+# and x / delta stays above arith.log_codes' ratio floor.
+@given(x=tensors(elements=st.one_of(st.just(0.0), st.floats(2.0**-60, 1, width=32))), bits=st.integers(3, 8),
+       k=st.sampled_from([1, 2]), shift=st.integers(-4, 4))
 def test_log_codes_range_idempotence_and_scale_invariance(x, bits, k, shift):
     q = LogQuantizer(bits, k=k)
     q.init_range(x)
@@ -234,11 +236,43 @@ def test_bias_correction_removes_a_known_constant_output_error():
     expected_error = -0.3 * scale * op.quantized_weight().sum(1)
     before = (op(x) - torch.nn.functional.linear(x, op.weight, op.bias)).mean((0, 1))
     assert torch.allclose(before, expected_error, atol=0.02)
-    cfg = recipe_config("liu2021", "W8A8", candidates=1, alpha=1.0, beta=1.0, rounds=1)
+    cfg = recipe_config("liu2021", "W8A8", candidates=1, alpha=1.0, beta=1.0, rounds=1, search_tokens=0)
     search = IntervalSearch(op, (x,), cfg)
     search.run()
     after = (op(x) - search.reference).mean((0, 1))
     assert after.abs().max() < 1e-4 < before.abs().max()
+
+
+@given(peak=st.integers(0, 99), n=st.integers(1, 100))
+def test_coarse_to_fine_search_finds_the_peak_of_a_unimodal_objective(peak, n):
+    peak = min(peak, n - 1)
+    calls = []
+
+    def score(i: int) -> float:
+        calls.append(i)
+        return -abs(i - peak)
+
+    assert liu2021._best(score, n, coarse=True) == (peak, 0)
+    assert len(set(calls)) <= max(16, 3 * round(n ** 0.5) + 1)
+    assert liu2021._best(score, n, coarse=False) == (peak, 0)
+
+
+def test_search_samples_token_rows_of_linears_convolutions_and_attention():
+    x = torch.randn(4, 50, 8)
+    linear = vit.QuantLinear(torch.nn.Linear(8, 3), UniformQuantizer(8, signed=True), UniformQuantizer(8, signed=True))
+    sx, w = liu2021.search_operands(linear, (x,), tokens=16)
+    assert sx.shape == (4, 16, 8) and torch.equal(w, linear.weight)
+    assert all(any(torch.equal(row, full) for full in x[0]) for row in sx[0])  # whole rows, same ones per image
+    assert liu2021.search_operands(linear, (x,), tokens=0)[0] is x
+    conv = vit.QuantConv2d(torch.nn.Conv2d(3, 5, 4, stride=4), UniformQuantizer(8, signed=True),
+                           UniformQuantizer(8, signed=True))
+    img = torch.randn(2, 3, 16, 16)
+    patches, w2 = liu2021.search_operands(conv, (img,), tokens=0)
+    assert torch.allclose(torch.nn.functional.linear(patches, w2, conv.bias).transpose(1, 2).reshape(2, 5, 4, 4),
+                          torch.nn.functional.conv2d(img, conv.weight, conv.bias, stride=4), atol=1e-5)
+    q, kt = torch.randn(2, 3, 40, 8), torch.randn(2, 3, 8, 40)
+    a, b = liu2021.search_operands(vit.QuantMatMul(UniformQuantizer(8), UniformQuantizer(8)), (q, kt), tokens=10)
+    assert a.shape == (2, 3, 10, 8) and b is kt
 
 
 @settings(max_examples=40, deadline=None)

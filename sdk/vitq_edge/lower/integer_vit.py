@@ -27,7 +27,7 @@ from torch import nn
 
 from vitq_edge.lower import ops  # noqa: F401  (registers torch.ops.vitq)
 from vitq_edge.lower.ops.linear import PROLOGUE_GELU, PROLOGUE_LAYER_NORM, PROLOGUE_NONE, pack_int4
-from vitq_edge.quant import vit
+from vitq_edge.quant import arith, vit
 from vitq_edge.quant.quantizers import (
     AdaRoundQuantizer,
     LogQuantizer,
@@ -37,7 +37,7 @@ from vitq_edge.quant.quantizers import (
     UniformQuantizer,
 )
 
-MAX_BITS = 8  # codes travel in int8 / uint8
+MAX_BITS = arith.MAX_CODE_BITS
 
 
 class NotLowerable(Exception):

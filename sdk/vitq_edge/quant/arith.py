@@ -23,6 +23,8 @@ import torch
 
 # Smallest scale: keeps constant / all-zero tensors finite (no 0/0).
 EPS = 1e-8
+# The integer kernels hold every code in int8 / uint8: no quantizer that runs on them is wider.
+MAX_CODE_BITS = 8
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:

@@ -50,12 +50,64 @@ def liu_factory(bits_for: BitsFor):
 
 
 def _compute(op: torch.nn.Module, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The op's arithmetic on already-quantized operands (input/weight or a/b)."""
-    if isinstance(op, vit.QuantLinear):
+    """The op's arithmetic on already-quantized operands (input/weight or a/b); convolutions as patch GEMMs."""
+    if isinstance(op, vit.QuantLinear | vit.QuantConv2d):
         return F.linear(a, b, bias)
-    if isinstance(op, vit.QuantConv2d):
-        return F.conv2d(a, b, bias, op.stride, op.padding)
     return a @ b
+
+
+def _rows(n: int, keep: int, seed: int) -> torch.Tensor | None:
+    """`keep` of n row indices (fixed seed, sorted), or None to keep them all."""
+    if keep <= 0 or keep >= n:
+        return None
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:keep].sort().values
+
+
+def search_operands(op: torch.nn.Module, inputs: tuple[torch.Tensor, ...], tokens: int,
+                    seed: int = 0) -> list[torch.Tensor]:
+    """The two operands the search quantizes, on `tokens` token positions (query rows) per image.
+
+    Each candidate interval costs one product of the op; the Pearson correlation and the
+    ranking loss are means over output rows, so a fixed random subset of rows estimates
+    them at a fraction of the cost (the intervals themselves are per tensor, and their
+    starting points come from the whole calibration set). tokens = 0 keeps every row, as
+    the paper does.
+    """
+    if isinstance(op, vit.QuantMatMul):  # [B, H, T, *] @ [B, H, *, *]: sample the query rows of a
+        a, b = inputs
+        idx = _rows(a.shape[-2], tokens, seed)
+        return [a if idx is None else a[..., idx, :], b]
+    x, w = inputs[0], op.weight.detach()
+    if isinstance(op, vit.QuantConv2d):  # the patch convolution as the GEMM it is (stride = kernel)
+        x, w = vit.patchify(x, w.shape[-1]), w.reshape(w.shape[0], -1)
+    if x.dim() == 3:
+        idx = _rows(x.shape[1], tokens, seed)
+        x = x if idx is None else x[:, idx]
+    return [x, w]
+
+
+def _best(score: Callable[[int], float], n: int, coarse: bool) -> tuple[int, float]:
+    """The candidate index with the highest score: all n, or a coarse pass then its neighbourhood.
+
+    Coarse-to-fine scores every step-th candidate (step ~ sqrt(n)), then every candidate
+    within a step of the best of those: ~3 sqrt(n) products instead of n, the same pick
+    where the objective is unimodal over the grid.
+    """
+    scores: dict[int, float] = {}
+
+    def at(i: int) -> float:
+        if i not in scores:
+            scores[i] = score(i)
+        return scores[i]
+
+    if not coarse or n <= 16:
+        candidates = range(n)
+    else:
+        step = max(2, round(n ** 0.5))
+        first = max(sorted(set(range(0, n, step)) | {n - 1}), key=at)
+        candidates = range(max(0, first - step + 1), min(n, first + step))
+    pick = max(candidates, key=at)
+    return pick, scores[pick]
 
 
 class IntervalSearch:
@@ -64,17 +116,14 @@ class IntervalSearch:
     def __init__(self, op: torch.nn.Module, inputs: tuple[torch.Tensor, ...], config: Liu2021Config,
                  score_scale: float | None = None) -> None:
         self.op, self.config, self.score_scale = op, config, score_scale
-        if isinstance(op, vit.QuantMatMul):
-            self.values = list(inputs)
-        else:
-            self.values = [inputs[0], op.weight.detach()]
+        self.values = search_operands(op, inputs, config.search_tokens, config.seed)
         self.quantizers: list[UniformQuantizer] = list(op.operands())
         self.bias = getattr(op, "bias", None)
         self.reference = _compute(op, *self.values, self.bias)  # float output, original bias
         self.similarity = PearsonTarget(self.reference)
         self.ranking = None
         if score_scale is not None and config.ranking:
-            self.ranking = RankingTarget(self.reference * score_scale, config.theta)
+            self.ranking = RankingTarget(self.reference * score_scale, config.theta, config.ranking_pairs)
 
     def _quantized(self, j: int, scale: torch.Tensor) -> torch.Tensor:
         q = self.quantizers[j]
@@ -99,21 +148,18 @@ class IntervalSearch:
             rounds_run += 1
             changed = False
             for j in (1, 0):  # weight (or b) first with the input fixed, then the input
-                other = fixed[1 - j]
-                scores = []
-                for c in range(cfg.candidates):
+                def score(c: int, j: int = j) -> float:
                     qj = self._quantized(j, grids[j][c])
-                    operands = (qj, other) if j == 0 else (other, qj)
-                    scores.append(self.objective(_compute(self.op, *operands, self.bias)))
-                pick = max(range(cfg.candidates), key=scores.__getitem__)
-                best = scores[pick]
+                    operands = (qj, fixed[1]) if j == 0 else (fixed[0], qj)
+                    return self.objective(_compute(self.op, *operands, self.bias))
+
+                pick, best = _best(score, cfg.candidates, cfg.search == "coarse-to-fine")
                 if pick != current[j]:
                     changed, current[j] = True, pick
                     fixed[j] = self._quantized(j, grids[j][pick])
             if cfg.bias_correction and self.bias is not None:
                 out = _compute(self.op, *fixed, self.bias)
-                channel = 1 if isinstance(self.op, vit.QuantConv2d) else out.dim() - 1
-                self.bias -= (out - self.reference).mean([d for d in range(out.dim()) if d != channel])
+                self.bias -= (out - self.reference).mean(list(range(out.dim() - 1)))
                 best = self.objective(_compute(self.op, *fixed, self.bias))
             if not changed:
                 break
@@ -129,6 +175,38 @@ def _attention_scale(model: torch.nn.Module, op_name: str) -> float | None:
     return model.get_submodule(op_name.rsplit(".", 1)[0]).scale
 
 
+class _BlockInputs:
+    """Each op's inputs, from the input of its transformer block cached once per block.
+
+    Ops are searched in forward order; the input of block i is block i-1 (quantized by
+    then) applied to its own cached input, so capturing an op inside a block runs that one
+    block, not the whole prefix of the model. Ops outside the blocks run the model.
+    """
+
+    def __init__(self, qmodel: torch.nn.Module, images: torch.Tensor, batch_size: int) -> None:
+        self.qmodel, self.images, self.batch_size = qmodel, images, batch_size
+        self.index: int | None = None
+        self.x: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def _block_input(self, i: int) -> torch.Tensor:
+        blocks = self.qmodel.blocks
+        if self.index == i - 1 and self.x is not None:
+            with vit.fake_quant_forward():  # as capture_inputs: calibration needs no bit-exact forward
+                self.x = torch.cat([blocks[i - 1](b) for b in batches(self.x, self.batch_size)])
+        elif self.index != i:
+            (self.x,) = capture_inputs(self.qmodel, blocks[i], self.images, self.batch_size)
+        self.index = i
+        return self.x
+
+    def of(self, name: str, op: torch.nn.Module) -> tuple[torch.Tensor, ...]:
+        parts = name.split(".")
+        if parts[0] != "blocks":
+            return capture_inputs(self.qmodel, op, self.images, self.batch_size)
+        block = self.qmodel.blocks[int(parts[1])]
+        return capture_inputs(block, op, self._block_input(int(parts[1])), self.batch_size)
+
+
 def search_intervals(qmodel: torch.nn.Module, images: torch.Tensor, config: Liu2021Config,
                      only: Iterable[str] | None = None, label: str = "interval search") -> dict:
     """Run the search op by op in forward order; ops not yet searched stay float meanwhile."""
@@ -136,9 +214,10 @@ def search_intervals(qmodel: torch.nn.Module, images: torch.Tensor, config: Liu2
     for _, op in ops:
         for q in op.operands():
             q.enabled = False
+    inputs_of = _BlockInputs(qmodel, images, config.batch_size * 4)
     log = {}
     for name, op in progress(ops, label, unit="op"):
-        inputs = capture_inputs(qmodel, op, images, config.batch_size * 4)
+        inputs = inputs_of.of(name, op)
         if isinstance(op, vit.QuantMatMul):
             for q, x in zip(op.operands(), inputs, strict=True):
                 q.init_range(x)

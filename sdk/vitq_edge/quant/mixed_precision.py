@@ -17,7 +17,7 @@ from dataclasses import replace
 import torch
 
 from vitq_edge.progress import progress
-from vitq_edge.quant import vit
+from vitq_edge.quant import arith, vit
 from vitq_edge.quant.calibration import batches
 from vitq_edge.quant.recipes import Liu2021Config, parse_bits
 
@@ -66,7 +66,9 @@ def choose_bits(model: torch.nn.Module, images: torch.Tensor, config: Liu2021Con
     from vitq_edge.quant.liu2021 import liu_factory, search_intervals
 
     n_bits, _ = parse_bits(config.bits)
-    candidates = [b for b in range(n_bits - 2, n_bits + 3) if b >= 3]
+    # The paper's {N-2 .. N+2}, within what the integer kernels run (8-bit codes): a wider layer would
+    # leave the program in float.
+    candidates = [b for b in range(n_bits - 2, n_bits + 3) if 3 <= b <= arith.MAX_CODE_BITS]
     modules = module_names(model)
     x = images[: config.mp_search_images]
     quick = replace(config, candidates=config.mp_candidates, bits=f"W{n_bits}A{n_bits}")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 
@@ -112,6 +112,12 @@ class Liu2021Config(PaperRecipeConfig):
     ranking: bool = True
     bias_correction: bool = True
     search_images: int = 128  # calibration images used by the interval search
+    # Cost knobs (liu2021.py says why they keep the result): token positions per image the search scores
+    # (0: all, the paper), every candidate or a coarse pass and its neighbourhood ("grid": the paper), and
+    # key pairs per row of the ranking loss.
+    search_tokens: int = 16
+    search: Literal["coarse-to-fine", "grid"] = "coarse-to-fine"
+    ranking_pairs: int = 1024
     mp_search_images: int = 128  # images for the mixed-precision sensitivities
     mp_candidates: int = 25  # intervals per search when measuring sensitivities
 

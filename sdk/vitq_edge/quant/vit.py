@@ -366,13 +366,18 @@ def set_enabled(model: nn.Module, on: bool) -> None:
 
 @torch.no_grad()
 def calibrate_activations(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
-    """Observe every activation quantizer's input on `batches` (float forward), then set its range."""
+    """Observe every activation quantizer's input on `batches` (float forward), then set its range.
+
+    The forward is the fake-quant one (torch's LayerNorm, GELU, softmax): the kernels' exact
+    definitions agree with them to float rounding and cost several times more.
+    """
     acts = [q for _, q in quantizers(model) if not _is_weight_quantizer(model, q)]
     for q in acts:
         q.observe(True)
     try:
-        for x in batches:
-            model(x)
+        with fake_quant_forward():
+            for x in batches:
+                model(x)
     finally:
         for q in acts:
             q.observe(False)
