@@ -94,8 +94,25 @@ def test_compare_refuses_a_folder_it_did_not_write(folders, tmp_path):
     line = error_line(tiny_compare(folders, out, "fp32"))
     assert "not a compare folder" in line
     assert (out / "notes.txt").read_text() == "keep me" and sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    (out / "notes.txt").unlink()
     (out / "compare.json").write_text("{}")
     assert "not written by `vitq-edge compare`" in error_line(tiny_compare(folders, out, "fp32"))
+    # --table elsewhere: a report of the user's own at that name is not overwritten.
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "results.md").write_text("mine")
+    line = error_line(tiny_compare(folders, tmp_path / "new", "fp32", "--table", str(tmp_path / "docs" / "results")))
+    assert "results.md exists" in line and (tmp_path / "docs" / "results.md").read_text() == "mine"
+
+
+def test_compare_table_elsewhere_and_cost_only(folders, tmp_path):
+    stem = tmp_path / "docs" / "cost"
+    result = tiny_compare(folders, tmp_path / "work", "fp32,minmax@W4A4", "--table", str(stem), "--skip-eval",
+                          "--devices", "")
+    assert result.exit_code == 0, result.stderr[-3000:]
+    table = json.loads(stem.with_suffix(".json").read_text())
+    assert [r["accuracy"] for r in table["rows"]] == [None, None] and all("bench" not in r for r in table["rows"])
+    assert "](cost.png)" in stem.with_suffix(".md").read_text() and stem.with_suffix(".png").is_file()
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["programs"]
 
 
 @pytest.mark.parametrize("args,fragment", [

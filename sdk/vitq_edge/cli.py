@@ -316,13 +316,15 @@ def _thread_list(ctx: click.Context, param: click.Parameter, value: str) -> list
 @click.option("--out", default="compare", show_default=True,
               help="Folder for the programs (programs/<recipe>-<bits>/) and the table (compare.md, compare.json, "
                    "compare.png). Rerunning the same command there resumes: finished rows are kept.")
+@click.option("--table", default=None, metavar="STEM",
+              help="Write the table as STEM.md, STEM.json, STEM.png instead of OUT/compare.* (e.g. docs/results).")
 @click.option("--target", default="rpi4", help="Deployment target of every build.")
 @_model_and_data_options
 @click.option("--iters", type=click.IntRange(min=0), default=None, help="adfq rows: reconstruction iterations.")
 @click.option("--calib-device", default="cpu", metavar="cpu|cuda",
               help="Where the paper recipes calibrate (cuda needs a GPU visible to torch).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or status lines.")
-def compare(programs, devices, threads, runs, out, target, model, pretrained, checkpoint, model_kwargs, calib,
+def compare(programs, devices, threads, runs, out, table, target, model, pretrained, checkpoint, model_kwargs, calib,
             eval_dir, calib_limit, eval_limit, skip_eval, mean, std, input_size, crop_pct, interpolation,
             max_image_pixels, iters, calib_device, quiet) -> None:
     """Build several programs of one model, measure them on the same images and devices, write one table.
@@ -338,7 +340,7 @@ def compare(programs, devices, threads, runs, out, target, model, pretrained, ch
     from vitq_edge.models.source import parse_model_kwargs
 
     set_quiet(quiet)
-    opts = CompareOptions(devices=_list(devices), threads=threads, runs=runs, out=out,
+    opts = CompareOptions(devices=_list(devices), threads=threads, runs=runs, out=out, table=table,
                           target=target, model=model, pretrained=pretrained, checkpoint=checkpoint,
                           model_kwargs=parse_model_kwargs(model_kwargs), calib=calib, eval=eval_dir,
                           calib_limit=calib_limit, eval_limit=eval_limit, skip_eval=skip_eval, mean=mean, std=std,
@@ -347,10 +349,11 @@ def compare(programs, devices, threads, runs, out, target, model, pretrained, ch
                           command="vitq-edge " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     if programs is not None:
         opts.programs = _list(programs)
-    table = run_compare(opts)
-    for line in summary_lines(table):
+    result = run_compare(opts)
+    for line in summary_lines(result):
         click.echo(printable(line))
-    click.echo(printable(f"wrote {out}/compare.md, compare.json, compare.png"))
+    stem = table or f"{out}/compare"
+    click.echo(printable(f"wrote {stem}.md, {stem}.json, {stem}.png; programs in {out}/programs/"))
 
 
 @main.command()

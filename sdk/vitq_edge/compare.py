@@ -7,8 +7,8 @@ computed once: top-1 of the float model, of the simulated quantized model and of
 ExecuTorch's runtime here; drop, agreement with the float top-1 and logit SQNR. Then every
 program is benched on every device and thread count asked for.
 
-OUT/compare.json is rewritten (atomically) after each finished build and each finished bench,
-with OUT/compare.md and OUT/compare.png rendered from it. Run the same command again and it
+OUT/compare.json (or --table STEM: STEM.json) is rewritten (atomically) after each finished
+build and each finished bench, with .md and .png beside it rendered from it. Run the same command again and it
 resumes: rows already measured with the same settings are kept, only the missing work runs.
 """
 
@@ -39,7 +39,7 @@ from vitq_edge.progress import progress, status
 from vitq_edge.quant import recipe_config
 
 COMPARE_FORMAT = "vitq-edge-compare/1"
-TABLE = "compare.json"
+TABLE_STEM = "compare"  # OUT/compare.{json,md,png} unless --table says where
 DEFAULT_PROGRAMS = ("fp32", "xnnpack-int8", "minmax@W8A8", "liu2021@W8A8", "adfq@W8A8",
                     "minmax@W4A4", "liu2021@W4A4", "adfq@W4A4")
 
@@ -51,6 +51,7 @@ class CompareOptions:
     threads: list[int] = field(default_factory=lambda: [1])
     runs: int | None = None  # bench runs per device (default: bench's own)
     out: str = "compare"
+    table: str | None = None  # stem of the table files (default OUT/compare)
     target: str = "rpi4"
     model: str | None = None
     pretrained: bool = False
@@ -130,24 +131,36 @@ def _preprocess_flags(opts: CompareOptions) -> dict:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in flags.items() if v is not None}
 
 
-def _read_table(path: Path) -> dict | None:
-    """The table of an earlier compare run in OUT, None where there is none; VitqError if OUT is not ours."""
-    out = path.parent
+_OUT_ENTRIES = {"programs", f"{TABLE_STEM}.json", f"{TABLE_STEM}.md", f"{TABLE_STEM}.png"}
+
+
+def _check_out(out: Path) -> None:
+    """OUT is new, empty or a folder compare wrote (its programs, maybe its table); never anything else."""
     if not out.exists():
-        return None
+        return
     if not out.is_dir():
         raise VitqError(f"--out {out} is a file; name a new folder or an earlier compare folder")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in _OUT_ENTRIES and not p.name.endswith(".tmp"))
+    if foreign:
+        raise VitqError(f"--out {out} holds {', '.join(foreign[:3])}: not a compare folder; choose a new or empty "
+                        "folder")
+
+
+def _read_table(stem: Path) -> dict | None:
+    """The table an earlier compare run wrote at STEM.json, None where there is none."""
+    path = stem.with_suffix(".json")
     if not path.is_file():
-        if any(out.iterdir()):
-            raise VitqError(f"--out {out} holds files and no {TABLE}: not a compare folder; choose a new or empty "
-                            "folder")
+        for other in (stem.with_suffix(".md"), stem.with_suffix(".png")):
+            if other.exists():
+                raise VitqError(f"{other} exists and {path} does not: compare would overwrite a file it did not "
+                                "write; choose another --table or --out")
         return None
     try:
         table = json.loads(path.read_text())
     except (OSError, ValueError, UnicodeDecodeError):
         table = None
     if not isinstance(table, dict) or table.get("format") != COMPARE_FORMAT or not isinstance(table.get("rows"), list):
-        raise VitqError(f"{path} was not written by `vitq-edge compare`; choose another --out")
+        raise VitqError(f"{path} was not written by `vitq-edge compare`; choose another --table or --out")
     return table
 
 
@@ -167,25 +180,27 @@ def compare(opts: CompareOptions) -> dict:
     specs = {key: (recipe, bits) for key, recipe, bits in map(parse_program, opts.programs)}
     keys = list(specs)
     out = Path(opts.out)
-    table_path = out / TABLE
+    stem = Path(opts.table) if opts.table else out / TABLE_STEM
+    _check_out(out)
     settings = _settings(opts)
-    table = _read_table(table_path)
+    table = _read_table(stem)
     if table is not None:
-        _check_resumable(table, settings, table_path)
+        _check_resumable(table, settings, stem.with_suffix(".json"))
     else:
         table = {"format": COMPARE_FORMAT, "settings": settings, "rows": []}
     host = f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
     table.update(command=opts.command, vitq_edge_version=vitq_edge.__version__, host=host)
     try:
         out.mkdir(parents=True, exist_ok=True)
+        stem.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise VitqError(f"cannot create --out {out} ({exc.strerror}); choose a writable folder") from None
+        raise VitqError(f"cannot create {exc.filename} ({exc.strerror}); choose a writable --out/--table") from None
     rows = {r["program"]: r for r in table["rows"]}
 
     def save() -> None:
         table["rows"] = [rows[k] for k in keys if k in rows] + [r for k, r in rows.items() if k not in keys]
         table["updated"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        _write_outputs(out, table)
+        _write_outputs(stem, table)
 
     todo = [(k, specs[k]) for k in keys if k not in rows]
     loaded, images = None, None
@@ -286,12 +301,12 @@ def _build_row(opts: CompareOptions, key: str, recipe: str, bits: str | None, ou
     }
 
 
-def _write_outputs(out: Path, table: dict) -> None:
+def _write_outputs(stem: Path, table: dict) -> None:
     text = json.dumps(table, indent=2) + "\n"
-    write_atomic(out / TABLE, lambda f: f.write(text.encode()))
-    md = render_markdown(table)
-    write_atomic(out / "compare.md", lambda f: f.write(md.encode()))
-    write_atomic(out / "compare.png", lambda f: render_chart(table, f))
+    write_atomic(stem.with_suffix(".json"), lambda f: f.write(text.encode()))
+    md = render_markdown(table, chart=stem.with_suffix(".png").name)
+    write_atomic(stem.with_suffix(".md"), lambda f: f.write(md.encode()))
+    write_atomic(stem.with_suffix(".png"), lambda f: render_chart(table, f))
 
 
 def _cost_columns(rows: list[dict]) -> list[str]:
@@ -310,7 +325,7 @@ def _num(value: float | None, fmt: str) -> str:
     return "–" if value is None else format(value, fmt)
 
 
-def render_markdown(table: dict) -> str:
+def render_markdown(table: dict, chart: str) -> str:
     rows = table["rows"]
     costs = _cost_columns(rows)
     s = table["settings"]
@@ -353,7 +368,7 @@ def render_markdown(table: dict) -> str:
             lines.append(f"  settings: `{json.dumps(r['recipe_config'], sort_keys=True)}`")
         if r.get("mixed_precision_bits"):
             lines.append(f"  bits per module: `{json.dumps(r['mixed_precision_bits'], sort_keys=True)}`")
-    lines += ["", "![accuracy against size and device cost](compare.png)", ""]
+    lines += ["", f"![accuracy against size and device cost]({chart})", ""]
     return "\n".join(lines)
 
 

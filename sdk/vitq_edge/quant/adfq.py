@@ -69,9 +69,12 @@ def adfq_factory(config: AdfqConfig):
 def log_steps_per_octave(log_base: str, bits: int) -> int:
     """k of the log quantizers' levels delta * 2^(-q/k).
 
-    The ADFQ-ViT code's log-sqrt2 (k = 2) spreads 2^b - 1 levels over 2^-(2^b-2)/2: at
-    4 bits down to 2^-7, at 8 bits down to 2^-127, with a 41% step between levels at every
-    width, so extra bits buy range nobody uses. "auto" keeps the 4-bit range (about 2^-8)
+    The ADFQ-ViT code's log-sqrt2 (k = 2) has 2^b levels delta * 2^(-q/2), q = 0 .. 2^b - 1
+    (at 4 bits down to 2^-7.5, at 8 bits to 2^-127.5), plus an exact zero below them: 2^b + 1
+    values, one more than b bits hold. Ours gives the last code to exact zero, so 2^b - 1
+    levels (down to 2^-7 at 4 bits) and zero fit in b bits. Either way the step between
+    levels is 41% at every width, so extra bits buy range nobody uses. "auto" keeps the
+    4-bit range (about 2^-8)
     and spends extra bits on finer steps: k = 2^(bits-3) (2 at 4 bits, 8 at 6, 32 at 8).
     Chosen on the validation split (tools/accuracy_table.py --split val; W8A8 before
     reconstruction: agreement with FP32 98.75% at k = 2, 99.70% at k = 32).
