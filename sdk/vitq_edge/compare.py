@@ -190,6 +190,8 @@ def compare(opts: CompareOptions) -> dict:
         table = {"format": COMPARE_FORMAT, "settings": settings, "rows": []}
     host = f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
     table.update(command=opts.command, vitq_edge_version=vitq_edge.__version__, host=host)
+    if opts.command not in table.setdefault("commands", []):  # every run that added to the table
+        table["commands"].append(opts.command)
     try:
         out.mkdir(parents=True, exist_ok=True)
         stem.parent.mkdir(parents=True, exist_ok=True)
@@ -334,7 +336,7 @@ def render_markdown(table: dict, chart: str) -> str:
         "",
         "Written by `vitq-edge compare` (resumed runs keep the rows already measured):",
         "",
-        f"    {table['command']}",
+        *[f"    {c}" for c in table.get("commands") or [table["command"]]],
         "",
         f"on {table['host']}, vitq-edge {table['vitq_edge_version']}, last row {table.get('updated', '')}.",
         "",
