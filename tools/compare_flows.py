@@ -4,9 +4,10 @@
     python tools/compare_flows.py                       # reference model + DeiT-Tiny, host + emulated Pi 4/5
     python tools/compare_flows.py --models reference --devices host,emulated-rpi4
 
-For every model x recipe (`fp32`, `xnnpack-int8`, or a paper recipe as `minmax@W8A8`) it
-runs `vitq-edge build` (cost builds: random weights are fine for timm models, accuracy is
-not measured here), then `vitq-edge bench` with 1 thread on every device, and writes
+For every model it runs `vitq-edge compare` over the recipes (`fp32`, `xnnpack-int8`, or a
+paper recipe as `minmax@W8A8`): cost builds (random weights are fine for timm models,
+accuracy is not measured here) benched with 1 thread on every device (tables and programs in
+--work; a rerun resumes), and writes
 docs/performance.{md,json} and docs/performance.png. Ratios in the table are taken
 within this one run. Instruction counts (emulated devices) are the
 ranking measure: emulated wall time is ~200x native and does not rank kernels.
@@ -18,12 +19,10 @@ import argparse
 import json
 import shlex
 import sys
-import time
 from pathlib import Path
 
 import vitq_edge  # noqa: F401  (fixes the torchvision import before timm loads)
-from vitq_edge.bench import benchmark
-from vitq_edge.build import BuildOptions, build
+from vitq_edge.compare import CompareOptions, compare
 
 REPO = Path(__file__).resolve().parents[1]
 # shared/DESIGN.md, measured the same way (1 thread, Pi prefix): the figures to reproduce.
@@ -33,10 +32,6 @@ DESIGN_REFERENCE = {
     ("deit_tiny_patch16_224", "fp32", "emulated-rpi5"): 613.5e6,
     ("deit_tiny_patch16_224", "xnnpack-int8", "emulated-rpi5"): 343.7e6,
 }
-
-
-def _runs_for(device: str, host_runs: int) -> tuple[int, int]:
-    return (1, 1) if device.startswith("emulated") else (3, host_runs)  # (warmup, runs)
 
 
 def main() -> None:
@@ -53,26 +48,24 @@ def main() -> None:
 
     rows = []
     for model in args.models.split(","):
-        for program in args.recipes.split(","):
-            recipe, _, bits = program.partition("@")
-            out = Path(args.work) / f"{model}-{recipe}{'-' + bits if bits else ''}"
-            t0 = time.time()
-            result = build(BuildOptions(target="rpi4", recipe=recipe, bits=bits or None,
-                                        model=None if model == "reference" else model,
-                                        calib_limit=args.calib_limit, skip_eval=True, out=str(out),
-                                        command=command))
-            print(f"built {out} in {time.time() - t0:.0f} s", file=sys.stderr)
-            for device in args.devices.split(","):
-                warmup, runs = _runs_for(device, args.host_runs)
-                r = benchmark(out, device=device, runs=runs, warmup=warmup, threads=1)
-                rows.append({
-                    "model": result.manifest["model"]["name"], "program": program, "device": device,
-                    "threads": r["threads"], "instructions": r["instructions_per_inference"],
-                    "latency_ms_median": r["latency_ms"]["median"], "size_bytes": r["size_bytes"],
-                    "xnnpack_partitions": result.manifest["xnnpack_partitions"],
-                    "custom_ops": result.manifest["custom_ops"], "command": command,
-                })
-                print(json.dumps(rows[-1]), file=sys.stderr)
+        # `vitq-edge compare` builds (cost builds, no accuracy) and benches; a rerun resumes. Host
+        # latency takes many runs, emulated devices count instructions in their default few.
+        out = Path(args.work) / model
+        devices = args.devices.split(",")
+        groups = {"host": ([d for d in devices if d == "host"], args.host_runs),
+                  "devices": ([d for d in devices if d != "host"], None)}
+        for name, (group, runs) in groups.items():
+            if not group:
+                continue
+            table = compare(CompareOptions(
+                programs=args.recipes.split(","), devices=group, runs=runs, out=str(out), table=str(out / name),
+                target="rpi4", model=None if model == "reference" else model, calib_limit=args.calib_limit,
+                skip_eval=True, command=command))
+            rows += [{"model": model, "program": r["program"], "device": b["device"], "threads": b["threads"],
+                      "instructions": b["instructions"], "latency_ms_median": b["latency_ms_median"],
+                      "size_bytes": r["pte_size_bytes"], "xnnpack_partitions": r["xnnpack_partitions"],
+                      "custom_ops": r["custom_ops"], "command": command}
+                     for r in table["rows"] for b in r["bench"].values()]
 
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
@@ -123,7 +116,8 @@ def _markdown(rows: list[dict], command: str) -> str:
     lines = [
         "# Performance: stock ExecuTorch programs and vitq-edge integer programs",
         "",
-        "Written by `tools/compare_flows.py`; every number below comes from this one run:",
+        "Written by `tools/compare_flows.py` (through `vitq-edge compare`; a rerun resumes, keeping",
+        "finished builds and benches):",
         "",
         f"    {command}",
         "",
@@ -157,7 +151,7 @@ def _markdown(rows: list[dict], command: str) -> str:
 
 
 def _short(model: str) -> str:
-    return "reference" if model.startswith("vitq_reference") else model.replace("_patch16_224", "")
+    return "reference" if model.startswith(("vitq_reference", "reference")) else model.replace("_patch16_224", "")
 
 
 def _chart(rows: list[dict], path: Path) -> None:

@@ -238,6 +238,7 @@ def _prepare_images(opts: CompareOptions, loaded: LoadedModel) -> _EvalImages:
     """The evaluation images preprocessed once, and the float model's logits on them."""
     data = opts.eval_set.limit(opts.eval_limit) if opts.eval_set is not None else eval_images(
         loaded, opts.eval, opts.eval_limit, opts.max_image_pixels)
+    status(f"compare: reading {len(data)} evaluation images, running the float model on them")
     batches, labels = [], []
     for x, y in progress(data.batches(loaded.preprocess, opts.batch_size), "reading images",
                          total=-(-len(data) // opts.batch_size), unit="batch"):
@@ -294,6 +295,8 @@ def _build_row(opts: CompareOptions, key: str, recipe: str, bits: str | None, ou
         "packed_size_bytes": quant.get("packed_size_bytes"),
         "pte_size_bytes": m["size_bytes"],
         "program_arithmetic": quant.get("program_arithmetic", "float" if recipe == "fp32" else "xnnpack"),
+        "xnnpack_partitions": m["xnnpack_partitions"],
+        "custom_ops": m["custom_ops"],
         "calibration_seconds": m["timings_seconds"]["calibration"],
         "build_seconds": round(time.time() - t0, 1),
         "calibration": m["calibration"],

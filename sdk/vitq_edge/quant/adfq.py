@@ -123,14 +123,19 @@ class _AttentionMaps:
 
 @torch.no_grad()
 def _float_targets(unit: nn.Module, x: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The unit's float output (and float attention maps) on its float input."""
+    """The unit's float output (and float attention maps) on its float input.
+
+    Through torch's GELU and softmax (`fake_quant_forward`), as the reconstruction's own
+    forward computes them: the kernels' bit-exact definitions would only cost time here.
+    """
     _set_unit_enabled(unit, False)
     maps = _AttentionMaps(unit) if isinstance(unit, vit.QuantAttention) else None
     outs, probs = [], []
-    for b in batches(x, batch_size):
-        outs.append(unit(b))
-        if maps is not None:
-            probs.append(maps.pop())
+    with vit.fake_quant_forward():
+        for b in batches(x, batch_size):
+            outs.append(unit(b))
+            if maps is not None:
+                probs.append(maps.pop())
     if maps is not None:
         maps.close()
     _set_unit_enabled(unit, True)
