@@ -22,6 +22,7 @@ from vitq_edge.lower.kernels import kernels_path, load_kernels
 from vitq_edge.lower.one_op import one_op_program
 from vitq_edge.lower.ops import attention, gelu_shift_log2, linear, log_linear
 from vitq_edge.lower.ops.linear import PROLOGUE_GELU, PROLOGUE_LAYER_NORM, PROLOGUE_NONE, pack_int4
+from vitq_edge.quant import arith
 
 from tests.conftest import REPO
 
@@ -128,6 +129,15 @@ def test_gelu_shift_log2_codes(bits, k):
     args = [0.17, 2.5, bits, k]
     got, want = run_program(torch.ops.vitq.gelu_shift_log2, x, *args), gelu_shift_log2.reference(x, *args)
     assert_same(got, want)
+
+
+def test_gelu_shift_log2_codes_of_tiny_ratios():
+    # GELU(1) / delta = 2^-122: the exact code 122 on the 8-bit log2 ladder (the ratio floor is below it).
+    x = torch.ones(1, 3, 16)
+    delta = float(arith.gelu(torch.tensor(1.0))) * 2.0**122
+    got = run_program(torch.ops.vitq.gelu_shift_log2, x, 0.0, delta, 8, 1)
+    assert_same(got, gelu_shift_log2.reference(x, 0.0, delta, 8, 1))
+    assert int(got.flatten()[0]) == 122
 
 
 @pytest.mark.parametrize("w_bits", [4, 8])

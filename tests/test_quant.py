@@ -106,6 +106,16 @@ def test_log_codes_range_idempotence_and_scale_invariance(x, bits, k, shift):
     assert torch.equal(arith.log_codes(x * c, q.delta * c, bits, k), arith.log_codes(x, q.delta, bits, k))
 
 
+def test_log_codes_are_exact_down_to_the_smallest_normal_ratio():
+    # x / delta = 2^-122.4: a normal float, far below any level the 4-bit ladders reach, inside the
+    # 8-bit log2 ladder (254 levels); it gets its own exact code, not the floor's.
+    x, delta = torch.tensor([1.4013e-45]), torch.tensor(1e-8)
+    assert int(arith.log_codes(x, delta, 8, 1)) == 122
+    assert int(arith.log_codes(x, delta, 7, 1)) == 122 and int(arith.log_codes(x, delta, 6, 1)) == 63  # zero code
+    # Subnormal ratios take the floor's code (2^-126), or zero where the ladder ends first.
+    assert int(arith.log_codes(torch.tensor([1e-45]), torch.tensor(1.0), 8, 1)) == 126
+
+
 def test_log_sqrt2_is_finer_than_log2_on_softmax():
     probs = torch.randn(64, 3, 17, 17).softmax(-1)
     errs = {}

@@ -29,7 +29,8 @@
 # usage: tools/build_runtime.sh [host|aarch64|asan|plugin|all]      (default: all; all = host,
 #        asan, aarch64 and plugin)
 # env:   JOBS (default 2), CMAKE (default .venv/bin/cmake, installed there when missing),
-#        PYTHON (default .venv/bin/python), EXECUTORCH_VERSION (default: the .venv's)
+#        PYTHON (default .venv/bin/python), EXECUTORCH_VERSION (default: the .venv's),
+#        VITQ_RUNTIME_DIR (default build/runtime: where the bundles go; the SDK reads the same)
 #
 # Safe to re-run: installs apt packages and downloads the aarch64 wheel only when
 # missing, and rebuilds incrementally. The plugin needs QEMU's qemu-plugin.h, which no
@@ -49,7 +50,7 @@ esac
 
 JOBS=${JOBS:-2}
 PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
-OUT=$ROOT/build/runtime
+OUT=${VITQ_RUNTIME_DIR:-$ROOT/build/runtime}
 WHEEL_DIR=$OUT/aarch64-wheel
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"

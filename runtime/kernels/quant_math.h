@@ -52,12 +52,14 @@ inline float uniform_code(float x, float scale, float zero, float qmin, float qm
 
 // arith.log_codes: levels delta * 2^(-q/k), q = 0 .. 2^b - 2; zero_code =
 // 2^b - 1 for x <= 0 and for x below the smallest level. Exactly rounded
-// q = round(-k * log2(ratio)), ratio = max(x / delta, 1e-30), without log2:
+// q = round(-k * log2(ratio)), ratio = max(x / delta, FLT_MIN), without log2:
 // with ratio = m * 2^e (m in [1, 2), always a normal float), -k * log2(ratio)
 // = -k*e - k*log2(m), and k*log2(m) in [0, k) rounds to the number j of
 // thresholds 2^((j + 0.5) / k), j < k, that m reaches. The thresholds are
 // irrational, so there are no ties; arith.log_codes counts the same ones.
 constexpr int64_t kMaxStepsPerOctave = 64;
+// The smallest normal float (arith.LOG_RATIO_FLOOR): every normal ratio gets its exact code.
+constexpr float kRatioFloor = std::numeric_limits<float>::min();
 
 class LogCoder {
  public:
@@ -85,7 +87,7 @@ class LogCoder {
     for (size_t i = 0; i < n; ++i) {
       const float v = x[i] + shift;
       float ratio = v / delta;
-      ratio = ratio > 1e-30f ? ratio : 1e-30f;  // torch.clamp(min=1e-30); NaN -> 1e-30
+      ratio = ratio > kRatioFloor ? ratio : kRatioFloor;  // torch.clamp(min=tiny); NaN -> floor
       const float m = mantissa(ratio);
       int j = 0;
       for (int t = 0; t < kVectorSteps; ++t) j += m >= thr[t] ? 1 : 0;
@@ -97,7 +99,7 @@ class LogCoder {
 
   int code(float x) const {
     float ratio = x / delta_;
-    ratio = ratio > 1e-30f ? ratio : 1e-30f;
+    ratio = ratio > kRatioFloor ? ratio : kRatioFloor;
     const float m = mantissa(ratio);
     int j = 0;
     for (int t = 0; t < k_; ++t) j += m >= thresholds_[t] ? 1 : 0;

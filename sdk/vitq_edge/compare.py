@@ -105,12 +105,15 @@ def _evaluator(images: _EvalImages) -> Callable[[LoadedModel, torch.nn.Module, H
     """build()'s accuracy step for a compare row: simulated and .pte logits on the shared images."""
 
     def evaluate(loaded: LoadedModel, module: torch.nn.Module, program: HostProgram) -> dict:
+        same = module is loaded.model  # the fp32 recipe simulates with the float model itself
         sim, pte = [], []
         with torch.no_grad():
             for x in progress(images.batches, "evaluating", unit="batch"):
-                sim.append(module(x))
+                if not same:
+                    sim.append(module(x))
                 pte.append(program(x))
-        acc = accuracy_summary(images.fp32_logits, torch.cat(sim), torch.cat(pte), images.labels)
+        sim_logits = images.fp32_logits if same else torch.cat(sim)
+        acc = accuracy_summary(images.fp32_logits, sim_logits, torch.cat(pte), images.labels)
         return {**acc, "eval_set": images.name}
 
     return evaluate

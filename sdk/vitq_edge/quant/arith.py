@@ -78,6 +78,14 @@ def asymmetric_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[to
 
 # ---- log2 / log-sqrt2 ---------------------------------------------------------------
 
+# The floor of x / delta before coding: the smallest normal float32 (2^-126), so every ratio a
+# normal float holds gets its exact code. A subnormal ratio (x < delta * 1.2e-38) takes the code of
+# 2^-126 where the ladder reaches that far (8 bits, 1-2 steps per octave), else the zero code: a
+# value within delta * 2^-126 of the exact level. (The earlier floor, 1e-30, lay inside those
+# ladders and gave ratios below it a wrong level.) quant_math.h: kRatioFloor.
+LOG_RATIO_FLOOR = torch.finfo(torch.float32).tiny
+
+
 def log_zero_code(bits: int) -> int:
     """The code reserved for exact zero."""
     return 2**bits - 1
@@ -101,7 +109,7 @@ def log_codes(x: torch.Tensor, delta: torch.Tensor | float, bits: int, k: int) -
     gradient is the straight-through one of -k log2(ratio).
     """
     zero = log_zero_code(bits)
-    ratio = torch.clamp(x / delta, min=1e-30)  # log2(0) -> finite; such x become the zero code below
+    ratio = torch.clamp(x / delta, min=LOG_RATIO_FLOOR)  # log2(0) -> finite; such x become the zero code below
     mantissa, exponent = torch.frexp(ratio.detach())  # ratio = mantissa * 2^exponent, mantissa in [0.5, 1)
     m = mantissa * 2
     steps = torch.zeros_like(m)
