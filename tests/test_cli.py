@@ -162,3 +162,18 @@ def test_image_that_is_not_an_image_leaves_previous_build_untouched(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.pte"]
     assert (out / "model.pte").read_bytes() == b"previous build"
     _no_stray_files(tmp_path, "out")
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--recipe", "minmax", "--option", "candidates=3"], "recipe minmax has no option 'candidates'; it has"),
+    (["--recipe", "liu2021", "--option", "rounds=two"], "rounds='two': expected int"),
+    (["--recipe", "adfq", "--option", "=1"], "bad --option '=1'"),
+])
+def test_build_recipe_option_errors(args, fragment, tmp_path):
+    from click.testing import CliRunner
+    from vitq_edge.cli import main
+
+    result = CliRunner().invoke(main, ["build", *args, "--out", str(tmp_path / "o")])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1 and fragment in lines[0], result.stderr
+    assert not (tmp_path / "o").exists()

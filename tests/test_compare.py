@@ -121,11 +121,28 @@ def test_compare_table_elsewhere_and_cost_only(folders, tmp_path):
     (["--programs", ","], "no programs to compare"),
     (["--threads", "0"], "thread counts are whole numbers from 1"),
     (["--threads", "one"], "not a comma-separated list"),
+    (["--programs", "minmax@W8A8", "--option", "candidates=5"], "none of the programs' recipes (minmax)"),
+    (["--programs", "liu2021@W8A8", "--option", "candidates=many"], "candidates='many': expected int"),
+    (["--programs", "liu2021@W8A8", "--option", "search=fast"], "use coarse-to-fine or grid"),
+    (["--option", "candidates"], "bad --option 'candidates': write KEY=VALUE"),
 ])
 def test_compare_usage_errors(args, fragment, tmp_path):
     line = error_line(invoke(*args, "--out", str(tmp_path / "o")))
     assert fragment in line
     assert not (tmp_path / "o").exists()
+
+
+def test_recipe_options_reach_only_the_recipes_that_have_them(folders, tmp_path):
+    stem = tmp_path / "t"
+    result = tiny_compare(folders, tmp_path / "w", "minmax@W8A8,liu2021@W4A4", "--option", "candidates=4",
+                          "--option", "rounds=1", "--option", "ranking=false", "--table", str(stem), "--skip-eval",
+                          "--devices", "")
+    assert result.exit_code == 0, result.stderr[-3000:]
+    minmax, liu = json.loads(stem.with_suffix(".json").read_text())["rows"]
+    assert (liu["recipe_config"]["candidates"], liu["recipe_config"]["rounds"], liu["recipe_config"]["ranking"]) \
+        == (4, 1, False)
+    assert "candidates" not in minmax["recipe_config"] and "--option" not in minmax["build_command"]
+    assert "--option candidates=4 --option rounds=1 --option ranking=false" in liu["build_command"]
 
 
 @pytest.mark.slow

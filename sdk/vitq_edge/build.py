@@ -49,6 +49,7 @@ class BuildOptions:
     recipe: str = "xnnpack-int8"
     bits: str | None = None
     iters: int | None = None  # adfq reconstruction iterations
+    recipe_options: dict = field(default_factory=dict)  # --option KEY=VALUE: any field of the recipe's config
     calib_device: str = "cpu"  # where the paper recipes calibrate
     model: str | None = None  # None: the bundled reference model
     pretrained: bool = False
@@ -156,7 +157,7 @@ def _evaluate(loaded: LoadedModel, quantized: torch.nn.Module, program: HostProg
 
 def _recipe_options(opts: BuildOptions) -> dict:
     """Build flags that configure the recipe; refused where the recipe has no such knob."""
-    options = {}
+    options = dict(opts.recipe_options)
     if opts.iters is not None:
         if opts.recipe != "adfq":
             raise VitqError(f"--iters applies to --recipe adfq, not {opts.recipe}")

@@ -159,20 +159,27 @@ def _model_and_data_options(f):
               help="adfq: reconstruction iterations per module.  [default: 3000]")
 @click.option("--device", "calib_device", default="cpu", metavar="cpu|cuda",
               help="Where the paper recipes calibrate (cuda needs a GPU visible to torch).")
+@click.option("--option", "recipe_options", multiple=True, metavar="KEY=VALUE",
+              help="Set any field of the recipe's config, e.g. --option search_tokens=0 --option search=grid "
+                   "(liu2021's paper settings) or --option batch_size=8; repeatable. The fields and defaults: "
+                   "vitq_edge/quant/recipes.py.")
 @_model_and_data_options
 @click.option("--out", default=None, help="Output folder: new, empty, or an earlier build (replaced whole). "
                                           "Default: build/<target>.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or status lines.")
-def build(target, recipe, bits, iters, calib_device, model, pretrained, checkpoint, model_kwargs, calib, eval_dir,
-          calib_limit, eval_limit, skip_eval, mean, std, input_size, crop_pct, interpolation, max_image_pixels, out,
-          quiet) -> None:
+def build(target, recipe, bits, iters, calib_device, recipe_options, model, pretrained, checkpoint, model_kwargs,
+          calib, eval_dir, calib_limit, eval_limit, skip_eval, mean, std, input_size, crop_pct, interpolation,
+          max_image_pixels, out, quiet) -> None:
     """Quantize a model, lower it to a .pte, and write model.pte, manifest.json, report.md."""
     from vitq_edge.build import BuildOptions
     from vitq_edge.build import build as run_build
     from vitq_edge.models.source import parse_model_kwargs
 
     set_quiet(quiet)
-    opts = BuildOptions(target=target, recipe=recipe, bits=bits, iters=iters, calib_device=calib_device, model=model,
+    from vitq_edge.quant.recipes import parse_options
+
+    opts = BuildOptions(target=target, recipe=recipe, bits=bits, iters=iters, calib_device=calib_device,
+                        recipe_options=parse_options(recipe_options), model=model,
                         pretrained=pretrained,
                         checkpoint=checkpoint, model_kwargs=parse_model_kwargs(model_kwargs), calib=calib,
                         eval=eval_dir, calib_limit=calib_limit, eval_limit=eval_limit, skip_eval=skip_eval,
@@ -323,10 +330,14 @@ def _thread_list(ctx: click.Context, param: click.Parameter, value: str) -> list
 @click.option("--iters", type=click.IntRange(min=0), default=None, help="adfq rows: reconstruction iterations.")
 @click.option("--calib-device", default="cpu", metavar="cpu|cuda",
               help="Where the paper recipes calibrate (cuda needs a GPU visible to torch).")
+@click.option("--option", "recipe_options", multiple=True, metavar="KEY=VALUE",
+              help="Set any field of the recipe's config, e.g. --option search_tokens=0 --option search=grid "
+                   "(liu2021's paper settings) or --option batch_size=8; repeatable; applied to every program "
+                   "whose recipe has the field. The fields and defaults: vitq_edge/quant/recipes.py.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or status lines.")
 def compare(programs, devices, threads, runs, out, table, target, model, pretrained, checkpoint, model_kwargs, calib,
             eval_dir, calib_limit, eval_limit, skip_eval, mean, std, input_size, crop_pct, interpolation,
-            max_image_pixels, iters, calib_device, quiet) -> None:
+            max_image_pixels, iters, calib_device, recipe_options, quiet) -> None:
     """Build several programs of one model, measure them on the same images and devices, write one table.
 
     Every program is a normal build folder under OUT/programs/. Accuracy: the float model,
@@ -338,6 +349,7 @@ def compare(programs, devices, threads, runs, out, table, target, model, pretrai
     from vitq_edge.compare import CompareOptions, summary_lines
     from vitq_edge.compare import compare as run_compare
     from vitq_edge.models.source import parse_model_kwargs
+    from vitq_edge.quant.recipes import parse_options
 
     set_quiet(quiet)
     opts = CompareOptions(devices=_list(devices), threads=threads, runs=runs, out=out, table=table,
@@ -345,7 +357,8 @@ def compare(programs, devices, threads, runs, out, table, target, model, pretrai
                           model_kwargs=parse_model_kwargs(model_kwargs), calib=calib, eval=eval_dir,
                           calib_limit=calib_limit, eval_limit=eval_limit, skip_eval=skip_eval, mean=mean, std=std,
                           input_size=input_size, crop_pct=crop_pct, interpolation=interpolation, iters=iters,
-                          calib_device=calib_device, max_image_pixels=max_image_pixels,
+                          calib_device=calib_device, recipe_options=parse_options(recipe_options),
+                          max_image_pixels=max_image_pixels,
                           command="vitq-edge " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     if programs is not None:
         opts.programs = _list(programs)

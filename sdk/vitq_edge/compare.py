@@ -37,6 +37,7 @@ from vitq_edge.metrics import accuracy_summary
 from vitq_edge.models.source import LoadedModel
 from vitq_edge.progress import progress, status
 from vitq_edge.quant import recipe_config
+from vitq_edge.quant.recipes import recipe_option_names
 
 COMPARE_FORMAT = "vitq-edge-compare/1"
 TABLE_STEM = "compare"  # OUT/compare.{json,md,png} unless --table says where
@@ -70,6 +71,7 @@ class CompareOptions:
     interpolation: str | None = None
     iters: int | None = None
     calib_device: str = "cpu"
+    recipe_options: dict = field(default_factory=dict)  # applied to every program whose recipe has the field
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
     batch_size: int = 64
     command: str = ""
@@ -125,6 +127,7 @@ def _settings(opts: CompareOptions) -> dict:
             "model_kwargs": opts.model_kwargs, "target": opts.target, "calib": opts.calib,
             "calib_limit": opts.calib_limit, "eval": opts.eval if opts.eval_set is None else opts.eval_set.name,
             "eval_limit": opts.eval_limit, "skip_eval": opts.skip_eval, "iters": opts.iters,
+            "recipe_options": opts.recipe_options,
             "preprocess": _preprocess_flags(opts)}
 
 
@@ -182,6 +185,12 @@ def compare(opts: CompareOptions) -> dict:
         raise VitqError("no programs to compare: pass --programs, e.g. fp32,minmax@W8A8,adfq@W4A4")
     specs = {key: (recipe, bits) for key, recipe, bits in map(parse_program, opts.programs)}
     keys = list(specs)
+    recipes = list(dict.fromkeys(recipe for recipe, _ in specs.values()))
+    for key in opts.recipe_options:
+        if not any(key in recipe_option_names(recipe) for recipe in recipes):
+            raise VitqError(f"--option {key}: none of the programs' recipes ({', '.join(recipes)}) has that field")
+    for recipe, bits in specs.values():  # typos and bad values before any work
+        recipe_config(recipe, bits, **_options_for(opts, recipe))
     out = Path(opts.out)
     stem = Path(opts.table) if opts.table else out / TABLE_STEM
     _check_out(out)
@@ -253,8 +262,12 @@ def _prepare_images(opts: CompareOptions, loaded: LoadedModel) -> _EvalImages:
     return images
 
 
+def _options_for(opts: CompareOptions, recipe: str) -> dict:
+    return {k: v for k, v in opts.recipe_options.items() if k in recipe_option_names(recipe)}
+
+
 def _build_options(opts: CompareOptions, recipe: str, bits: str | None, out: Path | None) -> BuildOptions:
-    return BuildOptions(target=opts.target, recipe=recipe, bits=bits,
+    return BuildOptions(target=opts.target, recipe=recipe, bits=bits, recipe_options=_options_for(opts, recipe),
                         iters=opts.iters if recipe == "adfq" else None,
                         calib_device=opts.calib_device if recipe in ("minmax", "liu2021", "adfq") else "cpu",
                         model=opts.model, pretrained=opts.pretrained, checkpoint=opts.checkpoint,
@@ -277,6 +290,8 @@ def build_command(opts: CompareOptions, recipe: str, bits: str | None) -> str:
             args += [flag, str(value)]
     if opts.pretrained:
         args.append("--pretrained")
+    for key, value in _options_for(opts, recipe).items():
+        args += ["--option", f"{key}={value}"]
     for flag, value in _preprocess_flags(opts).items():
         args += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
     if opts.model_kwargs:

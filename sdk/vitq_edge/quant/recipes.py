@@ -121,6 +121,11 @@ class Liu2021Config(PaperRecipeConfig):
     mp_search_images: int = 128  # images for the mixed-precision sensitivities
     mp_candidates: int = 25  # intervals per search when measuring sensitivities
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.search not in ("coarse-to-fine", "grid"):
+            raise VitqError(f"recipe liu2021 option search={self.search!r}: use coarse-to-fine or grid")
+
     def bits_supported(self, bits: str) -> bool:
         if bits in self.supported_bits:
             return True
@@ -194,11 +199,44 @@ def recipe_config(name: str, bits: str | None = None, **options) -> RecipeConfig
     if name not in RECIPES:
         raise VitqError(f"unknown recipe '{name}': choose one of {', '.join(RECIPES)}")
     cls = RECIPES[name]
-    known = {f.name for f in fields(cls)}
-    for key in options:
+    known = {f.name: f for f in fields(cls) if f.name != "bits"}
+    for key, value in options.items():
         if key not in known:
-            raise VitqError(f"recipe {name} has no option '{key}'")
+            raise VitqError(f"recipe {name} has no option '{key}'; it has {', '.join(known) or 'none'}")
+        options[key] = _coerce(name, key, value, known[key].default)
     return cls(bits=bits, **options)
+
+
+def recipe_option_names(name: str) -> set[str]:
+    return {f.name for f in fields(RECIPES[name]) if f.name != "bits"} if name in RECIPES else set()
+
+
+def _coerce(recipe: str, key: str, value: object, default: object) -> object:
+    """`value` (e.g. text from --option) as the type of the field's default, or a VitqError."""
+    kind = type(default)
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    text = str(value).strip()
+    try:
+        if kind is bool:
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            return text.lower() in ("true", "1", "yes")
+        return kind(text) if kind in (int, float, str) else value
+    except ValueError:
+        raise VitqError(f"recipe {recipe} option {key}={text!r}: expected {kind.__name__} "
+                        f"(default {default!r})") from None
+
+
+def parse_options(pairs: Iterable[str]) -> dict[str, str]:
+    """['search_tokens=0', 'search=grid'] -> {'search_tokens': '0', 'search': 'grid'} (typed by recipe_config)."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise VitqError(f"bad --option '{pair}': write KEY=VALUE, e.g. --option search_tokens=0")
+        options[key.strip()] = value.strip()
+    return options
 
 
 def quantize(
