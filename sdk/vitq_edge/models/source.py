@@ -9,7 +9,7 @@ from __future__ import annotations
 import ast
 import pickle
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import timm
@@ -189,7 +189,9 @@ def default_data(model_name: str, kind: str) -> tuple[ImageSet, int | None]:
         from vitq_edge.data.cifar10 import cifar10_split
 
         split = "train" if kind == "calib" else "test"
-        return image_folder(cifar10_split(split)).interleaved(), 1024 if kind == "calib" else 1000
+        images = image_folder(cifar10_split(split)).interleaved()
+        images = replace(images, name=f"cifar10-{split} (classes interleaved)")
+        return images, 1024 if kind == "calib" else 1000
     return bundled_set(kind), None
 
 
