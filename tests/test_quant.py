@@ -419,3 +419,25 @@ def test_build_recipe_errors(tmp_path, args, fragment):
     out = tmp_path / "b"
     assert_user_error(run_cli("build", *args, "--out", str(out), "--quiet"), fragment)
     assert not out.exists()
+
+
+def test_observations_of_one_huge_batch_keep_only_its_first_images(monkeypatch):
+    from vitq_edge.quant import quantizers
+
+    monkeypatch.setattr(quantizers, "MAX_BATCH_OBSERVED", 1000)
+    monkeypatch.setattr(quantizers, "MAX_OBSERVED", 1500)
+    q = UniformQuantizer(8)
+    q.observe(True)
+    x = torch.arange(64 * 300, dtype=torch.float32).reshape(64, 3, 100)  # 300 values per image
+    assert q(x) is x  # observing never changes the forward
+    q(x)
+    q(x)  # past MAX_OBSERVED: not kept
+    assert [t.shape[0] for t in q._seen] == [3, 3] and torch.equal(q._seen[0], x[:3])
+    small = torch.ones(2, 3, 100)
+    q.clear_observations()
+    q(small)
+    assert q._seen[0].shape == small.shape  # a batch within the limit is kept whole
+    big = torch.zeros(64, 3, 100)
+    q.clear_observations()
+    q(big)
+    assert q._seen[0].untyped_storage().nbytes() == 3 * 300 * 4  # its own storage, not a view of the batch

@@ -19,8 +19,12 @@ from torch import nn
 from vitq_edge.quant import arith
 
 # Observations kept per quantizer for range search (first images first); enough for
-# stable quantiles, small enough for DeiT-sized activations.
+# stable quantiles, small enough for DeiT-sized activations. Batches are kept whole until
+# MAX_OBSERVED values are seen; a single batch larger than MAX_BATCH_OBSERVED keeps only its
+# first images (a 224-px ViT-S attention map is 0.4 M values per image: 256 images of every
+# quantizer's input would need ~20 GB).
 MAX_OBSERVED = 1 << 22
+MAX_BATCH_OBSERVED = 1 << 24
 ACT_QUANTILES = (0.999, 0.9999, 0.99999, 1.0)
 
 
@@ -79,8 +83,12 @@ class Quantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._observing:
             if self._seen_numel < MAX_OBSERVED:
-                self._seen.append(x.detach())
-                self._seen_numel += x.numel()
+                kept = x.detach()
+                if kept.dim() > 1 and kept.numel() > MAX_BATCH_OBSERVED:  # dim 0: images
+                    # A copy: a view would keep the whole batch's storage alive.
+                    kept = kept[:max(1, MAX_BATCH_OBSERVED // kept[0].numel())].clone()
+                self._seen.append(kept)
+                self._seen_numel += kept.numel()
             return x
         if not self.enabled:
             return x
