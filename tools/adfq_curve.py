@@ -21,6 +21,7 @@ from pathlib import Path
 
 import vitq_edge  # noqa: F401  (torchvision shim before timm)
 from vitq_edge.artifacts import write_atomic
+from vitq_edge.build import BuildOptions
 from vitq_edge.compare import CompareOptions, compare
 from vitq_edge.data.cifar10 import cifar10_split
 from vitq_edge.data.datasets import image_folder
@@ -48,10 +49,10 @@ def main() -> None:
     points = []
     for iters in [int(n) for n in args.iters.split(",")]:
         tag = "-".join([f"{args.bits}-iters{iters}", *(f"{k}{v}" for k, v in options.items())])
-        table = compare(CompareOptions(
-            programs=[f"adfq@{args.bits}"], devices=[], model=MODEL_NAME, iters=iters, eval_set=val,
-            recipe_options=options, out=str(Path(args.work) / tag), table=str(Path(args.work) / tag / "table"),
-            command=command))
+        shared = BuildOptions(model=MODEL_NAME, iters=iters, recipe_options=options)
+        table = compare(CompareOptions(build=shared, programs=[f"adfq@{args.bits}"], devices=[], eval_set=val,
+                                       out=str(Path(args.work) / tag), table=str(Path(args.work) / tag / "table"),
+                                       command=command))
         row = table["rows"][0]
         points.append({"iters": iters, "bits": args.bits, "options": options, **row["accuracy"],
                        "calibration_seconds": row["calibration_seconds"], "recipe_config": row["recipe_config"],

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 import vitq_edge  # noqa: F401  (fixes the torchvision import before timm loads)
+from vitq_edge.build import BuildOptions
 from vitq_edge.compare import CompareOptions, compare
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,10 +58,10 @@ def main() -> None:
         for name, (group, runs) in groups.items():
             if not group:
                 continue
-            table = compare(CompareOptions(
-                programs=args.recipes.split(","), devices=group, runs=runs, out=str(out), table=str(out / name),
-                target="rpi4", model=None if model == "reference" else model, calib_limit=args.calib_limit,
-                skip_eval=True, command=command))
+            shared = BuildOptions(target="rpi4", model=None if model == "reference" else model,
+                                  calib_limit=args.calib_limit, skip_eval=True)
+            table = compare(CompareOptions(build=shared, programs=args.recipes.split(","), devices=group, runs=runs,
+                                           out=str(out), table=str(out / name), command=command))
             rows += [{"model": model, "program": r["program"], "device": b["device"], "threads": b["threads"],
                       "instructions": b["instructions"], "latency_ms_median": b["latency_ms_median"],
                       "size_bytes": r["pte_size_bytes"], "xnnpack_partitions": r["xnnpack_partitions"],

@@ -346,19 +346,20 @@ def compare(programs, devices, threads, runs, out, table, target, model, pretrai
     compare.md and compare.png are rewritten after every finished step, so an interrupted
     run resumes where it stopped when the same command is run again.
     """
+    from vitq_edge.build import BuildOptions
     from vitq_edge.compare import CompareOptions, summary_lines
     from vitq_edge.compare import compare as run_compare
     from vitq_edge.models.source import parse_model_kwargs
     from vitq_edge.quant.recipes import parse_options
 
     set_quiet(quiet)
-    opts = CompareOptions(devices=_list(devices), threads=threads, runs=runs, out=out, table=table,
-                          target=target, model=model, pretrained=pretrained, checkpoint=checkpoint,
-                          model_kwargs=parse_model_kwargs(model_kwargs), calib=calib, eval=eval_dir,
-                          calib_limit=calib_limit, eval_limit=eval_limit, skip_eval=skip_eval, mean=mean, std=std,
-                          input_size=input_size, crop_pct=crop_pct, interpolation=interpolation, iters=iters,
-                          calib_device=calib_device, recipe_options=parse_options(recipe_options),
-                          max_image_pixels=max_image_pixels,
+    shared = BuildOptions(target=target, iters=iters, calib_device=calib_device,
+                          recipe_options=parse_options(recipe_options), model=model, pretrained=pretrained,
+                          checkpoint=checkpoint, model_kwargs=parse_model_kwargs(model_kwargs), calib=calib,
+                          eval=eval_dir, calib_limit=calib_limit, eval_limit=eval_limit, skip_eval=skip_eval,
+                          mean=mean, std=std, input_size=input_size, crop_pct=crop_pct, interpolation=interpolation,
+                          max_image_pixels=max_image_pixels)
+    opts = CompareOptions(build=shared, devices=_list(devices), threads=threads, runs=runs, out=out, table=table,
                           command="vitq-edge " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     if programs is not None:
         opts.programs = _list(programs)

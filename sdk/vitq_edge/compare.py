@@ -21,7 +21,7 @@ import platform
 import shlex
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -30,7 +30,7 @@ import vitq_edge
 from vitq_edge.artifacts import write_atomic
 from vitq_edge.bench import benchmark
 from vitq_edge.build import BuildOptions, build, eval_images, load_for_build
-from vitq_edge.data.datasets import DEFAULT_MAX_IMAGE_PIXELS, ImageSet
+from vitq_edge.data.datasets import ImageSet
 from vitq_edge.device.host_runtime import HostProgram
 from vitq_edge.errors import VitqError
 from vitq_edge.metrics import accuracy_summary
@@ -47,33 +47,17 @@ DEFAULT_PROGRAMS = ("fp32", "xnnpack-int8", "minmax@W8A8", "liu2021@W8A8", "adfq
 
 @dataclass
 class CompareOptions:
+    """What to compare: `build` holds what every program shares (model, images, preprocessing,
+    recipe options, target), as `vitq-edge build` takes it; each row sets its recipe and bits."""
+
+    build: BuildOptions = field(default_factory=BuildOptions)
     programs: list[str] = field(default_factory=lambda: list(DEFAULT_PROGRAMS))
     devices: list[str] = field(default_factory=lambda: ["host"])
     threads: list[int] = field(default_factory=lambda: [1])
     runs: int | None = None  # bench runs per device (default: bench's own)
     out: str = "compare"
     table: str | None = None  # stem of the table files (default OUT/compare)
-    target: str = "rpi4"
-    model: str | None = None
-    pretrained: bool = False
-    checkpoint: str | None = None
-    model_kwargs: dict = field(default_factory=dict)
-    calib: str | None = None
-    eval: str | None = None
     eval_set: ImageSet | None = None  # Python callers: an image set instead of --eval (e.g. a validation split)
-    calib_limit: int | None = None
-    eval_limit: int | None = None
-    skip_eval: bool = False
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    input_size: int | None = None
-    crop_pct: float | None = None
-    interpolation: str | None = None
-    iters: int | None = None
-    calib_device: str = "cpu"
-    recipe_options: dict = field(default_factory=dict)  # applied to every program whose recipe has the field
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
-    batch_size: int = 64
     command: str = ""
 
 
@@ -123,17 +107,17 @@ def _evaluator(images: _EvalImages) -> Callable[[LoadedModel, torch.nn.Module, H
 
 def _settings(opts: CompareOptions) -> dict:
     """What makes rows comparable: a resumed run must use the same (the table refuses to mix)."""
-    return {"model": opts.model or "reference", "pretrained": opts.pretrained, "checkpoint": opts.checkpoint,
-            "model_kwargs": opts.model_kwargs, "target": opts.target, "calib": opts.calib,
-            "calib_limit": opts.calib_limit, "eval": opts.eval if opts.eval_set is None else opts.eval_set.name,
-            "eval_limit": opts.eval_limit, "skip_eval": opts.skip_eval, "iters": opts.iters,
-            "recipe_options": opts.recipe_options,
-            "preprocess": _preprocess_flags(opts)}
+    b = opts.build
+    return {"model": b.model or "reference", "pretrained": b.pretrained, "checkpoint": b.checkpoint,
+            "model_kwargs": b.model_kwargs, "target": b.target, "calib": b.calib, "calib_limit": b.calib_limit,
+            "eval": b.eval if opts.eval_set is None else opts.eval_set.name, "eval_limit": b.eval_limit,
+            "skip_eval": b.skip_eval, "iters": b.iters, "recipe_options": b.recipe_options,
+            "preprocess": _preprocess_flags(b)}
 
 
-def _preprocess_flags(opts: CompareOptions) -> dict:
-    flags = {"--mean": opts.mean, "--std": opts.std, "--input-size": opts.input_size, "--crop-pct": opts.crop_pct,
-             "--interpolation": opts.interpolation}
+def _preprocess_flags(b: BuildOptions) -> dict:
+    flags = {"--mean": b.mean, "--std": b.std, "--input-size": b.input_size, "--crop-pct": b.crop_pct,
+             "--interpolation": b.interpolation}
     return {k: list(v) if isinstance(v, tuple) else v for k, v in flags.items() if v is not None}
 
 
@@ -186,7 +170,7 @@ def compare(opts: CompareOptions) -> dict:
     specs = {key: (recipe, bits) for key, recipe, bits in map(parse_program, opts.programs)}
     keys = list(specs)
     recipes = list(dict.fromkeys(recipe for recipe, _ in specs.values()))
-    for key in opts.recipe_options:
+    for key in opts.build.recipe_options:
         if not any(key in recipe_option_names(recipe) for recipe in recipes):
             raise VitqError(f"--option {key}: none of the programs' recipes ({', '.join(recipes)}) has that field")
     for recipe, bits in specs.values():  # typos and bad values before any work
@@ -222,7 +206,7 @@ def compare(opts: CompareOptions) -> dict:
         if loaded is None:
             torch.manual_seed(0)  # a model without a checkpoint gets the same random weights when resumed
             loaded = load_for_build(_build_options(opts, "fp32", None, None))
-            images = None if opts.skip_eval else _prepare_images(opts, loaded)
+            images = None if opts.build.skip_eval else _prepare_images(opts, loaded)
         status(f"compare: building {key}")
         rows[key] = _build_row(opts, key, recipe, bits, out, loaded, images)
         save()
@@ -248,12 +232,12 @@ def _bench_key(device: str, threads: int) -> str:
 
 def _prepare_images(opts: CompareOptions, loaded: LoadedModel) -> _EvalImages:
     """The evaluation images preprocessed once, and the float model's logits on them."""
-    data = opts.eval_set.limit(opts.eval_limit) if opts.eval_set is not None else eval_images(
-        loaded, opts.eval, opts.eval_limit, opts.max_image_pixels)
+    data = opts.eval_set.limit(opts.build.eval_limit) if opts.eval_set is not None else eval_images(
+        loaded, opts.build.eval, opts.build.eval_limit, opts.build.max_image_pixels)
     status(f"compare: reading {len(data)} evaluation images, running the float model on them")
     batches, labels = [], []
-    for x, y in progress(data.batches(loaded.preprocess, opts.batch_size), "reading images",
-                         total=-(-len(data) // opts.batch_size), unit="batch"):
+    for x, y in progress(data.batches(loaded.preprocess, opts.build.batch_size), "reading images",
+                         total=-(-len(data) // opts.build.batch_size), unit="batch"):
         batches.append(x)
         labels.append(y)
     images = _EvalImages(data.name, batches, torch.cat(labels))
@@ -263,39 +247,36 @@ def _prepare_images(opts: CompareOptions, loaded: LoadedModel) -> _EvalImages:
 
 
 def _options_for(opts: CompareOptions, recipe: str) -> dict:
-    return {k: v for k, v in opts.recipe_options.items() if k in recipe_option_names(recipe)}
+    return {k: v for k, v in opts.build.recipe_options.items() if k in recipe_option_names(recipe)}
 
 
 def _build_options(opts: CompareOptions, recipe: str, bits: str | None, out: Path | None) -> BuildOptions:
-    return BuildOptions(target=opts.target, recipe=recipe, bits=bits, recipe_options=_options_for(opts, recipe),
-                        iters=opts.iters if recipe == "adfq" else None,
-                        calib_device=opts.calib_device if recipe in ("minmax", "liu2021", "adfq") else "cpu",
-                        model=opts.model, pretrained=opts.pretrained, checkpoint=opts.checkpoint,
-                        model_kwargs=opts.model_kwargs, calib=opts.calib, eval=opts.eval,
-                        calib_limit=opts.calib_limit, skip_eval=opts.skip_eval, mean=opts.mean, std=opts.std,
-                        input_size=opts.input_size, crop_pct=opts.crop_pct, interpolation=opts.interpolation,
-                        max_image_pixels=opts.max_image_pixels, batch_size=opts.batch_size,
-                        out=None if out is None else str(out), command=opts.command)
+    """One row's build: the shared options, its recipe and bits, the recipe options its recipe has."""
+    base = opts.build
+    return replace(base, recipe=recipe, bits=bits, recipe_options=_options_for(opts, recipe),
+                   iters=base.iters if recipe == "adfq" else None,
+                   calib_device=base.calib_device if recipe in ("minmax", "liu2021", "adfq") else "cpu",
+                   out=None if out is None else str(out), command=opts.command)
 
 
 def build_command(opts: CompareOptions, recipe: str, bits: str | None) -> str:
     """The `vitq-edge build` command that makes the same program as a compare row."""
-    args = ["vitq-edge", "build", "--target", opts.target, "--recipe", recipe]
+    b = opts.build
+    args = ["vitq-edge", "build", "--target", b.target, "--recipe", recipe]
     if bits and recipe != "fp32":
         args += ["--bits", bits]
-    for flag, value in (("--model", opts.model), ("--checkpoint", opts.checkpoint), ("--calib", opts.calib),
-                        ("--calib-limit", opts.calib_limit),
-                        ("--iters", opts.iters if recipe == "adfq" else None)):
+    for flag, value in (("--model", b.model), ("--checkpoint", b.checkpoint), ("--calib", b.calib),
+                        ("--calib-limit", b.calib_limit), ("--iters", b.iters if recipe == "adfq" else None)):
         if value is not None:
             args += [flag, str(value)]
-    if opts.pretrained:
+    if b.pretrained:
         args.append("--pretrained")
     for key, value in _options_for(opts, recipe).items():
         args += ["--option", f"{key}={value}"]
-    for flag, value in _preprocess_flags(opts).items():
+    for flag, value in _preprocess_flags(b).items():
         args += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
-    if opts.model_kwargs:
-        args += ["--model-kwargs", ",".join(f"{k}={v}" for k, v in opts.model_kwargs.items())]
+    if b.model_kwargs:
+        args += ["--model-kwargs", ",".join(f"{k}={v}" for k, v in b.model_kwargs.items())]
     return " ".join(shlex.quote(a) for a in args)
 
 
