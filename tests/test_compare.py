@@ -160,3 +160,15 @@ def test_compare_on_the_bundled_model_matches_build(tmp_path):
     emu = w8["bench"]["emulated-rpi4@1"]
     assert emu["instructions"] > 0 and emu["latency_is_emulated"]
     assert w8["bench"]["emulated-rpi4@1"]["instructions"] < fp32["bench"]["emulated-rpi4@1"]["instructions"]
+
+
+def test_a_setting_newer_than_the_table_counts_as_unset(tmp_path):
+    from vitq_edge.compare import _check_resumable
+    from vitq_edge.errors import VitqError
+
+    table = {"settings": {"model": "m", "eval_limit": 10}}
+    _check_resumable(table, {"model": "m", "eval_limit": 10, "recipe_options": {}}, tmp_path / "t.json")
+    with pytest.raises(VitqError, match="recipe_options"):
+        _check_resumable(table, {"model": "m", "eval_limit": 10, "recipe_options": {"seed": "1"}}, tmp_path / "t.json")
+    with pytest.raises(VitqError, match="eval_limit: 10 then, 20 now"):
+        _check_resumable(table, {"model": "m", "eval_limit": 20}, tmp_path / "t.json")

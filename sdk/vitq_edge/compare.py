@@ -156,7 +156,8 @@ def _read_table(stem: Path) -> dict | None:
 
 def _check_resumable(table: dict, settings: dict, path: Path) -> None:
     old = table.get("settings", {})
-    changed = [k for k in settings if old.get(k) != settings[k]]
+    # A setting newer than the table counts as unset there: rows stay resumable across versions.
+    changed = [k for k in settings if old.get(k) != settings[k] and (k in old or settings[k])]
     if changed:
         diffs = ", ".join(f"{k}: {old.get(k)!r} then, {settings[k]!r} now" for k in changed)
         raise VitqError(f"{path} holds rows measured with other settings ({diffs}); rerun with the same settings to "
