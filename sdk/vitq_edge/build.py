@@ -145,8 +145,10 @@ def _evaluate(loaded: LoadedModel, quantized: torch.nn.Module, program: HostProg
     total = -(-len(data) // batch_size)
     with torch.no_grad():
         for x, y in progress(batches, "evaluating", total=total, unit="batch"):
-            for key, out in (("fp32", loaded.model(x)), ("simulated", quantized(x)), ("pte", program(x)),
-                             ("labels", y)):
+            fp = loaded.model(x)
+            # The fp32 recipe simulates with the float model itself: run it once.
+            sim = fp if quantized is loaded.model else quantized(x)
+            for key, out in (("fp32", fp), ("simulated", sim), ("pte", program(x)), ("labels", y)):
                 logits[key].append(out)
     acc = accuracy_summary(*(torch.cat(logits[k]) for k in ("fp32", "simulated", "pte", "labels")))
     acc["eval_set"] = data.name
