@@ -21,6 +21,7 @@ from vitq_edge.quant.mixed_precision import pareto_choice
 from vitq_edge.quant.quantizers import (
     LogQuantizer,
     PerPatchOutlierQuantizer,
+    Quantizer,
     ShiftLog2Quantizer,
     UniformQuantizer,
 )
@@ -318,6 +319,31 @@ def tiny():
 
 def _sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
     return float(10 * torch.log10(ref.pow(2).sum() / (out - ref).pow(2).sum()))
+
+
+@pytest.mark.parametrize("walk", ["ops", "adfq units"])
+def test_cached_block_inputs_equal_the_whole_models_as_quantizers_switch_on(tiny, walk):
+    """liu2021 and adfq read each op's (unit's) input from per-block caches instead of rerunning the
+    model's prefix: the same tensors, while the op before it has just been quantized."""
+    from vitq_edge.quant.adfq import units
+    from vitq_edge.quant.calibration import BlockInputs, capture_inputs
+    from vitq_edge.quant.minmax import minmax_factory
+
+    model, x, _ = tiny
+    qmodel = vit.quantize_vit(model, minmax_factory(4, 4))
+    vit.calibrate_activations(qmodel, [x])
+    vit.set_enabled(qmodel, False)
+    names = [n for n, _ in vit.quant_ops(qmodel)] if walk == "ops" else units(qmodel)
+    assert names[0] == "patch_embed.proj" and names[-1] == "head"
+    cached = BlockInputs(qmodel, x, 40)
+    for name in names:
+        op = qmodel.get_submodule(name)
+        got, want = cached.of(name, op), capture_inputs(qmodel, op, x, 40)
+        assert len(got) == len(want) and all(torch.equal(g, w) for g, w in zip(got, want, strict=True)), name
+        for q in op.modules():
+            if isinstance(q, Quantizer):
+                q.enabled = True  # the next op sees this one quantized, as in the recipes
+    assert cached.index == len(qmodel.blocks)
 
 
 @pytest.mark.parametrize("recipe,bits,options", [

@@ -30,7 +30,7 @@ from torch import nn
 from vitq_edge.errors import VitqError
 from vitq_edge.progress import progress
 from vitq_edge.quant import vit
-from vitq_edge.quant.calibration import batches, capture_inputs, package, resolve_device, stack_calibration
+from vitq_edge.quant.calibration import BlockInputs, batches, package, resolve_device, stack_calibration
 from vitq_edge.quant.losses import attention_kl
 from vitq_edge.quant.quantizers import (
     AdaRoundQuantizer,
@@ -247,13 +247,17 @@ def _quantize_adfq(model: nn.Module, config: AdfqConfig, x: torch.Tensor, device
     log = {}
     if config.iters > 0:
         names = units(qmodel)
+        # Each unit's input on the float model and on the model quantized up to it, from caches of
+        # the two residual streams (one block forward per block, not the model's prefix per unit).
+        float_inputs = BlockInputs(qmodel, x, config.batch_size * 8)
+        quant_inputs = BlockInputs(qmodel, x, config.batch_size * 8)
         for i, name in enumerate(names):
             unit = qmodel.get_submodule(name)
             vit.set_enabled(qmodel, False)
-            (x_fp,) = capture_inputs(qmodel, unit, x, config.batch_size * 8)
+            (x_fp,) = float_inputs.of(name, unit)
             for earlier in names[:i]:
                 _set_unit_enabled(qmodel.get_submodule(earlier), True)
-            (x_q,) = capture_inputs(qmodel, unit, x, config.batch_size * 8)
+            (x_q,) = quant_inputs.of(name, unit)
             _set_unit_enabled(unit, True)
             log[name] = reconstruct_unit(unit, x_fp, x_q, config, generator, f"reconstructing {name}")
         vit.set_enabled(qmodel, True)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -30,7 +30,7 @@ class _Captured(Exception):
 
 
 @torch.no_grad()
-def capture_inputs(model: torch.nn.Module, op: torch.nn.Module, images: torch.Tensor,
+def capture_inputs(model: Callable[[torch.Tensor], torch.Tensor], op: torch.nn.Module, images: torch.Tensor,
                    batch_size: int) -> tuple[torch.Tensor, ...]:
     """The inputs `op` receives when `model` runs on `images` (the rest of the forward is skipped).
 
@@ -55,6 +55,46 @@ def capture_inputs(model: torch.nn.Module, op: torch.nn.Module, images: torch.Te
     finally:
         handle.remove()
     return tuple(torch.cat(p) for p in zip(*parts, strict=True))
+
+
+class BlockInputs:
+    """The inputs each op receives, from the input of its transformer block cached block by block.
+
+    The recipes visit ops in forward order, enabling each op's quantizers once it is done.
+    The input of block i is block i-1 applied to its own cached input under the quantizer
+    settings of that moment, so capturing an op inside a block runs that one block, not
+    the model's whole prefix; the head runs the final norm and head on the last block's
+    output. Ops before the blocks (the patch embedding) run the model.
+    """
+
+    def __init__(self, qmodel: nn.Module, images: torch.Tensor, batch_size: int) -> None:
+        self.qmodel, self.images, self.batch_size = qmodel, images, batch_size
+        self.index: int | None = None  # the block whose input self.x holds
+        self.x: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def _block_input(self, i: int) -> torch.Tensor:
+        blocks = self.qmodel.blocks
+        if self.index == i - 1 and self.x is not None:
+            with vit.fake_quant_forward():  # as capture_inputs: calibration needs no bit-exact forward
+                self.x = torch.cat([blocks[i - 1](b) for b in batches(self.x, self.batch_size)])
+        elif self.index != i:
+            (self.x,) = capture_inputs(self.qmodel, blocks[i], self.images, self.batch_size)
+        self.index = i
+        return self.x
+
+    def of(self, name: str, op: nn.Module) -> tuple[torch.Tensor, ...]:
+        parts = name.split(".")
+        n = len(self.qmodel.blocks)
+        if parts[0] == "blocks":
+            return capture_inputs(self.qmodel.blocks[int(parts[1])], op, self._block_input(int(parts[1])),
+                                  self.batch_size)
+        if self.index is not None and self.index >= n - 1:  # after the blocks: timm's norm, then its head
+            def tail(x: torch.Tensor) -> torch.Tensor:
+                return self.qmodel.forward_head(self.qmodel.norm(x))
+
+            return capture_inputs(tail, op, self._block_input(n), self.batch_size)
+        return capture_inputs(self.qmodel, op, self.images, self.batch_size)
 
 
 def resolve_device(name: str) -> torch.device:

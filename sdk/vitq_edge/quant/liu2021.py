@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from vitq_edge.progress import progress
 from vitq_edge.quant import vit
 from vitq_edge.quant.arith import fake_uniform
-from vitq_edge.quant.calibration import batches, capture_inputs, package, resolve_device, stack_calibration
+from vitq_edge.quant.calibration import BlockInputs, batches, package, resolve_device, stack_calibration
 from vitq_edge.quant.losses import PearsonTarget, RankingTarget
 from vitq_edge.quant.quantizers import Quantizer, UniformQuantizer
 from vitq_edge.quant.recipes import Liu2021Config, QuantizedModel, parse_bits, register_recipe
@@ -175,38 +175,6 @@ def _attention_scale(model: torch.nn.Module, op_name: str) -> float | None:
     return model.get_submodule(op_name.rsplit(".", 1)[0]).scale
 
 
-class _BlockInputs:
-    """Each op's inputs, from the input of its transformer block cached once per block.
-
-    Ops are searched in forward order; the input of block i is block i-1 (quantized by
-    then) applied to its own cached input, so capturing an op inside a block runs that one
-    block, not the whole prefix of the model. Ops outside the blocks run the model.
-    """
-
-    def __init__(self, qmodel: torch.nn.Module, images: torch.Tensor, batch_size: int) -> None:
-        self.qmodel, self.images, self.batch_size = qmodel, images, batch_size
-        self.index: int | None = None
-        self.x: torch.Tensor | None = None
-
-    @torch.no_grad()
-    def _block_input(self, i: int) -> torch.Tensor:
-        blocks = self.qmodel.blocks
-        if self.index == i - 1 and self.x is not None:
-            with vit.fake_quant_forward():  # as capture_inputs: calibration needs no bit-exact forward
-                self.x = torch.cat([blocks[i - 1](b) for b in batches(self.x, self.batch_size)])
-        elif self.index != i:
-            (self.x,) = capture_inputs(self.qmodel, blocks[i], self.images, self.batch_size)
-        self.index = i
-        return self.x
-
-    def of(self, name: str, op: torch.nn.Module) -> tuple[torch.Tensor, ...]:
-        parts = name.split(".")
-        if parts[0] != "blocks":
-            return capture_inputs(self.qmodel, op, self.images, self.batch_size)
-        block = self.qmodel.blocks[int(parts[1])]
-        return capture_inputs(block, op, self._block_input(int(parts[1])), self.batch_size)
-
-
 def search_intervals(qmodel: torch.nn.Module, images: torch.Tensor, config: Liu2021Config,
                      only: Iterable[str] | None = None, label: str = "interval search") -> dict:
     """Run the search op by op in forward order; ops not yet searched stay float meanwhile."""
@@ -214,7 +182,7 @@ def search_intervals(qmodel: torch.nn.Module, images: torch.Tensor, config: Liu2
     for _, op in ops:
         for q in op.operands():
             q.enabled = False
-    inputs_of = _BlockInputs(qmodel, images, config.batch_size * 4)
+    inputs_of = BlockInputs(qmodel, images, config.batch_size * 4)
     log = {}
     for name, op in progress(ops, label, unit="op"):
         inputs = inputs_of.of(name, op)
