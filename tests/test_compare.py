@@ -114,6 +114,13 @@ def test_compare_table_elsewhere_and_cost_only(folders, tmp_path):
     assert "](cost.png)" in stem.with_suffix(".md").read_text() and stem.with_suffix(".png").is_file()
     assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["programs"]
 
+    # Python callers append sections (tools/accuracy_table.py: targets) to every write of the table.
+    from vitq_edge.compare import write_table
+
+    write_table(stem, table, sections=lambda t: ["## Targets", f"{len(t['rows'])} rows checked"])
+    assert stem.with_suffix(".md").read_text().endswith("## Targets\n2 rows checked\n")
+    assert json.loads(stem.with_suffix(".json").read_text()) == table
+
 
 @pytest.mark.parametrize("args,fragment", [
     (["--programs", "magic@W8A8"], "unknown recipe 'magic'"),

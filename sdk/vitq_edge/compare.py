@@ -58,6 +58,8 @@ class CompareOptions:
     out: str = "compare"
     table: str | None = None  # stem of the table files (default OUT/compare)
     eval_set: ImageSet | None = None  # Python callers: an image set instead of --eval (e.g. a validation split)
+    # Python callers: markdown lines appended to the table on every write (e.g. targets checked against the rows).
+    sections: Callable[[dict], list[str]] | None = None
     command: str = ""
 
 
@@ -199,7 +201,7 @@ def compare(opts: CompareOptions) -> dict:
     def save() -> None:
         table["rows"] = [rows[k] for k in keys if k in rows] + [r for k, r in rows.items() if k not in keys]
         table["updated"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        _write_outputs(stem, table)
+        write_table(stem, table, opts.sections)
 
     todo = [(k, specs[k]) for k in keys if k not in rows]
     loaded, images = None, None
@@ -302,14 +304,18 @@ def _build_row(opts: CompareOptions, key: str, recipe: str, bits: str | None, ou
         "calibration": m["calibration"],
         "recipe_config": m.get("recipe_config"),
         "mixed_precision_bits": quant.get("mixed_precision", {}).get("bits"),
+        # PPOQ: the largest share of an input's calibration values kept as float outliers
+        "outlier_fraction_max": max(quant["outlier_fraction"].values()) if quant.get("outlier_fraction") else None,
         "build_command": build_command(opts, recipe, bits),
     }
 
 
-def _write_outputs(stem: Path, table: dict) -> None:
+def write_table(stem: Path, table: dict, sections: Callable[[dict], list[str]] | None = None) -> None:
     text = json.dumps(table, indent=2) + "\n"
     write_atomic(stem.with_suffix(".json"), lambda f: f.write(text.encode()))
     md = render_markdown(table, chart=stem.with_suffix(".png").name)
+    if sections is not None:
+        md += "\n".join(["", *sections(table)]) + "\n"
     write_atomic(stem.with_suffix(".md"), lambda f: f.write(md.encode()))
     write_atomic(stem.with_suffix(".png"), lambda f: render_chart(table, f))
 
@@ -324,6 +330,15 @@ def _cost(entry: dict | None) -> str:
     if entry["instructions"]:
         return f"{entry['instructions'] / 1e6:,.1f} M instr"
     return f"{entry['latency_ms_median']:.2f} ms"
+
+
+def _notes(row: dict) -> str:
+    notes = []
+    if row["recipe"] not in ("fp32", "xnnpack-int8") and row.get("program_arithmetic") not in (None, "integer"):
+        notes.append(f".pte {row['program_arithmetic']}")
+    if row.get("outlier_fraction_max") is not None:
+        notes.append(f"PPOQ outliers kept: max {100 * row['outlier_fraction_max']:.4f}% of values")
+    return "; ".join(notes)
 
 
 def _num(value: float | None, fmt: str) -> str:
@@ -352,7 +367,7 @@ def render_markdown(table: dict, chart: str) -> str:
         "",
     ]
     head = ["program", "top-1 %", ".pte %", "drop", "agreement %", "SQNR dB", "packed MB", ".pte MB", "calib s",
-            *costs]
+            *costs, "notes"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         a = r.get("accuracy") or {}
@@ -360,7 +375,7 @@ def render_markdown(table: dict, chart: str) -> str:
                  _num(a.get("drop"), "+.2f"), _num(a.get("agreement"), ".2f"), _num(a.get("sqnr_db"), ".2f"),
                  _num(r["packed_size_bytes"] and r["packed_size_bytes"] / 1e6, ".2f"),
                  f"{r['pte_size_bytes'] / 1e6:.2f}", f"{r['calibration_seconds']:.0f}",
-                 *[_cost(r.get("bench", {}).get(c)) for c in costs]]
+                 *[_cost(r.get("bench", {}).get(c)) for c in costs], _notes(r)]
         lines.append("| " + " | ".join(cells) + " |")
     first = next((r["accuracy"] for r in rows if r.get("accuracy")), None)
     if first:

@@ -1,0 +1,145 @@
+"""Which quantizers cost a recipe its accuracy on the real model: each group of quantizers alone,
+and all but one group, against the float model on a validation split carved from the training data.
+
+    .venv/bin/python tools/quantizer_ablation.py --recipe minmax --bits W8A8
+    .venv/bin/python tools/quantizer_ablation.py --recipe minmax --bits W8A8 --probs log:8
+
+Calibration: the first `--calib-images` training images (classes interleaved), as a build takes
+them; validation: `--val-images` training images from interleaved position 5,000 on (never the
+test split). Ranges come from the recipe's own quantizers and their initialisation (no
+reconstruction or search: this measures what the quantizer types and their ranges cost). The
+forward is the fake-quant one, which agrees with the kernels' arithmetic to float rounding.
+Writes OUT.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+import vitq_edge  # noqa: F401  (torchvision shim before timm)
+from vitq_edge.artifacts import write_atomic
+from vitq_edge.data.cifar10 import cifar10_split
+from vitq_edge.data.datasets import image_folder
+from vitq_edge.metrics import sqnr_db
+from vitq_edge.models.dinov2 import MODEL_NAME
+from vitq_edge.models.source import load_model
+from vitq_edge.quant import vit
+from vitq_edge.quant.adfq import adfq_factory
+from vitq_edge.quant.minmax import minmax_factory
+from vitq_edge.quant.quantizers import LogQuantizer
+from vitq_edge.quant.recipes import parse_bits, recipe_config
+
+REPO = Path(__file__).resolve().parents[1]
+VAL_START = 5000  # as tools/adfq_curve.py: calibration images sit below this interleaved position
+
+# Group name -> (op path suffixes, roles). Post-LayerNorm inputs are those of qkv and fc1.
+GROUPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "weights": (("",), ("weight",)),
+    "post-LN inputs (qkv, fc1)": ((".qkv", ".fc1"), ("input",)),
+    "probabilities (A@V a)": ((".av",), ("a",)),
+    "q, k, v": ((".qk", ".av"), ("a", "b")),
+    "proj input": ((".proj",), ("input",)),
+    "fc2 input (post-GELU)": ((".fc2",), ("input",)),
+    "patch / head inputs": (("patch_embed.proj", "head"), ("input",)),
+}
+
+
+def _group_of(op: str, role: str) -> str:
+    if role == "weight":
+        return "weights"
+    if op.endswith(".av") and role == "a":
+        return "probabilities (A@V a)"
+    for name, (suffixes, roles) in GROUPS.items():
+        if name not in ("weights", "probabilities (A@V a)") and role in roles and op.endswith(suffixes):
+            return name
+    raise ValueError(f"no group for {op} {role}")
+
+
+def _factory(recipe: str, bits: str, probs: str | None):
+    w_bits, a_bits = parse_bits(bits)
+    base = minmax_factory(w_bits, a_bits) if recipe == "minmax" else adfq_factory(recipe_config("adfq", bits))
+    groups: dict[int, str] = {}  # id(quantizer) -> group
+
+    def make(op: str, role: str):
+        if probs and op.endswith(".av") and role == "a":
+            q = LogQuantizer(a_bits, k=int(probs.split(":")[1]))
+        else:
+            q = base(op, role)
+        groups[id(q)] = _group_of(op, role)
+        return q
+
+    return make, groups
+
+
+def _logits(model: torch.nn.Module, xs: list[torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad(), vit.fake_quant_forward():
+        return torch.cat([model(x) for x in xs])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", choices=("minmax", "adfq"), default="minmax")
+    ap.add_argument("--bits", default="W8A8")
+    ap.add_argument("--probs", default=None, help="log:K replaces the probability quantizer with a log one, "
+                                                  "K levels per octave")
+    ap.add_argument("--calib-images", type=int, default=256)
+    ap.add_argument("--val-images", type=int, default=512)
+    ap.add_argument("--out", default=None, help="default docs/ablation-RECIPE-BITS[-probsK]")
+    args = ap.parse_args()
+    command = "python tools/quantizer_ablation.py" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
+    tag = f"{args.recipe}-{args.bits}" + (f"-probs{args.probs.replace(':', '')}" if args.probs else "")
+    out = Path(args.out or REPO / "docs" / "ablation" / tag)
+    torch.manual_seed(0)
+    loaded = load_model(MODEL_NAME)
+    train = image_folder(cifar10_split("train")).interleaved()
+    calib = [x for x, _ in train.subset(range(args.calib_images)).batches(loaded.preprocess, 32)]
+    val = [x for x, _ in train.subset(range(VAL_START, VAL_START + args.val_images)).batches(loaded.preprocess, 32)]
+    labels = train.labels[VAL_START:VAL_START + args.val_images]
+    with torch.no_grad():
+        fp32 = torch.cat([loaded.model(x) for x in val])
+    make, groups = _factory(args.recipe, args.bits, args.probs)
+    start = time.time()
+    qmodel = vit.quantize_vit(loaded.model, make)
+    vit.calibrate_activations(qmodel, calib)
+    print(f"calibrated in {time.time() - start:.0f} s", file=sys.stderr)
+    qs = [q for _, q in vit.quantizers(qmodel) if id(q) in groups]
+
+    def run(name: str, on) -> dict:
+        for q in qs:
+            q.enabled = on(groups[id(q)])
+        logits = _logits(qmodel, val)
+        row = {"quantized": name, "top1": round(100 * float((logits.argmax(-1).numpy() == labels).mean()), 2),
+               "agreement": round(100 * float((logits.argmax(-1) == fp32.argmax(-1)).float().mean()), 2),
+               "sqnr_db": sqnr_db(logits, fp32)}
+        print(row, file=sys.stderr)
+        return row
+
+    rows = [run("all", lambda g: True)]
+    rows += [run(f"only {g}", lambda h, g=g: h == g) for g in GROUPS]
+    rows += [run(f"all but {g}", lambda h, g=g: h != g) for g in GROUPS]
+    fp32_top1 = round(100 * float((fp32.argmax(-1).numpy() == labels).mean()), 2)
+    result = {"command": command, "recipe": args.recipe, "bits": args.bits, "probs": args.probs,
+              "calib_images": args.calib_images, "val_images": args.val_images, "fp32_top1": fp32_top1,
+              "rows": rows}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(result, indent=2) + "\n"
+    write_atomic(out.with_suffix(".json"), lambda f: f.write(text.encode()))
+    lines = [f"# {args.recipe} {args.bits}{' probabilities ' + args.probs if args.probs else ''}: "
+             "which quantizers cost accuracy (real model, validation split)", "", f"    {command}", "",
+             f"dinov2-s14-cifar10; calibration on {args.calib_images} training images; {args.val_images} validation "
+             f"images (training positions {VAL_START}+); float top-1 {fp32_top1:.2f}%; fake-quant forward, no "
+             "reconstruction or search.", "",
+             "| quantized | top-1 % | agreement % | SQNR dB |", "|---|---:|---:|---:|"]
+    lines += [f"| {r['quantized']} | {r['top1']:.2f} | {r['agreement']:.2f} | {r['sqnr_db']} |" for r in rows]
+    md = "\n".join(lines) + "\n"
+    write_atomic(out.with_suffix(".md"), lambda f: f.write(md.encode()))
+
+
+if __name__ == "__main__":
+    main()
