@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
 
@@ -57,3 +58,17 @@ def close_bars() -> None:
     """Clear every live bar (before an error line, which must not share a line with one)."""
     for bar in list(getattr(tqdm, "_instances", ())):
         bar.close()
+
+
+class StageClock:
+    """Status lines for work in many similar stages (a recipe's units or ops): in logs, where bars
+    are off, each stage says how far the work is and about how long is left."""
+
+    def __init__(self, what: str, total: int) -> None:
+        self.what, self.total, self.done, self.start = what, total, 0, time.monotonic()
+
+    def begin(self, stage: str) -> None:
+        elapsed = time.monotonic() - self.start
+        left = f", about {elapsed / self.done * (self.total - self.done) / 60:.0f} min left" if self.done else ""
+        status(f"{self.what}: {stage} ({self.done + 1}/{self.total}, {elapsed / 60:.1f} min so far{left})")
+        self.done += 1

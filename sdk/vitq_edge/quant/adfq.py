@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from vitq_edge.errors import VitqError
-from vitq_edge.progress import progress
+from vitq_edge.progress import StageClock, progress
 from vitq_edge.quant import vit
 from vitq_edge.quant.calibration import BlockInputs, batches, package, resolve_device, stack_calibration
 from vitq_edge.quant.losses import attention_kl
@@ -251,7 +251,9 @@ def _quantize_adfq(model: nn.Module, config: AdfqConfig, x: torch.Tensor, device
         # the two residual streams (one block forward per block, not the model's prefix per unit).
         float_inputs = BlockInputs(qmodel, x, config.batch_size * 8)
         quant_inputs = BlockInputs(qmodel, x, config.batch_size * 8)
+        clock = StageClock("adfq reconstruction", len(names))
         for i, name in enumerate(names):
+            clock.begin(name)
             unit = qmodel.get_submodule(name)
             vit.set_enabled(qmodel, False)
             (x_fp,) = float_inputs.of(name, unit)

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from vitq_edge.progress import progress
+from vitq_edge.progress import StageClock, progress
 from vitq_edge.quant import vit
 from vitq_edge.quant.arith import fake_uniform
 from vitq_edge.quant.calibration import BlockInputs, batches, package, resolve_device, stack_calibration
@@ -176,7 +176,8 @@ def _attention_scale(model: torch.nn.Module, op_name: str) -> float | None:
 
 
 def search_intervals(qmodel: torch.nn.Module, images: torch.Tensor, config: Liu2021Config,
-                     only: Iterable[str] | None = None, label: str = "interval search") -> dict:
+                     only: Iterable[str] | None = None, label: str = "interval search",
+                     status_lines: bool = True) -> dict:
     """Run the search op by op in forward order; ops not yet searched stay float meanwhile."""
     ops = [(n, op) for n, op in vit.quant_ops(qmodel) if only is None or n in set(only)]
     for _, op in ops:
@@ -184,7 +185,10 @@ def search_intervals(qmodel: torch.nn.Module, images: torch.Tensor, config: Liu2
             q.enabled = False
     inputs_of = BlockInputs(qmodel, images, config.batch_size * 4)
     log = {}
+    clock = StageClock(label, len(ops)) if status_lines else None
     for name, op in progress(ops, label, unit="op"):
+        if clock:
+            clock.begin(name)
         inputs = inputs_of.of(name, op)
         if isinstance(op, vit.QuantMatMul):
             for q, x in zip(op.operands(), inputs, strict=True):

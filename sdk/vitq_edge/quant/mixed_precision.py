@@ -16,7 +16,7 @@ from dataclasses import replace
 
 import torch
 
-from vitq_edge.progress import progress
+from vitq_edge.progress import StageClock, progress
 from vitq_edge.quant import arith, vit
 from vitq_edge.quant.calibration import batches
 from vitq_edge.quant.recipes import Liu2021Config, parse_bits
@@ -78,13 +78,15 @@ def choose_bits(model: torch.nn.Module, images: torch.Tensor, config: Liu2021Con
     for m in modules:
         float_y[m] = _module_output(reference, m, x, config.batch_size * 4)
     omegas: dict[str, dict[int, float]] = {m: {} for m in modules}
+    clock = StageClock("mixed-precision sensitivities", len(candidates))
     for b in progress(candidates, "mixed-precision sensitivities", unit="width"):
+        clock.begin(f"{b} bits")
         qmodel = vit.quantize_vit(model, liu_factory(lambda op, b=b: (b, b)))
         vit.calibrate_activations(qmodel, batches(x, config.batch_size * 4))
         vit.set_enabled(qmodel, False)
         for m in modules:
             ops = [n for n, _ in vit.quant_ops(qmodel) if n.startswith(m + ".")]
-            search_intervals(qmodel, x, quick, only=ops, label=f"{m} @ {b} bits")
+            search_intervals(qmodel, x, quick, only=ops, label=f"{m} @ {b} bits", status_lines=False)
             err = float((_module_output(qmodel, m, x, config.batch_size * 4) - float_y[m]).pow(2).sum()) / len(x)
             omegas[m][b] = nuclear_norm(float_y[m]) * err
             vit.set_enabled(qmodel, False)
