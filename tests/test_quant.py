@@ -189,6 +189,37 @@ def test_ppoq_beats_per_tensor_on_a_token_with_a_large_range():
     assert (ppoq(x) - x).pow(2).mean() < 0.5 * (per_tensor(x) - x).pow(2).mean()
 
 
+@pytest.mark.parametrize("make", [lambda: PerPatchOutlierQuantizer(4, threshold=2.0, init="minmax"),
+                                  lambda: ShiftLog2Quantizer(4, k=2)])
+def test_round_gradient_off_keeps_values_and_learns_the_scale_through_dequantization_only(make):
+    """adfq's round_gradient="none" (the ADFQ-ViT code): same values; the input gets no gradient and the
+    scale only d(value)/d(scale) at fixed codes, where the straight-through rounding also passes x/scale."""
+    torch.manual_seed(0)
+    x = torch.nn.functional.gelu(torch.randn(2, 5, 16) * 2)
+    outs, grads = {}, {}
+    for ste in (True, False):
+        q = make()
+        q.init_range(x)
+        q.round_gradient = ste
+        scale = q.scale if isinstance(q, UniformQuantizer) else q.delta
+        scale.requires_grad_(True)
+        xi = x.clone().requires_grad_(True)
+        out = q(xi)
+        out.sum().backward()
+        outs[ste], grads[ste] = out.detach(), (xi.grad, scale.grad.clone())
+        if not ste:
+            with torch.no_grad():  # d(sum of values)/d(scale) at fixed codes = sum of quantized values / scale
+                if isinstance(q, ShiftLog2Quantizer):
+                    expected = (q(x) + q.shift).sum() / scale
+                else:  # per token position; outliers pass unquantized
+                    values = torch.where(x.abs() > q.threshold, 0.0, q(x))
+                    expected = values.sum((0, 2)).reshape(scale.shape) / scale
+            torch.testing.assert_close(grads[ste][1], expected, rtol=1e-5, atol=1e-6)
+    assert torch.equal(outs[True], outs[False])
+    assert grads[False][0] is None or not grads[False][0].any()
+    assert grads[True][0].abs().sum() > 0 and not torch.allclose(grads[True][1], grads[False][1])
+
+
 # ---- Shift-Log2 -----------------------------------------------------------------------
 
 def test_shift_log2_handles_gelu_minimum_and_zeros_and_folds_into_the_bias():
@@ -350,6 +381,8 @@ def test_cached_block_inputs_equal_the_whole_models_as_quantizers_switch_on(tiny
     ("minmax", "W8A8", {}), ("minmax", "W4A4", {}),
     ("liu2021", "W6A6", {"candidates": 12}), ("liu2021", "mixed:6", {"candidates": 8, "mp_candidates": 4}),
     ("adfq", "W4A4", {"iters": 30}), ("adfq", "W8A8", {"iters": 0}),
+    ("adfq", "W4A4", {"iters": 10, "act_calibration": "sequential", "round_gradient": "none"}),
+    ("adfq", "W6A6", {"iters": 0, "act_calibration": "sequential"}),
 ])
 def test_recipe_runs_end_to_end_on_a_tiny_vit(tiny, recipe, bits, options):
     model, x, y = tiny
@@ -367,13 +400,29 @@ def test_recipe_runs_end_to_end_on_a_tiny_vit(tiny, recipe, bits, options):
     if recipe == "adfq":
         assert described["blocks.0.attn.qkv"]["input"]["kind"] == "PerPatchOutlierQuantizer"
         assert described["blocks.0.mlp.fc2"]["input"]["kind"] == "ShiftLog2Quantizer"
-        assert described["blocks.0.attn.av"]["a"]["base"] == {"W4A4": "sqrt2", "W8A8": "2^(1/32)"}[bits]
+        bases = {"W4A4": "sqrt2", "W6A6": "2^(1/8)", "W8A8": "2^(1/32)"}
+        assert described["blocks.0.attn.av"]["a"]["base"] == bases[bits]
         assert set(qm.details["outlier_fraction"]) == {f"blocks.{i}.{m}.input_quant" for i in (0, 1)
                                                        for m in ("attn.qkv", "mlp.fc1")}
     if bits.startswith("mixed"):
         mp = qm.details["mixed_precision"]
         assert mp["used_bits"] <= mp["budget_bits"]
         assert set(mp["bits"].values()) <= set(range(4, 9))
+
+
+def test_sequential_activation_calibration_reads_the_quantized_models_inputs(tiny):
+    """act_calibration="sequential" (the ADFQ-ViT code): a unit's ranges come from what the model quantized
+    up to it feeds it; the first unit sees the images either way."""
+    model, x, _ = tiny
+    scales = {}
+    for mode in ("float", "sequential"):
+        qm = quantize(model, recipe_config("adfq", "W4A4", iters=0, act_calibration=mode), [x], (x[:1],))
+        scales[mode] = {n: q.scale.clone() for n, q in vit.quantizers(qm.module) if isinstance(q, UniformQuantizer)
+                        and n.endswith("input_quant")}
+    assert torch.equal(scales["float"]["patch_embed.proj.input_quant"],
+                       scales["sequential"]["patch_embed.proj.input_quant"])
+    assert not torch.equal(scales["float"]["blocks.1.mlp.fc1.input_quant"],
+                           scales["sequential"]["blocks.1.mlp.fc1.input_quant"])
 
 
 def test_lower_bits_cost_accuracy_and_size(tiny):

@@ -17,6 +17,16 @@ each MLP module, head), on the calibration images in batches of `batch_size`:
     learned  AdaRound variables of every weight (Adam, weight_lr), the scales of the qkv,
              proj, fc1 and fc2 input quantizers (Adam, act_lr, cosine decay). Zero points
              are not learned.
+
+Two departures from the ADFQ-ViT code, each an option so that the validation split decides
+(tools/adfq_curve.py --option ...; the defaults stay ours until it has):
+    act_calibration  "float": every activation range from the float model at once (ours);
+                     "sequential": unit by unit, from the inputs the model quantized so far
+                     gives the unit (the code).
+    round_gradient   "ste": PPOQ and Shift-Log2 round with a straight-through gradient to
+                     their input and scale (ours); "none": codes from detached values, so the
+                     scale learns through the dequantization only and fc1 gets no gradient
+                     through fc2's input quantizer (the code's plain torch.round).
 """
 
 from __future__ import annotations
@@ -50,15 +60,17 @@ def adfq_factory(config: AdfqConfig):
     w_bits, a_bits = parse_bits(config.bits)
     k = log_steps_per_octave(config.log_base, a_bits)
 
+    ste = config.round_gradient == "ste"
+
     def make(op: str, role: str) -> Quantizer:
         if role == "weight":
             return UniformQuantizer(w_bits, signed=False, granularity="channel", init="mse")
         if op.endswith(".qkv"):
-            return PerPatchOutlierQuantizer(a_bits, config.qkv_threshold)
+            return PerPatchOutlierQuantizer(a_bits, config.qkv_threshold, round_gradient=ste)
         if op.endswith(".fc1"):
-            return PerPatchOutlierQuantizer(a_bits, config.fc1_threshold)
+            return PerPatchOutlierQuantizer(a_bits, config.fc1_threshold, round_gradient=ste)
         if op.endswith(".fc2"):
-            return ShiftLog2Quantizer(a_bits, k=k)
+            return ShiftLog2Quantizer(a_bits, k=k, round_gradient=ste)
         if op.endswith(".av") and role == "a":
             return LogQuantizer(a_bits, k=k)
         return UniformQuantizer(a_bits, signed=False, granularity="tensor", init="mse")
@@ -242,16 +254,18 @@ def quantize_adfq(model: nn.Module, config: AdfqConfig, calib: Iterable[torch.Te
 
 def _quantize_adfq(model: nn.Module, config: AdfqConfig, x: torch.Tensor, device: torch.device) -> QuantizedModel:
     qmodel = vit.quantize_vit(model, adfq_factory(config)).to(device)
-    vit.calibrate_activations(qmodel, batches(x, config.batch_size * 8))
+    sequential = config.act_calibration == "sequential"
+    if not sequential:
+        vit.calibrate_activations(qmodel, batches(x, config.batch_size * 8))
     generator = torch.Generator().manual_seed(config.seed)
     log = {}
-    if config.iters > 0:
+    if config.iters > 0 or sequential:
         names = units(qmodel)
         # Each unit's input on the float model and on the model quantized up to it, from caches of
         # the two residual streams (one block forward per block, not the model's prefix per unit).
         float_inputs = BlockInputs(qmodel, x, config.batch_size * 8)
         quant_inputs = BlockInputs(qmodel, x, config.batch_size * 8)
-        clock = StageClock("adfq reconstruction", len(names))
+        clock = StageClock("adfq", len(names))
         for i, name in enumerate(names):
             clock.begin(name)
             unit = qmodel.get_submodule(name)
@@ -260,8 +274,11 @@ def _quantize_adfq(model: nn.Module, config: AdfqConfig, x: torch.Tensor, device
             for earlier in names[:i]:
                 _set_unit_enabled(qmodel.get_submodule(earlier), True)
             (x_q,) = quant_inputs.of(name, unit)
+            if sequential:  # this unit's activation ranges from the inputs the quantized model gives it
+                vit.calibrate_activations(unit, batches(x_q, config.batch_size * 8))
             _set_unit_enabled(unit, True)
-            log[name] = reconstruct_unit(unit, x_fp, x_q, config, generator, f"reconstructing {name}")
+            if config.iters > 0:
+                log[name] = reconstruct_unit(unit, x_fp, x_q, config, generator, f"reconstructing {name}")
         vit.set_enabled(qmodel, True)
     bake_weights(qmodel)
     outliers = {n: round(q.outlier_fraction, 6) for n, q in vit.quantizers(qmodel)

@@ -143,26 +143,36 @@ def outlier_mask(x: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 def fake_ppoq(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int,
-              threshold: float) -> torch.Tensor:
+              threshold: float, round_gradient: bool = True) -> torch.Tensor:
     """x [..., tokens, channels]; scale/zero_point [tokens, 1], one pair per token position.
 
     Inliers go through the per-token uniform quantizer; outliers are zeroed before it
     and added back after, exactly (the deployed op is a low-bit GEMM plus a sparse
-    float GEMM over the outliers).
+    float GEMM over the outliers). Same value either way, `round_gradient=False` computes
+    the codes from detached x and scale, as the ADFQ-ViT code does: the scale learns only
+    through the dequantization and x gets no gradient.
     """
+    if not round_gradient:
+        x = x.detach()
     mask = outlier_mask(x, threshold)
     inliers = torch.where(mask, torch.zeros_like(x), x)
     qmin, qmax = uniform_range(bits, signed=False)
-    quantized = fake_uniform(inliers, scale, zero_point, qmin, qmax)
-    return torch.where(mask, x, quantized)
+    codes = uniform_codes(inliers, scale if round_gradient else scale.detach(), zero_point, qmin, qmax)
+    return torch.where(mask, x, uniform_values(codes, scale, zero_point))
 
 
 # ---- shift-log2 (ADFQ-ViT, post-GELU) ------------------------------------------------
 
-def fake_shift_log(x: torch.Tensor, shift: torch.Tensor | float, delta: torch.Tensor | float, bits: int,
-                   k: int) -> torch.Tensor:
-    """The shifted, log-quantized value x' = Q(x + shift); the consumer subtracts `shift`."""
-    return fake_log(x + shift, delta, bits, k)
+def fake_shift_log(x: torch.Tensor, shift: torch.Tensor | float, delta: torch.Tensor, bits: int,
+                   k: int, round_gradient: bool = True) -> torch.Tensor:
+    """The shifted, log-quantized value x' = Q(x + shift); the consumer subtracts `shift`.
+
+    `round_gradient=False`: codes from detached inputs (as fake_ppoq), delta learns through
+    the dequantization only.
+    """
+    if round_gradient:
+        return fake_log(x + shift, delta, bits, k)
+    return log_values(log_codes((x + shift).detach(), delta.detach(), bits, k), delta, bits, k)
 
 
 # ---- float steps the kernels compute bit for bit ------------------------------------

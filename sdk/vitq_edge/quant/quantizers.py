@@ -246,13 +246,14 @@ class PerPatchOutlierQuantizer(UniformQuantizer):
     calibration values kept as outliers is recorded in `outlier_fraction`.
     """
 
-    def __init__(self, bits: int, threshold: float, init: str = "mse") -> None:
+    def __init__(self, bits: int, threshold: float, init: str = "mse", round_gradient: bool = True) -> None:
         super().__init__(bits, signed=False, granularity="token", init=init)
         self.threshold = float(threshold)
         self.outlier_fraction = 0.0
+        self.round_gradient = round_gradient  # see arith.fake_ppoq
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        return arith.fake_ppoq(x, self.scale, self.zero_point, self.bits, self.threshold)
+        return arith.fake_ppoq(x, self.scale, self.zero_point, self.bits, self.threshold, self.round_gradient)
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         inliers = torch.where(arith.outlier_mask(x, self.threshold), torch.zeros_like(x), x)
@@ -285,14 +286,15 @@ class ShiftLog2Quantizer(Quantizer):
 
     GELU_MIN = -0.16997  # min of x * Phi(x), at x = -0.7518
 
-    def __init__(self, bits: int, k: int = 2, init: str = "mse") -> None:
+    def __init__(self, bits: int, k: int = 2, init: str = "mse", round_gradient: bool = True) -> None:
         super().__init__(bits)
         self.k, self.init = k, init
+        self.round_gradient = round_gradient  # see arith.fake_shift_log
         self.delta = nn.Parameter(torch.ones(()), requires_grad=False)
         self.register_buffer("shift", torch.tensor(-self.GELU_MIN + 1e-3))
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        return arith.fake_shift_log(x, self.shift, self.delta, self.bits, self.k) - self.shift
+        return arith.fake_shift_log(x, self.shift, self.delta, self.bits, self.k, self.round_gradient) - self.shift
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
         return arith.log_codes(x + self.shift, self.delta.detach(), self.bits, self.k)

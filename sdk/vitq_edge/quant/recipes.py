@@ -160,6 +160,19 @@ class AdfqConfig(PaperRecipeConfig):
     temperature: float = 4.0
     kl_dim: str = "heads"  # the code softmaxes attention maps over heads; "keys" follows the paper's text
     drop_prob: float = 0.5  # QDrop: chance an element takes the float input
+    # Two departures from the ADFQ-ViT code (adfq.py says why and what the validation split showed):
+    # activation ranges from the float model, all at once ("float"), or unit by unit from the inputs the
+    # model quantized so far produces ("sequential", the code); PPOQ and Shift-Log2 rounding with a
+    # straight-through gradient to their inputs and scales ("ste") or none (the code: scales learn only
+    # through the dequantization).
+    act_calibration: Literal["float", "sequential"] = "float"
+    round_gradient: Literal["ste", "none"] = "ste"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name, allowed in (("act_calibration", ("float", "sequential")), ("round_gradient", ("ste", "none"))):
+            if getattr(self, name) not in allowed:
+                raise VitqError(f"recipe adfq option {name}={getattr(self, name)!r}: use {' or '.join(allowed)}")
 
 
 @dataclass
