@@ -317,6 +317,22 @@ def test_search_samples_token_rows_of_linears_convolutions_and_attention():
     assert a.shape == (2, 3, 10, 8) and b is kt
 
 
+def test_per_kind_normalisation_stops_one_kind_taking_every_low_width():
+    """Attention-map sensitivities are orders of magnitude below MLP-output ones: in a raw sum every
+    MSA module drops to the lowest width; normalised per kind, the widths follow relative sensitivity."""
+    from vitq_edge.quant.mixed_precision import normalise_per_kind
+
+    omegas = {"blocks.0.attn": {4: 4e-6, 6: 1e-6, 8: 0.2e-6}, "blocks.1.attn": {4: 40e-6, 6: 10e-6, 8: 2e-6},
+              "blocks.0.mlp": {4: 40.0, 6: 10.0, 8: 2.0}, "blocks.1.mlp": {4: 4.0, 6: 1.0, 8: 0.2}}
+    costs = dict.fromkeys(omegas, 100)
+    raw = pareto_choice(costs, omegas, 6 * 400)
+    assert raw["blocks.0.attn"] == raw["blocks.1.attn"] == 4
+    normalised = normalise_per_kind(omegas, 6)
+    assert sum(normalised[m][6] for m in ("blocks.0.attn", "blocks.1.attn")) == pytest.approx(2.0)
+    chosen = pareto_choice(costs, normalised, 6 * 400)
+    assert chosen["blocks.1.attn"] > chosen["blocks.0.attn"] and chosen["blocks.0.mlp"] > chosen["blocks.1.mlp"]
+
+
 @settings(max_examples=40, deadline=None)
 @given(data=st.data())
 def test_mixed_precision_choice_respects_the_budget_and_is_optimal(data):
@@ -380,6 +396,7 @@ def test_cached_block_inputs_equal_the_whole_models_as_quantizers_switch_on(tiny
 @pytest.mark.parametrize("recipe,bits,options", [
     ("minmax", "W8A8", {}), ("minmax", "W4A4", {}),
     ("liu2021", "W6A6", {"candidates": 12}), ("liu2021", "mixed:6", {"candidates": 8, "mp_candidates": 4}),
+    ("liu2021", "mixed:6", {"candidates": 8, "mp_candidates": 4, "mp_normalise": "kind"}),
     ("adfq", "W4A4", {"iters": 30}), ("adfq", "W8A8", {"iters": 0}),
     ("adfq", "W4A4", {"iters": 10, "act_calibration": "sequential", "round_gradient": "none"}),
     ("adfq", "W6A6", {"iters": 0, "act_calibration": "sequential"}),

@@ -120,11 +120,14 @@ class Liu2021Config(PaperRecipeConfig):
     ranking_pairs: int = 1024
     mp_search_images: int = 128  # images for the mixed-precision sensitivities
     mp_candidates: int = 25  # intervals per search when measuring sensitivities
+    mp_normalise: Literal["none", "kind"] = "none"  # "kind": sensitivities over their module kind's mean
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.search not in ("coarse-to-fine", "grid"):
             raise VitqError(f"recipe liu2021 option search={self.search!r}: use coarse-to-fine or grid")
+        if self.mp_normalise not in ("none", "kind"):
+            raise VitqError(f"recipe liu2021 option mp_normalise={self.mp_normalise!r}: use none or kind")
 
     def bits_supported(self, bits: str) -> bool:
         if bits in self.supported_bits:
