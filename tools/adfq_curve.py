@@ -6,8 +6,9 @@ reconstruction lengths, measured on a validation split carved from the training 
 
 Each point is one `vitq-edge compare` run (model dinov2-s14-cifar10, calibration on the build's
 default 1,024 training images) evaluated on `--val-images` other training images (interleaved
-positions from 5,000 on), never the test split. Points are written to OUT.{md,json} as they
-finish; a rerun skips the finished ones (their compare folders under build/adfq-curve/).
+positions from 5,000 on: validation_compare.validation_set), never the test split. Points are
+written to OUT.{md,json} as they finish; a rerun skips the finished ones (their compare
+folders under build/adfq-curve/).
 """
 
 from __future__ import annotations
@@ -16,20 +17,17 @@ import argparse
 import json
 import shlex
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import vitq_edge  # noqa: F401  (torchvision shim before timm)
+from validation_compare import validation_set  # tools/: the same validation split
 from vitq_edge.artifacts import write_atomic
 from vitq_edge.build import BuildOptions
 from vitq_edge.compare import CompareOptions, compare
-from vitq_edge.data.cifar10 import cifar10_split
-from vitq_edge.data.datasets import image_folder
 from vitq_edge.models.dinov2 import MODEL_NAME
 from vitq_edge.quant.recipes import parse_options
 
 REPO = Path(__file__).resolve().parents[1]
-VAL_START = 5000  # interleaved training positions below this hold the calibration images (first 1,024)
 
 
 def main() -> None:
@@ -42,9 +40,7 @@ def main() -> None:
     ap.add_argument("--work", default=str(REPO / "build" / "adfq-curve"))
     args = ap.parse_args()
     command = "python tools/adfq_curve.py" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
-    train = image_folder(cifar10_split("train")).interleaved()
-    val = train.subset(range(VAL_START, VAL_START + args.val_images))
-    val = replace(val, name=f"cifar10-train positions {VAL_START}+ (validation)")
+    val = validation_set(args.val_images)
     options = parse_options(args.option)
     points = []
     for iters in [int(n) for n in args.iters.split(",")]:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import vitq_edge  # noqa: F401  (torchvision shim before timm)
+from validation_compare import VAL_START, validation_set  # tools/: the same validation split
 from vitq_edge.artifacts import write_atomic
 from vitq_edge.data.cifar10 import cifar10_split
 from vitq_edge.data.datasets import image_folder
@@ -36,7 +37,6 @@ from vitq_edge.quant.quantizers import LogQuantizer
 from vitq_edge.quant.recipes import parse_bits, recipe_config
 
 REPO = Path(__file__).resolve().parents[1]
-VAL_START = 5000  # as tools/adfq_curve.py: calibration images sit below this interleaved position
 
 # Group name -> (op path suffixes, roles). Post-LayerNorm inputs are those of qkv and fc1.
 GROUPS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -99,8 +99,9 @@ def main() -> None:
     loaded = load_model(MODEL_NAME)
     train = image_folder(cifar10_split("train")).interleaved()
     calib = [x for x, _ in train.subset(range(args.calib_images)).batches(loaded.preprocess, 32)]
-    val = [x for x, _ in train.subset(range(VAL_START, VAL_START + args.val_images)).batches(loaded.preprocess, 32)]
-    labels = train.labels[VAL_START:VAL_START + args.val_images]
+    val_set = validation_set(args.val_images)
+    val = [x for x, _ in val_set.batches(loaded.preprocess, 32)]
+    labels = val_set.labels
     with torch.no_grad():
         fp32 = torch.cat([loaded.model(x) for x in val])
     make, groups = _factory(args.recipe, args.bits, args.probs)

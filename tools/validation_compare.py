@@ -1,0 +1,59 @@
+"""`vitq-edge compare` of the real model on a validation split carved from the CIFAR-10 training data,
+for choosing recipe options (never on the test split).
+
+    .venv/bin/python tools/validation_compare.py --programs liu2021@W6A6,liu2021@mixed:6 --name mixed6
+    .venv/bin/python tools/validation_compare.py --programs liu2021@mixed:6 --option mp_normalise=kind \
+        --name mixed6-kind
+    .venv/bin/python tools/validation_compare.py --programs adfq@W4A4 --iters 100 \
+        --option round_gradient=none --name adfq-w4-100-noround
+
+Calibration: the build's default (the first 1,024 training images, classes interleaved);
+validation: `--val-images` training images from interleaved position 5,000 on. Writes
+docs/validation/NAME.{md,json,png} as rows finish (program folders under build/validation/NAME);
+the same command resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import vitq_edge  # noqa: F401  (torchvision shim before timm)
+from vitq_edge.build import BuildOptions
+from vitq_edge.compare import CompareOptions, compare
+from vitq_edge.data.cifar10 import cifar10_split
+from vitq_edge.data.datasets import ImageSet, image_folder
+from vitq_edge.models.dinov2 import MODEL_NAME
+from vitq_edge.quant.recipes import parse_options
+
+REPO = Path(__file__).resolve().parents[1]
+VAL_START = 5000  # interleaved training positions below this hold the calibration images (first 1,024)
+
+
+def validation_set(n: int) -> ImageSet:
+    """n CIFAR-10 training images (classes interleaved, so balanced) that no build calibrates on."""
+    train = image_folder(cifar10_split("train")).interleaved()
+    return replace(train.subset(range(VAL_START, VAL_START + n)),
+                   name=f"cifar10-train positions {VAL_START}+ (validation)")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--programs", required=True, help="RECIPE@BITS,... as for vitq-edge compare")
+    ap.add_argument("--name", required=True, help="table name under docs/validation/")
+    ap.add_argument("--iters", type=int, default=None, help="adfq reconstruction iterations per unit")
+    ap.add_argument("--option", action="append", default=[], help="recipe config field KEY=VALUE (repeatable)")
+    ap.add_argument("--val-images", type=int, default=1000)
+    args = ap.parse_args()
+    command = "python tools/validation_compare.py" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
+    shared = BuildOptions(model=MODEL_NAME, iters=args.iters, recipe_options=parse_options(args.option))
+    compare(CompareOptions(build=shared, programs=args.programs.split(","), devices=[],
+                           eval_set=validation_set(args.val_images), out=str(REPO / "build" / "validation" / args.name),
+                           table=str(REPO / "docs" / "validation" / args.name), command=command))
+
+
+if __name__ == "__main__":
+    main()
