@@ -471,6 +471,9 @@ def test_deit_is_supported_and_unsupported_variants_are_refused():
     ("minmax", "W5A5", {}, "supports --bits"), ("adfq", "mixed:6", {}, "supports --bits"),
     ("liu2021", "mixed:12", {}, "supports --bits"), ("minmax", None, {"iters": 3}, "no option 'iters'"),
     ("nope", None, {}, "unknown recipe"),
+    ("adfq", "W4A4", {"round_gradient": "off"}, "round_gradient='off': use ste or none"),
+    ("adfq", "W4A4", {"act_calibration": "lazy"}, "use float or sequential"),
+    ("liu2021", "mixed:6", {"mp_normalise": "all"}, "mp_normalise='all': use none or kind"),
 ])
 def test_bad_recipe_configs_name_the_problem(name, bits, options, fragment):
     with pytest.raises(VitqError, match=fragment):

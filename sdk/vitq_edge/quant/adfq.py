@@ -19,7 +19,7 @@ each MLP module, head), on the calibration images in batches of `batch_size`:
              are not learned.
 
 Two departures from the ADFQ-ViT code, each an option so that the validation split decides
-(tools/adfq_curve.py --option ...; the defaults stay ours until it has):
+(tools/validation_compare.py --option ...; the defaults stay ours until it has):
     act_calibration  "float": every activation range from the float model at once (ours);
                      "sequential": unit by unit, from the inputs the model quantized so far
                      gives the unit (the code).

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, get_args, get_origin, get_type_hints
 
 import torch
 
@@ -46,6 +46,11 @@ class RecipeConfig:
             object.__setattr__(self, "bits", self.supported_bits[0])
         elif not self.bits_supported(self.bits):
             raise VitqError(f"recipe {self.name} supports --bits {self.bits_choices()}, not '{self.bits}'")
+        for name, hint in get_type_hints(type(self)).items():  # a Literal field takes only its listed values
+            allowed = get_args(hint) if get_origin(hint) is Literal else ()
+            if allowed and getattr(self, name) not in allowed:
+                raise VitqError(f"recipe {self.name} option {name}={getattr(self, name)!r}: use "
+                                f"{' or '.join(map(str, allowed))}")
 
     def bits_supported(self, bits: str) -> bool:
         return bits in self.supported_bits
@@ -122,13 +127,6 @@ class Liu2021Config(PaperRecipeConfig):
     mp_candidates: int = 25  # intervals per search when measuring sensitivities
     mp_normalise: Literal["none", "kind"] = "none"  # "kind": sensitivities over their module kind's mean
 
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.search not in ("coarse-to-fine", "grid"):
-            raise VitqError(f"recipe liu2021 option search={self.search!r}: use coarse-to-fine or grid")
-        if self.mp_normalise not in ("none", "kind"):
-            raise VitqError(f"recipe liu2021 option mp_normalise={self.mp_normalise!r}: use none or kind")
-
     def bits_supported(self, bits: str) -> bool:
         if bits in self.supported_bits:
             return True
@@ -170,12 +168,6 @@ class AdfqConfig(PaperRecipeConfig):
     # through the dequantization).
     act_calibration: Literal["float", "sequential"] = "float"
     round_gradient: Literal["ste", "none"] = "ste"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        for name, allowed in (("act_calibration", ("float", "sequential")), ("round_gradient", ("ste", "none"))):
-            if getattr(self, name) not in allowed:
-                raise VitqError(f"recipe adfq option {name}={getattr(self, name)!r}: use {' or '.join(allowed)}")
 
 
 @dataclass
