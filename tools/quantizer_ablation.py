@@ -27,7 +27,7 @@ from validation_compare import VAL_START, validation_set  # tools/: the same val
 from vitq_edge.artifacts import write_atomic
 from vitq_edge.data.cifar10 import cifar10_split
 from vitq_edge.data.datasets import image_folder
-from vitq_edge.metrics import sqnr_db
+from vitq_edge.metrics import accuracy_summary
 from vitq_edge.models.dinov2 import MODEL_NAME
 from vitq_edge.models.source import load_model
 from vitq_edge.quant import vit
@@ -101,7 +101,7 @@ def main() -> None:
     calib = [x for x, _ in train.subset(range(args.calib_images)).batches(loaded.preprocess, 32)]
     val_set = validation_set(args.val_images)
     val = [x for x, _ in val_set.batches(loaded.preprocess, 32)]
-    labels = val_set.labels
+    labels = torch.from_numpy(val_set.labels)
     with torch.no_grad():
         fp32 = torch.cat([loaded.model(x) for x in val])
     make, groups = _factory(args.recipe, args.bits, args.probs)
@@ -115,16 +115,15 @@ def main() -> None:
         for q in qs:
             q.enabled = on(groups[id(q)])
         logits = _logits(qmodel, val)
-        row = {"quantized": name, "top1": round(100 * float((logits.argmax(-1).numpy() == labels).mean()), 2),
-               "agreement": round(100 * float((logits.argmax(-1) == fp32.argmax(-1)).float().mean()), 2),
-               "sqnr_db": sqnr_db(logits, fp32)}
+        acc = accuracy_summary(fp32, logits, logits, labels)  # the definitions build and compare report
+        row = {"quantized": name, "top1": acc["simulated"], "agreement": acc["agreement"], "sqnr_db": acc["sqnr_db"]}
         print(row, file=sys.stderr)
         return row
 
     rows = [run("all", lambda g: True)]
     rows += [run(f"only {g}", lambda h, g=g: h == g) for g in GROUPS]
     rows += [run(f"all but {g}", lambda h, g=g: h != g) for g in GROUPS]
-    fp32_top1 = round(100 * float((fp32.argmax(-1).numpy() == labels).mean()), 2)
+    fp32_top1 = accuracy_summary(fp32, fp32, fp32, labels)["fp32"]
     result = {"command": command, "recipe": args.recipe, "bits": args.bits, "probs": args.probs,
               "calib_images": args.calib_images, "val_images": args.val_images, "fp32_top1": fp32_top1,
               "rows": rows}
