@@ -136,10 +136,44 @@ def test_log_codes_are_the_exactly_rounded_log2():
         rounded = torch.round(-k * torch.log2(ratio))
         want = torch.where((rounded > 254) | (x <= 0), 255.0, torch.clamp(rounded, 0, 254))
         assert torch.equal(codes.double(), want), k
-    # Straight-through gradient of the continuous -k log2(x / delta).
-    x = torch.tensor([0.3, 0.01], requires_grad=True)
-    arith.log_codes(x, 0.7, 4, 2).sum().backward()
-    assert torch.allclose(x.grad, -2 / (x.detach() * np.log(2)))
+    # Boundaries and their neighbours: the one-search coding places each exactly.
+    for bits, k in ((4, 1), (4, 2), (8, 1), (8, 2), (6, 3)):
+        b, _, _ = arith._log_ladder(bits, k)
+        x = torch.cat([b, torch.nextafter(b, torch.tensor(0.0)), torch.nextafter(b, torch.tensor(9.0))])
+        rounded = torch.round(-k * torch.log2(x.double().clamp(min=arith.LOG_RATIO_FLOOR)))
+        zero = 2**bits - 1
+        want = torch.where(rounded > zero - 1, float(zero), torch.clamp(rounded, 0, zero - 1))
+        assert torch.equal(arith.log_codes(x, torch.tensor(1.0), bits, k).double(), want), (bits, k)
+
+
+@pytest.mark.parametrize("round_gradient", [True, False])
+def test_fake_log_gradient_is_the_straight_through_one_of_the_continuous_log(round_gradient):
+    """fake_log's written-out backward equals autograd through the straight-through construction."""
+    x0 = torch.cat([torch.rand(3000) * 1.6, torch.tensor([0.0, 1e-9])])  # above the top level, on it, below it
+    g = torch.randn_like(x0)
+    bits, k = 4, 2
+
+    x, delta = x0.clone().requires_grad_(), torch.tensor(0.9, requires_grad=True)
+    (arith.fake_log(x, delta, bits, k, round_gradient) * g).sum().backward()
+
+    xr, dr = x0.clone().requires_grad_(), torch.tensor(0.9, requires_grad=True)
+    ratio = xr / dr if round_gradient else (xr / dr).detach()
+    continuous = -k * torch.log2(ratio.clamp(min=arith.LOG_RATIO_FLOOR))
+    q = torch.round(continuous.detach().double()).float()  # unclamped: negative above the top level
+    if round_gradient:
+        q = continuous + (q - continuous).detach()
+    zero = arith.log_zero_code(bits)
+    below = (q.detach() > zero - 1) | (x0 <= 0)
+    codes = torch.where(below, torch.full_like(x0, zero), torch.clamp(q, 0, zero - 1))
+    assert torch.equal(codes.detach(), arith.log_codes(x0, torch.tensor(0.9), bits, k))
+    ref = torch.where(codes == zero, torch.zeros_like(x0), dr * torch.exp2(-codes.double() / k).float())
+    (ref * g).sum().backward()
+
+    if round_gradient:
+        assert torch.allclose(x.grad, xr.grad, rtol=1e-5, atol=1e-6)
+    else:
+        assert x.grad is None and xr.grad is None
+    assert torch.allclose(delta.grad, dr.grad, rtol=1e-4, atol=1e-3)
 
 
 # ---- the float steps the kernels share -------------------------------------------------

@@ -3,7 +3,8 @@
 One definition each, used by the simulation (`quantizers.py` builds its fake-quant
 forward from these functions), by the property tests, and as the reference the
 runtime kernels are tested against. Codes are returned as float tensors holding
-integers (exact up to 2^24), so the same functions run inside autograd.
+integers (exact up to 2^24), so the same functions run inside autograd (log codes
+carry no gradient: fake_log writes its straight-through one out).
 
     uniform:      code = clamp(round(x / scale) + zero_point, qmin, qmax)
                   value = (code - zero_point) * scale
@@ -18,6 +19,8 @@ integers (exact up to 2^24), so the same functions run inside autograd.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -98,40 +101,109 @@ def _log_thresholds(k: int) -> torch.Tensor:
     return torch.where(tf.double() < t, torch.nextafter(tf, torch.tensor(2.0)), tf)
 
 
-def log_codes(x: torch.Tensor, delta: torch.Tensor | float, bits: int, k: int) -> torch.Tensor:
-    """Codes of non-negative x on the levels delta * 2^(-q/k), q = 0 .. 2^b - 2.
+@functools.cache
+def _log_ladder(bits: int, k: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """(boundaries, levels, floored) of the code ladder, all float32.
 
-    q = round(-k * log2(ratio)) computed exactly, without log2: with ratio = m * 2^e
-    (m in [1, 2)), -k log2(ratio) = -k e - k log2(m), and k log2(m) rounds to the
-    number of thresholds 2^((j + 0.5)/k) that m reaches (irrational: no ties). A
-    log2 of 1-ulp accuracy would round differently near the level boundaries; the
-    kernels (quant_math.h: LogCoder) count the same thresholds. Under autograd the
-    gradient is the straight-through one of -k log2(ratio).
+    With ratio = m * 2^e (m in [1, 2)), round(-k log2(ratio)) = -k e - #{j : m >= T_j}
+    (T_j = `_log_thresholds`; irrational, so no ties). So code <= n - 1 exactly when
+    ratio >= T_j * 2^e with n = -k e - j: boundaries[i] (ascending) is the smallest ratio
+    whose code is at most 2^b - 2 - i, and the code of a ratio is 2^b - 1 minus the
+    number of boundaries it reaches. Multiplying by 2^e is exact in float32 down to
+    the smallest normal; lower boundaries sit at LOG_RATIO_FLOOR, which every ratio
+    reaches (`floored`: the ratio is clamped to it first, as the kernels do).
+    levels[i] = delta's factor for i boundaries reached: 0 (zero code), then
+    2^(-code / k) in double rounded once to float32.
     """
     zero = log_zero_code(bits)
-    ratio = torch.clamp(x / delta, min=LOG_RATIO_FLOOR)  # log2(0) -> finite; such x become the zero code below
-    mantissa, exponent = torch.frexp(ratio.detach())  # ratio = mantissa * 2^exponent, mantissa in [0.5, 1)
-    m = mantissa * 2
-    steps = torch.zeros_like(m)
-    for threshold in _log_thresholds(k).tolist():
-        steps = steps + (m >= threshold).to(m.dtype)
-    q = -k * (exponent - 1).to(m.dtype) - steps
-    if ratio.requires_grad:
-        continuous = -k * torch.log2(ratio)
-        q = continuous + (q - continuous).detach()
-    codes = torch.clamp(q, 0, zero - 1)
-    underflow = (q > zero - 1) | (x <= 0)
-    return torch.where(underflow, torch.full_like(codes, zero), codes)
+    thresholds = _log_thresholds(k).double()
+    bounds = []
+    for n in range(1, zero + 1):  # boundary between codes n - 1 and n
+        j = (-n) % k
+        e = -(n + j) // k
+        bounds.append(max(float(thresholds[j]) * 2.0**e, LOG_RATIO_FLOOR))
+    boundaries = torch.tensor(bounds[::-1], dtype=torch.float32)
+    codes = zero - torch.arange(zero + 1, dtype=torch.float64)
+    levels = torch.where(codes == zero, 0.0, torch.exp2(-codes / k)).float()
+    return boundaries, levels, bool(boundaries[0] <= LOG_RATIO_FLOOR)
+
+
+def _log_reached(x: torch.Tensor, delta: torch.Tensor | float, bits: int, k: int) -> torch.Tensor:
+    """How many ladder boundaries x / delta reaches (int64): 2^b - 1 minus its code."""
+    boundaries, _, floored = _log_ladder(bits, k)
+    with torch.no_grad():
+        ratio = x / delta
+        if floored:  # positive x keeps at least the floor's code; x <= 0 reaches nothing (zero code)
+            ratio = torch.where(x > 0, ratio.clamp(min=LOG_RATIO_FLOOR), ratio)
+        return torch.bucketize(ratio, boundaries, right=True)
+
+
+def log_codes(x: torch.Tensor, delta: torch.Tensor | float, bits: int, k: int) -> torch.Tensor:
+    """Codes of non-negative x on the levels delta * 2^(-q/k), q = 0 .. 2^b - 2 (no gradient).
+
+    q = round(-k * log2(x / delta)) computed exactly, without log2: a log2 of 1-ulp
+    accuracy would round differently near the level boundaries. The kernels
+    (quant_math.h: LogCoder) count the same thresholds per octave; here the ratio is
+    placed among the ladder's boundaries (`_log_ladder`) in one search. x <= 0 and
+    ratios below the lowest level take the zero code 2^b - 1.
+    """
+    return (log_zero_code(bits) - _log_reached(x, delta, bits, k)).to(x.dtype)
 
 
 def log_values(codes: torch.Tensor, delta: torch.Tensor | float, bits: int, k: int) -> torch.Tensor:
     """delta * 2^(-code / k) (the power in double, rounded once to float32), 0 for the zero code."""
-    zero = log_zero_code(bits)
-    values = delta * torch.exp2(-codes.double() / k).float()
-    return torch.where(codes == zero, torch.zeros_like(values), values)
+    _, levels, _ = _log_ladder(bits, k)
+    return delta * levels[log_zero_code(bits) - codes.long()]
 
 
-def fake_log(x: torch.Tensor, delta: torch.Tensor | float, bits: int, k: int) -> torch.Tensor:
+class _FakeLog(torch.autograd.Function):
+    """values(codes(x)) with the straight-through gradient of the continuous -k log2(x / delta).
+
+    Written out rather than traced: autograd of the code computation kept a dozen
+    full-size tensors per call (the attention probabilities of a 224-px ViT-S are 13 M
+    values per batch of 32). With value = delta * 2^(-q/k) and q = -k log2(x / delta):
+    d value / d x = value / x on the ladder; d value / d delta = 0 there (the two paths
+    cancel) and value / delta where x / delta lies above the top level (q clamped at 0).
+    Values below the ladder (zero code) pass no gradient. `round_gradient=False`: codes
+    from detached inputs, so x gets none and delta learns value / delta everywhere.
+    """
+
+    @staticmethod
+    def forward(ctx, x, delta, bits, k, round_gradient):  # noqa: ANN001, ANN205
+        reached = _log_reached(x, delta, bits, k)
+        _, levels, _ = _log_ladder(bits, k)
+        values = delta * levels[reached]
+        top = None
+        if round_gradient:
+            # Above the top level the unclamped code is negative: T_0 (2^(0.5/k)) is where it turns -1.
+            top = (x / delta) >= float(_log_thresholds(k)[0])
+        ctx.save_for_backward(x, delta, values, reached, top)
+        ctx.round_gradient = round_gradient
+        return values
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        x, delta, values, reached, top = ctx.saved_tensors
+        coded = reached > 0  # not the zero code
+        grad_x = grad_delta = None
+        if ctx.round_gradient:
+            on_ladder = coded & ~top
+            if ctx.needs_input_grad[0]:
+                grad_x = torch.where(on_ladder, grad * values / x, torch.zeros_like(grad))
+            delta_part = top
+        else:
+            delta_part = coded
+        if ctx.needs_input_grad[1]:
+            g = torch.where(delta_part, grad * values / delta, torch.zeros_like(grad))
+            grad_delta = g.sum() if delta.dim() == 0 else g.sum_to_size(delta.shape)
+        return grad_x, grad_delta, None, None, None
+
+
+def fake_log(x: torch.Tensor, delta: torch.Tensor | float, bits: int, k: int,
+             round_gradient: bool = True) -> torch.Tensor:
+    """The value the device sees: values(codes(x)), differentiable as `_FakeLog` describes."""
+    if torch.is_grad_enabled() and isinstance(delta, torch.Tensor) and (x.requires_grad or delta.requires_grad):
+        return _FakeLog.apply(x, delta, bits, k, round_gradient)
     return log_values(log_codes(x, delta, bits, k), delta, bits, k)
 
 
@@ -170,9 +242,7 @@ def fake_shift_log(x: torch.Tensor, shift: torch.Tensor | float, delta: torch.Te
     `round_gradient=False`: codes from detached inputs (as fake_ppoq), delta learns through
     the dequantization only.
     """
-    if round_gradient:
-        return fake_log(x + shift, delta, bits, k)
-    return log_values(log_codes((x + shift).detach(), delta.detach(), bits, k), delta, bits, k)
+    return fake_log(x + shift, delta, bits, k, round_gradient)
 
 
 # ---- float steps the kernels compute bit for bit ------------------------------------
