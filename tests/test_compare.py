@@ -121,6 +121,13 @@ def test_compare_table_elsewhere_and_cost_only(folders, tmp_path):
     assert stem.with_suffix(".md").read_text().endswith("## Targets\n2 rows checked\n")
     assert json.loads(stem.with_suffix(".json").read_text()) == table
 
+    # A --table inside OUT (tools/adfq_curve.py keeps OUT/table.*) is compare's own: the rerun resumes.
+    inner = tmp_path / "work" / "table"
+    for rerun in range(2):
+        result = tiny_compare(folders, tmp_path / "work", "fp32", "--table", str(inner), "--skip-eval", "--devices", "")
+        assert result.exit_code == 0, (rerun, result.stderr[-3000:])
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == ["programs", "table.json", "table.md", "table.png"]
+
 
 @pytest.mark.parametrize("args,fragment", [
     (["--programs", "magic@W8A8"], "unknown recipe 'magic'"),

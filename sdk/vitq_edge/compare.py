@@ -126,13 +126,16 @@ def _preprocess_flags(b: BuildOptions) -> dict:
 _OUT_ENTRIES = {"programs", f"{TABLE_STEM}.json", f"{TABLE_STEM}.md", f"{TABLE_STEM}.png"}
 
 
-def _check_out(out: Path) -> None:
-    """OUT is new, empty or a folder compare wrote (its programs, maybe its table); never anything else."""
+def _check_out(out: Path, stem: Path) -> None:
+    """OUT is new, empty or a folder compare wrote (its programs, maybe its table, which --table
+    may name inside OUT); never anything else."""
     if not out.exists():
         return
     if not out.is_dir():
         raise VitqError(f"--out {out} is a file; name a new folder or an earlier compare folder")
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in _OUT_ENTRIES and not p.name.endswith(".tmp"))
+    ours = _OUT_ENTRIES | ({stem.with_suffix(s).name for s in (".json", ".md", ".png")}
+                          if stem.parent.resolve() == out.resolve() else set())
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in ours and not p.name.endswith(".tmp"))
     if foreign:
         raise VitqError(f"--out {out} holds {', '.join(foreign[:3])}: not a compare folder; choose a new or empty "
                         "folder")
@@ -180,7 +183,7 @@ def compare(opts: CompareOptions) -> dict:
         recipe_config(recipe, bits, **_options_for(opts, recipe))
     out = Path(opts.out)
     stem = Path(opts.table) if opts.table else out / TABLE_STEM
-    _check_out(out)
+    _check_out(out, stem)
     settings = _settings(opts)
     table = _read_table(stem)
     if table is not None:
