@@ -106,30 +106,31 @@ def _log_ladder(bits: int, k: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """(boundaries, levels, floored) of the code ladder, all float32.
 
     With ratio = m * 2^e (m in [1, 2)), round(-k log2(ratio)) = -k e - #{j : m >= T_j}
-    (T_j = `_log_thresholds`; irrational, so no ties). So code <= n - 1 exactly when
-    ratio >= T_j * 2^e with n = -k e - j: boundaries[i] (ascending) is the smallest ratio
-    whose code is at most 2^b - 2 - i, and the code of a ratio is 2^b - 1 minus the
-    number of boundaries it reaches. Multiplying by 2^e is exact in float32 down to
-    the smallest normal; lower boundaries sit at LOG_RATIO_FLOOR, which every ratio
-    reaches (`floored`: the ratio is clamped to it first, as the kernels do).
-    levels[i] = delta's factor for i boundaries reached: 0 (zero code), then
-    2^(-code / k) in double rounded once to float32.
+    (T_j = `_log_thresholds`; irrational, so no ties). So the rounded value is <= n - 1
+    exactly when ratio >= T_j * 2^e with n = -k e - j. boundaries (ascending) hold these
+    for n = 2^b - 1 down to 0, so a ratio reaching i of them has code max(2^b - 1 - i, 0);
+    the last, T_0, is where the code would turn negative (clamped to 0: the straight-
+    through gradient stops there). Multiplying by 2^e is exact in float32 down to the
+    smallest normal; lower boundaries sit at LOG_RATIO_FLOOR, which every ratio reaches
+    (`floored`: the ratio is clamped to it first, as the kernels do). levels[i] = delta's
+    factor for i boundaries reached: 0 (zero code), then 2^(-code / k) in double rounded
+    once to float32.
     """
     zero = log_zero_code(bits)
     thresholds = _log_thresholds(k).double()
     bounds = []
-    for n in range(1, zero + 1):  # boundary between codes n - 1 and n
+    for n in range(zero + 1):  # boundary between rounded values n - 1 and n
         j = (-n) % k
         e = -(n + j) // k
         bounds.append(max(float(thresholds[j]) * 2.0**e, LOG_RATIO_FLOOR))
     boundaries = torch.tensor(bounds[::-1], dtype=torch.float32)
-    codes = zero - torch.arange(zero + 1, dtype=torch.float64)
+    codes = (zero - torch.arange(zero + 2, dtype=torch.float64)).clamp(min=0)
     levels = torch.where(codes == zero, 0.0, torch.exp2(-codes / k)).float()
     return boundaries, levels, bool(boundaries[0] <= LOG_RATIO_FLOOR)
 
 
 def _log_reached(x: torch.Tensor, delta: torch.Tensor | float, bits: int, k: int) -> torch.Tensor:
-    """How many ladder boundaries x / delta reaches (int64): 2^b - 1 minus its code."""
+    """How many ladder boundaries x / delta reaches (int64; `_log_ladder`)."""
     boundaries, _, floored = _log_ladder(bits, k)
     with torch.no_grad():
         ratio = x / delta
@@ -147,7 +148,7 @@ def log_codes(x: torch.Tensor, delta: torch.Tensor | float, bits: int, k: int) -
     placed among the ladder's boundaries (`_log_ladder`) in one search. x <= 0 and
     ratios below the lowest level take the zero code 2^b - 1.
     """
-    return (log_zero_code(bits) - _log_reached(x, delta, bits, k)).to(x.dtype)
+    return (log_zero_code(bits) - _log_reached(x, delta, bits, k)).clamp_(min=0).to(x.dtype)
 
 
 def log_values(codes: torch.Tensor, delta: torch.Tensor | float, bits: int, k: int) -> torch.Tensor:
@@ -173,10 +174,7 @@ class _FakeLog(torch.autograd.Function):
         reached = _log_reached(x, delta, bits, k)
         _, levels, _ = _log_ladder(bits, k)
         values = delta * levels[reached]
-        top = None
-        if round_gradient:
-            # Above the top level the unclamped code is negative: T_0 (2^(0.5/k)) is where it turns -1.
-            top = (x / delta) >= float(_log_thresholds(k)[0])
+        top = reached > log_zero_code(bits) if round_gradient else None  # the code clamped at 0
         ctx.save_for_backward(x, delta, values, reached, top)
         ctx.round_gradient = round_gradient
         return values
