@@ -16,7 +16,7 @@ from vitq_edge.errors import VitqError
 from vitq_edge.lower.kernels import KERNELS_VERSION
 from vitq_edge.quant import arith, liu2021, quantize, recipe_config, vit
 from vitq_edge.quant.liu2021 import IntervalSearch
-from vitq_edge.quant.losses import attention_kl, ranking_loss
+from vitq_edge.quant.losses import attention_kl, attention_kl_target, ranking_loss
 from vitq_edge.quant.mixed_precision import pareto_choice
 from vitq_edge.quant.quantizers import (
     LogQuantizer,
@@ -294,8 +294,11 @@ def test_ranking_loss_is_zero_exactly_when_every_pair_keeps_its_order(ref, a, b)
 
 def test_attention_kl_is_zero_for_equal_maps_and_positive_otherwise():
     p = torch.randn(2, 3, 5, 5).softmax(-1)
-    assert float(attention_kl(p, p)) == pytest.approx(0.0, abs=1e-7)
-    assert float(attention_kl(p.flip(-1), p, dim=-1)) > 0
+    assert float(attention_kl(p, attention_kl_target(p))) == pytest.approx(0.0, abs=1e-7)
+    q = p.flip(-1)
+    kl = float(attention_kl(q, attention_kl_target(p, 4.0, -1), 4.0, -1))
+    pt, qt = (p / 4).softmax(-1).double(), (q / 4).softmax(-1).double()
+    assert kl > 0 and kl == pytest.approx(float((pt * (pt / qt).log()).sum(-1).mean()), rel=1e-4)
 
 
 def test_bias_correction_removes_a_known_constant_output_error():

@@ -41,7 +41,7 @@ from vitq_edge.errors import VitqError
 from vitq_edge.progress import StageClock, progress
 from vitq_edge.quant import vit
 from vitq_edge.quant.calibration import BlockInputs, batches, package, resolve_device, stack_calibration
-from vitq_edge.quant.losses import attention_kl
+from vitq_edge.quant.losses import attention_kl, attention_kl_target
 from vitq_edge.quant.quantizers import (
     AdaRoundQuantizer,
     LogQuantizer,
@@ -183,6 +183,9 @@ def reconstruct_unit(unit: nn.Module, x_fp: torch.Tensor, x_q: torch.Tensor, con
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_a, T_max=config.iters, eta_min=0) if opt_a else None
     maps = _AttentionMaps(unit) if p_fp is not None else None
     kl_dim = 1 if config.kl_dim == "heads" else -1
+    if p_fp is not None:  # the float side of the KL once, not per batch (13 M values per batch at 224 px)
+        kl_target = torch.cat([attention_kl_target(c, config.temperature, kl_dim) for c in p_fp.split(256)])
+        del p_fp
     warmup = int(WARMUP * config.iters)
     history = []
     n = len(x_fp)
@@ -194,7 +197,7 @@ def reconstruct_unit(unit: nn.Module, x_fp: torch.Tensor, x_q: torch.Tensor, con
         rec = (out - y_fp[idx]).pow(2).sum(-1).mean()
         loss = rec
         if maps is not None:
-            loss = loss + config.kl_weight * attention_kl(maps.pop(), p_fp[idx], config.temperature, kl_dim)
+            loss = loss + config.kl_weight * attention_kl(maps.pop(), kl_target[idx], config.temperature, kl_dim)
         if it >= warmup:
             progress_frac = (it - warmup) / max(1, config.iters - warmup)
             beta = BETA_END + 0.5 * (BETA_START - BETA_END) * (1 + math.cos(math.pi * progress_frac))

@@ -65,13 +65,18 @@ def ranking_loss(scores: torch.Tensor, reference: torch.Tensor, theta: float = 0
     return RankingTarget(reference, theta, max_pairs)(scores)
 
 
-def attention_kl(quantized: torch.Tensor, reference: torch.Tensor, temperature: float = 4.0,
+def attention_kl_target(reference: torch.Tensor, temperature: float = 4.0, dim: int = 1) -> torch.Tensor:
+    """log softmax(ref / T) along `dim`: attention_kl's fixed side, computed once per unit."""
+    return torch.log_softmax(reference / temperature, dim=dim)
+
+
+def attention_kl(quantized: torch.Tensor, target: torch.Tensor, temperature: float = 4.0,
                  dim: int = 1) -> torch.Tensor:
-    """KL(softmax(ref / T) || softmax(quant / T)) along `dim` of attention maps [B, H, N, N].
+    """KL(softmax(ref / T) || softmax(quant / T)) along `dim` of attention maps [B, H, N, N];
+    `target` = attention_kl_target(ref, T, dim).
 
     ADFQ-ViT's code applies it to post-softmax maps over the heads axis (dim 1); dim -1
     compares each query's distribution over keys, as the paper's text describes.
     """
-    log_p = torch.log_softmax(reference / temperature, dim=dim)
     log_q = torch.log_softmax(quantized / temperature, dim=dim)
-    return (log_p.exp() * (log_p - log_q)).sum(dim).mean()
+    return (target.exp() * (target - log_q)).sum(dim).mean()
