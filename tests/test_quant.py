@@ -464,6 +464,36 @@ def test_recipe_runs_end_to_end_on_a_tiny_vit(tiny, recipe, bits, options):
         assert set(mp["bits"].values()) <= set(range(4, 9))
 
 
+def test_adfq_default_schedule_buys_the_same_work_on_every_model(tiny, monkeypatch):
+    """--iters unset on a CPU: the paper's 3000 x 32 where DEFAULT_WORK_MACS affords it, else 8 images per
+    iteration and as many iterations as it buys (800 on the 224-px ViT-S/14, which counts 6.12 GMAC); a GPU
+    or an explicit --iters gets the paper's batch. The result records the schedule it ran."""
+    from vitq_edge.quant import adfq
+
+    def schedule(macs, **options):
+        config = adfq.default_schedule(recipe_config("adfq", "W4A4", **options), macs)
+        return config.iters, config.batch_size, adfq.lr_factor(config)
+
+    assert schedule(6.12e9) == (800, 8, 3.75)
+    assert schedule(1e6) == (3000, 32, 1.0)
+    assert schedule(6.12e9, iters=200) == (200, 32, 15.0)
+    assert schedule(6.12e9, iters=20, scale_lr=False) == (20, 32, 1.0)
+    assert schedule(6.12e9, batch_size=32) == (200, 32, 15.0)
+    assert schedule(6.12e9, device="cuda") == (3000, 32, 1.0)
+    assert schedule(1e15)[:2] == (10, 8)
+    model, x, _ = tiny
+    qmodel = vit.quantize_vit(model, adfq.adfq_factory(recipe_config("adfq", "W4A4")))
+    tokens, dim, hidden, heads = 17, 32, 128, 2  # 16 patches of 4x4 + the class token
+    block = tokens * dim * (3 * dim + dim + 2 * hidden) + 2 * heads * tokens * tokens * (dim // heads)
+    assert adfq.model_macs(qmodel, x) == 16 * 16 * dim + 2 * block + dim * 5  # patch conv, 2 blocks, head
+    monkeypatch.setattr(adfq, "DEFAULT_WORK_MACS", adfq.model_macs(qmodel, x) * 8 * 20)
+    qm = quantize(model, recipe_config("adfq", "W4A4"), [x[:48], x[48:]], (x[:1],))
+    assert (qm.config.iters, qm.config.batch_size) == (20, 8)
+    assert qm.details["iters"] == 20 and qm.details["lr_factor"] == 15.0
+    assert recipe_config("adfq", "W4A4", iters="none").iters is None
+    assert recipe_config("adfq", "W4A4", iters="300").iters == 300
+
+
 def test_sequential_activation_calibration_reads_the_quantized_models_inputs(tiny):
     """act_calibration="sequential" (the ADFQ-ViT code): a unit's ranges come from what the model quantized
     up to it feeds it; the first unit sees the images either way."""

@@ -241,7 +241,7 @@ def build(opts: BuildOptions, evaluate: Evaluator | None = None, loaded: LoadedM
             "target": {"name": target.name, "cpu": target.cpu, "abi": target.abi},
             "recipe": quantized.recipe,
             "bits": quantized.bits,
-            "recipe_config": {"name": config.name, **asdict(config)},
+            "recipe_config": {"name": config.name, **asdict(quantized.config or config)},
             "float_ops": quantized.float_ops,
             "quantization": _quantization_summary(quantized, lowered),
             "input": loaded.preprocess.to_manifest(),

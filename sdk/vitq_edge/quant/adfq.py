@@ -18,6 +18,14 @@ each MLP module, head), on the calibration images in batches of `batch_size`:
              proj, fc1 and fc2 input quantizers (Adam, act_lr, cosine decay). Zero points
              are not learned.
 
+Schedule (default_schedule): the paper's 3000 iterations of 32 images per unit where a CPU
+work budget affords it (the bundled model), on a GPU, or with --iters; else 8 images per
+iteration and as many iterations as the budget buys (800 for a 224-px ViT-S/14: about 45 min
+of reconstruction on 2 cores instead of ~15 h), with both learning rates scaled by 3000/iters
+(lr_factor). Chosen with tools/adfq_unit_probe.py on held-out training images
+(docs/validation/unit-probe-schedule.md): at equal work, 8 x 800 with scaled rates leaves 37%
+less output error on a middle attention unit than the paper's rates at 32 x 200.
+
 Two departures from the ADFQ-ViT code, each an option so that the validation split decides
 (tools/validation_compare.py --option ...; the defaults stay ours until it has):
     act_calibration  "float": every activation range from the float model at once (ours);
@@ -33,9 +41,11 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import replace
 
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from vitq_edge.errors import VitqError
 from vitq_edge.progress import StageClock, progress
@@ -54,6 +64,53 @@ from vitq_edge.quant.recipes import AdfqConfig, QuantizedModel, parse_bits, regi
 
 WARMUP = 0.2  # share of iterations without the rounding regularizer
 BETA_START, BETA_END = 20.0, 2.0
+
+PAPER_ITERS, PAPER_BATCH = 3000, 32  # per unit, the ADFQ-ViT README command
+CPU_BATCH = 8
+# The CPU work budget of the default schedule, in multiply-accumulates of image forward passes per unit:
+# 800 iterations of 8 images on a 224-px ViT-S/14 (6.12 GMAC per image as model_macs counts it), about
+# 45 minutes of reconstruction on a 2-core x86 CPU. At equal work, 8 images x 800 iterations reconstruct
+# better than the paper's 32 x 200 (docs/validation/unit-probe-schedule.md); models small enough get
+# the paper's schedule (the bundled 28-px model: 3000 x 32).
+DEFAULT_WORK_MACS = 800 * CPU_BATCH * 6.12e9
+MAX_LR_FACTOR = 15.0  # lr_factor's cap: the largest the unit probe measured (200 iterations)
+
+
+def model_macs(qmodel: nn.Module, image: torch.Tensor) -> int:
+    """Multiply-accumulates of one image through the float model (linear layers, convolutions, attention products)."""
+    vit.set_enabled(qmodel, False)
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            qmodel(image[:1])
+    finally:
+        vit.set_enabled(qmodel, True)
+    return counter.get_total_flops() // 2
+
+
+def default_iters(macs_per_image: float, batch_size: int) -> int:
+    """As many iterations as DEFAULT_WORK_MACS buys at this model's cost and batch size (to the nearest
+    10), between 10 and the paper's 3000. The same for a model on every machine."""
+    affordable = round(DEFAULT_WORK_MACS / (max(1.0, macs_per_image) * batch_size) / 10) * 10
+    return max(10, min(PAPER_ITERS, affordable))
+
+
+def default_schedule(config: AdfqConfig, macs_per_image: float) -> AdfqConfig:
+    """`config` with its unset iters / batch_size filled in (AdfqConfig says the rule)."""
+    iters, batch = config.iters, config.batch_size
+    paper = config.device != "cpu" or iters is not None
+    if batch is None:
+        fits = default_iters(macs_per_image, PAPER_BATCH) >= PAPER_ITERS
+        batch = PAPER_BATCH if paper or fits else CPU_BATCH
+    if iters is None:
+        iters = PAPER_ITERS if paper else default_iters(macs_per_image, batch)
+    return replace(config, iters=iters, batch_size=batch)
+
+
+def lr_factor(config: AdfqConfig) -> float:
+    """What weight_lr and act_lr are multiplied by: 3000 / iters (at most 15) below the paper's iterations."""
+    if not config.scale_lr or config.iters >= PAPER_ITERS:
+        return 1.0
+    return min(MAX_LR_FACTOR, PAPER_ITERS / max(1, config.iters))
 
 
 def adfq_factory(config: AdfqConfig):
@@ -178,8 +235,8 @@ def reconstruct_unit(unit: nn.Module, x_fp: torch.Tensor, x_q: torch.Tensor, con
             op.weight_quant = AdaRoundQuantizer(op.weight_quant, op.weight).to(op.weight.device)
             rounders.append(op.weight_quant)
     scales = _learned_scales(unit) if isinstance(unit, vit.QuantAttention | vit.QuantMlp) else []
-    opt_w = torch.optim.Adam([r.alpha for r in rounders], lr=config.weight_lr)
-    opt_a = torch.optim.Adam(scales, lr=config.act_lr) if scales else None
+    opt_w = torch.optim.Adam([r.alpha for r in rounders], lr=config.weight_lr * lr_factor(config))
+    opt_a = torch.optim.Adam(scales, lr=config.act_lr * lr_factor(config)) if scales else None
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_a, T_max=config.iters, eta_min=0) if opt_a else None
     maps = _AttentionMaps(unit) if p_fp is not None else None
     kl_dim = 1 if config.kl_dim == "heads" else -1
@@ -257,6 +314,8 @@ def quantize_adfq(model: nn.Module, config: AdfqConfig, calib: Iterable[torch.Te
 
 def _quantize_adfq(model: nn.Module, config: AdfqConfig, x: torch.Tensor, device: torch.device) -> QuantizedModel:
     qmodel = vit.quantize_vit(model, adfq_factory(config)).to(device)
+    if config.iters is None or config.batch_size is None:
+        config = default_schedule(config, model_macs(qmodel, x))
     sequential = config.act_calibration == "sequential"
     if not sequential:
         vit.calibrate_activations(qmodel, batches(x, config.batch_size * 8))
@@ -286,5 +345,6 @@ def _quantize_adfq(model: nn.Module, config: AdfqConfig, x: torch.Tensor, device
     bake_weights(qmodel)
     outliers = {n: round(q.outlier_fraction, 6) for n, q in vit.quantizers(qmodel)
                 if isinstance(q, PerPatchOutlierQuantizer)}
-    return package(qmodel, config, {"reconstruction": log, "iters": config.iters,
+    return package(qmodel, config, {"reconstruction": log, "iters": config.iters, "batch_size": config.batch_size,
+                                    "lr_factor": lr_factor(config),
                                     "outlier_fraction": outliers})

@@ -113,4 +113,4 @@ def package(qmodel: nn.Module, config: PaperRecipeConfig, details: dict | None =
         p.requires_grad_(False)
     details = {**(details or {}), "quantizers": vit.describe_quantizers(qmodel)}
     return QuantizedModel(qmodel, config.name, config.bits, float_ops=list(vit.FLOAT_OPS),
-                          size_bytes=vit.model_size_bytes(qmodel), details=details)
+                          size_bytes=vit.model_size_bytes(qmodel), details=details, config=config)

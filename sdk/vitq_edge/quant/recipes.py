@@ -148,7 +148,15 @@ class AdfqConfig(PaperRecipeConfig):
     (AdaRound weights, learned activation scales, QDrop input mixing, KL on attention maps)."""
 
     name: ClassVar[str] = "adfq"
-    iters: int = 3000  # per unit; the ADFQ-ViT README command (code default 5000)
+    # The schedule, per unit (adfq.default_schedule fills what is None). The paper's: 3000 iterations (the
+    # ADFQ-ViT README command; code default 5000) of 32 images, used on a GPU, with --iters, or where it fits
+    # the CPU work budget; larger models on a CPU get 8 images per iteration and as many iterations as the
+    # budget buys (about an hour on 2 cores; 800 for a 224-px ViT-S).
+    iters: int | None = None
+    batch_size: int | None = None
+    # weight_lr and act_lr are the paper's for 3000 iterations; with fewer, both are multiplied by
+    # 3000 / iters (at most 15) so that Adam's total step length stays the paper's (adfq.lr_factor).
+    scale_lr: bool = True
     qkv_threshold: float = 5.0  # PPOQ outlier magnitude, qkv input (code: 5)
     fc1_threshold: float = 10.0  # PPOQ outlier magnitude, fc1 input (README command: --outlier 10)
     # Log quantizers (Shift-Log2, softmax): "auto" = 2^(bits-3) levels per octave, i.e. log-sqrt2 (the code's
@@ -183,6 +191,8 @@ class QuantizedModel:
     size_bytes: int | None = None
     # Recipe-specific facts for the manifest: quantizers, outlier fractions, mixed-precision bits.
     details: dict = field(default_factory=dict)
+    # The config the recipe ran with, where it chose a default itself (adfq's iterations); else None.
+    config: RecipeConfig | None = None
 
 
 Handler = Callable[[torch.nn.Module, RecipeConfig, Iterable[torch.Tensor], tuple], QuantizedModel]
@@ -211,7 +221,7 @@ def recipe_config(name: str, bits: str | None = None, **options) -> RecipeConfig
     for key, value in options.items():
         if key not in known:
             raise VitqError(f"recipe {name} has no option '{key}'; it has {', '.join(known) or 'none'}")
-        options[key] = _coerce(name, key, value, known[key].default)
+        options[key] = _coerce(name, key, value, known[key].default, get_type_hints(cls)[key])
     return cls(bits=bits, **options)
 
 
@@ -219,12 +229,17 @@ def recipe_option_names(name: str) -> set[str]:
     return {f.name for f in fields(RECIPES[name]) if f.name != "bits"} if name in RECIPES else set()
 
 
-def _coerce(recipe: str, key: str, value: object, default: object) -> object:
-    """`value` (e.g. text from --option) as the type of the field's default, or a VitqError."""
-    kind = type(default)
+def _coerce(recipe: str, key: str, value: object, default: object, hint: object = None) -> object:
+    """`value` (e.g. text from --option) as the field's type (its default's, or X of `X | None`), or a VitqError."""
+    optional = type(None) in get_args(hint)
+    kind = next(t for t in get_args(hint) if t is not type(None)) if optional else type(default)
+    if value is None and optional:
+        return None
     if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
     text = str(value).strip()
+    if optional and text.lower() in ("", "none", "default"):
+        return None
     try:
         if kind is bool:
             if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
