@@ -19,7 +19,7 @@ from vitq_edge.models.source import default_data
 from vitq_edge.progress import progress
 
 
-def _eval_inputs(path: str | Path, data: str | Path | None, limit: int | None,
+def eval_inputs(path: str | Path, data: str | Path | None, limit: int | None,
                  max_pixels: int) -> tuple[Path, Preprocess, ImageSet]:
     """The program, its manifest's preprocessing, and the labelled images to score it on."""
     pte, manifest = resolve_build(path)
@@ -47,7 +47,7 @@ def _described(images: ImageSet, result: dict) -> dict:
 def evaluate_program(path: str | Path, data: str | Path | None = None, limit: int | None = None,
                      batch_size: int = 64, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> dict:
     """Top-1/top-5 (percent) and image count of the program at `path` on this machine."""
-    pte, preprocess, images = _eval_inputs(path, data, limit, max_pixels)
+    pte, preprocess, images = eval_inputs(path, data, limit, max_pixels)
     program = HostProgram(pte)
     score = TopK()
     total = -(-len(images) // batch_size)
@@ -69,7 +69,7 @@ def device_logits(path: str | Path, device: str, data: str | Path | None = None,
     """
     from vitq_edge.device import RunRequest, get_device
 
-    pte, preprocess, images = _eval_inputs(path, data, limit, max_pixels)
+    pte, preprocess, images = eval_inputs(path, data, limit, max_pixels)
     dev = get_device(device)
     # Batches bound memory on both sides and give the progress bar steps; under
     # emulation an image costs ~200x its native time, so those steps are smaller.

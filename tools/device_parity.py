@@ -1,0 +1,91 @@
+"""Does a built program compute the same logits on a device as on this machine, bit for bit?
+
+    .venv/bin/python tools/device_parity.py build/compare-real/programs/adfq-W4A4 \
+        --device emulated-rpi4 --limit 100 --out docs/validation/device-parity-real-adfq-W4A4
+
+The first --limit images of the build's evaluation set (or --data) run through ExecuTorch's
+Python runtime here (what `pte_host` in the tables measures) and through vitq-runner on
+--device (emulated Pis: the aarch64 runner under qemu). Writes OUT.md and OUT.json with the
+number of images whose logits are bit-identical, the largest difference and top-1 agreement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import vitq_edge  # noqa: F401  (torchvision shim before timm)
+from vitq_edge import __version__
+from vitq_edge.artifacts import resolve_build
+from vitq_edge.device.host_runtime import HostProgram
+from vitq_edge.evaluate import device_logits, eval_inputs
+
+
+def host_logits(path: Path, data: str | None, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    pte, preprocess, images = eval_inputs(path, data, limit, max_pixels=1 << 28)
+    program = HostProgram(pte)
+    logits, labels = [], []
+    with torch.no_grad():
+        for x, y in images.batches(preprocess, 25):
+            logits.append(program(x).numpy())
+            labels.append(y.numpy())
+    return np.concatenate(logits), np.concatenate(labels)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("build", type=Path, help="build folder (or model.pte)")
+    parser.add_argument("--device", default="emulated-rpi4")
+    parser.add_argument("--limit", type=int, default=100)
+    parser.add_argument("--data", default=None, help="ImageFolder; default: the build's evaluation set")
+    parser.add_argument("--out", type=Path, required=True, help="output stem (writes OUT.md, OUT.json)")
+    args = parser.parse_args()
+
+    pte, manifest = resolve_build(args.build)
+    start = time.monotonic()
+    host, labels = host_logits(args.build, args.data, args.limit)
+    remote, remote_labels, info = device_logits(args.build, args.device, data=args.data, limit=args.limit)
+    seconds = time.monotonic() - start
+    if not np.array_equal(labels, remote_labels) or host.shape != remote.shape:
+        raise SystemExit("error: the two runs saw different images")
+    identical = int(np.sum(np.all(host == remote, axis=1)))
+    result = {
+        "command": "python tools/device_parity.py " + shlex.join(sys.argv[1:]),
+        "program": str(pte), "recipe": manifest.get("recipe"), "bits": manifest.get("bits"),
+        "device": info.get("device"), "detected_cpu": info.get("detected_cpu"), "data": info.get("data"),
+        "images": len(labels), "bit_identical_images": identical,
+        "max_abs_difference": float(np.abs(host - remote).max()),
+        "top1_agreement": float(np.mean(host.argmax(1) == remote.argmax(1))),
+        "top1_host": float(100 * np.mean(host.argmax(1) == labels)),
+        "top1_device": float(100 * np.mean(remote.argmax(1) == labels)),
+        "seconds": round(seconds, 1), "vitq_edge": __version__,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    tmp.replace(args.out.with_suffix(".json"))
+    md = [f"# Device parity: {result['program']} on {result['device']}", "",
+          "Written by:", "", f"    {result['command']}", "",
+          f"Logits of ExecuTorch's Python runtime on this machine (Linux x86_64, 2 cores) against vitq-runner on "
+          f"{result['device']} (detected CPU {json.dumps(result['detected_cpu'])}), on the first "
+          f"{result['images']} images of {result['data']}.", "",
+          "| images | bit-identical logits | max abs difference | top-1 agreement | top-1 here % | top-1 device % |",
+          "|---|---|---|---|---|---|",
+          f"| {result['images']} | {identical} | {result['max_abs_difference']:g} | "
+          f"{100 * result['top1_agreement']:.1f}% | {result['top1_host']:.2f} | {result['top1_device']:.2f} |", "",
+          f"Wall time {seconds / 60:.1f} min.", ""]
+    tmp = args.out.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(md))
+    tmp.replace(args.out.with_suffix(".md"))
+    print("\n".join(md))
+    return 0 if identical == len(labels) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
