@@ -28,6 +28,7 @@ from vitq_edge.compare import CompareOptions, compare, write_table
 from vitq_edge.data.datasets import ImageSet
 from vitq_edge.data.fashion_mnist import load_split
 from vitq_edge.models.dinov2 import MODEL_NAME as REAL_MODEL
+from vitq_edge.models.dinov2 import probe_meta
 from vitq_edge.models.reference import load_reference_meta, reference_assets
 
 REPO = Path(__file__).resolve().parents[1]
@@ -116,6 +117,10 @@ def targets(table: dict) -> list[str]:
     lines = ["## Targets", "", "| criterion | result |", "|---|---|"]
     lines += [f"| {text} | {'row missing' if met is None else ('met' if met else '**missed**')} |"
               for text, met in checks]
+    if real:  # the rows use --eval-limit images; the full test split's float top-1 is the probe's own record
+        test = probe_meta()["accuracy"]
+        lines += ["", f"Float model on the full {test['test_split']} split ({test['test_images']:,} images): "
+                      f"top-1 {test['test_top1']:.2f}% (measured by `{probe_meta()['command']}`)."]
     return lines
 
 
