@@ -27,11 +27,15 @@ of reconstruction on 2 cores instead of ~12 h), with both learning rates scaled 
 less output error on a middle attention unit than the paper's rates at 32 x 200.
 
 Two departures from the ADFQ-ViT code, each an option so that the validation split decides:
-    act_calibration  "float": every activation range from the float model at once (ours);
-                     "sequential": unit by unit, from the inputs the model quantized so far
-                     gives the unit (the code). Not decided yet (needs two whole-model runs,
-                     tools/validation_compare.py --option act_calibration=sequential); "float"
-                     stays the default until then.
+    act_calibration  "sequential": unit by unit, from the inputs the model quantized so far
+                     gives the unit (the code); "float": every activation range from the float
+                     model at once (ours before). Decided: "sequential". Calibration alone
+                     (--iters 0, W4A4) reaches 27.4% against 24.0% on the validation split
+                     (docs/validation/adfq-w4-0-{sequential,float}.md). With reconstruction it
+                     replaces the whole-model calibration pass by one pass per unit over inputs
+                     cached for the reconstruction anyway; at --iters 0 it adds that caching
+                     (17 min instead of 5 for the real ViT-S). Not yet confirmed at the default
+                     schedule (two ~75-min validation runs).
     round_gradient   "ste": PPOQ and Shift-Log2 round with a straight-through gradient to
                      their input and scale (ours); "none": codes from detached values, so the
                      scale learns through the dequantization only and fc1 gets no gradient

@@ -169,12 +169,12 @@ class AdfqConfig(PaperRecipeConfig):
     temperature: float = 4.0
     kl_dim: str = "heads"  # the code softmaxes attention maps over heads; "keys" follows the paper's text
     drop_prob: float = 0.5  # QDrop: chance an element takes the float input
-    # Two departures from the ADFQ-ViT code (adfq.py says what the validation split showed so far):
-    # activation ranges from the float model, all at once ("float"), or unit by unit from the inputs the
-    # model quantized so far produces ("sequential", the code); PPOQ and Shift-Log2 rounding with a
-    # straight-through gradient to their inputs and scales ("ste") or none (the code: scales learn only
-    # through the dequantization).
-    act_calibration: Literal["float", "sequential"] = "float"
+    # Two departures the oracle check found, each decided on the validation split (adfq.py says how):
+    # activation ranges unit by unit from the inputs the model quantized so far produces ("sequential",
+    # the ADFQ-ViT code) or from the float model, all at once ("float", ours before); PPOQ and Shift-Log2
+    # rounding with a straight-through gradient to their inputs and scales ("ste", ours) or none (the
+    # code: scales learn only through the dequantization).
+    act_calibration: Literal["float", "sequential"] = "sequential"
     round_gradient: Literal["ste", "none"] = "ste"
 
 
