@@ -20,7 +20,7 @@ from vitq_edge.progress import progress
 
 
 def eval_inputs(path: str | Path, data: str | Path | None, limit: int | None,
-                 max_pixels: int) -> tuple[Path, Preprocess, ImageSet]:
+                max_pixels: int) -> tuple[Path, Preprocess, ImageSet]:
     """The program, its manifest's preprocessing, and the labelled images to score it on."""
     pte, manifest = resolve_build(path)
     preprocess = Preprocess.from_manifest(manifest["input"])
