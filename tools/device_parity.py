@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import vitq_edge  # noqa: F401  (torchvision shim before timm)
 from vitq_edge import __version__
-from vitq_edge.artifacts import resolve_build
+from vitq_edge.artifacts import resolve_build, write_atomic
 from vitq_edge.device.host_runtime import HostProgram
 from vitq_edge.evaluate import device_logits, eval_inputs
 
@@ -67,9 +67,7 @@ def main() -> int:
         "seconds": round(seconds, 1), "vitq_edge": __version__,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(args.out.with_suffix(".json"))
+    write_atomic(args.out.with_suffix(".json"), lambda f: f.write((json.dumps(result, indent=2) + "\n").encode()))
     md = [f"# Device parity: {result['program']} on {result['device']}", "",
           "Written by:", "", f"    {result['command']}", "",
           f"Logits of ExecuTorch's Python runtime on this machine (Linux x86_64, 2 cores) against vitq-runner on "
@@ -80,9 +78,7 @@ def main() -> int:
           f"| {result['images']} | {identical} | {result['max_abs_difference']:g} | "
           f"{100 * result['top1_agreement']:.1f}% | {result['top1_host']:.2f} | {result['top1_device']:.2f} |", "",
           f"Wall time {seconds / 60:.1f} min.", ""]
-    tmp = args.out.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(md))
-    tmp.replace(args.out.with_suffix(".md"))
+    write_atomic(args.out.with_suffix(".md"), lambda f: f.write("\n".join(md).encode()))
     print("\n".join(md))
     return 0 if identical == len(labels) else 1
 
