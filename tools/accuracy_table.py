@@ -118,9 +118,10 @@ def targets(table: dict) -> list[str]:
     lines += [f"| {text} | {'row missing' if met is None else ('met' if met else '**missed**')} |"
               for text, met in checks]
     if real:  # the rows use --eval-limit images; the full test split's float top-1 is the probe's own record
-        test = probe_meta()["accuracy"]
+        meta = probe_meta()
+        test = meta["accuracy"]
         lines += ["", f"Float model on the full {test['test_split']} split ({test['test_images']:,} images): "
-                      f"top-1 {test['test_top1']:.2f}% (measured by `{probe_meta()['command']}`)."]
+                      f"top-1 {test['test_top1']:.2f}% (measured by `{meta['command']}`)."]
     return lines
 
 

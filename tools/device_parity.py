@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import shlex
 import sys
 import time
@@ -23,12 +25,13 @@ import torch
 import vitq_edge  # noqa: F401  (torchvision shim before timm)
 from vitq_edge import __version__
 from vitq_edge.artifacts import resolve_build, write_atomic
+from vitq_edge.data.datasets import DEFAULT_MAX_IMAGE_PIXELS
 from vitq_edge.device.host_runtime import HostProgram
 from vitq_edge.evaluate import device_logits, eval_inputs
 
 
 def host_logits(path: Path, data: str | None, limit: int) -> tuple[np.ndarray, np.ndarray]:
-    pte, preprocess, images = eval_inputs(path, data, limit, max_pixels=1 << 28)
+    pte, preprocess, images = eval_inputs(path, data, limit, max_pixels=DEFAULT_MAX_IMAGE_PIXELS)
     program = HostProgram(pte)
     logits, labels = [], []
     with torch.no_grad():
@@ -70,7 +73,8 @@ def main() -> int:
     write_atomic(args.out.with_suffix(".json"), lambda f: f.write((json.dumps(result, indent=2) + "\n").encode()))
     md = [f"# Device parity: {result['program']} on {result['device']}", "",
           "Written by:", "", f"    {result['command']}", "",
-          f"Logits of ExecuTorch's Python runtime on this machine (Linux x86_64, 2 cores) against vitq-runner on "
+          f"Logits of ExecuTorch's Python runtime on this machine ({platform.system()} {platform.machine()}, "
+          f"{os.cpu_count()} cores) against vitq-runner on "
           f"{result['device']} (detected CPU {json.dumps(result['detected_cpu'])}), on the first "
           f"{result['images']} images of {result['data']}.", "",
           "| images | bit-identical logits | max abs difference | top-1 agreement | top-1 here % | top-1 device % |",
