@@ -405,6 +405,63 @@ def _sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
     return float(10 * torch.log10(ref.pow(2).sum() / (out - ref).pow(2).sum()))
 
 
+def _liu_mixed_search_state(tiny):
+    from functools import partial
+
+    from vitq_edge.quant.calibration import BlockInputs
+    from vitq_edge.quant.liu2021 import liu_factory, search_intervals
+
+    model, x, _ = tiny
+    qmodel = vit.quantize_vit(model, liu_factory(lambda op: (4, 4)))
+    vit.calibrate_activations(qmodel, [x])
+    vit.set_enabled(qmodel, False)
+    reference = vit.quantize_vit(model, liu_factory(lambda op: (4, 4)))
+    vit.set_enabled(reference, False)
+    walk = BlockInputs(reference, x, 40)
+    block_inputs = [walk.block_input(i) for i in range(len(model.blocks))]
+    config = recipe_config("liu2021", "W4A4", candidates=9, rounds=2)
+
+    def search(i: int):
+        return partial(search_intervals, config=config, status_lines=False,
+                       inputs_of=BlockInputs(qmodel, x, 40, known=(i, block_inputs[i])))
+
+    return qmodel, reference, x, block_inputs, search
+
+
+@pytest.mark.parametrize("module", ["blocks.1.attn", "blocks.1.mlp"])
+def test_mixed_precision_measures_a_module_on_its_block_alone(tiny, module):
+    """A module's output Ŷ from its own block on the cached float block input equals the whole model's,
+    with only that module quantized (the sensitivity search runs 1 block instead of the model)."""
+    from vitq_edge.quant.mixed_precision import _module_output
+
+    qmodel, _, x, block_inputs, search = _liu_mixed_search_state(tiny)
+    search(1)(qmodel, x, only=[n for n, _ in vit.quant_ops(qmodel) if n.startswith(module + ".")])
+    target = qmodel.get_submodule(f"{module}.av.a_quant" if module.endswith("attn") else module)
+    whole: list[torch.Tensor] = []
+    handle = target.register_forward_hook(lambda m, args, out: whole.append(out))
+    with torch.no_grad(), vit.fake_quant_forward():
+        qmodel(x)
+    handle.remove()
+    assert torch.equal(_module_output(qmodel, module, block_inputs[1], 40), whole[0])
+
+
+def test_mixed_precision_measures_each_module_with_only_itself_quantized(tiny):
+    """The search's bias correction changes the module's biases: measuring a module leaves the model as
+    it was (float biases, intervals, quantizers off), so no sensitivity depends on what was measured
+    before it."""
+    from vitq_edge.quant.mixed_precision import _module_output, module_error
+
+    qmodel, reference, x, block_inputs, search = _liu_mixed_search_state(tiny)
+    float_y = {m: _module_output(reference, m, block_inputs[1], 40) for m in ("blocks.1.attn", "blocks.1.mlp")}
+    before = {k: v.clone() for k, v in qmodel.state_dict().items()}
+    alone = module_error(qmodel, "blocks.1.mlp", x, block_inputs[1], float_y["blocks.1.mlp"], search(1), 40)
+    module_error(qmodel, "blocks.1.attn", x, block_inputs[1], float_y["blocks.1.attn"], search(1), 40)
+    assert all(torch.equal(v, before[k]) for k, v in qmodel.state_dict().items())
+    assert not any(q.enabled for _, q in vit.quantizers(qmodel))
+    after = module_error(qmodel, "blocks.1.mlp", x, block_inputs[1], float_y["blocks.1.mlp"], search(1), 40)
+    assert after == alone > 0
+
+
 @pytest.mark.parametrize("walk", ["ops", "adfq units"])
 def test_cached_block_inputs_equal_the_whole_models_as_quantizers_switch_on(tiny, walk):
     """liu2021 and adfq read each op's (unit's) input from per-block caches instead of rerunning the

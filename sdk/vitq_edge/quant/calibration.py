@@ -67,13 +67,15 @@ class BlockInputs:
     output. Ops before the blocks (the patch embedding) run the model.
     """
 
-    def __init__(self, qmodel: nn.Module, images: torch.Tensor, batch_size: int) -> None:
+    def __init__(self, qmodel: nn.Module, images: torch.Tensor, batch_size: int,
+                 known: tuple[int, torch.Tensor] | None = None) -> None:
+        """`known`: (i, the input of block i), when the caller already holds it (e.g. cached)."""
         self.qmodel, self.images, self.batch_size = qmodel, images, batch_size
-        self.index: int | None = None  # the block whose input self.x holds
-        self.x: torch.Tensor | None = None
+        self.index: int | None = known[0] if known else None  # the block whose input self.x holds
+        self.x: torch.Tensor | None = known[1] if known else None
 
     @torch.no_grad()
-    def _block_input(self, i: int) -> torch.Tensor:
+    def block_input(self, i: int) -> torch.Tensor:
         blocks = self.qmodel.blocks
         if self.index == i - 1 and self.x is not None:
             with vit.fake_quant_forward():  # as capture_inputs: calibration needs no bit-exact forward
@@ -87,13 +89,13 @@ class BlockInputs:
         parts = name.split(".")
         n = len(self.qmodel.blocks)
         if parts[0] == "blocks":
-            return capture_inputs(self.qmodel.blocks[int(parts[1])], op, self._block_input(int(parts[1])),
+            return capture_inputs(self.qmodel.blocks[int(parts[1])], op, self.block_input(int(parts[1])),
                                   self.batch_size)
         if self.index is not None and self.index >= n - 1:  # after the blocks: timm's norm, then its head
             def tail(x: torch.Tensor) -> torch.Tensor:
                 return self.qmodel.forward_head(self.qmodel.norm(x))
 
-            return capture_inputs(tail, op, self._block_input(n), self.batch_size)
+            return capture_inputs(tail, op, self.block_input(n), self.batch_size)
         return capture_inputs(self.qmodel, op, self.images, self.batch_size)
 
 

@@ -177,13 +177,16 @@ def _attention_scale(model: torch.nn.Module, op_name: str) -> float | None:
 
 def search_intervals(qmodel: torch.nn.Module, images: torch.Tensor, config: Liu2021Config,
                      only: Iterable[str] | None = None, label: str = "interval search",
-                     status_lines: bool = True) -> dict:
-    """Run the search op by op in forward order; ops not yet searched stay float meanwhile."""
+                     status_lines: bool = True, inputs_of: BlockInputs | None = None) -> dict:
+    """Run the search op by op in forward order; ops not yet searched stay float meanwhile.
+
+    `inputs_of`: where the ops' inputs come from, when the caller holds a block's input already.
+    """
     ops = [(n, op) for n, op in vit.quant_ops(qmodel) if only is None or n in set(only)]
     for _, op in ops:
         for q in op.operands():
             q.enabled = False
-    inputs_of = BlockInputs(qmodel, images, config.batch_size * 4)
+    inputs_of = inputs_of or BlockInputs(qmodel, images, config.batch_size * 4)
     log = {}
     clock = StageClock(label, len(ops)) if status_lines else None
     for name, op in progress(ops, label, unit="op"):
