@@ -26,10 +26,33 @@ def _disabled() -> bool:
     return _quiet or not sys.stderr.isatty()
 
 
+LOG_EVERY_S = 60.0  # off a terminal: at most one progress line a minute, none for shorter work
+
+
 def progress(items: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Iterator[T]:
-    bar = tqdm(items, desc=desc, total=total, unit=unit, disable=_disabled(), file=sys.stderr, leave=False,
-               dynamic_ncols=True)
-    return iter(bar)
+    """A bar on a terminal; elsewhere (a log) a line with the ETA each LOG_EVERY_S of work."""
+    if total is None and hasattr(items, "__len__"):
+        total = len(items)  # type: ignore[arg-type]
+    if _disabled():
+        return iter(items) if _quiet else _logged(items, desc, total, unit)
+    return iter(tqdm(items, desc=desc, total=total, unit=unit, file=sys.stderr, leave=False, dynamic_ncols=True))
+
+
+def _logged(items: Iterable[T], desc: str, total: int | None, unit: str) -> Iterator[T]:
+    start = last = time.monotonic()
+    for done, item in enumerate(items, 1):
+        yield item
+        now = time.monotonic()
+        if now - last >= LOG_EVERY_S:
+            last = now
+            count = f"{done}/{total}" if total else str(done)
+            status(f"{desc}: {count} {unit} ({_timing(now - start, done, total)})")
+
+
+def _timing(elapsed: float, done: int, total: int | None) -> str:
+    """'3.2 min so far, about 5 min left': the left part once some work is done and the total known."""
+    left = f", about {elapsed / done * (total - done) / 60:.0f} min left" if done and total else ""
+    return f"{elapsed / 60:.1f} min so far{left}"
 
 
 @contextlib.contextmanager
@@ -68,7 +91,6 @@ class StageClock:
         self.what, self.total, self.done, self.start = what, total, 0, time.monotonic()
 
     def begin(self, stage: str) -> None:
-        elapsed = time.monotonic() - self.start
-        left = f", about {elapsed / self.done * (self.total - self.done) / 60:.0f} min left" if self.done else ""
-        status(f"{self.what}: {stage} ({self.done + 1}/{self.total}, {elapsed / 60:.1f} min so far{left})")
+        timing = _timing(time.monotonic() - self.start, self.done, self.total)
+        status(f"{self.what}: {stage} ({self.done + 1}/{self.total}, {timing})")
         self.done += 1
