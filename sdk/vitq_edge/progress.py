@@ -29,12 +29,14 @@ def _disabled() -> bool:
 LOG_EVERY_S = 60.0  # off a terminal: at most one progress line a minute, none for shorter work
 
 
-def progress(items: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Iterator[T]:
-    """A bar on a terminal; elsewhere (a log) a line with the ETA each LOG_EVERY_S of work."""
+def progress(items: Iterable[T], desc: str, total: int | None = None, unit: str = "it",
+             log: bool = True) -> Iterator[T]:
+    """A bar on a terminal; elsewhere (a log) a line with the ETA each LOG_EVERY_S of work,
+    unless `log` is False (loops whose stages write their own lines, e.g. with StageClock)."""
     if total is None and hasattr(items, "__len__"):
         total = len(items)  # type: ignore[arg-type]
     if _disabled():
-        return iter(items) if _quiet else _logged(items, desc, total, unit)
+        return _logged(items, desc, total, unit) if log and not _quiet else iter(items)
     return iter(tqdm(items, desc=desc, total=total, unit=unit, file=sys.stderr, leave=False, dynamic_ncols=True))
 
 

@@ -255,7 +255,7 @@ def reconstruct_unit(unit: nn.Module, x_fp: torch.Tensor, x_q: torch.Tensor, con
     warmup = int(WARMUP * config.iters)
     history = []
     n = len(x_fp)
-    for it in progress(range(config.iters), label, unit="it"):
+    for it in progress(range(config.iters), label, unit="it", log=False):  # the unit clock logs
         idx = torch.randint(0, n, (min(config.batch_size, n),), generator=generator).to(x_fp.device)
         xf, xq = x_fp[idx], x_q[idx]
         keep_float = torch.rand(xf.shape, generator=generator).to(xf.device) < config.drop_prob

@@ -189,7 +189,7 @@ def search_intervals(qmodel: torch.nn.Module, images: torch.Tensor, config: Liu2
     inputs_of = inputs_of or BlockInputs(qmodel, images, config.batch_size * 4)
     log = {}
     clock = StageClock(label, len(ops)) if status_lines else None
-    for name, op in progress(ops, label, unit="op"):
+    for name, op in progress(ops, label, unit="op", log=clock is None):
         if clock:
             clock.begin(name)
         inputs = inputs_of.of(name, op)

@@ -134,7 +134,7 @@ def choose_bits(model: torch.nn.Module, images: torch.Tensor, config: Liu2021Con
     y_norm = {m: nuclear_norm(y) for m, y in float_y.items()}
     omegas: dict[str, dict[int, float]] = {m: {} for m in modules}
     clock = StageClock("mixed-precision sensitivities", len(candidates))
-    for b in progress(candidates, "mixed-precision sensitivities", unit="width"):
+    for b in progress(candidates, "mixed-precision sensitivities", unit="width", log=False):
         clock.begin(f"{b} bits")
         qmodel = vit.quantize_vit(model, liu_factory(lambda op, b=b: (b, b)))
         vit.calibrate_activations(qmodel, batches(x, batch))
