@@ -180,6 +180,8 @@ def search_intervals(qmodel: torch.nn.Module, images: torch.Tensor, config: Liu2
                      status_lines: bool = True, inputs_of: BlockInputs | None = None) -> dict:
     """Run the search op by op in forward order; ops not yet searched stay float meanwhile.
 
+    Status lines per op unless `status_lines` is False (a caller that writes its own).
+
     `inputs_of`: where the ops' inputs come from, when the caller holds a block's input already.
     """
     ops = [(n, op) for n, op in vit.quant_ops(qmodel) if only is None or n in set(only)]
@@ -189,7 +191,7 @@ def search_intervals(qmodel: torch.nn.Module, images: torch.Tensor, config: Liu2
     inputs_of = inputs_of or BlockInputs(qmodel, images, config.batch_size * 4)
     log = {}
     clock = StageClock(label, len(ops)) if status_lines else None
-    for name, op in progress(ops, label, unit="op", log=clock is None):
+    for name, op in progress(ops, label, unit="op", log=False):
         if clock:
             clock.begin(name)
         inputs = inputs_of.of(name, op)
