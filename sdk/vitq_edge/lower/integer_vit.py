@@ -14,7 +14,7 @@ quantized layers call the `vitq::` ops (lower/ops/) on integer weights:
 What remains is float glue that XNNPACK takes: class token / position embedding, the
 residual adds. Each op computes what the simulation computes, with the float sums of
 quantized values replaced by integer sums scaled once; `NotLowerable` says why a model
-cannot take this path (e.g. mixed precision above 8 bits).
+cannot take this path (e.g. a quantizer left off, or codes wider than 8 bits).
 """
 
 from __future__ import annotations
