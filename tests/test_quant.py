@@ -428,21 +428,25 @@ def _liu_mixed_search_state(tiny):
     return qmodel, reference, x, block_inputs, search
 
 
-@pytest.mark.parametrize("module", ["blocks.1.attn", "blocks.1.mlp"])
-def test_mixed_precision_measures_a_module_on_its_block_alone(tiny, module):
+@pytest.mark.parametrize("module,output", [("blocks.1.attn", "module"), ("blocks.1.mlp", "module"),
+                                           ("blocks.1.attn", "block")])
+def test_mixed_precision_measures_a_module_on_its_block_alone(tiny, module, output):
     """A module's output Ŷ from its own block on the cached float block input equals the whole model's,
     with only that module quantized (the sensitivity search runs 1 block instead of the model)."""
     from vitq_edge.quant.mixed_precision import _module_output
 
     qmodel, _, x, block_inputs, search = _liu_mixed_search_state(tiny)
     search(1)(qmodel, x, only=[n for n, _ in vit.quant_ops(qmodel) if n.startswith(module + ".")])
-    target = qmodel.get_submodule(f"{module}.av.a_quant" if module.endswith("attn") else module)
+    if output == "block":
+        target = qmodel.blocks[1]
+    else:
+        target = qmodel.get_submodule(f"{module}.av.a_quant" if module.endswith("attn") else module)
     whole: list[torch.Tensor] = []
     handle = target.register_forward_hook(lambda m, args, out: whole.append(out))
     with torch.no_grad(), vit.fake_quant_forward():
         qmodel(x)
     handle.remove()
-    assert torch.equal(_module_output(qmodel, module, block_inputs[1], 40), whole[0])
+    assert torch.equal(_module_output(qmodel, module, block_inputs[1], 40, output), whole[0])
 
 
 def test_mixed_precision_measures_each_module_with_only_itself_quantized(tiny):
@@ -491,6 +495,7 @@ def test_cached_block_inputs_equal_the_whole_models_as_quantizers_switch_on(tiny
     ("minmax", "W8A8", {}), ("minmax", "W4A4", {}),
     ("liu2021", "W6A6", {"candidates": 12}), ("liu2021", "mixed:6", {"candidates": 8, "mp_candidates": 4}),
     ("liu2021", "mixed:6", {"candidates": 8, "mp_candidates": 4, "mp_normalise": "kind"}),
+    ("liu2021", "mixed:6", {"candidates": 8, "mp_candidates": 4, "mp_output": "block"}),
     ("adfq", "W4A4", {"iters": 30}), ("adfq", "W8A8", {"iters": 0}),
     ("adfq", "W4A4", {"iters": 10, "act_calibration": "sequential", "round_gradient": "none"}),
     ("adfq", "W6A6", {"iters": 0, "act_calibration": "sequential"}),

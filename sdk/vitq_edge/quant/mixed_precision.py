@@ -10,7 +10,8 @@ weights is found exactly (a Pareto-front knapsack over modules), where the paper
 Pareto candidates after HAWQ-V2. Candidate widths: N-2 .. N+2
 ({4..8} for a 6-bit budget; the paper's {6..10} for 8 bits stops at 8 here, the widest code the
 integer kernels run). The patch embedding and the head keep N bits. `mp_normalise="kind"`
-puts the two kinds' sensitivities on one scale first (`normalise_per_kind`).
+puts the two kinds' sensitivities on one scale first (`normalise_per_kind`); `mp_output="block"`
+measures both kinds on one quantity instead, their block's output (the residual stream).
 """
 
 from __future__ import annotations
@@ -35,15 +36,19 @@ def _block_of(module: str) -> int:
     return int(module.split(".")[1])  # blocks.3.attn -> 3
 
 
-def _module_output(qmodel: torch.nn.Module, module: str, block_input: torch.Tensor,
-                   batch_size: int) -> torch.Tensor:
-    """Y of a module: the (quantized, if enabled) attention probabilities or the MLP output.
+def _module_output(qmodel: torch.nn.Module, module: str, block_input: torch.Tensor, batch_size: int,
+                   output: str = "module") -> torch.Tensor:
+    """Y of a module: the (quantized, if enabled) attention probabilities or the MLP output; with
+    output="block", the output of the module's block (one quantity, one scale, for both kinds).
 
     Only the module's own block runs, on that block's input: with every other module float,
     it is the float model's block input whatever the module's quantizers do.
     """
     block = qmodel.blocks[_block_of(module)]
-    target = qmodel.get_submodule(f"{module}.av.a_quant" if module.endswith("attn") else module)
+    if output == "block":
+        target = block
+    else:
+        target = qmodel.get_submodule(f"{module}.av.a_quant" if module.endswith("attn") else module)
     outs: list[torch.Tensor] = []
     handle = target.register_forward_hook(lambda m, args, out: outs.append(out.detach()))
     try:
@@ -57,7 +62,8 @@ def _module_output(qmodel: torch.nn.Module, module: str, block_input: torch.Tens
 
 
 def module_error(qmodel: torch.nn.Module, module: str, images: torch.Tensor, block_input: torch.Tensor,
-                 float_y: torch.Tensor, search: Callable[..., dict], batch_size: int) -> float:
+                 float_y: torch.Tensor, search: Callable[..., dict], batch_size: int,
+                 output: str = "module") -> float:
     """||Ŷ - Y||^2 per image with only `module` quantized (its intervals from `search`).
 
     Leaves qmodel as it found it (every quantizer off, the module's biases and intervals
@@ -68,7 +74,7 @@ def module_error(qmodel: torch.nn.Module, module: str, images: torch.Tensor, blo
     saved = {k: v.detach().clone() for k, v in owner.state_dict().items()}
     try:
         search(qmodel, images, only=[n for n, _ in vit.quant_ops(qmodel) if n.startswith(module + ".")])
-        y = _module_output(qmodel, module, block_input, batch_size)
+        y = _module_output(qmodel, module, block_input, batch_size, output)
         return float((y - float_y).pow(2).sum()) / len(images)
     finally:
         vit.set_enabled(qmodel, False)
@@ -130,7 +136,8 @@ def choose_bits(model: torch.nn.Module, images: torch.Tensor, config: Liu2021Con
     # (24x less work on a 12-block ViT; the same values).
     walk = BlockInputs(reference, x, batch)
     block_inputs = [walk.block_input(i) for i in range(len(model.blocks))]
-    float_y = {m: _module_output(reference, m, block_inputs[_block_of(m)], batch) for m in modules}
+    float_y = {m: _module_output(reference, m, block_inputs[_block_of(m)], batch, config.mp_output)
+               for m in modules}
     y_norm = {m: nuclear_norm(y) for m, y in float_y.items()}
     omegas: dict[str, dict[int, float]] = {m: {} for m in modules}
     clock = StageClock("mixed-precision sensitivities", len(candidates))
@@ -143,7 +150,7 @@ def choose_bits(model: torch.nn.Module, images: torch.Tensor, config: Liu2021Con
             i = _block_of(m)
             search = partial(search_intervals, config=quick, label=f"{m} @ {b} bits", status_lines=False,
                              inputs_of=BlockInputs(qmodel, x, batch, known=(i, block_inputs[i])))
-            err = module_error(qmodel, m, x, block_inputs[i], float_y[m], search, batch)
+            err = module_error(qmodel, m, x, block_inputs[i], float_y[m], search, batch, config.mp_output)
             omegas[m][b] = y_norm[m] * err
     sizes = vit.weight_bits(reference)
     costs = {m: sum(n for op, (n, _) in sizes.items() if op.startswith(m + ".")) for m in modules}
