@@ -429,24 +429,26 @@ def _liu_mixed_search_state(tiny):
 
 
 @pytest.mark.parametrize("module,output", [("blocks.1.attn", "module"), ("blocks.1.mlp", "module"),
-                                           ("blocks.1.attn", "block")])
+                                           ("blocks.1.attn", "block"), ("blocks.0.mlp", "model")])
 def test_mixed_precision_measures_a_module_on_its_block_alone(tiny, module, output):
     """A module's output Ŷ from its own block on the cached float block input equals the whole model's,
     with only that module quantized (the sensitivity search runs 1 block instead of the model)."""
     from vitq_edge.quant.mixed_precision import _module_output
 
     qmodel, _, x, block_inputs, search = _liu_mixed_search_state(tiny)
-    search(1)(qmodel, x, only=[n for n, _ in vit.quant_ops(qmodel) if n.startswith(module + ".")])
+    i = int(module.split(".")[1])
+    search(i)(qmodel, x, only=[n for n, _ in vit.quant_ops(qmodel) if n.startswith(module + ".")])
     if output == "block":
-        target = qmodel.blocks[1]
+        target = qmodel.blocks[i]
     else:
         target = qmodel.get_submodule(f"{module}.av.a_quant" if module.endswith("attn") else module)
-    whole: list[torch.Tensor] = []
-    handle = target.register_forward_hook(lambda m, args, out: whole.append(out))
+    hooked: list[torch.Tensor] = []
+    handle = target.register_forward_hook(lambda m, args, out: hooked.append(out))
     with torch.no_grad(), vit.fake_quant_forward():
-        qmodel(x)
+        logits = qmodel(x)
     handle.remove()
-    assert torch.equal(_module_output(qmodel, module, block_inputs[1], 40, output), whole[0])
+    want = logits if output == "model" else hooked[0]
+    assert torch.equal(_module_output(qmodel, module, block_inputs[i], 40, output), want)
 
 
 def test_mixed_precision_measures_each_module_with_only_itself_quantized(tiny):
@@ -496,6 +498,7 @@ def test_cached_block_inputs_equal_the_whole_models_as_quantizers_switch_on(tiny
     ("liu2021", "W6A6", {"candidates": 12}), ("liu2021", "mixed:6", {"candidates": 8, "mp_candidates": 4}),
     ("liu2021", "mixed:6", {"candidates": 8, "mp_candidates": 4, "mp_normalise": "kind"}),
     ("liu2021", "mixed:6", {"candidates": 8, "mp_candidates": 4, "mp_output": "block"}),
+    ("liu2021", "mixed:6", {"candidates": 8, "mp_candidates": 4, "mp_output": "model"}),
     ("adfq", "W4A4", {"iters": 30}), ("adfq", "W8A8", {"iters": 0}),
     ("adfq", "W4A4", {"iters": 10, "act_calibration": "sequential", "round_gradient": "none"}),
     ("adfq", "W6A6", {"iters": 0, "act_calibration": "sequential"}),

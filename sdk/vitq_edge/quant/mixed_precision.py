@@ -11,7 +11,8 @@ Pareto candidates after HAWQ-V2. Candidate widths: N-2 .. N+2
 ({4..8} for a 6-bit budget; the paper's {6..10} for 8 bits stops at 8 here, the widest code the
 integer kernels run). The patch embedding and the head keep N bits. `mp_normalise="kind"`
 puts the two kinds' sensitivities on one scale first (`normalise_per_kind`); `mp_output="block"`
-measures both kinds on one quantity instead, their block's output (the residual stream).
+measures both kinds on one quantity instead, their block's output (the residual stream), and
+`mp_output="model"` on the model's output.
 """
 
 from __future__ import annotations
@@ -39,12 +40,22 @@ def _block_of(module: str) -> int:
 def _module_output(qmodel: torch.nn.Module, module: str, block_input: torch.Tensor, batch_size: int,
                    output: str = "module") -> torch.Tensor:
     """Y of a module: the (quantized, if enabled) attention probabilities or the MLP output; with
-    output="block", the output of the module's block (one quantity, one scale, for both kinds).
+    output="block", the output of the module's block; with "model", the model's output (one
+    quantity, one scale, for both kinds; "model" also counts what later blocks make of the error).
 
-    Only the module's own block runs, on that block's input: with every other module float,
-    it is the float model's block input whatever the module's quantizers do.
+    The model runs from the module's own block on, on that block's input: with every other
+    module float, it is the float model's block input whatever the module's quantizers do.
     """
-    block = qmodel.blocks[_block_of(module)]
+    i = _block_of(module)
+    if output == "model":
+        def tail(x: torch.Tensor) -> torch.Tensor:
+            for block in qmodel.blocks[i:]:
+                x = block(x)
+            return qmodel.forward_head(qmodel.norm(x))
+
+        with torch.no_grad(), vit.fake_quant_forward():
+            return torch.cat([tail(b) for b in batches(block_input, batch_size)])
+    block = qmodel.blocks[i]
     if output == "block":
         target = block
     else:

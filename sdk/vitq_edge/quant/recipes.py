@@ -126,7 +126,8 @@ class Liu2021Config(PaperRecipeConfig):
     mp_search_images: int = 128  # images for the mixed-precision sensitivities
     mp_candidates: int = 25  # intervals per search when measuring sensitivities
     mp_normalise: Literal["none", "kind"] = "none"  # "kind": sensitivities over their module kind's mean
-    mp_output: Literal["module", "block"] = "module"  # Y: attention map / MLP output (paper), or block output
+    # Y of the sensitivities: attention map / MLP output (the paper), the block's output or the model's.
+    mp_output: Literal["module", "block", "model"] = "module"
 
     def bits_supported(self, bits: str) -> bool:
         if bits in self.supported_bits:
