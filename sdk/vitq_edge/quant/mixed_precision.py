@@ -4,7 +4,7 @@ Sensitivity of module i at b bits: Omega_i(b) = ||Y_i||_* * ||Ŷ_i(b) - Y_i||^2,
 attention map (MSA) or the output feature (MLP), Ŷ the same with only module i quantized
 (its intervals searched as in the recipe, with fewer candidates), both averaged over the
 calibration samples. With every other module float, module i's input is the float model's,
-so each measurement runs module i's block alone on a cached float block input. The
+so each measurement starts at module i's block, from a cached float block input. The
 configuration with the least total Omega whose weights fit the size of uniform N-bit
 weights is found exactly (a Pareto-front knapsack over modules), where the paper sorts
 Pareto candidates after HAWQ-V2. Candidate widths: N-2 .. N+2
@@ -93,7 +93,8 @@ def module_error(qmodel: torch.nn.Module, module: str, images: torch.Tensor, blo
 
 
 def nuclear_norm(y: torch.Tensor) -> float:
-    """Mean nuclear norm of the per-sample matrices (last two dims: [N, N] per head or [N, C])."""
+    """Mean nuclear norm of the per-sample matrices (last two dims: [N, N] per head or [N, C]); the
+    model's output [images, classes] is one matrix, the same factor for every module."""
     return float(torch.linalg.matrix_norm(y.double(), ord="nuc").mean())
 
 
@@ -143,8 +144,8 @@ def choose_bits(model: torch.nn.Module, images: torch.Tensor, config: Liu2021Con
     batch = config.batch_size * 4
     reference = vit.quantize_vit(model, liu_factory(lambda op: (n_bits, n_bits)))
     vit.set_enabled(reference, False)
-    # Every block's float input, once: each sensitivity then runs one block, not the model
-    # (24x less work on a 12-block ViT; the same values).
+    # Every block's float input, once: each sensitivity then starts at its module's block (with the
+    # default mp_output it runs that block alone: 24x less work on a 12-block ViT; the same values).
     walk = BlockInputs(reference, x, batch)
     block_inputs = [walk.block_input(i) for i in range(len(model.blocks))]
     float_y = {m: _module_output(reference, m, block_inputs[_block_of(m)], batch, config.mp_output)
