@@ -406,10 +406,8 @@ def _sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
 
 
 def _liu_mixed_search_state(tiny):
-    from functools import partial
-
-    from vitq_edge.quant.calibration import BlockInputs
-    from vitq_edge.quant.liu2021 import liu_factory, search_intervals
+    from vitq_edge.quant.liu2021 import liu_factory
+    from vitq_edge.quant.mixed_precision import float_block_inputs, module_search
 
     model, x, _ = tiny
     qmodel = vit.quantize_vit(model, liu_factory(lambda op: (4, 4)))
@@ -417,13 +415,11 @@ def _liu_mixed_search_state(tiny):
     vit.set_enabled(qmodel, False)
     reference = vit.quantize_vit(model, liu_factory(lambda op: (4, 4)))
     vit.set_enabled(reference, False)
-    walk = BlockInputs(reference, x, 40)
-    block_inputs = [walk.block_input(i) for i in range(len(model.blocks))]
+    block_inputs = float_block_inputs(reference, x, 40)
     config = recipe_config("liu2021", "W4A4", candidates=9, rounds=2)
 
     def search(i: int):
-        return partial(search_intervals, config=config, status_lines=False,
-                       inputs_of=BlockInputs(qmodel, x, 40, known=(i, block_inputs[i])))
+        return module_search(qmodel, x, config, i, block_inputs[i], 40)
 
     return qmodel, reference, x, block_inputs, search
 

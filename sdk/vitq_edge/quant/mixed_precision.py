@@ -72,6 +72,21 @@ def _module_output(qmodel: torch.nn.Module, module: str, block_input: torch.Tens
     return torch.cat(outs)
 
 
+def float_block_inputs(reference: torch.nn.Module, images: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """Every block's input on `images` with every quantizer of `reference` off (the float model's)."""
+    walk = BlockInputs(reference, images, batch_size)
+    return [walk.block_input(i) for i in range(len(reference.blocks))]
+
+
+def module_search(qmodel: torch.nn.Module, images: torch.Tensor, config: Liu2021Config, block: int,
+                  block_input: torch.Tensor, batch_size: int, label: str = "interval search") -> Callable[..., dict]:
+    """The interval search of one module's ops, reading their inputs from its block's cached input."""
+    from vitq_edge.quant.liu2021 import search_intervals
+
+    return partial(search_intervals, config=config, label=label, status_lines=False,
+                   inputs_of=BlockInputs(qmodel, images, batch_size, known=(block, block_input)))
+
+
 def module_error(qmodel: torch.nn.Module, module: str, images: torch.Tensor, block_input: torch.Tensor,
                  float_y: torch.Tensor, search: Callable[..., dict], batch_size: int,
                  output: str = "module") -> float:
@@ -132,7 +147,7 @@ def pareto_choice(costs: dict[str, int], omegas: dict[str, dict[int, float]], bu
 
 
 def choose_bits(model: torch.nn.Module, images: torch.Tensor, config: Liu2021Config) -> tuple[dict[str, int], dict]:
-    from vitq_edge.quant.liu2021 import liu_factory, search_intervals
+    from vitq_edge.quant.liu2021 import liu_factory
 
     n_bits, _ = parse_bits(config.bits)
     # The paper's {N-2 .. N+2}, within what the integer kernels run (8-bit codes): a wider layer would
@@ -146,8 +161,7 @@ def choose_bits(model: torch.nn.Module, images: torch.Tensor, config: Liu2021Con
     vit.set_enabled(reference, False)
     # Every block's float input, once: each sensitivity then starts at its module's block (with the
     # default mp_output it runs that block alone: 24x less work on a 12-block ViT; the same values).
-    walk = BlockInputs(reference, x, batch)
-    block_inputs = [walk.block_input(i) for i in range(len(model.blocks))]
+    block_inputs = float_block_inputs(reference, x, batch)
     float_y = {m: _module_output(reference, m, block_inputs[_block_of(m)], batch, config.mp_output)
                for m in modules}
     y_norm = {m: nuclear_norm(y) for m, y in float_y.items()}
@@ -160,8 +174,7 @@ def choose_bits(model: torch.nn.Module, images: torch.Tensor, config: Liu2021Con
         vit.set_enabled(qmodel, False)
         for m in modules:
             i = _block_of(m)
-            search = partial(search_intervals, config=quick, label=f"{m} @ {b} bits", status_lines=False,
-                             inputs_of=BlockInputs(qmodel, x, batch, known=(i, block_inputs[i])))
+            search = module_search(qmodel, x, quick, i, block_inputs[i], batch, label=f"{m} @ {b} bits")
             err = module_error(qmodel, m, x, block_inputs[i], float_y[m], search, batch, config.mp_output)
             omegas[m][b] = y_norm[m] * err
     sizes = vit.weight_bits(reference)
