@@ -9,6 +9,7 @@ from vitq_edge import progress
 
 def test_progress_in_a_log_writes_eta_lines_not_bars(capsys, monkeypatch):
     monkeypatch.setattr(progress, "LOG_EVERY_S", 0.01)
+    monkeypatch.setattr(progress, "_quiet", False)  # an earlier in-process CLI test may have set --quiet
     items = []
     for i in progress.progress(range(4), "evaluating", unit="batch"):  # capsys: stderr is not a terminal
         time.sleep(0.02)
