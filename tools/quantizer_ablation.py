@@ -3,12 +3,15 @@ and all but one group, against the float model on a validation split carved from
 
     .venv/bin/python tools/quantizer_ablation.py --recipe minmax --bits W8A8
     .venv/bin/python tools/quantizer_ablation.py --recipe minmax --bits W8A8 --probs log:8
+    .venv/bin/python tools/quantizer_ablation.py --recipe liu2021 --bits W8A8 --search
 
 Calibration: the first `--calib-images` training images (classes interleaved), as a build takes
 them; validation: `--val-images` training images from interleaved position 5,000 on (never the
 test split). Ranges come from the recipe's own quantizers and their initialisation (no
-reconstruction or search: this measures what the quantizer types and their ranges cost). The
-forward is the fake-quant one, which agrees with the kernels' arithmetic to float rounding.
+reconstruction or search: this measures what the quantizer types and their ranges cost), or,
+with `--search` (liu2021), from its interval search on its default search images, to see
+which groups the searched intervals cost (the bias corrections it made stay in every row).
+The forward is the fake-quant one, which agrees with the kernels' arithmetic to float rounding.
 Writes OUT.{md,json}.
 """
 
@@ -32,6 +35,7 @@ from vitq_edge.models.dinov2 import MODEL_NAME
 from vitq_edge.models.source import load_model
 from vitq_edge.quant import vit
 from vitq_edge.quant.adfq import adfq_factory
+from vitq_edge.quant.liu2021 import liu_factory, search_intervals
 from vitq_edge.quant.minmax import minmax_factory
 from vitq_edge.quant.quantizers import LogQuantizer
 from vitq_edge.quant.recipes import parse_bits, recipe_config
@@ -63,7 +67,12 @@ def _group_of(op: str, role: str) -> str:
 
 def _factory(recipe: str, bits: str, probs: str | None):
     w_bits, a_bits = parse_bits(bits)
-    base = minmax_factory(w_bits, a_bits) if recipe == "minmax" else adfq_factory(recipe_config("adfq", bits))
+    if recipe == "minmax":
+        base = minmax_factory(w_bits, a_bits)
+    elif recipe == "liu2021":
+        base = liu_factory(lambda op: (w_bits, a_bits))
+    else:
+        base = adfq_factory(recipe_config("adfq", bits))
     groups: dict[int, str] = {}  # id(quantizer) -> group
 
     def make(op: str, role: str):
@@ -84,16 +93,20 @@ def _logits(model: torch.nn.Module, xs: list[torch.Tensor]) -> torch.Tensor:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipe", choices=("minmax", "adfq"), default="minmax")
+    ap.add_argument("--recipe", choices=("minmax", "liu2021", "adfq"), default="minmax")
     ap.add_argument("--bits", default="W8A8")
     ap.add_argument("--probs", default=None, help="log:K replaces the probability quantizer with a log one, "
                                                   "K levels per octave")
+    ap.add_argument("--search", action="store_true", help="liu2021: its interval search sets the ranges")
     ap.add_argument("--calib-images", type=int, default=256)
     ap.add_argument("--val-images", type=int, default=512)
     ap.add_argument("--out", default=None, help="default docs/ablation-RECIPE-BITS[-probsK]")
     args = ap.parse_args()
+    if args.search and args.recipe != "liu2021":
+        ap.error("--search is liu2021's interval search; drop it or use --recipe liu2021")
     command = "python tools/quantizer_ablation.py" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
-    tag = f"{args.recipe}-{args.bits}" + (f"-probs{args.probs.replace(':', '')}" if args.probs else "")
+    tag = (f"{args.recipe}-{args.bits}" + (f"-probs{args.probs.replace(':', '')}" if args.probs else "")
+           + ("-searched" if args.search else ""))
     out = Path(args.out or REPO / "docs" / "ablation" / tag)
     torch.manual_seed(0)
     loaded = load_model(MODEL_NAME)
@@ -108,6 +121,9 @@ def main() -> None:
     start = time.time()
     qmodel = vit.quantize_vit(loaded.model, make)
     vit.calibrate_activations(qmodel, calib)
+    if args.search:
+        config = recipe_config("liu2021", args.bits)
+        search_intervals(qmodel, torch.cat(calib)[: config.search_images], config)
     print(f"calibrated in {time.time() - start:.0f} s", file=sys.stderr)
     qs = [q for _, q in vit.quantizers(qmodel) if id(q) in groups]
 
@@ -124,7 +140,7 @@ def main() -> None:
     rows += [run(f"only {g}", lambda h, g=g: h == g) for g in GROUPS]
     rows += [run(f"all but {g}", lambda h, g=g: h != g) for g in GROUPS]
     fp32_top1 = accuracy_summary(fp32, fp32, fp32, labels)["fp32"]
-    result = {"command": command, "recipe": args.recipe, "bits": args.bits, "probs": args.probs,
+    result = {"command": command, "recipe": args.recipe, "bits": args.bits, "probs": args.probs, "search": args.search,
               "calib_images": args.calib_images, "val_images": args.val_images, "fp32_top1": fp32_top1,
               "rows": rows}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -133,8 +149,9 @@ def main() -> None:
     lines = [f"# {args.recipe} {args.bits}{' probabilities ' + args.probs if args.probs else ''}: "
              "which quantizers cost accuracy (real model, validation split)", "", f"    {command}", "",
              f"dinov2-s14-cifar10; calibration on {args.calib_images} training images; {args.val_images} validation "
-             f"images (training positions {VAL_START}+); float top-1 {fp32_top1:.2f}%; fake-quant forward, no "
-             "reconstruction or search.", "",
+             f"images (training positions {VAL_START}+); float top-1 {fp32_top1:.2f}%; fake-quant forward, "
+             + ("ranges from liu2021's interval search (its bias corrections in every row)." if args.search
+                else "no reconstruction or search."), "",
              "| quantized | top-1 % | agreement % | SQNR dB |", "|---|---:|---:|---:|"]
     lines += [f"| {r['quantized']} | {r['top1']:.2f} | {r['agreement']:.2f} | {r['sqnr_db']} |" for r in rows]
     md = "\n".join(lines) + "\n"
