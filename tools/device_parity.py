@@ -50,7 +50,7 @@ def main() -> int:
     parser.add_argument("--data", default=None, help="ImageFolder; default: the build's evaluation set")
     parser.add_argument("--out", type=Path, required=True, help="output stem (writes OUT.md, OUT.json)")
     args = parser.parse_args()
-    handle_termination()  # SIGTERM unwinds like Ctrl-C: a stopped run removes its temporary folders
+    handle_termination()  # SIGTERM unwinds like Ctrl-C: a stopped run ends the emulator it started
 
     pte, manifest = resolve_build(args.build)
     start = time.monotonic()

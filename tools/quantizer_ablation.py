@@ -100,7 +100,7 @@ def main() -> None:
     ap.add_argument("--search", action="store_true", help="liu2021: its interval search sets the ranges")
     ap.add_argument("--calib-images", type=int, default=256)
     ap.add_argument("--val-images", type=int, default=512)
-    ap.add_argument("--out", default=None, help="default docs/ablation-RECIPE-BITS[-probsK]")
+    ap.add_argument("--out", default=None, help="default docs/ablation/RECIPE-BITS[-probsK][-searched]")
     args = ap.parse_args()
     if args.search and args.recipe != "liu2021":
         ap.error("--search is liu2021's interval search; drop it or use --recipe liu2021")
