@@ -107,6 +107,16 @@ def test_log_codes_range_idempotence_and_scale_invariance(x, bits, k, shift):
     assert torch.equal(arith.log_codes(x * c, q.delta * c, bits, k), arith.log_codes(x, q.delta, bits, k))
 
 
+@given(x=tensors(elements=st.one_of(st.just(0.0), st.floats(-1, 4, width=32), st.floats(0, 2.0**-100, width=32))),
+       bits=st.integers(2, 8), k=st.sampled_from([1, 2, 4, 32]))
+@settings(deadline=None)  # the first example of each (bits, k) builds its ladder
+def test_fake_log_without_gradient_is_the_values_of_the_codes(x, bits, k):
+    """fake_log's direct table lookup gives values(codes(x)): below, on and above the ladder, at zero and below it."""
+    delta = torch.tensor(0.75)
+    want = arith.log_values(arith.log_codes(x, delta, bits, k), delta, bits, k)
+    assert torch.equal(arith.fake_log(x, delta, bits, k), want)
+
+
 def test_log_codes_are_exact_down_to_the_smallest_normal_ratio():
     # x / delta = 2^-122.4: a normal float, far below any level the 4-bit ladders reach, inside the
     # 8-bit log2 ladder (254 levels); it gets its own exact code, not the floor's.

@@ -202,7 +202,10 @@ def fake_log(x: torch.Tensor, delta: torch.Tensor | float, bits: int, k: int,
     """The value the device sees: values(codes(x)), differentiable as `_FakeLog` describes."""
     if torch.is_grad_enabled() and isinstance(delta, torch.Tensor) and (x.requires_grad or delta.requires_grad):
         return _FakeLog.apply(x, delta, bits, k, round_gradient)
-    return log_values(log_codes(x, delta, bits, k), delta, bits, k)
+    # levels[reached] is log_values(log_codes(x)) without the two int64 passes between them
+    # (they cost more than the search on a 25 M-value attention map).
+    _, levels, _ = _log_ladder(bits, k)
+    return delta * levels[_log_reached(x, delta, bits, k)]
 
 
 # ---- per-patch outlier-aware (ADFQ-ViT PPOQ) ----------------------------------------
