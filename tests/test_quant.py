@@ -674,3 +674,33 @@ def test_observations_of_one_huge_batch_keep_only_its_first_images(monkeypatch):
     q.clear_observations()
     q(big)
     assert q._seen[0].untyped_storage().nbytes() == 3 * 300 * 4  # its own storage, not a view of the batch
+
+
+def test_calibration_stops_once_every_quantizer_has_observed_all_it_keeps(tiny, monkeypatch):
+    from vitq_edge.quant import quantizers
+    from vitq_edge.quant.calibration import BlockInputs, batches
+    from vitq_edge.quant.minmax import minmax_factory
+
+    model, x, _ = tiny
+    # Every quantizer of a block fills up on 48 images (>= 26,000 values each); the head's
+    # input (32 values per image) does not on 96.
+    monkeypatch.setattr(quantizers, "MAX_OBSERVED", 20_000)
+
+    def calibrated(images: torch.Tensor, part: str) -> tuple[torch.nn.Module, int]:
+        qmodel = vit.quantize_vit(model, minmax_factory(8, 8))
+        vit.set_enabled(qmodel, False)
+        tokens = BlockInputs(qmodel, x, 48).block_input(0)[:len(images)]
+        vit.set_enabled(qmodel, True)
+        module = qmodel.blocks[0] if part == "block" else qmodel
+        calls = []
+        module.register_forward_pre_hook(lambda m, args: calls.append(1))
+        vit.calibrate_activations(module, batches(tokens if part == "block" else images, 48))
+        return qmodel, len(calls)
+
+    whole, whole_calls = calibrated(x, "block")
+    first, _ = calibrated(x[:48], "block")
+    assert whole_calls == 1  # the second batch would change nothing
+    for (name, q), (_, q_first) in zip(vit.quantizers(whole.blocks[0]), vit.quantizers(first.blocks[0]), strict=True):
+        if hasattr(q, "scale") and not name.endswith("weight_quant"):
+            assert torch.equal(q.scale, q_first.scale), name
+    assert calibrated(x, "model")[1] == 2  # the head's quantizer still wants the second batch

@@ -74,6 +74,11 @@ class Quantizer(nn.Module):
     def observe(self, on: bool) -> None:
         self._observing = on
 
+    @property
+    def observed_enough(self) -> bool:
+        """True once observing keeps nothing more (MAX_OBSERVED values seen)."""
+        return self._seen_numel >= MAX_OBSERVED
+
     def observed(self) -> torch.Tensor:
         return torch.cat(self._seen) if self._seen else torch.zeros(0)
 

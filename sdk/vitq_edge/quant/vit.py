@@ -369,7 +369,9 @@ def calibrate_activations(model: nn.Module, batches: Iterable[torch.Tensor]) -> 
     """Observe every activation quantizer's input on `batches` (float forward), then set its range.
 
     The forward is the fake-quant one (torch's LayerNorm, GELU, softmax): the kernels' exact
-    definitions agree with them to float rounding and cost several times more.
+    definitions agree with them to float rounding and cost several times more. It stops once
+    every quantizer has observed all it keeps: the later batches would change nothing (a
+    224-px ViT-S block's quantizers fill up on its first batch of 64 images).
     """
     acts = [q for _, q in quantizers(model) if not _is_weight_quantizer(model, q)]
     for q in acts:
@@ -378,6 +380,8 @@ def calibrate_activations(model: nn.Module, batches: Iterable[torch.Tensor]) -> 
         with fake_quant_forward():
             for x in batches:
                 model(x)
+                if all(q.observed_enough for q in acts):
+                    break
     finally:
         for q in acts:
             q.observe(False)
