@@ -157,8 +157,8 @@ def _model_and_data_options(f):
                    "MSA/MLP module within the size of N-bit weights). Default: the recipe's first (W8A8).")
 @click.option("--iters", type=click.IntRange(min=0), default=None,
               help="adfq: reconstruction iterations per module. Default: the paper's 3000 (of 32 images) where "
-                   "that is affordable (GPU, small models), else as many as about an hour on a 2-core CPU buys "
-                   "(800 of 8 images for a 224-px ViT-S). --iters 3000 = the paper's schedule.")
+                   "that is affordable (GPU, small models), else as many as under an hour on a 2-core CPU buys "
+                   "(600 of 8 images for a 224-px ViT-S). --iters 3000 = the paper's schedule.")
 @click.option("--device", "calib_device", default="cpu", metavar="cpu|cuda",
               help="Where the paper recipes calibrate (cuda needs a GPU visible to torch).")
 @click.option("--option", "recipe_options", multiple=True, metavar="KEY=VALUE",

@@ -20,11 +20,14 @@ each MLP module, head), on the calibration images in batches of `batch_size`:
 
 Schedule (default_schedule): the paper's 3000 iterations of 32 images per unit where a CPU
 work budget affords it (the bundled model), on a GPU, or with --iters; else 8 images per
-iteration and as many iterations as the budget buys (800 for a 224-px ViT-S/14: about 50 min
+iteration and as many iterations as the budget buys (600 for a 224-px ViT-S/14: about 45 min
 of reconstruction on 2 cores instead of ~12 h), with both learning rates scaled by 3000/iters
-(lr_factor). Chosen with tools/adfq_unit_probe.py on held-out training images
-(docs/validation/unit-probe-schedule.md): at equal work, 8 x 800 with scaled rates leaves 37%
-less output error on a middle attention unit than the paper's rates at 32 x 200.
+(lr_factor). Chosen with tools/adfq_unit_probe.py on held-out training images: at equal work,
+8 x 800 with scaled rates leaves 37% less output error on a middle attention unit than the
+paper's rates at 32 x 200 (docs/validation/unit-probe-schedule.md); 600 iterations instead of
+800 leave 1.7% (attention) and 2.7% (MLP) more, 500 leave 2.6% and 3.9% more
+(docs/validation/unit-probe-iterations.md), and 800 no longer fit the hour once calibration
+became sequential.
 
 Two departures from the ADFQ-ViT code, each an option so that the validation split decides:
     act_calibration  "sequential": unit by unit, from the inputs the model quantized so far
@@ -76,12 +79,12 @@ BETA_START, BETA_END = 20.0, 2.0
 PAPER_ITERS, PAPER_BATCH = 3000, 32  # per unit, the ADFQ-ViT README command
 CPU_BATCH = 8
 # The CPU work budget of the default schedule, in multiply-accumulates of image forward passes per unit:
-# 800 iterations of 8 images on a 224-px ViT-S/14 (6.12 GMAC per image as model_macs counts it): 49 min
-# of reconstruction, 52 min of calibration in all, on a 2-core x86 CPU (docs/results-real.md). At equal
-# work, 8 images x 800 iterations reconstruct better than the paper's 32 x 200
-# (docs/validation/unit-probe-schedule.md); models small enough get the paper's schedule (the
-# bundled 28-px model: 3000 x 32).
-DEFAULT_WORK_MACS = 800 * CPU_BATCH * 6.12e9
+# 600 iterations of 8 images on a 224-px ViT-S/14 (6.12 GMAC per image as model_macs counts it), about
+# 0.17 s each on a 2-core x86 CPU: ~42 min of reconstruction plus ~10 min of per-unit set-up (the two
+# residual streams, sequential ranges, float targets) for the 26 units (docs/results-real.md has the
+# measured build). 800 iterations (the previous default) made the sequential build ~70 min. Models small
+# enough get the paper's schedule (the bundled 28-px model: 3000 x 32).
+DEFAULT_WORK_MACS = 600 * CPU_BATCH * 6.12e9
 MAX_LR_FACTOR = 15.0  # lr_factor's cap: the largest the unit probe measured (200 iterations)
 
 

@@ -153,7 +153,7 @@ class AdfqConfig(PaperRecipeConfig):
     # The schedule, per unit (adfq.default_schedule fills what is None). The paper's: 3000 iterations (the
     # ADFQ-ViT README command; code default 5000) of 32 images, used on a GPU, with --iters, or where it fits
     # the CPU work budget; larger models on a CPU get 8 images per iteration and as many iterations as the
-    # budget buys (about an hour on 2 cores; 800 for a 224-px ViT-S).
+    # budget buys (under an hour on 2 cores; 600 for a 224-px ViT-S).
     iters: int | None = None
     batch_size: int | None = None
     # weight_lr and act_lr are the paper's for 3000 iterations; with fewer, both are multiplied by
