@@ -37,8 +37,9 @@ Two departures from the ADFQ-ViT code, each an option so that the validation spl
                      (docs/validation/adfq-w4-0-{sequential,float}.md). With reconstruction it
                      replaces the whole-model calibration pass by one pass per unit over inputs
                      cached for the reconstruction anyway; at --iters 0 it adds that caching
-                     (17 min instead of 5 for the real ViT-S). Not yet confirmed at the default
-                     schedule (two ~75-min validation runs).
+                     (a W4A4 build of the real ViT-S: 9.2 min; 17 before calibrate_activations
+                     stopped at full observers and fake_log looked levels up directly; float: 5).
+                     Not yet confirmed at the default schedule (two ~60-min validation runs).
     round_gradient   "ste": PPOQ and Shift-Log2 round with a straight-through gradient to
                      their input and scale (ours); "none": codes from detached values, so the
                      scale learns through the dequantization only and fc1 gets no gradient
