@@ -81,9 +81,9 @@ PAPER_ITERS, PAPER_BATCH = 3000, 32  # per unit, the ADFQ-ViT README command
 CPU_BATCH = 8
 # The CPU work budget of the default schedule, in multiply-accumulates of image forward passes per unit:
 # 600 iterations of 8 images on a 224-px ViT-S/14 (6.12 GMAC per image as model_macs counts it), about
-# 0.17 s each on a 2-core x86 CPU: ~42 min of reconstruction plus ~10 min of per-unit set-up (the two
-# residual streams, sequential ranges, float targets) for the 26 units (docs/results-real.md has the
-# measured build). 800 iterations (the previous default) made the sequential build ~70 min. Models small
+# 0.17-0.2 s each on a 2-core x86 CPU, plus the per-unit set-up (the two residual streams, sequential
+# ranges, float targets): the W4A4 build took 3454 s = 57.6 min (docs/results-real.md), a thin margin
+# under the hour. 800 iterations (the previous default) made it ~70 min. Models small
 # enough get the paper's schedule (the bundled 28-px model: 3000 x 32).
 DEFAULT_WORK_MACS = 600 * CPU_BATCH * 6.12e9
 MAX_LR_FACTOR = 15.0  # lr_factor's cap: the largest the unit probe measured (200 iterations)
