@@ -87,7 +87,7 @@ class Quantizer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._observing:
-            if self._seen_numel < MAX_OBSERVED:
+            if not self.observed_enough:
                 kept = x.detach()
                 if kept.dim() > 1 and kept.numel() > MAX_BATCH_OBSERVED:  # dim 0: images
                     # A copy: a view would keep the whole batch's storage alive.
