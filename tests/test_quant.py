@@ -483,7 +483,7 @@ def test_cached_block_inputs_equal_the_whole_models_as_quantizers_switch_on(tiny
     from vitq_edge.quant.minmax import minmax_factory
 
     model, x, _ = tiny
-    qmodel = vit.quantize_vit(model, minmax_factory(4, 4))
+    qmodel = vit.quantize_vit(model, minmax_factory(lambda op: (4, 4)))
     vit.calibrate_activations(qmodel, [x])
     vit.set_enabled(qmodel, False)
     names = [n for n, _ in vit.quant_ops(qmodel)] if walk == "ops" else units(qmodel)
@@ -508,6 +508,7 @@ def test_cached_block_inputs_equal_the_whole_models_as_quantizers_switch_on(tiny
     ("adfq", "W4A4", {"iters": 30}), ("adfq", "W8A8", {"iters": 0}),
     ("adfq", "W4A4", {"iters": 10, "act_calibration": "sequential", "round_gradient": "none"}),
     ("adfq", "W6A6", {"iters": 0, "act_calibration": "sequential"}),
+    ("minmax", "W4A4", {"head_bits": None}), ("adfq", "W4A4", {"iters": 0, "head_bits": 6}),
 ])
 def test_recipe_runs_end_to_end_on_a_tiny_vit(tiny, recipe, bits, options):
     model, x, y = tiny
@@ -522,6 +523,11 @@ def test_recipe_runs_end_to_end_on_a_tiny_vit(tiny, recipe, bits, options):
     assert qm.size_bytes < float_bytes
     described = qm.details["quantizers"]
     assert "blocks.1.attn.qkv" in described and "head" in described
+    # The head at head_bits (default 8), the rest at --bits (or a mixed module's width).
+    head_bits = options.get("head_bits", 8) or int(bits[1])
+    assert described["head"]["weight"]["bits"] == described["head"]["input"]["bits"] == head_bits
+    if not bits.startswith("mixed"):
+        assert described["blocks.1.mlp.fc1"]["weight"]["bits"] == int(bits[1])
     if recipe == "adfq":
         assert described["blocks.0.attn.qkv"]["input"]["kind"] == "PerPatchOutlierQuantizer"
         assert described["blocks.0.mlp.fc2"]["input"]["kind"] == "ShiftLog2Quantizer"
@@ -612,6 +618,7 @@ def test_deit_is_supported_and_unsupported_variants_are_refused():
     ("adfq", "W4A4", {"round_gradient": "off"}, "round_gradient='off': use ste or none"),
     ("adfq", "W4A4", {"act_calibration": "lazy"}, "use float or sequential"),
     ("liu2021", "mixed:6", {"mp_normalise": "all"}, "mp_normalise='all': use none or kind"),
+    ("minmax", "W4A4", {"head_bits": 12}, "head_bits=12: use 4 to 8, or none"),
 ])
 def test_bad_recipe_configs_name_the_problem(name, bits, options, fragment):
     with pytest.raises(VitqError, match=fragment):
@@ -631,6 +638,7 @@ def test_build_with_a_paper_recipe_writes_its_quantization_into_the_manifest(tmp
     quant = manifest["quantization"]
     assert 0 < quant["packed_size_bytes"] < manifest["size_bytes"]
     assert quant["quantizers"]["blocks.0.mlp.fc1"]["weight"]["bits"] == 4
+    assert quant["quantizers"]["head"]["weight"]["bits"] == quant["quantizers"]["head"]["input"]["bits"] == 8
     # The program runs the integer kernels and computes what the simulation computes.
     assert quant["program_arithmetic"] == "integer"
     assert manifest["custom_ops"] == ["vitq::attention", "vitq::linear"]
@@ -687,7 +695,7 @@ def test_calibration_stops_once_every_quantizer_has_observed_all_it_keeps(tiny, 
     monkeypatch.setattr(quantizers, "MAX_OBSERVED", 20_000)
 
     def calibrated(images: torch.Tensor, part: str) -> tuple[torch.nn.Module, int]:
-        qmodel = vit.quantize_vit(model, minmax_factory(8, 8))
+        qmodel = vit.quantize_vit(model, minmax_factory(lambda op: (8, 8)))
         vit.set_enabled(qmodel, False)
         tokens = BlockInputs(qmodel, x, 48).block_input(0)[:len(images)]
         vit.set_enabled(qmodel, True)

@@ -38,7 +38,7 @@ from vitq_edge.quant.adfq import adfq_factory
 from vitq_edge.quant.liu2021 import liu_factory, search_intervals
 from vitq_edge.quant.minmax import minmax_factory
 from vitq_edge.quant.quantizers import LogQuantizer
-from vitq_edge.quant.recipes import parse_bits, recipe_config
+from vitq_edge.quant.recipes import layer_bits, parse_bits, recipe_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,13 +66,14 @@ def _group_of(op: str, role: str) -> str:
 
 
 def _factory(recipe: str, bits: str, probs: str | None):
-    w_bits, a_bits = parse_bits(bits)
+    _, a_bits = parse_bits(bits)
+    config = recipe_config(recipe, bits)  # the recipe's widths per layer (its head_bits too)
     if recipe == "minmax":
-        base = minmax_factory(w_bits, a_bits)
+        base = minmax_factory(layer_bits(config))
     elif recipe == "liu2021":
-        base = liu_factory(lambda op: (w_bits, a_bits))
+        base = liu_factory(layer_bits(config))
     else:
-        base = adfq_factory(recipe_config("adfq", bits))
+        base = adfq_factory(config)
     groups: dict[int, str] = {}  # id(quantizer) -> group
 
     def make(op: str, role: str):

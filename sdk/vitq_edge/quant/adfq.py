@@ -72,7 +72,7 @@ from vitq_edge.quant.quantizers import (
     ShiftLog2Quantizer,
     UniformQuantizer,
 )
-from vitq_edge.quant.recipes import AdfqConfig, QuantizedModel, parse_bits, register_recipe
+from vitq_edge.quant.recipes import AdfqConfig, QuantizedModel, layer_bits, register_recipe
 
 WARMUP = 0.2  # share of iterations without the rounding regularizer
 BETA_START, BETA_END = 20.0, 2.0
@@ -127,12 +127,12 @@ def lr_factor(config: AdfqConfig) -> float:
 
 
 def adfq_factory(config: AdfqConfig):
-    w_bits, a_bits = parse_bits(config.bits)
-    k = log_steps_per_octave(config.log_base, a_bits)
-
+    bits_for = layer_bits(config)
     ste = config.round_gradient == "ste"
 
     def make(op: str, role: str) -> Quantizer:
+        w_bits, a_bits = bits_for(op)
+        k = log_steps_per_octave(config.log_base, a_bits)
         if role == "weight":
             return UniformQuantizer(w_bits, signed=False, granularity="channel", init="mse")
         if op.endswith(".qkv"):

@@ -30,9 +30,7 @@ from vitq_edge.quant.arith import fake_uniform
 from vitq_edge.quant.calibration import BlockInputs, batches, package, resolve_device, stack_calibration
 from vitq_edge.quant.losses import PearsonTarget, RankingTarget
 from vitq_edge.quant.quantizers import Quantizer, UniformQuantizer
-from vitq_edge.quant.recipes import Liu2021Config, QuantizedModel, parse_bits, register_recipe
-
-BitsFor = Callable[[str], tuple[int, int]]
+from vitq_edge.quant.recipes import BitsFor, Liu2021Config, QuantizedModel, layer_bits, register_recipe
 
 
 def liu_factory(bits_for: BitsFor):
@@ -212,20 +210,10 @@ def quantize_liu2021(model: torch.nn.Module, config: Liu2021Config, calib: Itera
     device = resolve_device(config.device)
     x = stack_calibration(calib)
     details: dict = {}
+    module_bits = None
     if config.mixed:
         module_bits, details["mixed_precision"] = choose_bits(model, x, config)
-        uniform = parse_bits(config.bits)
-
-        def bits_for(op: str) -> tuple[int, int]:
-            module = op.rsplit(".", 1)[0]  # blocks.3.attn.qkv -> blocks.3.attn
-            b = module_bits.get(module)
-            return (b, b) if b is not None else uniform
-    else:
-        w_bits, a_bits = parse_bits(config.bits)
-
-        def bits_for(op: str) -> tuple[int, int]:
-            return w_bits, a_bits
-
+    bits_for = layer_bits(config, module_bits)
     qmodel = vit.quantize_vit(model, liu_factory(bits_for)).to(device)
     vit.calibrate_activations(qmodel, (b.to(device) for b in batches(x, config.batch_size * 4)))
     search_images = x[: config.search_images].to(device)
