@@ -94,7 +94,7 @@ class PaperRecipeConfig(RecipeConfig):
     seed: int = 0
     # The classifier head's weight and input width; None: --bits, as the papers quantize it. 8 by default,
     # the "first/last layer at 8 bits" custom (BRECQ, QDrop; a switch in the ADFQ-ViT code): on the real
-    # model a 4-bit head alone costs 9 points of validation accuracy (docs/validation/head-bits.md), and it
+    # model a 4-bit head alone costs 9 to 12 points of validation accuracy (docs/validation/head-bits.md), and it
     # holds 0.02% of ViT-S's weights.
     head_bits: int | None = 8
 
