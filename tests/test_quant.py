@@ -508,7 +508,8 @@ def test_cached_block_inputs_equal_the_whole_models_as_quantizers_switch_on(tiny
     ("adfq", "W4A4", {"iters": 30}), ("adfq", "W8A8", {"iters": 0}),
     ("adfq", "W4A4", {"iters": 10, "act_calibration": "sequential", "round_gradient": "none"}),
     ("adfq", "W6A6", {"iters": 0, "act_calibration": "sequential"}),
-    ("minmax", "W4A4", {"head_bits": None}), ("adfq", "W4A4", {"iters": 0, "head_bits": 6}),
+    ("minmax", "W4A4", {"head_bits": None, "stem_bits": None}),
+    ("adfq", "W4A4", {"iters": 0, "head_bits": 6, "stem_bits": 5}),
 ])
 def test_recipe_runs_end_to_end_on_a_tiny_vit(tiny, recipe, bits, options):
     model, x, y = tiny
@@ -523,9 +524,10 @@ def test_recipe_runs_end_to_end_on_a_tiny_vit(tiny, recipe, bits, options):
     assert qm.size_bytes < float_bytes
     described = qm.details["quantizers"]
     assert "blocks.1.attn.qkv" in described and "head" in described
-    # The head at head_bits (default 8), the rest at --bits (or a mixed module's width).
-    head_bits = options.get("head_bits", 8) or int(bits[1])
-    assert described["head"]["weight"]["bits"] == described["head"]["input"]["bits"] == head_bits
+    # The stem at stem_bits and the head at head_bits (default 8), the rest at --bits (or a mixed module's width).
+    for op, option in (("patch_embed.proj", "stem_bits"), ("head", "head_bits")):
+        width = options.get(option, 8) or int(bits[1])
+        assert described[op]["weight"]["bits"] == described[op]["input"]["bits"] == width
     if not bits.startswith("mixed"):
         assert described["blocks.1.mlp.fc1"]["weight"]["bits"] == int(bits[1])
     if recipe == "adfq":
@@ -619,6 +621,7 @@ def test_deit_is_supported_and_unsupported_variants_are_refused():
     ("adfq", "W4A4", {"act_calibration": "lazy"}, "use float or sequential"),
     ("liu2021", "mixed:6", {"mp_normalise": "all"}, "mp_normalise='all': use none or kind"),
     ("minmax", "W4A4", {"head_bits": 12}, "head_bits=12: use 4 to 8, or none"),
+    ("adfq", "W4A4", {"stem_bits": 3}, "stem_bits=3: use 4 to 8, or none"),
 ])
 def test_bad_recipe_configs_name_the_problem(name, bits, options, fragment):
     with pytest.raises(VitqError, match=fragment):
@@ -638,7 +641,8 @@ def test_build_with_a_paper_recipe_writes_its_quantization_into_the_manifest(tmp
     quant = manifest["quantization"]
     assert 0 < quant["packed_size_bytes"] < manifest["size_bytes"]
     assert quant["quantizers"]["blocks.0.mlp.fc1"]["weight"]["bits"] == 4
-    assert quant["quantizers"]["head"]["weight"]["bits"] == quant["quantizers"]["head"]["input"]["bits"] == 8
+    for op in ("patch_embed.proj", "head"):  # the first and last ops keep 8 bits
+        assert quant["quantizers"][op]["weight"]["bits"] == quant["quantizers"][op]["input"]["bits"] == 8
     # The program runs the integer kernels and computes what the simulation computes.
     assert quant["program_arithmetic"] == "integer"
     assert manifest["custom_ops"] == ["vitq::attention", "vitq::linear"]

@@ -9,7 +9,7 @@ configuration with the least total Omega whose weights fit the size of uniform N
 weights is found exactly (a Pareto-front knapsack over modules), where the paper sorts
 Pareto candidates after HAWQ-V2. Candidate widths: N-2 .. N+2
 ({4..8} for a 6-bit budget; the paper's {6..10} for 8 bits stops at 8 here, the widest code the
-integer kernels run). The patch embedding keeps N bits, the head `head_bits`. `mp_normalise="kind"`
+integer kernels run). The patch embedding keeps `stem_bits`, the head `head_bits`. `mp_normalise="kind"`
 puts the two kinds' sensitivities on one scale first (`normalise_per_kind`); `mp_output="block"`
 measures both kinds on one quantity instead, their block's output (the residual stream), and
 `mp_output="model"` on the model's output.

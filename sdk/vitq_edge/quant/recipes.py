@@ -23,6 +23,7 @@ from vitq_edge.errors import VitqError
 UNIFORM_BITS = ("W8A8", "W6A6", "W4A4")
 MIXED_MIN_BITS, MIXED_MAX_BITS = 4, 8  # liu2021 mixed:N size budgets
 HEAD_OP = "head"  # the classifier head's name in a timm ViT (and in the quantized model)
+STEM_OP = "patch_embed.proj"  # the patch embedding's convolution, the first quantized op
 
 BitsFor = Callable[[str], tuple[int, int]]  # op name -> (weight bits, input bits)
 
@@ -92,28 +93,34 @@ class PaperRecipeConfig(RecipeConfig):
     device: str = "cpu"  # "cuda" where a GPU exists: calibration runs there, the result comes back to CPU
     batch_size: int = 32
     seed: int = 0
-    # The classifier head's weight and input width; None: --bits, as the papers quantize it. 8 by default,
-    # the "first/last layer at 8 bits" custom (BRECQ, QDrop; a switch in the ADFQ-ViT code): on the real
-    # model a 4-bit head alone costs 9 to 12 points of validation accuracy (docs/validation/head-bits.md), and it
-    # holds 0.02% of ViT-S's weights.
+    # The first and last ops' weight and input widths (the patch embedding, the classifier head); None: --bits,
+    # as the papers quantize them. 8 by default, the "first/last layer at 8 bits" custom (BRECQ, QDrop; a switch
+    # in the ADFQ-ViT code). Each alone, the rest of the real model float, at 4 bits: a 4-bit head costs 9 to 12
+    # points of validation accuracy (docs/validation/head-bits.md), a 4-bit stem 13 to 14 points with minmax's and
+    # adfq's ranges and 53 with liu2021's (docs/validation/stem-bits.md); together they hold 1% of ViT-S's weights.
+    stem_bits: int | None = 8
     head_bits: int | None = 8
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.head_bits is not None and not MIXED_MIN_BITS <= self.head_bits <= MIXED_MAX_BITS:
-            raise VitqError(f"recipe {self.name} option head_bits={self.head_bits}: use {MIXED_MIN_BITS} to "
-                            f"{MIXED_MAX_BITS}, or none for the --bits width")
+        for name in ("stem_bits", "head_bits"):
+            value = getattr(self, name)
+            if value is not None and not MIXED_MIN_BITS <= value <= MIXED_MAX_BITS:
+                raise VitqError(f"recipe {self.name} option {name}={value}: use {MIXED_MIN_BITS} to "
+                                f"{MIXED_MAX_BITS}, or none for the --bits width")
 
 
 def layer_bits(config: PaperRecipeConfig, module_bits: dict[str, int] | None = None) -> BitsFor:
     """Each quantized op's (weight, input) bits: the width of --bits, a mixed-precision module's own
-    width (`module_bits`, e.g. {"blocks.3.attn": 5}) for the ops inside it, and `head_bits` for the head."""
+    width (`module_bits`, e.g. {"blocks.3.attn": 5}) for the ops inside it, `stem_bits` for the patch
+    embedding and `head_bits` for the head."""
     uniform = parse_bits(config.bits)
     module_bits = module_bits or {}
+    ends = {STEM_OP: config.stem_bits, HEAD_OP: config.head_bits}
 
     def bits_for(op: str) -> tuple[int, int]:
-        if op == HEAD_OP and config.head_bits is not None:
-            return config.head_bits, config.head_bits
+        if ends.get(op) is not None:
+            return ends[op], ends[op]
         b = module_bits.get(op.rsplit(".", 1)[0])  # blocks.3.attn.qkv -> blocks.3.attn
         return (b, b) if b is not None else uniform
 
