@@ -2,7 +2,8 @@
 real model, alone: the float backbone's features of validation images through the head with its
 weights and input at W bits (for the stem: the images through the quantized patch embedding and the
 float rest of the model), using each paper recipe's own quantizers for that op (ranges from
-calibration images; no search, no reconstruction). This chose the recipes' `head_bits` default.
+calibration images; no search, no reconstruction). This chose the recipes' `head_bits` and
+`stem_bits` defaults.
 
     .venv/bin/python tools/head_bits.py
     .venv/bin/python tools/head_bits.py --layer stem --widths 4,6,8
@@ -33,10 +34,9 @@ from vitq_edge.quant import vit
 from vitq_edge.quant.adfq import adfq_factory
 from vitq_edge.quant.liu2021 import liu_factory
 from vitq_edge.quant.minmax import minmax_factory
-from vitq_edge.quant.recipes import HEAD_OP, layer_bits, recipe_config
+from vitq_edge.quant.recipes import HEAD_OP, STEM_OP, layer_bits, recipe_config
 
 REPO = Path(__file__).resolve().parents[1]
-STEM_OP = "patch_embed.proj"
 
 
 def _head_inputs(model: torch.nn.Module, images: ImageSet, preprocess) -> torch.Tensor:
