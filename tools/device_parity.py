@@ -63,6 +63,7 @@ def main() -> int:
     result = {
         "command": "python tools/device_parity.py " + shlex.join(sys.argv[1:]),
         "program": str(pte), "recipe": manifest.get("recipe"), "bits": manifest.get("bits"),
+        "build_command": manifest.get("command"), "recipe_config": manifest.get("recipe_config"),
         "device": info.get("device"), "detected_cpu": info.get("detected_cpu"), "data": info.get("data"),
         "images": len(labels), "bit_identical_images": identical,
         "max_abs_difference": float(np.abs(host - remote).max()),
@@ -75,6 +76,8 @@ def main() -> int:
     write_atomic(args.out.with_suffix(".json"), lambda f: f.write((json.dumps(result, indent=2) + "\n").encode()))
     md = [f"# Device parity: {result['program']} on {result['device']}", "",
           "Written by:", "", f"    {result['command']}", "",
+          *([f"The program was built by `{result['build_command']}`, settings "
+             f"`{json.dumps(result['recipe_config'], sort_keys=True)}`.", ""] if result["build_command"] else []),
           f"Logits of ExecuTorch's Python runtime on this machine ({platform.system()} {platform.machine()}, "
           f"{os.cpu_count()} cores) against vitq-runner on "
           f"{result['device']} (detected CPU {json.dumps(result['detected_cpu'])}), on the first "
