@@ -4,6 +4,7 @@ and all but one group, against the float model on a validation split carved from
     .venv/bin/python tools/quantizer_ablation.py --recipe minmax --bits W8A8
     .venv/bin/python tools/quantizer_ablation.py --recipe minmax --bits W8A8 --probs log:8
     .venv/bin/python tools/quantizer_ablation.py --recipe liu2021 --bits W8A8 --search
+    .venv/bin/python tools/quantizer_ablation.py --recipe adfq --bits W6A6 --probs log:4 --groups probabilities
 
 Calibration: the first `--calib-images` training images (classes interleaved), as a build takes
 them; validation: `--val-images` training images from interleaved position 5,000 on (never the
@@ -99,15 +100,23 @@ def main() -> None:
     ap.add_argument("--probs", default=None, help="log:K replaces the probability quantizer with a log one, "
                                                   "K levels per octave")
     ap.add_argument("--search", action="store_true", help="liu2021: its interval search sets the ranges")
+    ap.add_argument("--groups", default=None, help="comma-separated group names (or their first words, e.g. "
+                                                   "probabilities,weights): only these groups' rows")
     ap.add_argument("--calib-images", type=int, default=256)
     ap.add_argument("--val-images", type=int, default=512)
-    ap.add_argument("--out", default=None, help="default docs/ablation/RECIPE-BITS[-probsK][-searched]")
+    ap.add_argument("--out", default=None, help="default docs/ablation/RECIPE-BITS[-probsK][-searched][-GROUPS]")
     args = ap.parse_args()
     if args.search and args.recipe != "liu2021":
         ap.error("--search is liu2021's interval search; drop it or use --recipe liu2021")
+    groups_run = [g for g in GROUPS if args.groups is None
+                  or any(g.startswith(w.strip()) for w in args.groups.split(",") if w.strip())]
+    if not groups_run:
+        ap.error(f"--groups {args.groups}: no such group; use the first words of {', '.join(GROUPS)}")
     command = "python tools/quantizer_ablation.py" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
     tag = (f"{args.recipe}-{args.bits}" + (f"-probs{args.probs.replace(':', '')}" if args.probs else "")
            + ("-searched" if args.search else ""))
+    if args.groups:
+        tag += "-" + "-".join(g.split()[0].rstrip(",") for g in groups_run)
     out = Path(args.out or REPO / "docs" / "ablation" / tag)
     torch.manual_seed(0)
     loaded = load_model(MODEL_NAME)
@@ -138,8 +147,8 @@ def main() -> None:
         return row
 
     rows = [run("all", lambda g: True)]
-    rows += [run(f"only {g}", lambda h, g=g: h == g) for g in GROUPS]
-    rows += [run(f"all but {g}", lambda h, g=g: h != g) for g in GROUPS]
+    rows += [run(f"only {g}", lambda h, g=g: h == g) for g in groups_run]
+    rows += [run(f"all but {g}", lambda h, g=g: h != g) for g in groups_run]
     fp32_top1 = accuracy_summary(fp32, fp32, fp32, labels)["fp32"]
     result = {"command": command, "recipe": args.recipe, "bits": args.bits, "probs": args.probs, "search": args.search,
               "calib_images": args.calib_images, "val_images": args.val_images, "fp32_top1": fp32_top1,
