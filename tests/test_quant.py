@@ -573,6 +573,34 @@ def test_adfq_default_schedule_buys_the_same_work_on_every_model(tiny, monkeypat
     assert recipe_config("adfq", "W4A4", iters="300").iters == 300
 
 
+@pytest.mark.parametrize("bits", ["W4A4", "W6A6", "W8A8"])
+def test_adfq_probability_ladder_keeps_a_257_token_softmax(bits):
+    """adfq's "auto" log ladders per role: the attention probabilities get about 16 octaves at every width, so
+    a 224-px ViT-S head (257 keys, one peak at ~0.5, the rest near 2^-9 with spread) keeps its diffuse mass;
+    the old rule (the post-GELU one, ~8 octaves, still used for fc2's input) zeroed a quarter of its mass."""
+    from vitq_edge.quant.adfq import adfq_factory, log_steps_per_octave
+
+    a_bits = int(bits[-1])
+    make = adfq_factory(recipe_config("adfq", bits))
+    probs_q, gelu_q = make("blocks.0.attn.av", "a"), make("blocks.0.mlp.fc2", "input")
+    assert isinstance(probs_q, LogQuantizer) and isinstance(gelu_q, ShiftLog2Quantizer)
+    assert 15 <= (2 ** a_bits - 1) / probs_q.k < 16 and 7.5 <= (2 ** a_bits - 1) / gelu_q.k < 8
+    assert log_steps_per_octave("sqrt2", a_bits, "probabilities") == 2
+    assert log_steps_per_octave("sqrt2", a_bits, "gelu") == 2
+
+    torch.manual_seed(0)
+    logits = torch.randn(64, 257)
+    logits[:, 0] += 6.0
+    p = logits.softmax(-1)
+
+    def mass_zeroed(q: LogQuantizer) -> float:  # the probability mass below the ladder's lowest level
+        q.init_range(p)
+        return float((p * (q.quantize(p) == 0)).sum(-1).mean())
+
+    assert mass_zeroed(probs_q) < 1e-3
+    assert mass_zeroed(LogQuantizer(a_bits, k=gelu_q.k)) > 0.2
+
+
 def test_sequential_activation_calibration_reads_the_quantized_models_inputs(tiny):
     """act_calibration="sequential" (the ADFQ-ViT code): a unit's ranges come from what the model quantized
     up to it feeds it; the first unit sees the images either way."""

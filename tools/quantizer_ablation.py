@@ -5,6 +5,7 @@ and all but one group, against the float model on a validation split carved from
     .venv/bin/python tools/quantizer_ablation.py --recipe minmax --bits W8A8 --probs log:8
     .venv/bin/python tools/quantizer_ablation.py --recipe liu2021 --bits W8A8 --search
     .venv/bin/python tools/quantizer_ablation.py --recipe adfq --bits W6A6 --probs log:4 --groups probabilities
+    .venv/bin/python tools/quantizer_ablation.py --recipe adfq --bits W6A6 --gelu log:4 --groups fc2
 
 Calibration: the first `--calib-images` training images (classes interleaved), as a build takes
 them; validation: `--val-images` training images from interleaved position 5,000 on (never the
@@ -38,7 +39,7 @@ from vitq_edge.quant import vit
 from vitq_edge.quant.adfq import adfq_factory
 from vitq_edge.quant.liu2021 import liu_factory, search_intervals
 from vitq_edge.quant.minmax import minmax_factory
-from vitq_edge.quant.quantizers import LogQuantizer
+from vitq_edge.quant.quantizers import LogQuantizer, ShiftLog2Quantizer
 from vitq_edge.quant.recipes import layer_bits, parse_bits, recipe_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,7 +67,19 @@ def _group_of(op: str, role: str) -> str:
     raise ValueError(f"no group for {op} {role}")
 
 
-def _factory(recipe: str, bits: str, probs: str | None):
+def _ladder(value: str | None, flag: str) -> int | None:
+    """K of a `log:K` option value (steps per octave), None when the option is absent."""
+    if value is None:
+        return None
+    kind, _, k = value.partition(":")
+    if kind != "log" or not k.isdigit() or int(k) < 1:
+        print(f"error: {flag} {value}: expected log:K with K >= 1 steps per octave, e.g. {flag} log:4",
+              file=sys.stderr)
+        sys.exit(2)
+    return int(k)
+
+
+def _factory(recipe: str, bits: str, probs: int | None, gelu: int | None):
     _, a_bits = parse_bits(bits)
     config = recipe_config(recipe, bits)  # the recipe's widths per layer (its head_bits too)
     if recipe == "minmax":
@@ -79,7 +92,9 @@ def _factory(recipe: str, bits: str, probs: str | None):
 
     def make(op: str, role: str):
         if probs and op.endswith(".av") and role == "a":
-            q = LogQuantizer(a_bits, k=int(probs.split(":")[1]))
+            q = LogQuantizer(a_bits, k=probs)
+        elif gelu and op.endswith(".fc2") and role == "input":
+            q = ShiftLog2Quantizer(a_bits, k=gelu)
         else:
             q = base(op, role)
         groups[id(q)] = _group_of(op, role)
@@ -99,13 +114,17 @@ def main() -> None:
     ap.add_argument("--bits", default="W8A8")
     ap.add_argument("--probs", default=None, help="log:K replaces the probability quantizer with a log one, "
                                                   "K levels per octave")
+    ap.add_argument("--gelu", default=None, help="log:K replaces the post-GELU (fc2 input) quantizer with a "
+                                                 "Shift-Log2 one, K levels per octave")
     ap.add_argument("--search", action="store_true", help="liu2021: its interval search sets the ranges")
     ap.add_argument("--groups", default=None, help="comma-separated group names (or their first words, e.g. "
                                                    "probabilities,weights): only these groups' rows")
     ap.add_argument("--calib-images", type=int, default=256)
     ap.add_argument("--val-images", type=int, default=512)
-    ap.add_argument("--out", default=None, help="default docs/ablation/RECIPE-BITS[-probsK][-searched][-GROUPS]")
+    ap.add_argument("--out", default=None,
+                    help="default docs/ablation/RECIPE-BITS[-probsK][-geluK][-searched][-GROUPS]")
     args = ap.parse_args()
+    probs, gelu = _ladder(args.probs, "--probs"), _ladder(args.gelu, "--gelu")
     if args.search and args.recipe != "liu2021":
         ap.error("--search is liu2021's interval search; drop it or use --recipe liu2021")
     groups_run = [g for g in GROUPS if args.groups is None
@@ -113,8 +132,8 @@ def main() -> None:
     if not groups_run:
         ap.error(f"--groups {args.groups}: no such group; use the first words of {', '.join(GROUPS)}")
     command = "python tools/quantizer_ablation.py" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
-    tag = (f"{args.recipe}-{args.bits}" + (f"-probs{args.probs.replace(':', '')}" if args.probs else "")
-           + ("-searched" if args.search else ""))
+    tag = (f"{args.recipe}-{args.bits}" + (f"-probslog{probs}" if probs else "")
+           + (f"-gelulog{gelu}" if gelu else "") + ("-searched" if args.search else ""))
     if args.groups:
         tag += "-" + "-".join(g.split()[0].rstrip(",") for g in groups_run)
     out = Path(args.out or REPO / "docs" / "ablation" / tag)
@@ -127,7 +146,7 @@ def main() -> None:
     labels = torch.from_numpy(val_set.labels)
     with torch.no_grad():
         fp32 = torch.cat([loaded.model(x) for x in val])
-    make, groups = _factory(args.recipe, args.bits, args.probs)
+    make, groups = _factory(args.recipe, args.bits, probs, gelu)
     start = time.time()
     qmodel = vit.quantize_vit(loaded.model, make)
     vit.calibrate_activations(qmodel, calib)
@@ -150,13 +169,15 @@ def main() -> None:
     rows += [run(f"only {g}", lambda h, g=g: h == g) for g in groups_run]
     rows += [run(f"all but {g}", lambda h, g=g: h != g) for g in groups_run]
     fp32_top1 = accuracy_summary(fp32, fp32, fp32, labels)["fp32"]
-    result = {"command": command, "recipe": args.recipe, "bits": args.bits, "probs": args.probs, "search": args.search,
+    result = {"command": command, "recipe": args.recipe, "bits": args.bits, "probs": args.probs, "gelu": args.gelu,
+              "search": args.search,
               "calib_images": args.calib_images, "val_images": args.val_images, "fp32_top1": fp32_top1,
               "rows": rows}
     out.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(result, indent=2) + "\n"
     write_atomic(out.with_suffix(".json"), lambda f: f.write(text.encode()))
-    lines = [f"# {args.recipe} {args.bits}{' probabilities ' + args.probs if args.probs else ''}: "
+    ladders = (f" probabilities {args.probs}" if probs else "") + (f" post-GELU {args.gelu}" if gelu else "")
+    lines = [f"# {args.recipe} {args.bits}{ladders}: "
              "which quantizers cost accuracy (real model, validation split)", "", f"    {command}", "",
              f"dinov2-s14-cifar10; calibration on {args.calib_images} training images; {args.val_images} validation "
              f"images (training positions {VAL_START}+); float top-1 {fp32_top1:.2f}%; fake-quant forward, "

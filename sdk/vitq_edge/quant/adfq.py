@@ -3,7 +3,7 @@
 Quantizers (as in the ADFQ-ViT code):
     qkv and fc1 inputs (post-LayerNorm)   PerPatchOutlierQuantizer (outliers > threshold stay float)
     fc2 input (post-GELU)                 ShiftLog2Quantizer (log-sqrt2 at 4 bits, see log_steps_per_octave)
-    attention probabilities (A @ V)       LogQuantizer (likewise)
+    attention probabilities (A @ V)       LogQuantizer (log2 at 4 bits: a wider range, likewise)
     q, k, v, proj / head / patch inputs   per-tensor asymmetric uniform, range by MSE
     weights                               per-output-channel asymmetric uniform (MSE), then AdaRound
 
@@ -132,7 +132,6 @@ def adfq_factory(config: AdfqConfig):
 
     def make(op: str, role: str) -> Quantizer:
         w_bits, a_bits = bits_for(op)
-        k = log_steps_per_octave(config.log_base, a_bits)
         if role == "weight":
             return UniformQuantizer(w_bits, signed=False, granularity="channel", init="mse")
         if op.endswith(".qkv"):
@@ -140,29 +139,41 @@ def adfq_factory(config: AdfqConfig):
         if op.endswith(".fc1"):
             return PerPatchOutlierQuantizer(a_bits, config.fc1_threshold, round_gradient=ste)
         if op.endswith(".fc2"):
-            return ShiftLog2Quantizer(a_bits, k=k, round_gradient=ste)
+            return ShiftLog2Quantizer(a_bits, k=log_steps_per_octave(config.log_base, a_bits, "gelu"),
+                                      round_gradient=ste)
         if op.endswith(".av") and role == "a":
-            return LogQuantizer(a_bits, k=k)
+            return LogQuantizer(a_bits, k=log_steps_per_octave(config.log_base, a_bits, "probabilities"))
         return UniformQuantizer(a_bits, signed=False, granularity="tensor", init="mse")
 
     return make
 
 
-def log_steps_per_octave(log_base: str, bits: int) -> int:
-    """k of the log quantizers' levels delta * 2^(-q/k).
+def log_steps_per_octave(log_base: str, bits: int, role: str) -> int:
+    """k of a log quantizer's levels delta * 2^(-q/k); `role` is "probabilities" (softmax output, the
+    A @ V operand) or "gelu" (Shift-Log2, the fc2 input).
 
     The ADFQ-ViT code's log-sqrt2 (k = 2) has 2^b levels delta * 2^(-q/2), q = 0 .. 2^b - 1
     (at 4 bits down to 2^-7.5, at 8 bits to 2^-127.5), plus an exact zero below them: 2^b + 1
     values, one more than b bits hold. Ours gives the last code to exact zero, so 2^b - 1
-    levels (down to 2^-7 at 4 bits) and zero fit in b bits. Either way the step between
-    levels is 41% at every width, so extra bits buy range nobody uses. "auto" keeps the
-    4-bit range (about 2^-8)
-    and spends extra bits on finer steps: k = 2^(bits-3) (2 at 4 bits, 8 at 6, 32 at 8).
-    Chosen on the validation split (tools/accuracy_table.py --split val; W8A8 before
-    reconstruction: agreement with FP32 98.75% at k = 2, 99.70% at k = 32).
+    levels and zero fit in b bits: the ladder spans (2^b - 1) / k octaves below delta.
+    "auto" spends the bits per role, each rule chosen on a validation split:
+      post-GELU      k = 2^(bits-3) (2 at 4 bits, 8 at 6, 32 at 8): about 8 octaves at every
+                     width, extra bits buy finer steps. Bundled model, W8A8 before reconstruction
+                     (tools/accuracy_table.py --split val): agreement 98.75% at k = 2, 99.70% at
+                     k = 32; real model, W6A6, fc2 input alone: 76.95% at k = 8, 75.98% at k = 4.
+      probabilities  k = 2^(bits-4) (1 at 4 bits, 4 at 6, 16 at 8): about 16 octaves. A 224-px
+                     ViT-S attends over 257 tokens (mean probability 2^-8), so 8 octaves zeroed
+                     most of a diffuse head's mass. Real model, probabilities alone (tools/
+                     quantizer_ablation.py --groups probabilities, 512 validation images): W6A6
+                     agreement 70.70% at k = 8, 97.07% at k = 4, 97.27% at k = 2 (with every
+                     quantizer on: 57.62%, 65.62%, 63.09% top-1: k = 4 best); W4A4 58.59% at
+                     k = 2, PROBS_W4 at k = 1.
+    "sqrt2" (k = 2, the code's) and "2" (k = 1, the paper's text) fix k for both roles.
     """
+    if role not in ("probabilities", "gelu"):
+        raise ValueError(f"log ladder role '{role}': use probabilities or gelu")
     if log_base == "auto":
-        return max(1, 2 ** (bits - 3))
+        return max(1, 2 ** (bits - (4 if role == "probabilities" else 3)))
     if log_base in ("sqrt2", "2"):
         return 2 if log_base == "sqrt2" else 1
     raise VitqError(f"unknown log_base '{log_base}': use auto, sqrt2 or 2")

@@ -197,8 +197,9 @@ class AdfqConfig(PaperRecipeConfig):
     scale_lr: bool = True
     qkv_threshold: float = 5.0  # PPOQ outlier magnitude, qkv input (code: 5)
     fc1_threshold: float = 10.0  # PPOQ outlier magnitude, fc1 input (README command: --outlier 10)
-    # Log quantizers (Shift-Log2, softmax): "auto" = 2^(bits-3) levels per octave, i.e. log-sqrt2 (the code's
-    # choice) at 4 bits and a finer ladder over the same 2^-8 range at 6 and 8 bits; "sqrt2"; "2" (paper text).
+    # Log quantizers' steps per octave (adfq.log_steps_per_octave): "auto" = per role, post-GELU 2^(bits-3)
+    # (log-sqrt2, the code's choice, at 4 bits; ~8 octaves at every width), probabilities 2^(bits-4) (~16
+    # octaves: a 257-token softmax needs the range); "sqrt2" or "2" (the paper's text) for both.
     log_base: str = "auto"
     weight_lr: float = 3e-3  # AdaRound variables (Adam)
     act_lr: float = 4e-5  # activation scales (Adam, cosine decay)
