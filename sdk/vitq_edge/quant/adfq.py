@@ -160,14 +160,16 @@ def log_steps_per_octave(log_base: str, bits: int, role: str) -> int:
       post-GELU      k = 2^(bits-3) (2 at 4 bits, 8 at 6, 32 at 8): about 8 octaves at every
                      width, extra bits buy finer steps. Bundled model, W8A8 before reconstruction
                      (tools/accuracy_table.py --split val): agreement 98.75% at k = 2, 99.70% at
-                     k = 32; real model, W6A6, fc2 input alone: 76.95% at k = 8, 75.98% at k = 4.
+                     k = 32; real model, fc2 input alone (tools/quantizer_ablation.py --groups
+                     fc2): W6A6 76.95% at k = 8, 75.98% at k = 4; W4A4 71.68% at k = 2, 69.73%
+                     at k = 1.
       probabilities  k = 2^(bits-4) (1 at 4 bits, 4 at 6, 16 at 8): about 16 octaves. A 224-px
                      ViT-S attends over 257 tokens (mean probability 2^-8), so 8 octaves zeroed
                      most of a diffuse head's mass. Real model, probabilities alone (tools/
                      quantizer_ablation.py --groups probabilities, 512 validation images): W6A6
                      agreement 70.70% at k = 8, 97.07% at k = 4, 97.27% at k = 2 (with every
                      quantizer on: 57.62%, 65.62%, 63.09% top-1: k = 4 best); W4A4 58.59% at
-                     k = 2, PROBS_W4 at k = 1.
+                     k = 2, 93.16% at k = 1.
     "sqrt2" (k = 2, the code's) and "2" (k = 1, the paper's text) fix k for both roles.
     """
     if role not in ("probabilities", "gelu"):
