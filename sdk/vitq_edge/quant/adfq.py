@@ -169,7 +169,7 @@ def log_steps_per_octave(log_base: str, bits: int, role: str) -> int:
                      quantizer_ablation.py --groups probabilities, 512 validation images): W6A6
                      agreement 70.70% at k = 8, 97.07% at k = 4, 97.27% at k = 2 (with every
                      quantizer on: 57.62%, 65.62%, 63.09% top-1: k = 4 best); W4A4 58.59% at
-                     k = 2, 93.16% at k = 1.
+                     k = 2, 93.16% at k = 1. At 8 bits k = 16 follows the rule, unmeasured yet.
     "sqrt2" (k = 2, the code's) and "2" (k = 1, the paper's text) fix k for both roles.
     """
     if role not in ("probabilities", "gelu"):
