@@ -533,8 +533,10 @@ def test_recipe_runs_end_to_end_on_a_tiny_vit(tiny, recipe, bits, options):
     if recipe == "adfq":
         assert described["blocks.0.attn.qkv"]["input"]["kind"] == "PerPatchOutlierQuantizer"
         assert described["blocks.0.mlp.fc2"]["input"]["kind"] == "ShiftLog2Quantizer"
-        bases = {"W4A4": "sqrt2", "W6A6": "2^(1/8)", "W8A8": "2^(1/32)"}
-        assert described["blocks.0.attn.av"]["a"]["base"] == bases[bits]
+        # log ladders (adfq.log_steps_per_octave): probabilities ~16 octaves, post-GELU ~8
+        probs, gelu = {"W4A4": ("2", "sqrt2"), "W6A6": ("2^(1/4)", "2^(1/8)"), "W8A8": ("2^(1/16)", "2^(1/32)")}[bits]
+        assert described["blocks.0.attn.av"]["a"]["base"] == probs
+        assert described["blocks.0.mlp.fc2"]["input"]["base"] == gelu
         assert set(qm.details["outlier_fraction"]) == {f"blocks.{i}.{m}.input_quant" for i in (0, 1)
                                                        for m in ("attn.qkv", "mlp.fc1")}
     if bits.startswith("mixed"):
