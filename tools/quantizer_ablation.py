@@ -122,7 +122,7 @@ def main() -> None:
     ap.add_argument("--calib-images", type=int, default=256)
     ap.add_argument("--val-images", type=int, default=512)
     ap.add_argument("--out", default=None,
-                    help="default docs/ablation/RECIPE-BITS[-probsK][-geluK][-searched][-GROUPS]")
+                    help="default docs/ablation/RECIPE-BITS[-probslogK][-gelulogK][-searched][-GROUPS]")
     args = ap.parse_args()
     probs, gelu = _ladder(args.probs, "--probs"), _ladder(args.gelu, "--gelu")
     if args.search and args.recipe != "liu2021":
