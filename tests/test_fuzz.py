@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from vitq_edge.device.runner import runtime_dir
+from vitq_edge.runtime import runtime_dir
 
 from .conftest import REPO
 

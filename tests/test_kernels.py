@@ -16,13 +16,12 @@ import sys
 
 import pytest
 import torch
-from vitq_edge.device.runner import runtime_dir
 from vitq_edge.lower import ops  # noqa: F401  (torch.ops.vitq)
-from vitq_edge.lower.kernels import kernels_path, load_kernels
 from vitq_edge.lower.one_op import one_op_program
 from vitq_edge.lower.ops import attention, gelu_shift_log2, linear, log_linear
 from vitq_edge.lower.ops.linear import PROLOGUE_GELU, PROLOGUE_LAYER_NORM, PROLOGUE_NONE, pack_int4
 from vitq_edge.quant import arith
+from vitq_edge.runtime import kernels_path, load_kernels, runtime_dir
 
 from tests.conftest import REPO
 
@@ -183,7 +182,7 @@ def test_inconsistent_arguments_fail_cleanly():
 
 def test_missing_kernels_library_is_a_clear_error(tmp_path):
     code = ("import vitq_edge, sys\nfrom vitq_edge.errors import VitqError\n"
-            "from vitq_edge.lower.kernels import load_kernels\n"
+            "from vitq_edge.runtime import load_kernels\n"
             "try:\n    load_kernels()\nexcept VitqError as e:\n    print(e); sys.exit(3)\n")
     env = {**os.environ, "VITQ_KERNELS": str(tmp_path / "libvitq_kernels.so")}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO)
@@ -234,7 +233,7 @@ def run_on_device(device: str, op, x: torch.Tensor, args: list, tmp_path) -> tor
     """`op(x, *args)` as a one-op .pte run by vitq-runner on `device`; the output, flat."""
     import numpy as np
     from vitq_edge.device import get_device
-    from vitq_edge.device.runner import RunRequest
+    from vitq_edge.device.base import RunRequest
 
     pte, inputs = tmp_path / "op.pte", tmp_path / "x.npy"
     pte.write_bytes(one_op_program(op, x, args))
@@ -303,7 +302,7 @@ def test_kernels_under_address_sanitizer():
 
 def test_runner_without_the_kernels_library_names_it(tmp_path):
     """vitq-runner on a program calling vitq:: ops, with the bundled library not loaded: a clear error."""
-    from vitq_edge.device.runner import find_bundle
+    from vitq_edge.runtime import find_bundle
 
     runner = find_bundle("host").runner
     x = torch.randn(1, 5, 64)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from vitq_edge.build_options import parse_model_kwargs
 from vitq_edge.errors import VitqError
 from vitq_edge.models.reference import REFERENCE_CONFIG, load_reference_meta
-from vitq_edge.models.source import load_model, parse_model_kwargs
+from vitq_edge.models.source import load_model
 
 
 def test_reference_model_matches_its_recorded_config():

@@ -21,9 +21,9 @@ from vitq_edge.artifacts import MANIFEST, PROGRAM
 from vitq_edge.data.datasets import bundled_set
 from vitq_edge.device.host_runtime import HostProgram
 from vitq_edge.lower.export import lower_to_executorch
-from vitq_edge.lower.kernels import kernels_path
 from vitq_edge.models.source import load_model
 from vitq_edge.quant import quantize, recipe_config
+from vitq_edge.runtime import kernels_path
 
 from tests.conftest import run_cli
 

@@ -13,7 +13,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from vitq_edge.errors import VitqError
-from vitq_edge.lower.kernels import KERNELS_VERSION
 from vitq_edge.quant import arith, liu2021, quantize, recipe_config, vit
 from vitq_edge.quant.liu2021 import IntervalSearch
 from vitq_edge.quant.losses import attention_kl, attention_kl_target, ranking_loss
@@ -25,6 +24,7 @@ from vitq_edge.quant.quantizers import (
     ShiftLog2Quantizer,
     UniformQuantizer,
 )
+from vitq_edge.runtime import KERNELS_VERSION
 
 from .conftest import assert_user_error, run_cli
 
@@ -416,7 +416,7 @@ def _sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
 
 
 def _liu_mixed_search_state(tiny):
-    from vitq_edge.quant.liu2021 import liu_factory
+    from vitq_edge.quant.liu2021 import liu_factory, search_intervals
     from vitq_edge.quant.mixed_precision import float_block_inputs, module_search
 
     model, x, _ = tiny
@@ -429,7 +429,7 @@ def _liu_mixed_search_state(tiny):
     config = recipe_config("liu2021", "W4A4", candidates=9, rounds=2)
 
     def search(i: int):
-        return module_search(qmodel, x, config, i, block_inputs[i], 40)
+        return module_search(qmodel, x, config, i, block_inputs[i], 40, search_intervals)
 
     return qmodel, reference, x, block_inputs, search
 
@@ -684,8 +684,8 @@ def test_build_with_a_paper_recipe_writes_its_quantization_into_the_manifest(tmp
 @pytest.mark.parametrize("args,fragment", [
     (["--recipe", "minmax", "--bits", "W3A3"], "supports --bits"),
     (["--recipe", "minmax", "--iters", "10"], "--iters applies to --recipe adfq"),
-    (["--recipe", "adfq", "--device", "cuda"], "no CUDA GPU"),
-    (["--recipe", "xnnpack-int8", "--device", "cuda"], "applies to the paper recipes"),
+    (["--recipe", "adfq", "--calib-device", "cuda"], "no CUDA GPU"),
+    (["--recipe", "xnnpack-int8", "--calib-device", "cuda"], "applies to the paper recipes"),
     (["--recipe", "liu2021", "--bits", "mixed:x"], "supports --bits"),
 ])
 def test_build_recipe_errors(tmp_path, args, fragment):

@@ -51,6 +51,17 @@ def test_unrelated_torchvision_errors_are_not_hidden(tmp_path):
     fake = tmp_path / "torchvision"
     fake.mkdir()
     (fake / "__init__.py").write_text("raise RuntimeError('some other failure')\n")
-    result = _python("import vitq_edge", extra_path=tmp_path)
+    result = _python("import vitq_edge, timm", extra_path=tmp_path)
     assert result.returncode != 0
     assert "some other failure" in result.stderr
+
+
+def test_the_check_waits_for_timm(tmp_path):
+    # `import vitq_edge` stays cheap (no torch, no torchvision) until timm is imported.
+    fake = tmp_path / "torchvision"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("raise RuntimeError('imported too early')\n")
+    result = _python("import sys, vitq_edge; print('torch' in sys.modules, 'torchvision' in sys.modules)",
+                     extra_path=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split("\n")[0] == "False False"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import vitq_edge  # noqa: F401  (torchvision shim before timm)
-from vitq_edge.build import BuildOptions
+from vitq_edge.build_options import BuildOptions
 from vitq_edge.compare import CompareOptions, compare, write_table
 from vitq_edge.data.datasets import ImageSet
 from vitq_edge.data.fashion_mnist import load_split

@@ -22,11 +22,11 @@ from pathlib import Path
 import vitq_edge  # noqa: F401  (torchvision shim before timm)
 from validation_compare import validation_set  # tools/: the same validation split
 from vitq_edge.artifacts import write_atomic
-from vitq_edge.build import BuildOptions
+from vitq_edge.build_options import BuildOptions
 from vitq_edge.compare import CompareOptions, compare
 from vitq_edge.lifetime import handle_termination
 from vitq_edge.models.dinov2 import MODEL_NAME
-from vitq_edge.quant.recipes import parse_options
+from vitq_edge.recipes import parse_options
 
 REPO = Path(__file__).resolve().parents[1]
 

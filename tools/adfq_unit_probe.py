@@ -34,7 +34,7 @@ from vitq_edge.models.source import default_data, load_model
 from vitq_edge.quant import adfq, vit
 from vitq_edge.quant.calibration import BlockInputs, batches
 from vitq_edge.quant.quantizers import PerPatchOutlierQuantizer, ShiftLog2Quantizer
-from vitq_edge.quant.recipes import parse_options, recipe_config
+from vitq_edge.recipes import parse_options, recipe_config
 
 REPO = Path(__file__).resolve().parents[1]
 # Config fields the shared start state was built with (quantizers, activation ranges); round_gradient is

@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 
 import vitq_edge  # noqa: F401  (fixes the torchvision import before timm loads)
-from vitq_edge.build import BuildOptions
+from vitq_edge.build_options import BuildOptions
 from vitq_edge.compare import CompareOptions, compare
 from vitq_edge.lifetime import handle_termination
 

@@ -34,7 +34,7 @@ from vitq_edge.quant import vit
 from vitq_edge.quant.adfq import adfq_factory
 from vitq_edge.quant.liu2021 import liu_factory
 from vitq_edge.quant.minmax import minmax_factory
-from vitq_edge.quant.recipes import HEAD_OP, STEM_OP, layer_bits, recipe_config
+from vitq_edge.recipes import HEAD_OP, STEM_OP, layer_bits, recipe_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -29,7 +29,7 @@ from vitq_edge.models.source import load_model
 from vitq_edge.quant import vit
 from vitq_edge.quant.calibration import BlockInputs
 from vitq_edge.quant.liu2021 import IntervalSearch, _attention_scale, liu_factory
-from vitq_edge.quant.recipes import parse_bits, recipe_config
+from vitq_edge.recipes import parse_bits, recipe_config
 
 REPO = Path(__file__).resolve().parents[1]
 OPS = ("blocks.0.attn.qkv", "blocks.3.attn.qk", "blocks.6.mlp.fc1", "blocks.9.attn.av", "blocks.11.mlp.fc2")

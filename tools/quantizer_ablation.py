@@ -40,7 +40,7 @@ from vitq_edge.quant.adfq import adfq_factory
 from vitq_edge.quant.liu2021 import liu_factory, search_intervals
 from vitq_edge.quant.minmax import minmax_factory
 from vitq_edge.quant.quantizers import LogQuantizer, ShiftLog2Quantizer
-from vitq_edge.quant.recipes import layer_bits, parse_bits, recipe_config
+from vitq_edge.recipes import layer_bits, parse_bits, recipe_config
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -22,13 +22,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import vitq_edge  # noqa: F401  (torchvision shim before timm)
-from vitq_edge.build import BuildOptions
+from vitq_edge.build_options import BuildOptions
 from vitq_edge.compare import CompareOptions, compare
 from vitq_edge.data.cifar10 import cifar10_split
 from vitq_edge.data.datasets import ImageSet, image_folder
 from vitq_edge.lifetime import handle_termination
 from vitq_edge.models.dinov2 import MODEL_NAME
-from vitq_edge.quant.recipes import parse_options
+from vitq_edge.recipes import parse_options
 
 REPO = Path(__file__).resolve().parents[1]
 VAL_START = 5000  # interleaved training positions below this hold the calibration images (first 1,024)

@@ -77,6 +77,12 @@ def check_output_folder(out: Path) -> None:
                             "or empty folder")
 
 
+def check_checkpoint_path(path: Path) -> None:
+    """Refuse a --checkpoint that is not a file, before any model is loaded."""
+    if not path.is_file():
+        raise VitqError(f"checkpoint {path} does not exist; pass the path of a saved state dict")
+
+
 def check_inputs_outside(out: Path, inputs: dict[str, str | Path | None]) -> None:
     """Refuse inputs inside --out: replacing the folder would delete what the build reads."""
     out = Path(out).resolve()

@@ -11,7 +11,7 @@ import datetime
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -23,52 +23,22 @@ from vitq_edge.artifacts import (
     MANIFEST,
     PROGRAM,
     REPORT,
-    check_inputs_outside,
-    check_output_folder,
     staged_dir,
     write_json,
 )
-from vitq_edge.data.datasets import DEFAULT_MAX_IMAGE_PIXELS, ImageSet, image_folder
+from vitq_edge.build_options import BuildOptions, check_build_options
+from vitq_edge.data.datasets import ImageSet, image_folder
 from vitq_edge.device.host_runtime import HostProgram
 from vitq_edge.errors import VitqError
 from vitq_edge.lower.export import LoweredProgram, lower_to_executorch
-from vitq_edge.lower.kernels import KERNELS_VERSION
-from vitq_edge.lower.kernels import LIBRARY as KERNELS_LIBRARY
 from vitq_edge.metrics import accuracy_summary
 from vitq_edge.models.source import LoadedModel, default_data, load_model
 from vitq_edge.progress import progress
-from vitq_edge.quant import QuantizedModel, quantize, recipe_config
-from vitq_edge.quant.recipes import PaperRecipeConfig
+from vitq_edge.quant import QuantizedModel, quantize
+from vitq_edge.recipes import PaperRecipeConfig
 from vitq_edge.report import render_report
-from vitq_edge.targets import get_target
-
-
-@dataclass
-class BuildOptions:
-    target: str = "rpi4"
-    recipe: str = "xnnpack-int8"
-    bits: str | None = None
-    iters: int | None = None  # adfq reconstruction iterations
-    recipe_options: dict = field(default_factory=dict)  # --option KEY=VALUE: any field of the recipe's config
-    calib_device: str = "cpu"  # where the paper recipes calibrate
-    model: str | None = None  # None: the bundled reference model
-    pretrained: bool = False
-    checkpoint: str | None = None
-    model_kwargs: dict = field(default_factory=dict)
-    calib: str | None = None  # ImageFolder; None: the bundled calibration set
-    eval: str | None = None  # ImageFolder; None: the bundled evaluation set
-    calib_limit: int | None = None
-    eval_limit: int | None = None
-    skip_eval: bool = False
-    mean: tuple[float, ...] | None = None
-    std: tuple[float, ...] | None = None
-    input_size: int | None = None
-    crop_pct: float | None = None  # timm's meaning: resize the shorter side to size / crop_pct, center-crop
-    interpolation: str | None = None  # nearest, bilinear, bicubic, lanczos
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
-    batch_size: int = 64
-    out: str | None = None  # default build/<target>
-    command: str = ""
+from vitq_edge.runtime import KERNELS_VERSION
+from vitq_edge.runtime import LIBRARY as KERNELS_LIBRARY
 
 
 @dataclass
@@ -157,20 +127,6 @@ def _evaluate(loaded: LoadedModel, quantized: torch.nn.Module, program: HostProg
     return acc
 
 
-def _recipe_options(opts: BuildOptions) -> dict:
-    """Build flags that configure the recipe; refused where the recipe has no such knob."""
-    options = dict(opts.recipe_options)
-    if opts.iters is not None:
-        if opts.recipe != "adfq":
-            raise VitqError(f"--iters applies to --recipe adfq, not {opts.recipe}")
-        options["iters"] = opts.iters
-    if opts.calib_device != "cpu":
-        if opts.recipe not in ("minmax", "liu2021", "adfq"):
-            raise VitqError(f"--device {opts.calib_device} applies to the paper recipes (minmax, liu2021, adfq)")
-        options["device"] = opts.calib_device
-    return options
-
-
 def load_for_build(opts: BuildOptions) -> LoadedModel:
     """The float model with the build's preprocessing overrides applied and checked."""
     if opts.model is None and opts.pretrained:
@@ -194,14 +150,8 @@ def build(opts: BuildOptions, evaluate: Evaluator | None = None, loaded: LoadedM
     with one on images it prepared once.
     """
     t_start = time.time()
-    target = get_target(opts.target)
-    config = recipe_config(opts.recipe, opts.bits, **_recipe_options(opts))
-    if opts.out is not None and not opts.out.strip():
-        raise VitqError("--out is empty; name the output folder (default: build/<target>)")
-    out = Path(opts.out or f"build/{target.name}")
-    # Before any work: where the result goes, and that replacing it loses nothing we read.
-    check_inputs_outside(out, {"--checkpoint": opts.checkpoint, "--calib": opts.calib, "--eval": opts.eval})
-    check_output_folder(out.absolute())
+    checked = check_build_options(opts)
+    target, config, out = checked.target, checked.config, checked.out
 
     loaded = loaded or load_for_build(opts)
     calib = _images(opts.calib, loaded, "calib", opts.calib_limit, opts.max_image_pixels)

@@ -12,10 +12,18 @@ import warnings
 
 import click
 
+from vitq_edge.build_options import (
+    DEFAULT_PROGRAMS,
+    BuildOptions,
+    check_build_options,
+    check_compare_options,
+    parse_model_kwargs,
+)
 from vitq_edge.data.options import DEFAULT_MAX_IMAGE_PIXELS, INTERPOLATIONS
 from vitq_edge.errors import VitqError
 from vitq_edge.lifetime import Terminated, handle_termination, sweep_temp
 from vitq_edge.progress import close_bars, set_quiet
+from vitq_edge.recipes import RECIPES, parse_options
 
 
 def printable(text: str) -> str:
@@ -98,9 +106,25 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*(TypedStorage|LeafSpec|non-writable).*")
+    # torch is imported later, by the command, and then sets its loggers' levels from TORCH_LOGS:
+    # "-torch" is its spelling of ERROR for all of torch (a user's own TORCH_LOGS wins).
+    os.environ.setdefault("TORCH_LOGS", "-torch")
     for name in ("torch", "torchao", "executorch", "timm", "huggingface_hub"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
+
+def _recipe_help() -> str:
+    lines = "; ".join(f"{name} ({cls.summary})" for name, cls in RECIPES.items())
+    return f"Quantization recipe: {lines}. docs/results.md compares them."
+
+
+def _bits_help() -> str:
+    widths = "; ".join(f"{name}: {cls.bits_choices()}" for name, cls in RECIPES.items())
+    return f"Weight/activation bits, per recipe ({widths}). Default: the recipe's first."
+
+
+_RECIPE_HELP = _recipe_help()
+_BITS_HELP = _bits_help()
 
 _MAX_PIXELS_HELP = ("Refuse images with more pixels than this (decompression bombs: a few KB can declare "
                     "billions of pixels).")
@@ -147,24 +171,19 @@ def _model_and_data_options(f):
 
 @main.command()
 @click.option("--target", default="rpi4", help="Deployment target (see `vitq-edge targets`).")
-@click.option("--recipe", default="xnnpack-int8",
-              help="Quantization recipe: xnnpack-int8 (ExecuTorch's stock PT2E int8), fp32 (none), minmax (naive "
-                   "baseline), liu2021 (Liu et al. 2021: Pearson interval search, ranking loss, bias correction, "
-                   "mixed precision), adfq (ADFQ-ViT: PPOQ, Shift-Log2, module-wise reconstruction). "
-                   "docs/results.md compares them.")
-@click.option("--bits", default=None,
-              help="Weight/activation bits: W8A8, W6A6 or W4A4 (paper recipes); mixed:N for liu2021 (one width per "
-                   "MSA/MLP module within the size of N-bit weights). Default: the recipe's first (W8A8).")
+@click.option("--recipe", default="xnnpack-int8", help=_RECIPE_HELP)
+@click.option("--bits", default=None, help=_BITS_HELP)
 @click.option("--iters", type=click.IntRange(min=0), default=None,
               help="adfq: reconstruction iterations per module. Default: the paper's 3000 (of 32 images) where "
                    "that is affordable (GPU, small models), else as many as under an hour on a 2-core CPU buys "
                    "(600 of 8 images for a 224-px ViT-S). --iters 3000 = the paper's schedule.")
-@click.option("--device", "calib_device", default="cpu", metavar="cpu|cuda",
-              help="Where the paper recipes calibrate (cuda needs a GPU visible to torch).")
+@click.option("--calib-device", default="cpu", metavar="cpu|cuda",
+              help="Where the paper recipes calibrate (cuda needs a GPU visible to torch); --device of eval and "
+                   "bench is where a program runs.")
 @click.option("--option", "recipe_options", multiple=True, metavar="KEY=VALUE",
               help="Set any field of the recipe's config, e.g. --option search_tokens=0 --option search=grid "
                    "(liu2021's paper settings) or --option batch_size=8; repeatable. The fields and defaults: "
-                   "vitq_edge/quant/recipes.py.")
+                   "vitq_edge/recipes.py.")
 @_model_and_data_options
 @click.option("--out", default=None, help="Output folder: new, empty, or an earlier build (replaced whole). "
                                           "Default: build/<target>.")
@@ -173,13 +192,7 @@ def build(target, recipe, bits, iters, calib_device, recipe_options, model, pret
           calib, eval_dir, calib_limit, eval_limit, skip_eval, mean, std, input_size, crop_pct, interpolation,
           max_image_pixels, out, quiet) -> None:
     """Quantize a model, lower it to a .pte, and write model.pte, manifest.json, report.md."""
-    from vitq_edge.build import BuildOptions
-    from vitq_edge.build import build as run_build
-    from vitq_edge.models.source import parse_model_kwargs
-
     set_quiet(quiet)
-    from vitq_edge.quant.recipes import parse_options
-
     opts = BuildOptions(target=target, recipe=recipe, bits=bits, iters=iters, calib_device=calib_device,
                         recipe_options=parse_options(recipe_options), model=model,
                         pretrained=pretrained,
@@ -188,6 +201,9 @@ def build(target, recipe, bits, iters, calib_device, recipe_options, model, pret
                         mean=mean, std=std, input_size=input_size, crop_pct=crop_pct, interpolation=interpolation,
                         max_image_pixels=max_image_pixels, out=out,
                         command="vitq-edge " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+    check_build_options(opts)  # usage errors before the build's imports (seconds)
+    from vitq_edge.build import build as run_build
+
     result = run_build(opts)
     acc = result.manifest["accuracy"]
     summary = f"wrote {result.out}/ ({result.manifest['size_bytes'] / 1e6:.2f} MB .pte)"
@@ -239,12 +255,13 @@ def eval_(path, data, limit, device, timeout, max_image_pixels, as_json, quiet) 
     Without --device it runs in ExecuTorch's Python runtime here; with --device the C++
     vitq-runner computes the logits on that device.
     """
+    set_quiet(quiet)
+    if device is None and timeout is not None:
+        raise VitqError("--timeout applies to --device runs; add --device host (or another device)")
+    _check_eval_inputs(path, data, device)  # usage errors before the evaluation's imports (seconds)
     from vitq_edge.evaluate import evaluate_on_device, evaluate_program
 
-    set_quiet(quiet)
     if device is None:
-        if timeout is not None:
-            raise VitqError("--timeout applies to --device runs; add --device host (or another device)")
         result = evaluate_program(path, data=data, limit=limit, max_pixels=max_image_pixels)
     else:
         result = evaluate_on_device(path, device, data=data, limit=limit, timeout=timeout,
@@ -255,6 +272,22 @@ def eval_(path, data, limit, device, timeout, max_image_pixels, as_json, quiet) 
         mapping = f"; classes by {result['class_mapping']}" if result.get("class_mapping") else ""
         click.echo(printable(f"top-1 {result['top1']:.2f}%  top-5 {result['top5']:.2f}%  on {result['n']} images "
                              f"({result['data']}{mapping})" + (f" on {result['device']}" if device else "")))
+
+
+def _check_eval_inputs(path: str, data: str | None, device: str | None) -> None:
+    """The program, its manifest, the image folder and the device exist (their contents are read later)."""
+    from pathlib import Path
+
+    from vitq_edge.artifacts import resolve_build
+    from vitq_edge.data.options import check_data_folder
+
+    resolve_build(path)
+    if data:
+        check_data_folder(Path(data))
+    if device is not None:
+        from vitq_edge.device import get_device
+
+        get_device(device)
 
 
 @main.command(epilog=_DEVICES_EPILOG)
@@ -335,7 +368,7 @@ def _thread_list(ctx: click.Context, param: click.Parameter, value: str) -> list
 @click.option("--option", "recipe_options", multiple=True, metavar="KEY=VALUE",
               help="Set any field of the recipe's config, e.g. --option search_tokens=0 --option search=grid "
                    "(liu2021's paper settings) or --option batch_size=8; repeatable; applied to every program "
-                   "whose recipe has the field. The fields and defaults: vitq_edge/quant/recipes.py.")
+                   "whose recipe has the field. The fields and defaults: vitq_edge/recipes.py.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or status lines.")
 def compare(programs, devices, threads, runs, out, table, target, model, pretrained, checkpoint, model_kwargs, calib,
             eval_dir, calib_limit, eval_limit, skip_eval, mean, std, input_size, crop_pct, interpolation,
@@ -348,12 +381,6 @@ def compare(programs, devices, threads, runs, out, table, target, model, pretrai
     compare.md and compare.png are rewritten after every finished step, so an interrupted
     run resumes where it stopped when the same command is run again.
     """
-    from vitq_edge.build import BuildOptions
-    from vitq_edge.compare import CompareOptions, summary_lines
-    from vitq_edge.compare import compare as run_compare
-    from vitq_edge.models.source import parse_model_kwargs
-    from vitq_edge.quant.recipes import parse_options
-
     set_quiet(quiet)
     shared = BuildOptions(target=target, iters=iters, calib_device=calib_device,
                           recipe_options=parse_options(recipe_options), model=model, pretrained=pretrained,
@@ -361,10 +388,13 @@ def compare(programs, devices, threads, runs, out, table, target, model, pretrai
                           eval=eval_dir, calib_limit=calib_limit, eval_limit=eval_limit, skip_eval=skip_eval,
                           mean=mean, std=std, input_size=input_size, crop_pct=crop_pct, interpolation=interpolation,
                           max_image_pixels=max_image_pixels)
-    opts = CompareOptions(build=shared, devices=_list(devices), threads=threads, runs=runs, out=out, table=table,
-                          command="vitq-edge " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
-    if programs is not None:
-        opts.programs = _list(programs)
+    program_list = _list(programs) if programs is not None else list(DEFAULT_PROGRAMS)
+    check_compare_options(program_list, shared)  # usage errors before the imports (seconds)
+    from vitq_edge.compare import CompareOptions, summary_lines
+    from vitq_edge.compare import compare as run_compare
+
+    opts = CompareOptions(build=shared, programs=program_list, devices=_list(devices), threads=threads, runs=runs,
+                          out=out, table=table, command="vitq-edge " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     result = run_compare(opts)
     for line in summary_lines(result):
         click.echo(printable(line))

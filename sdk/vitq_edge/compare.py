@@ -29,20 +29,18 @@ import torch
 import vitq_edge
 from vitq_edge.artifacts import write_atomic
 from vitq_edge.bench import benchmark
-from vitq_edge.build import BuildOptions, build, eval_images, load_for_build
+from vitq_edge.build import build, eval_images, load_for_build
+from vitq_edge.build_options import DEFAULT_PROGRAMS, BuildOptions, check_programs
 from vitq_edge.data.datasets import ImageSet
 from vitq_edge.device.host_runtime import HostProgram
 from vitq_edge.errors import VitqError
 from vitq_edge.metrics import accuracy_summary
 from vitq_edge.models.source import LoadedModel
 from vitq_edge.progress import progress, status
-from vitq_edge.quant import recipe_config
-from vitq_edge.quant.recipes import recipe_option_names
+from vitq_edge.recipes import PAPER_RECIPES, options_for_recipe
 
 COMPARE_FORMAT = "vitq-edge-compare/1"
 TABLE_STEM = "compare"  # OUT/compare.{json,md,png} unless --table says where
-DEFAULT_PROGRAMS = ("fp32", "xnnpack-int8", "minmax@W8A8", "liu2021@W8A8", "adfq@W8A8",
-                    "minmax@W4A4", "liu2021@W4A4", "adfq@W4A4")
 
 
 @dataclass
@@ -61,18 +59,6 @@ class CompareOptions:
     # Python callers: markdown lines appended to the table on every write (e.g. targets checked against the rows).
     sections: Callable[[dict], list[str]] | None = None
     command: str = ""
-
-
-def parse_program(spec: str) -> tuple[str, str, str]:
-    """'minmax@W8A8' -> ('minmax@W8A8', 'minmax', 'W8A8'); 'fp32' -> ('fp32', 'fp32', 'fp32').
-
-    The first item names the row: the recipe alone where it has one width. Checked against
-    the recipe registry, so a typo fails before any work.
-    """
-    recipe, _, bits = spec.strip().partition("@")
-    config = recipe_config(recipe, bits or None)
-    key = recipe if len(config.supported_bits) == 1 and not bits else f"{recipe}@{config.bits}"
-    return key, recipe, config.bits
 
 
 def _folder_name(key: str) -> str:
@@ -171,16 +157,8 @@ def _check_resumable(table: dict, settings: dict, path: Path) -> None:
 
 def compare(opts: CompareOptions) -> dict:
     """Build, evaluate and bench every program; returns the table (also written to OUT)."""
-    if not opts.programs:
-        raise VitqError("no programs to compare: pass --programs, e.g. fp32,minmax@W8A8,adfq@W4A4")
-    specs = {key: (recipe, bits) for key, recipe, bits in map(parse_program, opts.programs)}
+    specs = check_programs(opts.programs, opts.build.recipe_options)
     keys = list(specs)
-    recipes = list(dict.fromkeys(recipe for recipe, _ in specs.values()))
-    for key in opts.build.recipe_options:
-        if not any(key in recipe_option_names(recipe) for recipe in recipes):
-            raise VitqError(f"--option {key}: none of the programs' recipes ({', '.join(recipes)}) has that field")
-    for recipe, bits in specs.values():  # typos and bad values before any work
-        recipe_config(recipe, bits, **_options_for(opts, recipe))
     out = Path(opts.out)
     stem = Path(opts.table) if opts.table else out / TABLE_STEM
     _check_out(out, stem)
@@ -253,7 +231,7 @@ def _prepare_images(opts: CompareOptions, loaded: LoadedModel) -> _EvalImages:
 
 
 def _options_for(opts: CompareOptions, recipe: str) -> dict:
-    return {k: v for k, v in opts.build.recipe_options.items() if k in recipe_option_names(recipe)}
+    return options_for_recipe(opts.build.recipe_options, recipe)
 
 
 def _build_options(opts: CompareOptions, recipe: str, bits: str | None, out: Path | None) -> BuildOptions:
@@ -261,7 +239,7 @@ def _build_options(opts: CompareOptions, recipe: str, bits: str | None, out: Pat
     base = opts.build
     return replace(base, recipe=recipe, bits=bits, recipe_options=_options_for(opts, recipe),
                    iters=base.iters if recipe == "adfq" else None,
-                   calib_device=base.calib_device if recipe in ("minmax", "liu2021", "adfq") else "cpu",
+                   calib_device=base.calib_device if recipe in PAPER_RECIPES else "cpu",
                    out=None if out is None else str(out), command=opts.command)
 
 

@@ -31,6 +31,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from vitq_edge.errors import VitqError
+from vitq_edge.pte import read_program
 
 DEFAULT_TOP = 10
 _EXECUTE = "Method::execute"
@@ -71,11 +72,11 @@ def program_instructions(pte: Path) -> dict[int, tuple[str, str]]:
 
     Empty when the program cannot be read this way (the etdump's own names are used then).
     """
+    program = read_program(pte.read_bytes())
+    if program is None:
+        return {}
     try:
-        from executorch.exir._serialize._program import deserialize_pte_binary
-
-        plan = next(p for p in deserialize_pte_binary(pte.read_bytes()).program.execution_plan
-                    if p.name == "forward")
+        plan = next(p for p in program.execution_plan if p.name == "forward")
         if len(plan.chains) != 1:  # instruction ids repeat per chain; the etdump events carry no chain here
             return {}
         names = {}

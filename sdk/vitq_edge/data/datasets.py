@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from vitq_edge.data.options import DEFAULT_MAX_IMAGE_PIXELS
+from vitq_edge.data.options import DEFAULT_MAX_IMAGE_PIXELS, check_data_folder
 from vitq_edge.data.preprocess import Preprocess
 from vitq_edge.errors import VitqError
 from vitq_edge.held_stderr import held_stderr
@@ -155,20 +155,7 @@ def image_folder(directory: str | Path, labels: list[str] | None = None,
     otherwise sorted folder order is label order (see `_class_indices`).
     """
     root = Path(directory)
-    if root.is_file():
-        raise VitqError(f"data path {root} is a file; pass a folder with one subfolder per class")
-    if not root.is_dir():
-        raise VitqError(f"data folder {root} does not exist; pass a folder with one subfolder per class")
-    try:
-        classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    except PermissionError:
-        raise VitqError(f"data folder {root} is not readable; check its permissions") from None
-    real_root = root.resolve()
-    for cls in classes:
-        target = (root / cls).resolve()
-        if target == real_root or real_root.is_relative_to(target):
-            raise VitqError(f"class folder {root / cls} is a link to {target}, which holds the data folder "
-                            "itself: its images would count twice; remove the link")
+    classes = check_data_folder(root)
     indices, mapping = _class_indices(classes, labels)
     paths: list[Path] = []
     targets: list[int] = []

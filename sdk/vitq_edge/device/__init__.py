@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from vitq_edge.device.runner import Device, RunRequest, RunResult, Session
+from vitq_edge.device.base import Device, RunRequest, RunResult, Session
 from vitq_edge.errors import VitqError
 
 DEVICES = ("host", "emulated-rpi4", "emulated-rpi5", "ssh://user@host[:port]")

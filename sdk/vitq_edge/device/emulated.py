@@ -20,18 +20,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from vitq_edge.device.runner import (
-    REPO,
-    LocalDevice,
-    RunRequest,
-    RunResult,
-    _shown,
-    build_hint,
-    instruction_summary,
-    last_line,
-    runtime_dir,
-)
+from vitq_edge.device.base import LocalDevice, RunRequest, RunResult, instruction_summary, last_line
 from vitq_edge.errors import VitqError
+from vitq_edge.runtime import REPO, build_hint, runtime_dir, shown_path
 
 QEMU = "qemu-aarch64"
 PLUGIN = "libinsn_count.so"
@@ -93,10 +84,10 @@ class EmulatedDevice(LocalDevice):
     def prepare(self) -> None:
         self.qemu = find_qemu()
         if not (self.prefix / "proc" / "cpuinfo").is_file():
-            raise VitqError(f"the qemu {self.board.name} prefix is missing ({_shown(self.prefix)}); create it with "
-                            f"`python3 {_shown(REPO / 'tools' / 'make_pi_prefix.py')}` or {build_hint('aarch64')}")
+            raise VitqError(f"the qemu {self.board.name} prefix is missing ({shown_path(self.prefix)}); create it with "
+                            f"`python3 {shown_path(REPO / 'tools' / 'make_pi_prefix.py')}` or {build_hint('aarch64')}")
         if not (self.prefix / "lib" / "ld-linux-aarch64.so.1").exists():
-            raise VitqError(f"{_shown(self.prefix / 'lib')} does not lead to an aarch64 sysroot; install it with "
+            raise VitqError(f"{shown_path(self.prefix / 'lib')} does not lead to an aarch64 sysroot; install it with "
                             "`apt-get install g++-aarch64-linux-gnu` and rerun `python3 tools/make_pi_prefix.py`")
         plugin = plugin_path()
         self.plugin = plugin if plugin.is_file() else None
@@ -129,7 +120,7 @@ class EmulatedDevice(LocalDevice):
         if not req.count_instructions:
             return
         if self.plugin is None:
-            result.notes.append(f"instruction counts skipped: the qemu plugin {_shown(plugin_path())} is not built "
+            result.notes.append(f"instruction counts skipped: the qemu plugin {shown_path(plugin_path())} is not built "
                                 f"({build_hint('aarch64')})")
             return
         try:

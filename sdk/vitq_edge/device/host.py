@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 import platform
 
-from vitq_edge.device.runner import LocalDevice, host_machine
+from vitq_edge.device.base import LocalDevice
+from vitq_edge.runtime import host_machine
 
 
 class HostDevice(LocalDevice):

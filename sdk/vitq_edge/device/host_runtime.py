@@ -12,7 +12,7 @@ from executorch.runtime import Runtime
 
 from vitq_edge.errors import VitqError
 from vitq_edge.held_stderr import held_stderr
-from vitq_edge.lower.kernels import load_kernels, program_custom_ops
+from vitq_edge.runtime import load_kernels, program_custom_ops
 
 # ExecuTorch's thread pool reports its CPU probing ("[cpuinfo_utils.cpp:71] Reading file ...")
 # the first time a method loads on x86, and the runtime logs a failed load or run before

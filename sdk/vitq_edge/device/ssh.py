@@ -31,15 +31,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from vitq_edge.device.runner import (
+from vitq_edge.device.base import (
     ETDUMP_FILE,
-    RUNNER,
-    Bundle,
     Device,
     RunRequest,
     RunResult,
     Session,
-    find_bundle,
     last_line,
     load_etdump,
     load_output,
@@ -50,6 +47,7 @@ from vitq_edge.device.runner import (
 )
 from vitq_edge.errors import VitqError
 from vitq_edge.lifetime import SHORT_TEMP, OwnedDir, owned_temp_dir
+from vitq_edge.runtime import RUNNER, Bundle, find_bundle
 
 log = logging.getLogger("vitq_edge")
 

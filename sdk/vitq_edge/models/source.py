@@ -6,7 +6,6 @@ it (config, preprocessing, labels, checkpoint hash).
 
 from __future__ import annotations
 
-import ast
 import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -16,7 +15,7 @@ import timm
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from vitq_edge.artifacts import file_sha256
+from vitq_edge.artifacts import check_checkpoint_path, file_sha256
 from vitq_edge.data.datasets import ImageSet, bundled_set, image_folder
 from vitq_edge.data.preprocess import Preprocess
 from vitq_edge.errors import VitqError
@@ -48,26 +47,8 @@ class LoadedModel:
         return self.model.num_classes
 
 
-def parse_model_kwargs(text: str | None) -> dict:
-    """'img_size=32,patch_size=4,global_pool=avg' -> {'img_size': 32, ...}."""
-    if not text:
-        return {}
-    kwargs = {}
-    for part in text.split(","):
-        key, sep, value = part.partition("=")
-        key = key.strip()
-        if not sep or not key.isidentifier():
-            raise VitqError(f"bad --model-kwargs entry '{part}': write key=value pairs separated by commas")
-        try:
-            kwargs[key] = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
-            kwargs[key] = value.strip()  # a bare word such as global_pool=avg
-    return kwargs
-
-
 def _read_state_dict(path: Path) -> dict:
-    if not path.is_file():
-        raise VitqError(f"checkpoint {path} does not exist; pass the path of a saved state dict")
+    check_checkpoint_path(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -72,7 +72,8 @@ from vitq_edge.quant.quantizers import (
     ShiftLog2Quantizer,
     UniformQuantizer,
 )
-from vitq_edge.quant.recipes import AdfqConfig, QuantizedModel, layer_bits, register_recipe
+from vitq_edge.quant.registry import QuantizedModel, register_recipe
+from vitq_edge.recipes import AdfqConfig, layer_bits
 
 WARMUP = 0.2  # share of iterations without the rounding regularizer
 BETA_START, BETA_END = 20.0, 2.0

@@ -9,7 +9,8 @@ from torch import nn
 
 from vitq_edge.errors import VitqError
 from vitq_edge.quant import vit
-from vitq_edge.quant.recipes import PaperRecipeConfig, QuantizedModel
+from vitq_edge.quant.registry import QuantizedModel
+from vitq_edge.recipes import PaperRecipeConfig
 
 
 def stack_calibration(calib_batches: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -101,11 +102,8 @@ class BlockInputs:
 
 def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise VitqError(f"--device {name}: no CUDA GPU is visible to torch here; use --device cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise VitqError(f"unknown --device '{name}': use cpu or cuda[:N]") from None
+        raise VitqError(f"--calib-device {name}: no CUDA GPU is visible to torch here; use --calib-device cpu")
+    return torch.device(name)  # the config checked the spelling
 
 
 def package(qmodel: nn.Module, config: PaperRecipeConfig, details: dict | None = None) -> QuantizedModel:

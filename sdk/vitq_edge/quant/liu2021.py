@@ -29,8 +29,10 @@ from vitq_edge.quant import vit
 from vitq_edge.quant.arith import fake_uniform
 from vitq_edge.quant.calibration import BlockInputs, batches, package, resolve_device, stack_calibration
 from vitq_edge.quant.losses import PearsonTarget, RankingTarget
+from vitq_edge.quant.mixed_precision import choose_bits
 from vitq_edge.quant.quantizers import Quantizer, UniformQuantizer
-from vitq_edge.quant.recipes import BitsFor, Liu2021Config, QuantizedModel, layer_bits, register_recipe
+from vitq_edge.quant.registry import QuantizedModel, register_recipe
+from vitq_edge.recipes import BitsFor, Liu2021Config, layer_bits
 
 
 def liu_factory(bits_for: BitsFor):
@@ -205,14 +207,12 @@ def search_intervals(qmodel: torch.nn.Module, images: torch.Tensor, config: Liu2
 @register_recipe(Liu2021Config)
 def quantize_liu2021(model: torch.nn.Module, config: Liu2021Config, calib: Iterable[torch.Tensor],
                      example_inputs: tuple) -> QuantizedModel:
-    from vitq_edge.quant.mixed_precision import choose_bits
-
     device = resolve_device(config.device)
     x = stack_calibration(calib)
     details: dict = {}
     module_bits = None
     if config.mixed:
-        module_bits, details["mixed_precision"] = choose_bits(model, x, config)
+        module_bits, details["mixed_precision"] = choose_bits(model, x, config, liu_factory, search_intervals)
     bits_for = layer_bits(config, module_bits)
     qmodel = vit.quantize_vit(model, liu_factory(bits_for)).to(device)
     vit.calibrate_activations(qmodel, (b.to(device) for b in batches(x, config.batch_size * 4)))

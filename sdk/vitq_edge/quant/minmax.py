@@ -9,7 +9,8 @@ import torch
 from vitq_edge.quant import vit
 from vitq_edge.quant.calibration import batches, package, resolve_device, stack_calibration
 from vitq_edge.quant.quantizers import Quantizer, UniformQuantizer
-from vitq_edge.quant.recipes import BitsFor, MinMaxConfig, QuantizedModel, layer_bits, register_recipe
+from vitq_edge.quant.registry import QuantizedModel, register_recipe
+from vitq_edge.recipes import BitsFor, MinMaxConfig, layer_bits
 
 
 def minmax_factory(bits_for: BitsFor):

@@ -26,7 +26,7 @@ import torch
 from vitq_edge.progress import StageClock, progress
 from vitq_edge.quant import arith, vit
 from vitq_edge.quant.calibration import BlockInputs, batches
-from vitq_edge.quant.recipes import Liu2021Config, parse_bits
+from vitq_edge.recipes import BitsFor, Liu2021Config, parse_bits
 
 
 def module_names(model: torch.nn.Module) -> list[str]:
@@ -79,10 +79,10 @@ def float_block_inputs(reference: torch.nn.Module, images: torch.Tensor, batch_s
 
 
 def module_search(qmodel: torch.nn.Module, images: torch.Tensor, config: Liu2021Config, block: int,
-                  block_input: torch.Tensor, batch_size: int, label: str = "interval search") -> Callable[..., dict]:
-    """The interval search of one module's ops, reading their inputs from its block's cached input."""
-    from vitq_edge.quant.liu2021 import search_intervals
-
+                  block_input: torch.Tensor, batch_size: int, search_intervals: Callable[..., dict],
+                  label: str = "interval search") -> Callable[..., dict]:
+    """The interval search (`liu2021.search_intervals`) of one module's ops, reading their inputs from its
+    block's cached input."""
     return partial(search_intervals, config=config, label=label, status_lines=False,
                    inputs_of=BlockInputs(qmodel, images, batch_size, known=(block, block_input)))
 
@@ -146,9 +146,11 @@ def pareto_choice(costs: dict[str, int], omegas: dict[str, dict[int, float]], bu
     return min(front, key=lambda t: t[1])[2]
 
 
-def choose_bits(model: torch.nn.Module, images: torch.Tensor, config: Liu2021Config) -> tuple[dict[str, int], dict]:
-    from vitq_edge.quant.liu2021 import liu_factory
-
+def choose_bits(model: torch.nn.Module, images: torch.Tensor, config: Liu2021Config,
+                liu_factory: Callable[[BitsFor], vit.QuantizerFactory],
+                search_intervals: Callable[..., dict]) -> tuple[dict[str, int], dict]:
+    """Each MSA / MLP module's width. The recipe's own quantizers (`liu_factory`) and interval search
+    (`search_intervals`) come from liu2021.py, which calls this."""
     n_bits, _ = parse_bits(config.bits)
     # The paper's {N-2 .. N+2}, within what the integer kernels run (8-bit codes): a wider layer would
     # leave the program in float.
@@ -174,7 +176,8 @@ def choose_bits(model: torch.nn.Module, images: torch.Tensor, config: Liu2021Con
         vit.set_enabled(qmodel, False)
         for m in modules:
             i = _block_of(m)
-            search = module_search(qmodel, x, quick, i, block_inputs[i], batch, label=f"{m} @ {b} bits")
+            search = module_search(qmodel, x, quick, i, block_inputs[i], batch, search_intervals,
+                                   label=f"{m} @ {b} bits")
             err = module_error(qmodel, m, x, block_inputs[i], float_y[m], search, batch, config.mp_output)
             omegas[m][b] = y_norm[m] * err
     sizes = vit.weight_bits(reference)

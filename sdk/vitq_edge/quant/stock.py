@@ -5,13 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import torch
-from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
-    XNNPACKQuantizer,
-    get_symmetric_quantization_config,
-)
-from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-from vitq_edge.quant.recipes import Fp32Config, QuantizedModel, XnnpackInt8Config, register_recipe
+from vitq_edge.quant.registry import QuantizedModel, register_recipe
+from vitq_edge.recipes import Fp32Config, XnnpackInt8Config
 
 # What stays float in the stock int8 program (XNNPACKQuantizer annotates only linear,
 # conv, matmul and a few elementwise patterns; measured: 62 partitions on DeiT-Tiny).
@@ -27,6 +23,13 @@ def _fp32(model: torch.nn.Module, config: Fp32Config, calib: Iterable[torch.Tens
 @register_recipe(XnnpackInt8Config)
 def _xnnpack_int8(model: torch.nn.Module, config: XnnpackInt8Config, calib: Iterable[torch.Tensor],
                   example_inputs: tuple) -> QuantizedModel:
+    # Imported here: ExecuTorch and torchao take seconds to import, and only this recipe needs them.
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
     quantizer = XNNPACKQuantizer().set_global(
         get_symmetric_quantization_config(is_per_channel=config.per_channel, is_dynamic=False)
     )

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from vitq_edge.lower.ops import define
+from vitq_edge.lower.ops.library import define
 from vitq_edge.quant import arith
 
 ARGS = ("Tensor qkv, int num_heads, float scale, "

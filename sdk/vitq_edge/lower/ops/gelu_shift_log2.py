@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from vitq_edge.lower.ops import define
+from vitq_edge.lower.ops.library import define
 from vitq_edge.quant import arith
 
 ARGS = "Tensor x, float shift, float delta, int bits, int steps_per_octave"

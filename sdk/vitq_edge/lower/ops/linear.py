@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from vitq_edge.lower.ops import define
+from vitq_edge.lower.ops.library import define
 from vitq_edge.quant import arith
 
 PROLOGUE_NONE, PROLOGUE_LAYER_NORM, PROLOGUE_GELU = 0, 1, 2

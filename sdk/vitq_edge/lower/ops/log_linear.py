@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from vitq_edge.lower.ops import define
+from vitq_edge.lower.ops.library import define
 from vitq_edge.lower.ops.linear import unpack_weight
 from vitq_edge.quant import arith
 

@@ -1,8 +1,10 @@
-"""Recipes as config objects and the single `quantize` verb that applies them.
+"""Recipes as config objects: what each recipe is, which widths it takes, its options.
 
 Like torchao's `quantize_(model, config)`: a config is a small frozen dataclass that
-says *what*; a handler registered for its type says *how*. The CLI only turns flags
-into a config (`recipe_config`).
+says *what*; a handler registered for its type (`quant/registry.py`, filled by the
+recipe modules) says *how*. This module imports no torch, so the CLI validates
+--recipe, --bits and --option at once; it only turns flags into a config
+(`recipe_config`).
 
     from vitq_edge.quant import quantize, XnnpackInt8Config
     qm = quantize(model, XnnpackInt8Config(), calib_batches, example_input)
@@ -13,10 +15,8 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import ClassVar, Literal, get_args, get_origin, get_type_hints
-
-import torch
 
 from vitq_edge.errors import VitqError
 
@@ -42,6 +42,7 @@ class RecipeConfig:
     """Base of every recipe config. `bits` None means the recipe's first supported width."""
 
     name: ClassVar[str] = "base"
+    summary: ClassVar[str] = ""  # one phrase for --help
     supported_bits: ClassVar[tuple[str, ...]] = ()
     bits: str | None = None
 
@@ -56,12 +57,14 @@ class RecipeConfig:
                 raise VitqError(f"recipe {self.name} option {name}={getattr(self, name)!r}: use "
                                 f"{' or '.join(map(str, allowed))}")
 
-    def bits_supported(self, bits: str) -> bool:
-        return bits in self.supported_bits
+    @classmethod
+    def bits_supported(cls, bits: str) -> bool:
+        return bits in cls.supported_bits
 
-    def bits_choices(self) -> str:
-        """The --bits values this recipe takes, for messages."""
-        return ", ".join(self.supported_bits)
+    @classmethod
+    def bits_choices(cls) -> str:
+        """The --bits values this recipe takes, for messages and --help."""
+        return ", ".join(cls.supported_bits)
 
 
 @dataclass(frozen=True)
@@ -69,6 +72,7 @@ class Fp32Config(RecipeConfig):
     """No quantization: the float model lowered to XNNPACK's fp32 kernels."""
 
     name: ClassVar[str] = "fp32"
+    summary: ClassVar[str] = "none: the float model on XNNPACK"
     supported_bits: ClassVar[tuple[str, ...]] = ("fp32",)
 
 
@@ -81,6 +85,7 @@ class XnnpackInt8Config(RecipeConfig):
     """
 
     name: ClassVar[str] = "xnnpack-int8"
+    summary: ClassVar[str] = "ExecuTorch's stock PT2E int8"
     supported_bits: ClassVar[tuple[str, ...]] = ("W8A8",)
     per_channel: bool = True
 
@@ -103,6 +108,8 @@ class PaperRecipeConfig(RecipeConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", self.device):
+            raise VitqError(f"unknown --calib-device '{self.device}': use cpu or cuda[:N]")
         for name in ("stem_bits", "head_bits"):
             value = getattr(self, name)
             if value is not None and not MIXED_MIN_BITS <= value <= MIXED_MAX_BITS:
@@ -133,6 +140,7 @@ class MinMaxConfig(PaperRecipeConfig):
     ranges = observed min/max on the calibration set. Softmax, LayerNorm, GELU stay float."""
 
     name: ClassVar[str] = "minmax"
+    summary: ClassVar[str] = "naive min/max ranges, the baseline"
 
 
 @dataclass(frozen=True)
@@ -144,6 +152,7 @@ class Liu2021Config(PaperRecipeConfig):
     the size budget of uniform N-bit weights."""
 
     name: ClassVar[str] = "liu2021"
+    summary: ClassVar[str] = "Liu et al. 2021: Pearson interval search, ranking loss, bias correction, mixed precision"
     alpha: float = 0.5
     beta: float = 1.2
     candidates: int = 100  # not stated in the paper
@@ -165,14 +174,16 @@ class Liu2021Config(PaperRecipeConfig):
     # Y of the sensitivities: attention map / MLP output (the paper), the block's output or the model's.
     mp_output: Literal["module", "block", "model"] = "module"
 
-    def bits_supported(self, bits: str) -> bool:
-        if bits in self.supported_bits:
+    @classmethod
+    def bits_supported(cls, bits: str) -> bool:
+        if bits in cls.supported_bits:
             return True
         m = re.fullmatch(r"mixed:(\d+)", bits)
         return bool(m) and MIXED_MIN_BITS <= int(m.group(1)) <= MIXED_MAX_BITS
 
-    def bits_choices(self) -> str:
-        return f"{', '.join(self.supported_bits)} or mixed:N (N from {MIXED_MIN_BITS} to {MIXED_MAX_BITS})"
+    @classmethod
+    def bits_choices(cls) -> str:
+        return f"{', '.join(cls.supported_bits)} or mixed:N (N from {MIXED_MIN_BITS} to {MIXED_MAX_BITS})"
 
     @property
     def mixed(self) -> bool:
@@ -186,6 +197,7 @@ class AdfqConfig(PaperRecipeConfig):
     (AdaRound weights, learned activation scales, QDrop input mixing, KL on attention maps)."""
 
     name: ClassVar[str] = "adfq"
+    summary: ClassVar[str] = "ADFQ-ViT: PPOQ, Shift-Log2, module-wise reconstruction"
     # The schedule, per unit (adfq.default_schedule fills what is None). The paper's: 3000 iterations (the
     # ADFQ-ViT README command; code default 5000) of 32 images, used on a GPU, with --iters, or where it fits
     # the CPU work budget; larger models on a CPU get 8 images per iteration and as many iterations as the
@@ -217,38 +229,11 @@ class AdfqConfig(PaperRecipeConfig):
     round_gradient: Literal["ste", "none"] = "ste"
 
 
-@dataclass
-class QuantizedModel:
-    """The result of `quantize`: a module to simulate with and to lower."""
-
-    module: torch.nn.Module
-    recipe: str
-    bits: str
-    # Ops whose arithmetic stays float in the deployed program (written to the manifest).
-    float_ops: list[str] = field(default_factory=list)
-    # Paper recipes: weights packed at their bit width + float32 for the rest (vit.model_size_bytes).
-    size_bytes: int | None = None
-    # Recipe-specific facts for the manifest: quantizers, outlier fractions, mixed-precision bits.
-    details: dict = field(default_factory=dict)
-    # The config the recipe ran with, where it chose a default itself (adfq's iterations); else None.
-    config: RecipeConfig | None = None
-
-
-Handler = Callable[[torch.nn.Module, RecipeConfig, Iterable[torch.Tensor], tuple], QuantizedModel]
-_HANDLERS: dict[type, Handler] = {}
-
-
-def register_recipe(config_type: type) -> Callable[[Handler], Handler]:
-    def wrap(fn: Handler) -> Handler:
-        _HANDLERS[config_type] = fn
-        return fn
-
-    return wrap
-
-
 RECIPES: dict[str, type[RecipeConfig]] = {
     c.name: c for c in (Fp32Config, XnnpackInt8Config, MinMaxConfig, Liu2021Config, AdfqConfig)
 }
+# The recipes that calibrate with our own quantizers (and run on --calib-device).
+PAPER_RECIPES = tuple(name for name, cls in RECIPES.items() if issubclass(cls, PaperRecipeConfig))
 
 
 def recipe_config(name: str, bits: str | None = None, **options) -> RecipeConfig:
@@ -266,6 +251,12 @@ def recipe_config(name: str, bits: str | None = None, **options) -> RecipeConfig
 
 def recipe_option_names(name: str) -> set[str]:
     return {f.name for f in fields(RECIPES[name]) if f.name != "bits"} if name in RECIPES else set()
+
+
+def options_for_recipe(options: dict, name: str) -> dict:
+    """The entries of `options` (--option KEY=VALUE, shared by several recipes) that recipe `name` has."""
+    names = recipe_option_names(name)
+    return {k: v for k, v in options.items() if k in names}
 
 
 def _coerce(recipe: str, key: str, value: object, default: object, hint: object = None) -> object:
@@ -301,18 +292,13 @@ def parse_options(pairs: Iterable[str]) -> dict[str, str]:
     return options
 
 
-def quantize(
-    model: torch.nn.Module,
-    config: RecipeConfig,
-    calib_batches: Iterable[torch.Tensor],
-    example_inputs: tuple,
-) -> QuantizedModel:
-    """Quantize `model` (eval mode, float) as `config` says, calibrating on `calib_batches`."""
-    handler = _HANDLERS.get(type(config))
-    if handler is None:
-        raise VitqError(f"no handler registered for recipe config {type(config).__name__}")
-    return handler(model, config, calib_batches, example_inputs)
+def parse_program(spec: str) -> tuple[str, str, str]:
+    """A `compare` program: 'minmax@W8A8' -> ('minmax@W8A8', 'minmax', 'W8A8'); 'fp32' -> ('fp32', 'fp32', 'fp32').
 
-
-# Handlers live next to their algorithms; importing registers them.
-from vitq_edge.quant import adfq, liu2021, minmax, stock  # noqa: E402,F401
+    The first item names the row: the recipe alone where it has one width. Checked against
+    the recipe registry, so a typo fails before any work.
+    """
+    recipe, _, bits = spec.strip().partition("@")
+    config = recipe_config(recipe, bits or None)
+    key = recipe if len(config.supported_bits) == 1 and not bits else f"{recipe}@{config.bits}"
+    return key, recipe, config.bits

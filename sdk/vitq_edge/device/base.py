@@ -1,4 +1,4 @@
-"""What every device shares: the vitq-runner bundles, one run's request and result, errors.
+"""What every device shares: the Device and Session interfaces, one run's request and result, errors.
 
 A device runs `vitq-runner` (runtime/README.md) on a `.pte` and float32 `.npy` inputs.
 The runner prints one JSON report on stdout (latency, load time, peak RSS, the CPU that
@@ -13,7 +13,6 @@ import abc
 import contextlib
 import json
 import os
-import platform
 import shlex
 import shutil
 import signal
@@ -26,85 +25,7 @@ import numpy as np
 
 from vitq_edge.errors import VitqError
 from vitq_edge.lifetime import guarded, owned_temp_dir
-
-RUNNER = "vitq-runner"
-
-# The repository this package was installed from (editable installs): where
-# tools/build_runtime.sh writes build/runtime/.
-REPO = Path(__file__).resolve().parents[3]
-
-_ELF_MACHINES = {3: "x86", 40: "arm", 62: "x86-64", 183: "aarch64", 243: "riscv"}
-_HOST_MACHINES = {"x86_64": "x86-64", "amd64": "x86-64", "aarch64": "aarch64", "arm64": "aarch64"}
-
-
-def runtime_dir() -> Path:
-    """Where the runner bundles live: $VITQ_RUNTIME_DIR, else <repo>/build/runtime."""
-    env = os.environ.get("VITQ_RUNTIME_DIR")
-    return Path(env).expanduser() if env else REPO / "build" / "runtime"
-
-
-def build_hint(what: str = "") -> str:
-    """The command that builds the runtime bundles (or where to point instead)."""
-    script = REPO / "tools" / "build_runtime.sh"
-    if script.is_file():
-        return f"build it with `bash {_shown(script)}{' ' + what if what else ''}` (a few minutes)"
-    return ("build the bundles with tools/build_runtime.sh from the vitq-edge repository and set "
-            "VITQ_RUNTIME_DIR to its build/runtime folder")
-
-
-def _shown(path: Path) -> str:
-    """A path as the user would type it: relative to the working directory when inside it."""
-    with contextlib.suppress(ValueError):
-        return str(path.resolve().relative_to(Path.cwd().resolve()))
-    return str(path)
-
-
-def elf_machine(path: Path) -> str | None:
-    """The CPU architecture an ELF file is built for ('x86-64', 'aarch64', ...); None if not ELF."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(20)
-    except OSError:
-        return None
-    if len(head) < 20 or head[:4] != b"\x7fELF":
-        return None
-    machine = int.from_bytes(head[18:20], "little" if head[5] == 1 else "big")
-    return _ELF_MACHINES.get(machine, f"machine {machine}")
-
-
-def host_machine() -> str:
-    return _HOST_MACHINES.get(platform.machine().lower(), platform.machine())
-
-
-@dataclass(frozen=True)
-class Bundle:
-    """A movable runner bundle: bin/vitq-runner + lib/*.so, built for one architecture."""
-
-    name: str  # "host" or "aarch64": the folder under runtime_dir()
-    root: Path
-    machine: str  # the ELF architecture its runner must have
-
-    @property
-    def runner(self) -> Path:
-        return self.root / "bin" / RUNNER
-
-    @property
-    def lib(self) -> Path:
-        return self.root / "lib"
-
-
-def find_bundle(name: str) -> Bundle:
-    """The `host` or `aarch64` bundle, checked to exist and to be built for its architecture."""
-    machine = host_machine() if name == "host" else name
-    bundle = Bundle(name, runtime_dir() / name, machine)
-    if not bundle.runner.is_file() or not bundle.lib.is_dir():
-        raise VitqError(f"the {name} runner bundle is missing ({_shown(bundle.runner)}); {build_hint(name)}, "
-                        "or set VITQ_RUNTIME_DIR to a folder holding it")
-    actual = elf_machine(bundle.runner)
-    if actual != machine:
-        raise VitqError(f"{_shown(bundle.runner)} is built for {actual or 'no known architecture (not an ELF file)'}"
-                        f", not {machine}; rebuild the {name} bundle: {build_hint(name)}")
-    return bundle
+from vitq_edge.runtime import RUNNER, Bundle, build_hint, find_bundle
 
 
 @dataclass(frozen=True)
