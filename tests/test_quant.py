@@ -450,7 +450,7 @@ def test_mixed_precision_measures_a_module_on_its_block_alone(tiny, module, outp
         target = qmodel.get_submodule(f"{module}.av.a_quant" if module.endswith("attn") else module)
     hooked: list[torch.Tensor] = []
     handle = target.register_forward_hook(lambda m, args, out: hooked.append(out))
-    with torch.no_grad(), vit.fake_quant_forward():
+    with torch.no_grad(), vit.arithmetic("fake-quant"):
         logits = qmodel(x)
     handle.remove()
     want = logits if output == "model" else hooked[0]
@@ -746,3 +746,68 @@ def test_calibration_stops_once_every_quantizer_has_observed_all_it_keeps(tiny, 
                                  strict=True):
         assert torch.equal(got, want), name  # every scale and zero point as from the first batch alone
     assert calibrated(x, "model")[1] == 2  # the head's quantizer still wants the second batch
+
+
+# ---- the arithmetic mode and the one lowering rule --------------------------------------
+
+def _calibrated_minmax(tiny, bits: int):
+    from vitq_edge.quant.minmax import minmax_factory
+
+    model, x, _ = tiny
+    qmodel = vit.quantize_vit(model, minmax_factory(lambda op: (bits, bits)))
+    vit.calibrate_activations(qmodel, [x])
+    return qmodel, x
+
+
+def test_kernel_arithmetic_is_the_default_whatever_the_grad_mode(tiny):
+    qmodel, x = _calibrated_minmax(tiny, 4)
+    assert vit.current_arithmetic() == "kernel"
+    with torch.no_grad():
+        inference = qmodel(x)
+    assert torch.equal(qmodel(x).detach(), inference)  # grad mode on: still the kernels' arithmetic
+    with vit.arithmetic("fake-quant"):
+        assert vit.current_arithmetic() == "fake-quant"
+        fake = qmodel(x)
+    assert vit.current_arithmetic() == "kernel"
+    # Fake quantization computes the same values up to float rounding, by another path.
+    assert not torch.equal(fake.detach(), inference)
+    assert torch.allclose(fake.detach(), inference, atol=1e-3 * float(inference.abs().max()))
+
+
+def test_fake_quant_arithmetic_is_differentiable_and_kernel_arithmetic_is_not(tiny):
+    qmodel, x = _calibrated_minmax(tiny, 8)
+    scale = qmodel.blocks[0].mlp.fc1.input_quant.scale
+    scale.requires_grad_(True)
+    try:
+        with vit.arithmetic("fake-quant"):
+            qmodel(x[:4]).sum().backward()
+        assert scale.grad is not None and float(scale.grad.abs()) > 0
+        # The kernels' arithmetic uses the scale's value only: no gradient reaches it.
+        assert not qmodel(x[:4]).requires_grad
+    finally:
+        scale.requires_grad_(False)
+    with pytest.raises(ValueError, match="kernel"), vit.arithmetic("exact"):
+        pass
+
+
+def test_one_rule_decides_the_simulation_and_the_lowering(tiny):
+    from vitq_edge.lower.integer_vit import NotLowerable, integer_vit
+
+    qmodel, x = _calibrated_minmax(tiny, 8)
+    assert all(vit.why_not_integer(op, name) is None for name, op in vit.quant_ops(qmodel)
+               if isinstance(op, vit.QuantLinear | vit.QuantConv2d | vit.QuantAttention))
+    integer_vit(qmodel)  # lowerable
+    fc1 = qmodel.blocks[1].mlp.fc1
+    fc1.input_quant.enabled = False  # a layer left in float: neither path may treat it as integer
+    why = vit.why_not_integer(fc1, "blocks.1.mlp.fc1")
+    assert why == "blocks.1.mlp.fc1's input is not quantized"
+    assert not vit.integer_operands(fc1)
+    with pytest.raises(NotLowerable, match=r"blocks\.1\.mlp\.fc1's input is not quantized"):
+        integer_vit(qmodel)
+    fc1.input_quant.enabled = True
+    attn = qmodel.blocks[0].attn
+    attn.qk.b_quant.zero_point.fill_(0.5)
+    assert attn.why_not_integer("blocks.0.attn") == "blocks.0.attn's k has a fractional zero point"
+    assert not attn.integer_operands()
+    with pytest.raises(NotLowerable, match="fractional zero point"):
+        integer_vit(qmodel)

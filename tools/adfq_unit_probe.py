@@ -55,7 +55,7 @@ def _unit_inputs(qmodel: torch.nn.Module, x: torch.Tensor, names: list[str]) -> 
 @torch.no_grad()
 def _heldout_error(unit: torch.nn.Module, x: torch.Tensor) -> float:
     adfq._set_unit_enabled(unit, False)
-    with vit.fake_quant_forward():
+    with vit.arithmetic("fake-quant"):
         ref = torch.cat([unit(b) for b in batches(x, 64)])
     adfq._set_unit_enabled(unit, True)
     out = torch.cat([unit(b) for b in batches(x, 64)])  # the deployed (kernel-exact) arithmetic

@@ -111,7 +111,7 @@ def main() -> None:
     for recipe in ("minmax", "liu2021", "adfq"):
         for bits in widths:
             q = _quantized_op(layer, op, recipe, bits, calib)
-            with torch.no_grad(), vit.fake_quant_forward():
+            with torch.no_grad(), vit.arithmetic("fake-quant"):
                 logits = forward(val, q)
             acc = accuracy_summary(fp32, logits, logits, labels)
             rows.append({"recipe": recipe, "bits": bits, "top1": acc["simulated"],

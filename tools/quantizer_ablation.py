@@ -104,7 +104,7 @@ def _factory(recipe: str, bits: str, probs: int | None, gelu: int | None):
 
 
 def _logits(model: torch.nn.Module, xs: list[torch.Tensor]) -> torch.Tensor:
-    with torch.no_grad(), vit.fake_quant_forward():
+    with torch.no_grad(), vit.arithmetic("fake-quant"):
         return torch.cat([model(x) for x in xs])
 
 

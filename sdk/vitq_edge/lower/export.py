@@ -16,6 +16,7 @@ from executorch.exir import to_edge_transform_and_lower
 
 from vitq_edge.lower.integer_vit import NotLowerable, integer_vit
 from vitq_edge.progress import steps
+from vitq_edge.quant import vit
 
 
 @dataclass
@@ -37,7 +38,8 @@ def lower_to_executorch(module: torch.nn.Module, example_inputs: tuple, integer:
             arithmetic = "integer"
         except NotLowerable as why:
             arithmetic = f"simulated in float ops: {why}"
-    with steps("exporting", 3) as done:
+    # A simulation that stayed in float ops is exported as its fake-quant forward (torch's ops).
+    with steps("exporting", 3) as done, vit.arithmetic("fake-quant"):
         exported = torch.export.export(module, example_inputs, strict=False)
         done("torch.export")
         edge = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()])

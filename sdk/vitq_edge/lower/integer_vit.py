@@ -13,8 +13,10 @@ quantized layers call the `vitq::` ops (lower/ops/) on integer weights:
 
 What remains is float glue that XNNPACK takes: class token / position embedding, the
 residual adds. Each op computes what the simulation computes, with the float sums of
-quantized values replaced by integer sums scaled once; `NotLowerable` says why a model
-cannot take this path (e.g. a quantizer left off, or codes wider than 8 bits).
+quantized values replaced by integer sums scaled once. Whether a layer can take this path
+is decided in one place, `vit.why_not_integer`, which the simulation's integer path also
+follows; `NotLowerable` carries its answer (e.g. a quantizer left off, or codes wider than
+8 bits), or a structure the fused ops do not cover.
 """
 
 from __future__ import annotations
@@ -27,31 +29,22 @@ from torch import nn
 
 from vitq_edge.lower import ops  # noqa: F401  (registers torch.ops.vitq)
 from vitq_edge.lower.ops.linear import PROLOGUE_GELU, PROLOGUE_LAYER_NORM, PROLOGUE_NONE, pack_int4
-from vitq_edge.quant import arith, vit
+from vitq_edge.quant import vit
 from vitq_edge.quant.quantizers import (
     AdaRoundQuantizer,
-    LogQuantizer,
     PerPatchOutlierQuantizer,
-    Quantizer,
     ShiftLog2Quantizer,
-    UniformQuantizer,
 )
-
-MAX_BITS = arith.MAX_CODE_BITS
 
 
 class NotLowerable(Exception):
     """The quantized model has something the integer kernels do not implement."""
 
 
-def _require(ok: bool, why: str) -> None:
-    if not ok:
-        raise NotLowerable(why)
-
-
-def _enabled(q: Quantizer | AdaRoundQuantizer, what: str) -> None:
-    _require(q.enabled, f"{what} is not quantized")
-    _require(q.bits <= MAX_BITS, f"{what} has {q.bits} bits; the kernels hold codes in 8 bits")
+def _require(why_not: str | None) -> None:
+    """Raise NotLowerable with the reason, where there is one."""
+    if why_not:
+        raise NotLowerable(why_not)
 
 
 def _f32(t: torch.Tensor) -> float:
@@ -60,16 +53,13 @@ def _f32(t: torch.Tensor) -> float:
 
 def weight_integers(op: vit.QuantLinear | vit.QuantConv2d, path: str) -> dict[str, torch.Tensor | int]:
     """The weight as vitq::linear takes it: integers w', scale and zero per output channel."""
+    _require(vit.why_not_integer_weight(op, path))
     wq = op.weight_quant
-    _enabled(wq, f"{path}'s weight")
     base = wq.base if isinstance(wq, AdaRoundQuantizer) else wq
-    _require(isinstance(base, UniformQuantizer), f"{path}'s weight quantizer is not uniform")
-    if isinstance(wq, AdaRoundQuantizer):
-        _require(wq.hard, f"{path}'s AdaRound rounding is not hardened")
     w, zero, scale = vit.weight_integer_form(op)
     lo, hi = -(2 ** (base.bits - 1)), 2 ** (base.bits - 1) - 1
-    _require(bool(torch.all(w == torch.round(w))) and lo <= int(w.min()) and int(w.max()) <= hi,
-             f"{path}'s weight codes are not {base.bits}-bit integers")
+    if not (bool(torch.all(w == torch.round(w))) and lo <= int(w.min()) and int(w.max()) <= hi):
+        raise NotLowerable(f"{path}'s weight codes are not {base.bits}-bit integers")
     w = w.to(torch.int8)
     packed = pack_int4(w) if base.bits <= 4 else w
     return {"weight": packed, "weight_scale": scale, "weight_zero": zero, "weight_bits": base.bits}
@@ -85,6 +75,7 @@ class IntLinear(nn.Module):
     def __init__(self, op: vit.QuantLinear | vit.QuantConv2d, path: str, prologue: int = PROLOGUE_NONE,
                  norm: nn.LayerNorm | None = None, bias: torch.Tensor | None = None) -> None:
         super().__init__()
+        _require(vit.why_not_integer(op, path) or vit.why_not_integer_input(op.input_quant, f"{path}'s input"))
         w = weight_integers(op, path)
         self.weight_bits = int(w.pop("weight_bits"))
         for name, t in w.items():
@@ -92,17 +83,14 @@ class IntLinear(nn.Module):
         n = self.weight_scale.shape[0]
         self.register_buffer("bias", _bias(op, n) if bias is None else bias)
         iq = op.input_quant
-        _enabled(iq, f"{path}'s input")
-        _require(type(iq) in (UniformQuantizer, PerPatchOutlierQuantizer)
-                 and iq.granularity in ("tensor", "token"), f"{path}'s input quantizer is not uniform")
         self.register_buffer("input_scale", iq.scale.detach().float().reshape(-1).clone())
         self.register_buffer("input_zero", iq.zero_point.detach().float().reshape(-1).clone())
         self.qmin, self.qmax = iq.qrange
         self.threshold = iq.threshold if isinstance(iq, PerPatchOutlierQuantizer) else 0.0
         self.prologue = prologue
         if prologue == PROLOGUE_LAYER_NORM:
-            _require(isinstance(norm, nn.LayerNorm) and norm.elementwise_affine and norm.bias is not None,
-                     f"the LayerNorm before {path} is not an affine LayerNorm")
+            if not (isinstance(norm, nn.LayerNorm) and norm.elementwise_affine and norm.bias is not None):
+                raise NotLowerable(f"the LayerNorm before {path} is not an affine LayerNorm")
             k = norm.normalized_shape[0]
             self.register_buffer("norm_weight", norm.weight.detach().float().clone())
             self.register_buffer("norm_bias", norm.bias.detach().float().clone())
@@ -125,8 +113,8 @@ class IntLogLinear(nn.Module):
 
     def __init__(self, op: vit.QuantLinear, path: str) -> None:
         super().__init__()
+        _require(vit.why_not_integer(op, path))
         iq = op.input_quant
-        _enabled(iq, f"{path}'s input")
         w = weight_integers(op, path)
         self.weight_bits = int(w.pop("weight_bits"))
         for name, t in w.items():
@@ -142,13 +130,6 @@ class IntLogLinear(nn.Module):
                                          self.delta, self.bits, self.k, self.weight_bits)
 
 
-def _check_tensor_quantizer(q: Quantizer, what: str) -> None:
-    _enabled(q, what)
-    _require(type(q) is UniformQuantizer and q.granularity == "tensor", f"{what} is not per-tensor uniform")
-    zero = _f32(q.zero_point)
-    _require(zero == round(zero), f"{what} has a fractional zero point")
-
-
 class IntAttention(nn.Module):
     """norm1 + qkv (vitq::linear), vitq::attention, proj (vitq::linear)."""
 
@@ -157,14 +138,7 @@ class IntAttention(nn.Module):
         self.qkv = IntLinear(attn.qkv, f"{path}.qkv", PROLOGUE_LAYER_NORM, norm)
         self.proj = IntLinear(attn.proj, f"{path}.proj")
         self.num_heads, self.scale = attn.num_heads, float(attn.scale)
-        _check_tensor_quantizer(attn.qk.a_quant, f"{path}.qk's q")
-        _check_tensor_quantizer(attn.qk.b_quant, f"{path}.qk's k")
-        _check_tensor_quantizer(attn.av.b_quant, f"{path}.av's v")
-        p = attn.av.a_quant
-        if isinstance(p, LogQuantizer):
-            _enabled(p, f"{path}'s attention probabilities")
-        else:
-            _check_tensor_quantizer(p, f"{path}'s attention probabilities")
+        _require(attn.why_not_integer(path))
         # The simulation's own parameters (QuantAttention.integer_params), in the op's argument order.
         self.q, self.k, self.v, p_uniform, p_log = attn.integer_params()
         self.p = (p_log[0], 0, 0, 0, *p_log[1:]) if p_log else (*p_uniform, 0, 0)
@@ -179,8 +153,8 @@ class IntAttention(nn.Module):
 class IntMlp(nn.Module):
     def __init__(self, mlp: vit.QuantMlp, norm: nn.LayerNorm, path: str) -> None:
         super().__init__()
-        _require(isinstance(mlp.act, nn.GELU) and mlp.act.approximate == "none",
-                 f"{path} uses {type(mlp.act).__name__}; the kernels fuse exact GELU only")
+        if not (isinstance(mlp.act, nn.GELU) and mlp.act.approximate == "none"):
+            raise NotLowerable(f"{path} uses {type(mlp.act).__name__}; the kernels fuse exact GELU only")
         self.fc1 = IntLinear(mlp.fc1, f"{path}.fc1", PROLOGUE_LAYER_NORM, norm)
         if isinstance(mlp.fc2.input_quant, ShiftLog2Quantizer):
             self.fc2 = IntLogLinear(mlp.fc2, f"{path}.fc2")
@@ -198,9 +172,9 @@ class IntPatchEmbed(nn.Module):
         super().__init__()
         conv = pe.proj
         p = conv.weight.shape[-1]
-        _require(isinstance(pe, PatchEmbed) and tuple(conv.stride) == (p, p) and conv.weight.shape[-2] == p
-                 and tuple(conv.padding) == (0, 0) and pe.flatten and not getattr(pe, "dynamic_img_pad", False),
-                 "the patch embedding is not a plain stride = kernel convolution")
+        if not (isinstance(pe, PatchEmbed) and pe.flatten and not getattr(pe, "dynamic_img_pad", False)):
+            raise NotLowerable("the patch embedding is not a plain flattening PatchEmbed")
+        _require(vit.why_not_integer(conv, "patch_embed.proj"))
         self.patch, self.norm = p, pe.norm
         self.linear = IntLinear(conv, "patch_embed.proj")
         # What VisionTransformer reads from its patch_embed besides calling it.
@@ -219,8 +193,8 @@ def integer_vit(qmodel: nn.Module) -> nn.Module:
     model = copy.deepcopy(qmodel).eval()
     model.patch_embed = IntPatchEmbed(model.patch_embed)
     for i, blk in enumerate(model.blocks):
-        _require(isinstance(blk.norm1, nn.LayerNorm) and isinstance(blk.norm2, nn.LayerNorm),
-                 f"block {i} has no LayerNorm to fuse")
+        if not (isinstance(blk.norm1, nn.LayerNorm) and isinstance(blk.norm2, nn.LayerNorm)):
+            raise NotLowerable(f"block {i} has no LayerNorm to fuse")
         blk.attn = IntAttention(blk.attn, blk.norm1, f"blocks.{i}.attn")
         blk.mlp = IntMlp(blk.mlp, blk.norm2, f"blocks.{i}.mlp")
         blk.norm1 = blk.norm2 = nn.Identity()
@@ -233,5 +207,6 @@ def integer_vit(qmodel: nn.Module) -> nn.Module:
         if fuse:
             model.norm = nn.Identity()
     leftover = [name for name, _ in vit.quant_ops(model)]
-    _require(not leftover, f"layers without an integer kernel: {', '.join(leftover)}")
+    if leftover:
+        raise NotLowerable(f"layers without an integer kernel: {', '.join(leftover)}")
     return model

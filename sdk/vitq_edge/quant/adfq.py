@@ -222,13 +222,13 @@ class _AttentionMaps:
 def _float_targets(unit: nn.Module, x: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The unit's float output (and float attention maps) on its float input.
 
-    Through torch's GELU and softmax (`fake_quant_forward`), as the reconstruction's own
+    Through torch's GELU and softmax (`arithmetic("fake-quant")`), as the reconstruction's own
     forward computes them: the kernels' bit-exact definitions would only cost time here.
     """
     _set_unit_enabled(unit, False)
     maps = _AttentionMaps(unit) if isinstance(unit, vit.QuantAttention) else None
     outs, probs = [], []
-    with vit.fake_quant_forward():
+    with vit.arithmetic("fake-quant"):
         for b in batches(x, batch_size):
             outs.append(unit(b))
             if maps is not None:
@@ -274,30 +274,31 @@ def reconstruct_unit(unit: nn.Module, x_fp: torch.Tensor, x_q: torch.Tensor, con
     warmup = int(WARMUP * config.iters)
     history = []
     n = len(x_fp)
-    for it in progress(range(config.iters), label, unit="it", log=False):  # the unit clock logs
-        idx = torch.randint(0, n, (min(config.batch_size, n),), generator=generator).to(x_fp.device)
-        xf, xq = x_fp[idx], x_q[idx]
-        keep_float = torch.rand(xf.shape, generator=generator).to(xf.device) < config.drop_prob
-        out = unit(torch.where(keep_float, xf, xq))
-        rec = (out - y_fp[idx]).pow(2).sum(-1).mean()
-        loss = rec
-        if maps is not None:
-            loss = loss + config.kl_weight * attention_kl(maps.pop(), kl_target[idx], config.temperature, kl_dim)
-        if it >= warmup:
-            progress_frac = (it - warmup) / max(1, config.iters - warmup)
-            beta = BETA_END + 0.5 * (BETA_START - BETA_END) * (1 + math.cos(math.pi * progress_frac))
-            loss = loss + config.round_weight * sum(r.regularizer(beta) for r in rounders)
-        opt_w.zero_grad()
-        if opt_a:
-            opt_a.zero_grad()
-        loss.backward()
-        opt_w.step()
-        if opt_a:
-            opt_a.step()
-            sched.step()
-            _keep_scales_positive(scales)
-        if it == 0 or it == config.iters - 1:
-            history.append(round(rec.item(), 6))
+    with vit.arithmetic("fake-quant"):  # differentiable: the kernels' arithmetic has no gradient
+        for it in progress(range(config.iters), label, unit="it", log=False):  # the unit clock logs
+            idx = torch.randint(0, n, (min(config.batch_size, n),), generator=generator).to(x_fp.device)
+            xf, xq = x_fp[idx], x_q[idx]
+            keep_float = torch.rand(xf.shape, generator=generator).to(xf.device) < config.drop_prob
+            out = unit(torch.where(keep_float, xf, xq))
+            rec = (out - y_fp[idx]).pow(2).sum(-1).mean()
+            loss = rec
+            if maps is not None:
+                loss = loss + config.kl_weight * attention_kl(maps.pop(), kl_target[idx], config.temperature, kl_dim)
+            if it >= warmup:
+                progress_frac = (it - warmup) / max(1, config.iters - warmup)
+                beta = BETA_END + 0.5 * (BETA_START - BETA_END) * (1 + math.cos(math.pi * progress_frac))
+                loss = loss + config.round_weight * sum(r.regularizer(beta) for r in rounders)
+            opt_w.zero_grad()
+            if opt_a:
+                opt_a.zero_grad()
+            loss.backward()
+            opt_w.step()
+            if opt_a:
+                opt_a.step()
+                sched.step()
+                _keep_scales_positive(scales)
+            if it == 0 or it == config.iters - 1:
+                history.append(round(rec.item(), 6))
     if maps is not None:
         maps.close()
     for r in rounders:

@@ -47,7 +47,7 @@ def capture_inputs(model: Callable[[torch.Tensor], torch.Tensor], op: torch.nn.M
 
     handle = op.register_forward_pre_hook(hook)
     try:
-        with vit.fake_quant_forward():
+        with vit.arithmetic("fake-quant"):
             for b in batches(images, batch_size):
                 try:
                     model(b)
@@ -79,7 +79,7 @@ class BlockInputs:
     def block_input(self, i: int) -> torch.Tensor:
         blocks = self.qmodel.blocks
         if self.index == i - 1 and self.x is not None:
-            with vit.fake_quant_forward():  # as capture_inputs: calibration needs no bit-exact forward
+            with vit.arithmetic("fake-quant"):  # as capture_inputs: calibration needs no bit-exact forward
                 self.x = torch.cat([blocks[i - 1](b) for b in batches(self.x, self.batch_size)])
         elif self.index != i:
             (self.x,) = capture_inputs(self.qmodel, blocks[i], self.images, self.batch_size)

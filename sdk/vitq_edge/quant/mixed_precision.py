@@ -53,7 +53,7 @@ def _module_output(qmodel: torch.nn.Module, module: str, block_input: torch.Tens
                 x = block(x)
             return qmodel.forward_head(qmodel.norm(x))
 
-        with torch.no_grad(), vit.fake_quant_forward():
+        with torch.no_grad(), vit.arithmetic("fake-quant"):
             return torch.cat([tail(b) for b in batches(block_input, batch_size)])
     block = qmodel.blocks[i]
     if output == "block":
@@ -64,7 +64,7 @@ def _module_output(qmodel: torch.nn.Module, module: str, block_input: torch.Tens
     handle = target.register_forward_hook(lambda m, args, out: outs.append(out.detach()))
     try:
         # The fake-quant forward: the integer one computes the probabilities without calling a_quant.
-        with torch.no_grad(), vit.fake_quant_forward():
+        with torch.no_grad(), vit.arithmetic("fake-quant"):
             for b in batches(block_input, batch_size):
                 block(b)
     finally:

@@ -15,11 +15,12 @@ path such as "blocks.3.mlp.fc2", `role` is "weight", "input", "a" or "b"), so on
 transformation serves every recipe. What stays in float is listed in `FLOAT_OPS`,
 the one place the build's manifest reads it from.
 
-At inference (no autograd) the quantized model runs the kernels' arithmetic: integer
-sums scaled once, and LayerNorm, GELU, softmax and log codes as `arith` defines them, so
-the lowered program (lower/integer_vit.py) computes the same floats, bit for bit.
-Reconstruction (autograd) runs the differentiable fake-quant forward with torch's own
-LayerNorm and GELU, as does inference inside `fake_quant_forward()`.
+By default (`arithmetic("kernel")`) the quantized model runs the kernels' arithmetic:
+integer sums scaled once, and LayerNorm, GELU, softmax and log codes as `arith` defines
+them, so the lowered program (lower/integer_vit.py) computes the same floats, bit for
+bit, in every layer `why_not_integer` admits (the rule lowering uses too). Calibration and
+reconstruction run inside `arithmetic("fake-quant")`: the differentiable fake-quant
+forward with torch's own LayerNorm and GELU.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -59,23 +61,37 @@ FLOAT_OPS = [
 
 QuantizerFactory = Callable[[str, str], Quantizer]
 
-_fake_quant_only = False
+Arithmetic = Literal["kernel", "fake-quant"]
+_arithmetic: Arithmetic = "kernel"
 
 
 @contextmanager
-def fake_quant_forward() -> Iterator[None]:
-    """Inference through the fake-quant forward (every quantizer module called, e.g. for hooks)."""
-    global _fake_quant_only
-    saved, _fake_quant_only = _fake_quant_only, True
+def arithmetic(mode: Arithmetic) -> Iterator[None]:
+    """Which arithmetic the quantized models compute inside the block (like torch.no_grad()).
+
+    "kernel", the default: what the integer kernels compute, bit for bit (integer sums of
+    codes, the kernels' LayerNorm and GELU), in every layer whose quantizers allow it
+    (`why_not_integer`); inference, whatever the grad mode. Not differentiable.
+    "fake-quant": fake quantization around torch's float ops: the same values up to float
+    rounding, differentiable, every quantizer module called (hooks see them); calibration
+    and reconstruction use it.
+    """
+    if mode not in ("kernel", "fake-quant"):
+        raise ValueError(f"arithmetic is 'kernel' or 'fake-quant', not {mode!r}")
+    global _arithmetic
+    saved, _arithmetic = _arithmetic, mode
     try:
         yield
     finally:
-        _fake_quant_only = saved
+        _arithmetic = saved
+
+
+def current_arithmetic() -> Arithmetic:
+    return _arithmetic
 
 
 def kernel_arithmetic() -> bool:
-    """True when the quantized model runs the kernels' arithmetic: inference outside fake_quant_forward."""
-    return not torch.is_grad_enabled() and not _fake_quant_only
+    return _arithmetic == "kernel"
 
 
 class KernelLayerNorm(nn.LayerNorm):
@@ -124,14 +140,15 @@ class QuantLinear(nn.Module):
         return self.weight_quant(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if integer_operands(self):
+        iq = self.input_quant
+        integer = integer_operands(self)
+        if integer and not isinstance(iq, ShiftLog2Quantizer):
             return integer_forward(self, x)
         w = self.quantized_weight()
-        iq = self.input_quant
         if isinstance(iq, ShiftLog2Quantizer) and iq.enabled and not iq._observing:
             # The device's fc2: W @ x' + (b - shift * W @ 1).
             bias = self.folded_bias(w, iq.shift)
-            if integer_weights(self):
+            if integer:
                 levels = arith.log_values(iq.codes(x), iq.delta, iq.bits, iq.k)
                 return arith.log_linear(levels, *weight_integer_form(self), bias)
             return F.linear(iq.quantize(x) + iq.shift, w, bias)
@@ -169,22 +186,67 @@ def weight_integer_form(op: QuantLinear | QuantConv2d) -> tuple[torch.Tensor, to
     return codes - offset, zero - offset, scale
 
 
-def integer_weights(op: QuantLinear | QuantConv2d) -> bool:
-    """Inference with integer weight codes (uniform, or hardened AdaRound)."""
+def _why_not_code(q: Quantizer | AdaRoundQuantizer, what: str) -> str | None:
+    if not q.enabled:
+        return f"{what} is not quantized"
+    if q.bits > arith.MAX_CODE_BITS:
+        return f"{what} has {q.bits} bits; the kernels hold codes in {arith.MAX_CODE_BITS} bits"
+    if getattr(q, "_observing", False):
+        return f"{what} is still observing its range"
+    return None
+
+
+def why_not_integer_weight(op: QuantLinear | QuantConv2d, path: str = "the layer") -> str | None:
+    """Why the kernels cannot take op's weight as integer codes (uniform, or hardened AdaRound); None: they can."""
     wq = op.weight_quant
-    return (kernel_arithmetic() and wq.enabled and isinstance(wq, (AdaRoundQuantizer, UniformQuantizer))
-            and (not isinstance(wq, AdaRoundQuantizer) or wq.hard))
+    base = wq.base if isinstance(wq, AdaRoundQuantizer) else wq
+    return (_why_not_code(wq, f"{path}'s weight")
+            or (None if isinstance(base, UniformQuantizer) else f"{path}'s weight quantizer is not uniform")
+            or (f"{path}'s AdaRound rounding is not hardened" if isinstance(wq, AdaRoundQuantizer) and not wq.hard
+                else None))
+
+
+def why_not_integer_input(q: Quantizer, what: str) -> str | None:
+    """Why vitq::linear cannot take `q`'s codes (uniform or PPOQ, per tensor or per token); None: it can."""
+    return (_why_not_code(q, what)
+            or (None if type(q) in (UniformQuantizer, PerPatchOutlierQuantizer) and q.granularity in ("tensor", "token")
+                else f"{what}'s quantizer is not uniform per tensor or per token"))
+
+
+def why_not_integer(op: nn.Module, path: str = "the layer") -> str | None:
+    """The one rule: why a quantized layer cannot run on the integer kernels (None: it can).
+
+    The simulation computes a layer in the kernels' arithmetic exactly when this says None
+    (and the arithmetic is "kernel"); lower/integer_vit.py refuses to lower it otherwise.
+    QuantLinear: integer weight codes, and a uniform / PPOQ input (vitq::linear) or a
+    Shift-Log2 input (vitq::gelu_shift_log2 + vitq::log_linear). QuantConv2d: also a plain
+    stride = kernel patch convolution. QuantAttention: per-tensor uniform q, k, v with whole
+    zero points, and uniform or log probabilities (vitq::attention).
+    """
+    if isinstance(op, QuantAttention):
+        return op.why_not_integer(path)
+    if not isinstance(op, QuantLinear | QuantConv2d):
+        return f"{path} is a {type(op).__name__}, which has no integer kernel"
+    why = why_not_integer_weight(op, path)
+    if why:
+        return why
+    if isinstance(op, QuantConv2d):
+        p = op.weight.shape[-1]
+        if not (tuple(op.stride) == (p, p) and op.weight.shape[-2] == p and tuple(op.padding) == (0, 0)):
+            return f"{path} is not a plain stride = kernel patch convolution"
+    iq = op.input_quant
+    if isinstance(iq, ShiftLog2Quantizer) and isinstance(op, QuantLinear):
+        return _why_not_code(iq, f"{path}'s input")
+    return why_not_integer_input(iq, f"{path}'s input")
 
 
 def integer_operands(op: QuantLinear | QuantConv2d) -> bool:
-    """Inference with a uniform input and integer weight codes: run the kernel's integer arithmetic.
+    """Run op as vitq::linear computes it: "kernel" arithmetic, and the rule allows it.
 
-    Calibration and reconstruction (observing, gradients, soft AdaRound) keep the float
-    fake-quant forward: same values up to float rounding, and differentiable.
+    Otherwise (calibration and reconstruction, "fake-quant") the float fake-quant forward:
+    the same values up to float rounding, and differentiable.
     """
-    iq = op.input_quant
-    return (integer_weights(op) and type(iq) in (UniformQuantizer, PerPatchOutlierQuantizer)
-            and iq.enabled and not iq._observing and iq.granularity in ("tensor", "token"))
+    return kernel_arithmetic() and why_not_integer(op) is None
 
 
 def integer_forward(op: QuantLinear | QuantConv2d, x: torch.Tensor) -> torch.Tensor:
@@ -214,8 +276,7 @@ class QuantConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.weight.shape[-1]
-        if (integer_operands(self) and tuple(self.stride) == (p, p) and self.weight.shape[-2] == p
-                and tuple(self.padding) == (0, 0)):
+        if integer_operands(self):
             # The patch convolution as the device runs it: a GEMM over flattened patches.
             patches = patchify(x, p)
             y = integer_forward(self, patches)
@@ -268,14 +329,29 @@ class QuantAttention(nn.Module):
 
 
     def integer_operands(self) -> bool:
-        """Inference with per-tensor uniform q, k, v (and uniform or log probabilities): the kernel's arithmetic."""
-        uniform = [self.qk.a_quant, self.qk.b_quant, self.av.b_quant]
+        """Run the attention as vitq::attention computes it: "kernel" arithmetic, and the rule allows it."""
+        return kernel_arithmetic() and self.why_not_integer() is None
+
+    def why_not_integer(self, path: str = "the attention") -> str | None:
+        """Why vitq::attention cannot run these q, k, v and probability quantizers (`why_not_integer`)."""
         p = self.av.a_quant
-        if not isinstance(p, LogQuantizer):
-            uniform.append(p)
-        return (kernel_arithmetic() and p.enabled and not p._observing
-                and all(type(u) is UniformQuantizer and u.granularity == "tensor" and u.enabled and not u._observing
-                        and float(u.zero_point) == round(float(u.zero_point)) for u in uniform))
+        uniform = {"q": self.qk.a_quant, "k": self.qk.b_quant, "v": self.av.b_quant}
+        if isinstance(p, LogQuantizer):
+            why = _why_not_code(p, f"{path}'s attention probabilities")
+            if why:
+                return why
+        else:
+            uniform["attention probabilities"] = p
+        for name, u in uniform.items():
+            what = f"{path}'s {name}"
+            why = _why_not_code(u, what)
+            if why:
+                return why
+            if not (type(u) is UniformQuantizer and u.granularity == "tensor"):
+                return f"{what} is not per-tensor uniform"
+            if float(u.zero_point) != round(float(u.zero_point)):
+                return f"{what} has a fractional zero point"
+        return None
 
     def integer_params(self) -> tuple:
         """(q, k, v, uniform probability, log probability) parameters of arith.integer_attention."""
@@ -377,7 +453,7 @@ def calibrate_activations(model: nn.Module, batches: Iterable[torch.Tensor]) -> 
     for q in acts:
         q.observe(True)
     try:
-        with fake_quant_forward():
+        with arithmetic("fake-quant"):
             for x in batches:
                 model(x)
                 if all(q.observed_enough for q in acts):
