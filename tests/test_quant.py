@@ -74,8 +74,8 @@ def test_minmax_range_error_is_at_most_half_a_step_per_group(x, bits):
 
 @pytest.mark.parametrize("make", [
     lambda: UniformQuantizer(4, signed=True), lambda: UniformQuantizer(4, signed=False, granularity="token"),
-    lambda: UniformQuantizer(4, granularity="channel", init="mse"), lambda: LogQuantizer(4, k=2),
-    lambda: PerPatchOutlierQuantizer(4, threshold=5.0), lambda: ShiftLog2Quantizer(4, k=2),
+    lambda: UniformQuantizer(4, granularity="channel", init="mse"), lambda: LogQuantizer(4, steps_per_octave=2),
+    lambda: PerPatchOutlierQuantizer(4, threshold=5.0), lambda: ShiftLog2Quantizer(4, steps_per_octave=2),
     lambda: UniformQuantizer(4, signed=False, init="mse"),
 ])
 @pytest.mark.parametrize("value", [0.0, 3.25, -0.5])
@@ -95,7 +95,7 @@ def test_constant_and_zero_tensors_stay_finite(make, value):
 @given(x=tensors(elements=st.one_of(st.just(0.0), st.floats(2.0**-60, 1, width=32))), bits=st.integers(3, 8),
        k=st.sampled_from([1, 2]), shift=st.integers(-4, 4))
 def test_log_codes_range_idempotence_and_scale_invariance(x, bits, k, shift):
-    q = LogQuantizer(bits, k=k)
+    q = LogQuantizer(bits, steps_per_octave=k)
     q.init_range(x)
     codes = q.codes(x)
     assert codes.min() >= 0 and codes.max() <= 2**bits - 1
@@ -131,7 +131,7 @@ def test_log_sqrt2_is_finer_than_log2_on_softmax():
     probs = torch.randn(64, 3, 17, 17).softmax(-1)
     errs = {}
     for k in (1, 2):
-        q = LogQuantizer(4, k=k)
+        q = LogQuantizer(4, steps_per_octave=k)
         q.init_range(probs)
         errs[k] = float((q(probs) - probs).pow(2).mean())
     assert errs[2] < errs[1]
@@ -234,7 +234,7 @@ def test_ppoq_beats_per_tensor_on_a_token_with_a_large_range():
 
 
 @pytest.mark.parametrize("make", [lambda: PerPatchOutlierQuantizer(4, threshold=2.0, init="minmax"),
-                                  lambda: ShiftLog2Quantizer(4, k=2)])
+                                  lambda: ShiftLog2Quantizer(4, steps_per_octave=2)])
 def test_round_gradient_off_keeps_values_and_learns_the_scale_through_dequantization_only(make):
     """adfq's round_gradient="none" (the ADFQ-ViT code): same values; the input gets no gradient and the
     scale only d(value)/d(scale) at fixed codes, where the straight-through rounding also passes x/scale."""
@@ -271,7 +271,7 @@ def test_shift_log2_handles_gelu_minimum_and_zeros_and_folds_into_the_bias():
     x = gelu(torch.linspace(-6, 6, 4001)).reshape(1, 1, -1)
     assert float(x.min()) == pytest.approx(ShiftLog2Quantizer.GELU_MIN, abs=1e-4)
     for k in (1, 2):
-        q = ShiftLog2Quantizer(6, k=k)
+        q = ShiftLog2Quantizer(6, steps_per_octave=k)
         q.init_range(x)
         out = q(x)
         assert torch.isfinite(out).all()
@@ -586,7 +586,8 @@ def test_adfq_probability_ladder_keeps_a_257_token_softmax(bits):
     make = adfq_factory(recipe_config("adfq", bits))
     probs_q, gelu_q = make("blocks.0.attn.av", "a"), make("blocks.0.mlp.fc2", "input")
     assert isinstance(probs_q, LogQuantizer) and isinstance(gelu_q, ShiftLog2Quantizer)
-    assert 15 <= (2 ** a_bits - 1) / probs_q.k < 16 and 7.5 <= (2 ** a_bits - 1) / gelu_q.k < 8
+    assert 15 <= (2 ** a_bits - 1) / probs_q.steps_per_octave < 16
+    assert 7.5 <= (2 ** a_bits - 1) / gelu_q.steps_per_octave < 8
     assert log_steps_per_octave("sqrt2", a_bits, "probabilities") == 2
     assert log_steps_per_octave("sqrt2", a_bits, "gelu") == 2
 
@@ -600,7 +601,7 @@ def test_adfq_probability_ladder_keeps_a_257_token_softmax(bits):
         return float((p * (q.quantize(p) == 0)).sum(-1).mean())
 
     assert mass_zeroed(probs_q) < 1e-3
-    assert mass_zeroed(LogQuantizer(a_bits, k=gelu_q.k)) > 0.2
+    assert mass_zeroed(LogQuantizer(a_bits, steps_per_octave=gelu_q.steps_per_octave)) > 0.2
 
 
 def test_sequential_activation_calibration_reads_the_quantized_models_inputs(tiny):

@@ -92,9 +92,9 @@ def _factory(recipe: str, bits: str, probs: int | None, gelu: int | None):
 
     def make(op: str, role: str):
         if probs and op.endswith(".av") and role == "a":
-            q = LogQuantizer(a_bits, k=probs)
+            q = LogQuantizer(a_bits, steps_per_octave=probs)
         elif gelu and op.endswith(".fc2") and role == "input":
-            q = ShiftLog2Quantizer(a_bits, k=gelu)
+            q = ShiftLog2Quantizer(a_bits, steps_per_octave=gelu)
         else:
             q = base(op, role)
         groups[id(q)] = _group_of(op, role)

@@ -137,20 +137,35 @@ def staged_dir(out: Path) -> Iterator[Path]:
         raise
 
 
-def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
+def write_atomic(path: Path, write: Callable[[BinaryIO], None], mode: int | None = None) -> None:
     """Write `path` through `write(file)` into a temporary file beside it, then rename it into place.
 
-    A reader never sees half a file, and a failure (or signal) leaves no temporary file.
+    A reader never sees half a file (the data reaches the disk before the rename), and a
+    failure or signal leaves no temporary file. The file gets `mode`, by default what the
+    umask gives a new file (the temporary file starts private).
     """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise VitqError(f"cannot write {path} ({exc.strerror}); check the folder's permissions") from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, _new_file_mode() if mode is None else mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _new_file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def file_sha256(path: Path) -> str:
@@ -248,21 +263,8 @@ def append_to_manifest(manifest_path: Path, key: str, record: dict) -> int:
                             "`vitq-edge build`") from None
         entries = manifest.setdefault(key, [])
         entries.append(record)
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{manifest_path.name}.", suffix=".tmp", dir=folder)
-        except OSError as exc:
-            raise VitqError(f"cannot write {manifest_path} ({exc.strerror}); check the folder's permissions") from None
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(manifest, indent=2) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, mode)  # mkstemp makes it private; keep the manifest's own mode
-            os.replace(tmp, manifest_path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        text = json.dumps(manifest, indent=2) + "\n"
+        write_atomic(manifest_path, lambda f: f.write(text.encode()), mode=mode)  # keep the manifest's own mode
         return len(entries) - 1
     finally:
         os.close(lock)

@@ -21,15 +21,13 @@ block, say) are grouped into one row.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import re
-import tempfile
 import warnings
 from collections import defaultdict
 from pathlib import Path
 
+from vitq_edge.artifacts import write_atomic
 from vitq_edge.errors import VitqError
 from vitq_edge.pte import read_program
 
@@ -50,21 +48,7 @@ def etdump_path(pte: Path, device: str) -> Path:
 
 def save_etdump(data: bytes, target: Path) -> None:
     """Write `data` to `target` atomically: a temporary file beside it, renamed over it."""
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    except OSError as exc:
-        raise VitqError(f"cannot write {target} ({exc.strerror}); check the folder's permissions") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    write_atomic(target, lambda f: f.write(data), mode=0o644)
 
 
 def program_instructions(pte: Path) -> dict[int, tuple[str, str]]:

@@ -212,13 +212,14 @@ class AdfqConfig(PaperRecipeConfig):
     # Log quantizers' steps per octave (adfq.log_steps_per_octave): "auto" = per role, post-GELU 2^(bits-3)
     # (log-sqrt2, the code's choice, at 4 bits; ~8 octaves at every width), probabilities 2^(bits-4) (~16
     # octaves: a 257-token softmax needs the range); "sqrt2" or "2" (the paper's text) for both.
-    log_base: str = "auto"
+    log_base: Literal["auto", "sqrt2", "2"] = "auto"
     weight_lr: float = 3e-3  # AdaRound variables (Adam)
     act_lr: float = 4e-5  # activation scales (Adam, cosine decay)
     round_weight: float = 0.01  # lambda of the AdaRound regularizer
     kl_weight: float = 10.0  # 1 / lamb_r in the code
     temperature: float = 4.0
-    kl_dim: str = "heads"  # the code softmaxes attention maps over heads; "keys" follows the paper's text
+    # The KL's softmax axis: the code softmaxes attention maps over heads; "keys" follows the paper's text.
+    kl_dim: Literal["heads", "keys"] = "heads"
     drop_prob: float = 0.5  # QDrop: chance an element takes the float input
     # Two departures the oracle check found, each decided on the validation split (adfq.py says how):
     # activation ranges unit by unit from the inputs the model quantized so far produces ("sequential",

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
+from vitq_edge import __version__
 from vitq_edge.errors import VitqError
 from vitq_edge.pte import read_program
 
@@ -105,8 +106,8 @@ def find_bundle(name: str) -> Bundle:
 
 
 LIBRARY = "libvitq_kernels.so"
-# The kernels ABI the programs written by this package call (runtime/kernels reports its own).
-KERNELS_VERSION = "0.1.0"
+# The library must be built from this version's runtime/ (CMake reads the same string).
+KERNELS_VERSION = __version__
 
 
 def kernels_path() -> Path:

@@ -122,12 +122,12 @@ class IntLogLinear(nn.Module):
         # fc2's bias carries the un-shift: b - shift * W 1, with W the quantized weight (as simulated).
         self.register_buffer("bias", op.folded_bias(op.quantized_weight().detach(), iq.shift.detach()).float())
         self.shift, self.delta = _f32(iq.shift), _f32(iq.delta)
-        self.bits, self.k = iq.bits, iq.k
+        self.bits, self.steps_per_octave = iq.bits, iq.steps_per_octave
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        codes = torch.ops.vitq.gelu_shift_log2(x, self.shift, self.delta, self.bits, self.k)
+        codes = torch.ops.vitq.gelu_shift_log2(x, self.shift, self.delta, self.bits, self.steps_per_octave)
         return torch.ops.vitq.log_linear(codes, self.weight, self.weight_scale, self.weight_zero, self.bias,
-                                         self.delta, self.bits, self.k, self.weight_bits)
+                                         self.delta, self.bits, self.steps_per_octave, self.weight_bits)
 
 
 class IntAttention(nn.Module):

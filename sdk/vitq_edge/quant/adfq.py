@@ -140,10 +140,10 @@ def adfq_factory(config: AdfqConfig):
         if op.endswith(".fc1"):
             return PerPatchOutlierQuantizer(a_bits, config.fc1_threshold, round_gradient=ste)
         if op.endswith(".fc2"):
-            return ShiftLog2Quantizer(a_bits, k=log_steps_per_octave(config.log_base, a_bits, "gelu"),
+            return ShiftLog2Quantizer(a_bits, log_steps_per_octave(config.log_base, a_bits, "gelu"),
                                       round_gradient=ste)
         if op.endswith(".av") and role == "a":
-            return LogQuantizer(a_bits, k=log_steps_per_octave(config.log_base, a_bits, "probabilities"))
+            return LogQuantizer(a_bits, log_steps_per_octave(config.log_base, a_bits, "probabilities"))
         return UniformQuantizer(a_bits, signed=False, granularity="tensor", init="mse")
 
     return make

@@ -80,6 +80,7 @@ def asymmetric_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[to
 
 
 # ---- log2 / log-sqrt2 ---------------------------------------------------------------
+# Levels delta * 2^(-q/k); k, in the formulas below, is `steps_per_octave` (1: log2, 2: log-sqrt2).
 
 # The floor of x / delta before coding: the smallest normal float32 (2^-126), so every ratio a
 # normal float holds gets its exact code. A subnormal ratio (x < delta * 1.2e-38) takes the code of
@@ -94,15 +95,15 @@ def log_zero_code(bits: int) -> int:
     return 2**bits - 1
 
 
-def _log_thresholds(k: int) -> torch.Tensor:
+def _log_thresholds(steps_per_octave: int) -> torch.Tensor:
     """The smallest float32 >= 2^((j + 0.5) / k), j < k: where k * log2(m), m in [1, 2), rounds up to j + 1."""
-    t = torch.exp2((torch.arange(k, dtype=torch.float64) + 0.5) / k)
+    t = torch.exp2((torch.arange(steps_per_octave, dtype=torch.float64) + 0.5) / steps_per_octave)
     tf = t.float()
     return torch.where(tf.double() < t, torch.nextafter(tf, torch.tensor(2.0)), tf)
 
 
 @functools.cache
-def _log_ladder(bits: int, k: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
+def _log_ladder(bits: int, steps_per_octave: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
     """(boundaries, levels, floored) of the code ladder, all float32.
 
     With ratio = m * 2^e (m in [1, 2)), round(-k log2(ratio)) = -k e - #{j : m >= T_j}
@@ -117,21 +118,21 @@ def _log_ladder(bits: int, k: int) -> tuple[torch.Tensor, torch.Tensor, bool]:
     once to float32.
     """
     zero = log_zero_code(bits)
-    thresholds = _log_thresholds(k).double()
+    thresholds = _log_thresholds(steps_per_octave).double()
     bounds = []
     for n in range(zero + 1):  # boundary between rounded values n - 1 and n
-        j = (-n) % k
-        e = -(n + j) // k
+        j = (-n) % steps_per_octave
+        e = -(n + j) // steps_per_octave
         bounds.append(max(float(thresholds[j]) * 2.0**e, LOG_RATIO_FLOOR))
     boundaries = torch.tensor(bounds[::-1], dtype=torch.float32)
     codes = (zero - torch.arange(zero + 2, dtype=torch.float64)).clamp(min=0)
-    levels = torch.where(codes == zero, 0.0, torch.exp2(-codes / k)).float()
+    levels = torch.where(codes == zero, 0.0, torch.exp2(-codes / steps_per_octave)).float()
     return boundaries, levels, bool(boundaries[0] <= LOG_RATIO_FLOOR)
 
 
-def _log_reached(x: torch.Tensor, delta: torch.Tensor | float, bits: int, k: int) -> torch.Tensor:
+def _log_reached(x: torch.Tensor, delta: torch.Tensor | float, bits: int, steps_per_octave: int) -> torch.Tensor:
     """How many ladder boundaries x / delta reaches (int64; `_log_ladder`)."""
-    boundaries, _, floored = _log_ladder(bits, k)
+    boundaries, _, floored = _log_ladder(bits, steps_per_octave)
     with torch.no_grad():
         ratio = x / delta
         if floored:  # positive x keeps at least the floor's code; x <= 0 reaches nothing (zero code)
@@ -139,7 +140,7 @@ def _log_reached(x: torch.Tensor, delta: torch.Tensor | float, bits: int, k: int
         return torch.bucketize(ratio, boundaries, right=True)
 
 
-def log_codes(x: torch.Tensor, delta: torch.Tensor | float, bits: int, k: int) -> torch.Tensor:
+def log_codes(x: torch.Tensor, delta: torch.Tensor | float, bits: int, steps_per_octave: int) -> torch.Tensor:
     """Codes of non-negative x on the levels delta * 2^(-q/k), q = 0 .. 2^b - 2 (no gradient).
 
     q = round(-k * log2(x / delta)) computed exactly, without log2: a log2 of 1-ulp
@@ -148,12 +149,12 @@ def log_codes(x: torch.Tensor, delta: torch.Tensor | float, bits: int, k: int) -
     placed among the ladder's boundaries (`_log_ladder`) in one search. x <= 0 and
     ratios below the lowest level take the zero code 2^b - 1.
     """
-    return (log_zero_code(bits) - _log_reached(x, delta, bits, k)).clamp_(min=0).to(x.dtype)
+    return (log_zero_code(bits) - _log_reached(x, delta, bits, steps_per_octave)).clamp_(min=0).to(x.dtype)
 
 
-def log_values(codes: torch.Tensor, delta: torch.Tensor | float, bits: int, k: int) -> torch.Tensor:
+def log_values(codes: torch.Tensor, delta: torch.Tensor | float, bits: int, steps_per_octave: int) -> torch.Tensor:
     """delta * 2^(-code / k) (the power in double, rounded once to float32), 0 for the zero code."""
-    _, levels, _ = _log_ladder(bits, k)
+    _, levels, _ = _log_ladder(bits, steps_per_octave)
     return delta * levels[log_zero_code(bits) - codes.long()]
 
 
@@ -170,9 +171,9 @@ class _FakeLog(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, delta, bits, k, round_gradient):  # noqa: ANN001, ANN205
-        reached = _log_reached(x, delta, bits, k)
-        _, levels, _ = _log_ladder(bits, k)
+    def forward(ctx, x, delta, bits, steps_per_octave, round_gradient):  # noqa: ANN001, ANN205
+        reached = _log_reached(x, delta, bits, steps_per_octave)
+        _, levels, _ = _log_ladder(bits, steps_per_octave)
         values = delta * levels[reached]
         top = reached > log_zero_code(bits) if round_gradient else None  # the code clamped at 0
         ctx.save_for_backward(x, delta, values, reached, top)
@@ -197,15 +198,15 @@ class _FakeLog(torch.autograd.Function):
         return grad_x, grad_delta, None, None, None
 
 
-def fake_log(x: torch.Tensor, delta: torch.Tensor | float, bits: int, k: int,
+def fake_log(x: torch.Tensor, delta: torch.Tensor | float, bits: int, steps_per_octave: int,
              round_gradient: bool = True) -> torch.Tensor:
     """The value the device sees: values(codes(x)), differentiable as `_FakeLog` describes."""
     if torch.is_grad_enabled() and isinstance(delta, torch.Tensor) and (x.requires_grad or delta.requires_grad):
-        return _FakeLog.apply(x, delta, bits, k, round_gradient)
+        return _FakeLog.apply(x, delta, bits, steps_per_octave, round_gradient)
     # levels[reached] is log_values(log_codes(x)) without the two int64 passes between them
     # (they cost more than the search on a 25 M-value attention map).
-    _, levels, _ = _log_ladder(bits, k)
-    return delta * levels[_log_reached(x, delta, bits, k)]
+    _, levels, _ = _log_ladder(bits, steps_per_octave)
+    return delta * levels[_log_reached(x, delta, bits, steps_per_octave)]
 
 
 # ---- per-patch outlier-aware (ADFQ-ViT PPOQ) ----------------------------------------
@@ -237,13 +238,13 @@ def fake_ppoq(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bi
 # ---- shift-log2 (ADFQ-ViT, post-GELU) ------------------------------------------------
 
 def fake_shift_log(x: torch.Tensor, shift: torch.Tensor | float, delta: torch.Tensor, bits: int,
-                   k: int, round_gradient: bool = True) -> torch.Tensor:
+                   steps_per_octave: int, round_gradient: bool = True) -> torch.Tensor:
     """The shifted, log-quantized value x' = Q(x + shift); the consumer subtracts `shift`.
 
     `round_gradient=False`: codes from detached inputs (as fake_ppoq), delta learns through
     the dequantization only.
     """
-    return fake_log(x + shift, delta, bits, k, round_gradient)
+    return fake_log(x + shift, delta, bits, steps_per_octave, round_gradient)
 
 
 # ---- float steps the kernels compute bit for bit ------------------------------------
@@ -392,7 +393,7 @@ def integer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     """softmax(q k^T * scale) v on codes, as the vitq::attention kernel computes it: [B, H, T, D] in and out.
 
     *_params = (scale, zero, qmin, qmax) of per-tensor uniform quantizers (floats / ints);
-    probabilities are coded by p_uniform (same form) or p_log = (delta, bits, k). The
+    probabilities are coded by p_uniform (same form) or p_log = (delta, bits, steps_per_octave). The
     products sum exactly (log levels times integers: in double); each float scale is
     formed in double and rounded once.
     """

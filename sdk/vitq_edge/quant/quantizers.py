@@ -13,10 +13,15 @@ them; zero points are buffers (never learned, as in the ADFQ-ViT code).
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from torch import nn
 
 from vitq_edge.quant import arith
+
+# One scale per tensor, per output channel (dim 0 of a weight) or per token position (activations).
+Granularity = Literal["tensor", "channel", "token"]
 
 # Observations kept per quantizer for range search (first images first); enough for
 # stable quantiles, small enough for DeiT-sized activations. Batches are kept whole until
@@ -49,15 +54,15 @@ def quantile(x: torch.Tensor, q: float) -> torch.Tensor:
     return tail_quantiles(x, (q,), upper=q >= 0.5)[0] if q >= 0.5 else tail_quantiles(x, (1 - q,), upper=False)[0]
 
 
-def log_delta(x: torch.Tensor, top: torch.Tensor, bits: int, k: int, search: bool) -> torch.Tensor:
+def log_delta(x: torch.Tensor, top: torch.Tensor, bits: int, steps_per_octave: int, search: bool) -> torch.Tensor:
     """The top level of a log quantizer: `top`, or with `search` the lowest-MSE of top x 1.0 .. 0.5."""
     candidates = [top * r for r in (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)] if search else [top]
-    errs = [float((arith.fake_log(x, d, bits, k) - x).pow(2).sum()) for d in candidates]
+    errs = [float((arith.fake_log(x, d, bits, steps_per_octave) - x).pow(2).sum()) for d in candidates]
     return candidates[min(range(len(errs)), key=errs.__getitem__)]
 
 
-def _base_name(k: int) -> str:
-    return {1: "2", 2: "sqrt2"}.get(k, f"2^(1/{k})")
+def _base_name(steps_per_octave: int) -> str:
+    return {1: "2", 2: "sqrt2"}.get(steps_per_octave, f"2^(1/{steps_per_octave})")
 
 
 class Quantizer(nn.Module):
@@ -119,7 +124,8 @@ class UniformQuantizer(Quantizer):
     quantiles for activations, a grid of clipping ratios per channel for weights).
     """
 
-    def __init__(self, bits: int, signed: bool = True, granularity: str = "tensor", init: str = "minmax") -> None:
+    def __init__(self, bits: int, signed: bool = True, granularity: Granularity = "tensor",
+                 init: Literal["minmax", "mse"] = "minmax") -> None:
         super().__init__(bits)
         if granularity not in ("tensor", "channel", "token"):
             raise ValueError(f"granularity must be tensor, channel or token, not {granularity}")
@@ -209,36 +215,36 @@ class UniformQuantizer(Quantizer):
 
 
 class LogQuantizer(Quantizer):
-    """Log quantizer of non-negative values (post-softmax): levels delta * 2^(-q/k);
-    k = 1 is log2, k = 2 log-sqrt2, larger k a finer ladder.
+    """Log quantizer of non-negative values (post-softmax): levels delta * 2^(-q/k) with
+    k = steps_per_octave: 1 is log2, 2 log-sqrt2, more a finer ladder.
 
     delta (the largest level) starts at the observed maximum, or with init="mse" at the
     lowest-MSE of a few candidates below it.
     """
 
-    def __init__(self, bits: int, k: int = 2, init: str = "mse") -> None:
+    def __init__(self, bits: int, steps_per_octave: int = 2, init: str = "mse") -> None:
         super().__init__(bits)
-        if k < 1:
-            raise ValueError("k (levels per octave) must be >= 1: 1 is log2, 2 is log-sqrt2")
-        self.k, self.init = k, init
+        if steps_per_octave < 1:
+            raise ValueError("steps_per_octave must be >= 1: 1 is log2, 2 is log-sqrt2")
+        self.steps_per_octave, self.init = steps_per_octave, init
         self.delta = nn.Parameter(torch.ones(()), requires_grad=False)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        return arith.fake_log(x, self.delta, self.bits, self.k)
+        return arith.fake_log(x, self.delta, self.bits, self.steps_per_octave)
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
-        return arith.log_codes(x, self.delta.detach(), self.bits, self.k)
+        return arith.log_codes(x, self.delta.detach(), self.bits, self.steps_per_octave)
 
     def init_range(self, x: torch.Tensor | None = None) -> None:
         x = self.observed() if x is None else x
         if x.numel() == 0:
             return
         top = torch.clamp(x.max(), min=arith.EPS)
-        best = log_delta(x, top, self.bits, self.k, search=self.init == "mse")
+        best = log_delta(x, top, self.bits, self.steps_per_octave, search=self.init == "mse")
         self.delta = nn.Parameter(best.detach().clone().float(), requires_grad=self.delta.requires_grad)
 
     def describe(self) -> dict:
-        return {**super().describe(), "base": _base_name(self.k)}
+        return {**super().describe(), "base": _base_name(self.steps_per_octave)}
 
 
 class PerPatchOutlierQuantizer(UniformQuantizer):
@@ -280,8 +286,8 @@ class PerPatchOutlierQuantizer(UniformQuantizer):
 class ShiftLog2Quantizer(Quantizer):
     """ADFQ-ViT's Shift-Log2 quantizer for post-GELU activations (input of fc2).
 
-    x' = x + shift is positive for every GELU output, then log-coded (k = 2: log-sqrt2,
-    the ADFQ-ViT code's default; k = 1: log2, the paper's text). The forward returns
+    x' = x + shift is positive for every GELU output, then log-coded (steps_per_octave = 2:
+    log-sqrt2, the ADFQ-ViT code's default; 1: log2, the paper's text). The forward returns
     x' - shift, the value fc2 sees; on the device fc2 consumes x' and its bias carries
     -shift * W @ 1 (see `QuantLinear.folded_bias`). The shift is static: minus the
     calibration minimum plus a margin, never less than GELU's own minimum (-0.1700),
@@ -291,18 +297,19 @@ class ShiftLog2Quantizer(Quantizer):
 
     GELU_MIN = -0.16997  # min of x * Phi(x), at x = -0.7518
 
-    def __init__(self, bits: int, k: int = 2, init: str = "mse", round_gradient: bool = True) -> None:
+    def __init__(self, bits: int, steps_per_octave: int = 2, init: str = "mse", round_gradient: bool = True) -> None:
         super().__init__(bits)
-        self.k, self.init = k, init
+        self.steps_per_octave, self.init = steps_per_octave, init
         self.round_gradient = round_gradient  # see arith.fake_shift_log
         self.delta = nn.Parameter(torch.ones(()), requires_grad=False)
         self.register_buffer("shift", torch.tensor(-self.GELU_MIN + 1e-3))
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        return arith.fake_shift_log(x, self.shift, self.delta, self.bits, self.k, self.round_gradient) - self.shift
+        shifted = arith.fake_shift_log(x, self.shift, self.delta, self.bits, self.steps_per_octave, self.round_gradient)
+        return shifted - self.shift
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
-        return arith.log_codes(x + self.shift, self.delta.detach(), self.bits, self.k)
+        return arith.log_codes(x + self.shift, self.delta.detach(), self.bits, self.steps_per_octave)
 
     def init_range(self, x: torch.Tensor | None = None) -> None:
         x = self.observed() if x is None else x
@@ -312,11 +319,11 @@ class ShiftLog2Quantizer(Quantizer):
         self.shift = torch.tensor(-lowest + 1e-3)
         shifted = x + self.shift
         top = torch.clamp(quantile(shifted, 0.99999), min=arith.EPS)
-        best = log_delta(shifted, top, self.bits, self.k, search=self.init == "mse")
+        best = log_delta(shifted, top, self.bits, self.steps_per_octave, search=self.init == "mse")
         self.delta = nn.Parameter(best.detach().clone().float(), requires_grad=self.delta.requires_grad)
 
     def describe(self) -> dict:
-        return {**super().describe(), "base": _base_name(self.k), "shift": round(float(self.shift), 6)}
+        return {**super().describe(), "base": _base_name(self.steps_per_octave), "shift": round(float(self.shift), 6)}
 
 
 class AdaRoundQuantizer(nn.Module):

@@ -149,7 +149,7 @@ class QuantLinear(nn.Module):
             # The device's fc2: W @ x' + (b - shift * W @ 1).
             bias = self.folded_bias(w, iq.shift)
             if integer:
-                levels = arith.log_values(iq.codes(x), iq.delta, iq.bits, iq.k)
+                levels = arith.log_values(iq.codes(x), iq.delta, iq.bits, iq.steps_per_octave)
                 return arith.log_linear(levels, *weight_integer_form(self), bias)
             return F.linear(iq.quantize(x) + iq.shift, w, bias)
         return F.linear(iq(x), w, self.bias)
@@ -359,7 +359,7 @@ class QuantAttention(nn.Module):
             return (float(u.scale), int(u.zero_point), *u.qrange)
 
         p = self.av.a_quant
-        p_log = (float(p.delta), p.bits, p.k) if isinstance(p, LogQuantizer) else None
+        p_log = (float(p.delta), p.bits, p.steps_per_octave) if isinstance(p, LogQuantizer) else None
         return (params(self.qk.a_quant), params(self.qk.b_quant), params(self.av.b_quant),
                 None if p_log else params(p), p_log)
 
