@@ -1,4 +1,4 @@
-"""Shared fixtures: the CLI as a user runs it (a subprocess), small image folders."""
+"""Shared fixtures: the CLI as a user runs it (a subprocess) or in this process, small image folders."""
 
 from __future__ import annotations
 
@@ -29,6 +29,18 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 900) -> CliResul
     proc = subprocess.run([str(script), *args], capture_output=True, text=True,
                           env=full_env, timeout=timeout, cwd=REPO)
     return CliResult(proc.returncode, proc.stdout, proc.stderr)
+
+
+def invoke_cli(*args: str) -> CliResult:
+    """`vitq-edge ARGS` in this process (click's CliRunner): for usage errors and other cases that need
+    no fresh interpreter (signals, native stderr and child processes do: `run_cli`)."""
+    from click.testing import CliRunner
+    from vitq_edge.cli import main
+
+    result = CliRunner().invoke(main, list(args))
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception  # a traceback is a failure in itself
+    return CliResult(result.exit_code, result.stdout, result.stderr)
 
 
 def assert_user_error(result: CliResult, *fragments: str) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import EVAL_LIMIT, assert_user_error, make_image_folder, run_cli
+from .conftest import EVAL_LIMIT, assert_user_error, invoke_cli, make_image_folder, run_cli
 
 
 def _no_stray_files(parent: Path, name: str) -> None:
@@ -20,7 +20,7 @@ def _no_stray_files(parent: Path, name: str) -> None:
 
 
 def test_targets_lists_cpus_and_abis():
-    result = run_cli("targets", "--json")
+    result = invoke_cli("targets", "--json")
     assert result.code == 0
     targets = {t["name"]: t for t in json.loads(result.stdout)}
     assert set(targets) == {"host", "rpi4", "rpi5", "android-arm64"}
@@ -29,7 +29,7 @@ def test_targets_lists_cpus_and_abis():
 
 
 def test_build_help_explains_defaults():
-    result = run_cli("build", "--help")
+    result = invoke_cli("build", "--help")
     assert result.code == 0
     for flag in ("--target", "--recipe", "--model", "--pretrained", "--checkpoint", "--model-kwargs",
                  "--calib", "--eval", "--mean", "--std", "--input-size", "--out", "--quiet"):
@@ -135,6 +135,8 @@ def test_timm_model_on_rgb_image_folders(tmp_path):
 
 
 def test_pretrained_without_network(tmp_path):
+    # A fresh process: huggingface_hub reads HF_HUB_OFFLINE when imported (tests/test_models.py
+    # checks the same in-process).
     result = run_cli("build", "--model", "deit_tiny_patch16_224", "--pretrained", "--out", str(tmp_path / "o"),
                      env={"HF_HUB_OFFLINE": "1"})
     assert_user_error(result, "pretrained weights", "--checkpoint FILE")
@@ -145,7 +147,7 @@ def test_unreadable_data_folder(tmp_path):
     locked = make_image_folder(tmp_path / "locked", classes=2, per_class=1)
     locked.chmod(0)
     try:
-        assert_user_error(run_cli("build", "--calib", str(locked), "--out", str(tmp_path / "o")), "not readable")
+        assert_user_error(invoke_cli("build", "--calib", str(locked), "--out", str(tmp_path / "o")), "not readable")
     finally:
         locked.chmod(0o755)
 

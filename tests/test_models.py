@@ -64,6 +64,11 @@ def test_model_errors(tmp_path):
 
 
 def test_pretrained_without_network_is_a_clear_error(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # fail at once instead of retrying a dead network
+    import huggingface_hub.constants
+
+    # Fail at once instead of retrying a dead network. huggingface_hub read the variable when
+    # it was imported (by an earlier test), so set its constant too.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(VitqError, match="--checkpoint"):
         load_model("deit_tiny_patch16_224", pretrained=True)

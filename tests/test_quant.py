@@ -26,7 +26,7 @@ from vitq_edge.quant.quantizers import (
 )
 from vitq_edge.runtime import KERNELS_VERSION
 
-from .conftest import assert_user_error, run_cli
+from .conftest import assert_user_error, invoke_cli, run_cli
 
 FLOATS = st.floats(-50, 50, allow_nan=False, width=32)
 BITS = st.integers(2, 8)
@@ -693,7 +693,7 @@ def test_build_recipe_errors(tmp_path, args, fragment):
     if "cuda" in args and torch.cuda.is_available():
         pytest.skip("a GPU is visible")
     out = tmp_path / "b"
-    assert_user_error(run_cli("build", *args, "--out", str(out), "--quiet"), fragment)
+    assert_user_error(invoke_cli("build", *args, "--out", str(out), "--quiet"), fragment)
     assert not out.exists()
 
 

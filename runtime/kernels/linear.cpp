@@ -4,12 +4,12 @@
 //   1. prologue (none / LayerNorm / GELU) per row, as arith.layer_norm / arith.gelu;
 //   2. input codes c = clamp(round(x / s) + z, qmin, qmax), (s, z) per tensor or
 //      per token position; outliers (|x| > threshold) get code z (value 0);
-//   3. out = sum_k (c - z) s * (w' - wz) ws + bias with XNNPACK's dynamically
-//      quantized fully-connected operator (qd8_f32_qc8w; 4-bit weights are
-//      unpacked to int8 at prepack, see kUseQc4wKernels): int8 x int8
-//      products, int32 sums, one float scale per row and per output channel.
-//      On the Pis' CPUs (aarch64) our own GEMM computes the x86 host's bits,
-//      with fewer instructions (qs8_gemm.h);
+//   3. out = sum_k (c - z) s * (w' - wz) ws + bias: int8 x int8 products, int32
+//      sums, one float scale per row and per output channel. 4-bit weights are
+//      unpacked to int8 at prepack (kUseQc4wKernels). The GEMM is our own
+//      (qs8_gemm.h) on aarch64 and on x86 with VNNI, XNNPACK's dynamically
+//      quantized fully-connected operator (qd8_f32_qc8w) elsewhere; the sums
+//      are exact, so every path computes the same bits;
 //   4. fix-ups after the GEMM: the rank-1 term of nonzero weight zero points,
 //      and the outliers' products with the weight values (sparse, rare), summed
 //      in double and added once, as arith.quantized_linear.

@@ -1,7 +1,8 @@
 """Running a .pte: on this machine (ExecuTorch's Python runtime) and with vitq-runner on devices.
 
     host_runtime.py  ExecuTorch's Python runtime in this process (`vitq-edge eval` without --device)
-    runner.py        what devices share: the runner bundles, a run's request/result, errors
+    base.py          what devices share: the Device and Session interfaces, a run's request/result,
+                     report parsing (the bundles themselves: vitq_edge/runtime.py)
     host.py          --device host: the host runner bundle
     emulated.py      --device emulated-rpi4 | emulated-rpi5: the aarch64 bundle under qemu-user
     ssh.py           --device ssh://user@host[:port]: a real board over SSH

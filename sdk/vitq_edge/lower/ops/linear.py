@@ -18,7 +18,10 @@ x float [..., K] -> out float [..., N]. Step by step (the C++ kernel does the sa
    weight_scale[n]. b <= 4: uint8 [N, ceil(K/2)], two per byte, low nibble first,
    nibble = w' + 8 (XNNPACK's qc4w layout); otherwise int8 [N, K].
 5. out = sum_k (c - z) * s * (w' - weight_zero) * weight_scale + bias: an int8 x int8
-   GEMM with int32 accumulation (XNNPACK qd8_f32_qc8w / qc4w), scaled once per output.
+   GEMM with int32 accumulation, scaled once per output. 4-bit weights are unpacked to
+   int8 when the kernel prepacks them. The GEMM is ours (runtime/kernels/qs8_gemm*.cpp) on
+   aarch64 and on x86 with VNNI, XNNPACK's qd8_f32_qc8w elsewhere; the sums are exact
+   either way, so every path gives the same bits.
 """
 
 from __future__ import annotations
