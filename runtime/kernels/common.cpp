@@ -4,6 +4,8 @@
 #include "quant_math.h"
 
 #include <algorithm>
+#include <cstdarg>
+#include <cstdio>
 #include <mutex>
 
 #if defined(__aarch64__)
@@ -21,6 +23,15 @@ extern "C" __attribute__((visibility("default"))) const char* vitq_kernels_versi
 }
 
 namespace vitq {
+
+std::string message(const char* format, ...) {
+  char buf[512];
+  va_list args;
+  va_start(args, format);
+  std::vsnprintf(buf, sizeof buf, format, args);
+  va_end(args);
+  return buf;
+}
 
 bool xnnpack_ready() {
   static std::once_flag once;

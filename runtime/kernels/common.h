@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
@@ -114,6 +115,9 @@ Error resize_like_with_last(Tensor& out, const Tensor& in, int64_t last);
 inline bool is_dense(const Tensor& t, ScalarType dtype) {
   return t.scalar_type() == dtype && executorch::runtime::tensor_is_contiguous(t);
 }
+
+// printf-style text, for the check_*_args functions' messages (empty string: no problem).
+std::string message(const char* format, ...) __attribute__((format(printf, 1, 2)));
 
 // A 1-D float tensor of n elements (or 0-D when n == 1).
 inline bool is_vector(const Tensor& t, int64_t n) {

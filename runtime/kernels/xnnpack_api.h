@@ -85,29 +85,6 @@ enum xnn_status xnn_setup_fully_connected_nc_qd8_f32_qc8w(
     xnn_operator_t fully_connected_op, const int8_t* input, float* output, void* workspace,
     const struct xnn_quantization_params* quantization_params);
 
-// --- dynamically quantized input, 4-bit per-channel weights: xnnpack.h:4390-4432 ---
-// kernel: rows of K' = round_up(K, planes) nibbles, nibble i = element n*K' + k,
-// low nibble of byte i/2 first; `planes` (1 or 2) comes from the CPU's GEMM
-// config (src/operators/fully-connected-nc.c: "input_channels =
-// round_up_po2(input_channels, planes)"), so for odd K the layout depends on
-// the CPU -- linear.cpp only ever creates even-K operators. Weight value =
-// nibble - kernel_zero_point, which must be 0 (two's complement nibbles) or 8
-// (unsigned nibbles offset by 8): fully-connected-nc.c
-// check_kernel_zero_point_is_0_or_8_qu8; src/reference/packing.cc
-// pack_qs8_qc4w_gemm_goi_w (k_offset = n * kc + k; (k_offset & 1) ? hi : lo;
-// kv ^ 0x88 and ksum += kv - kernel_zero_point when kernel_zero_point == 8).
-enum xnn_status xnn_create_fully_connected_nc_qd8_f32_qc4w(
-    size_t input_channels, size_t output_channels, size_t input_stride, size_t output_stride,
-    uint8_t kernel_zero_point, const float* kernel_scale, const void* kernel, const float* bias,
-    float output_min, float output_max, uint32_t flags, xnn_weights_cache_t weights_cache,
-    xnn_operator_t* fully_connected_op_out);
-enum xnn_status xnn_reshape_fully_connected_nc_qd8_f32_qc4w(
-    xnn_operator_t fully_connected_op, size_t batch_size, size_t* workspace_size,
-    pthreadpool_t threadpool);
-enum xnn_status xnn_setup_fully_connected_nc_qd8_f32_qc4w(
-    xnn_operator_t fully_connected_op, const int8_t* input, float* output, void* workspace,
-    const struct xnn_quantization_params* quantization_params);
-
 }  // extern "C"
 
 // --- ExecuTorch thread pool ------------------------------------------------------------

@@ -582,20 +582,22 @@ int64_t chunks_for(const std::string& path, const std::vector<int64_t>& shape,
                     " (expected " + want + ")");
 }
 
-// --- Main ------------------------------------------------------------------------------
-int run(const Options& opt) {
-  const auto t_start = Clock::now();
+// --- The steps of a run ------------------------------------------------------------------
 
-  // Route ExecuTorch's log through our hook before anything can log.
-  // Null entries keep the default implementation.
+// Step 1: ExecuTorch's runtime, its log routed through our hook before anything
+// can log (null entries keep the default implementation).
+void init_runtime() {
   et::register_pal(et::PalImpl::create(
       /*init=*/nullptr, et_abort_hook, /*current_ticks=*/nullptr,
       /*ticks_to_ns_multiplier=*/nullptr, et_log_hook, /*allocate=*/nullptr,
       /*free=*/nullptr, __FILE__));
   et::runtime_init();
+}
 
-  // 1. Kernel libraries (custom ops) must be registered before the program's
-  //    methods are loaded: registration happens in their static initializers.
+// Step 2: kernel libraries (custom ops). They must be registered before the
+// program's methods are loaded: registration happens in their static
+// initializers. Returns the libraries loaded, in order.
+std::vector<std::string> load_kernel_libraries(const Options& opt) {
   std::vector<std::string> kernels = opt.kernels;
   if (opt.default_kernels) {
     const std::string bundled = exe_dir() + "/../lib/" + kDefaultKernelsLib;
@@ -615,73 +617,91 @@ int run(const Options& opt) {
       throw RunnerError(one_line("registering the kernels of " + lib +
                                  " failed: " + g_et_errors.back()));
   }
+  return kernels;
+}
 
-  // 2. Thread pool size. XNNPACK takes the pool when a method is loaded, so
-  //    this has to happen before load_method.
+// Step 3: the thread pool's size (--threads). XNNPACK takes the pool when a
+// method is loaded, so this has to happen before load_method. Returns the size.
+size_t size_thread_pool(int threads) {
   auto* pool = executorch::extension::threadpool::get_threadpool();
   if (pool == nullptr) throw RunnerError("the ExecuTorch thread pool is unavailable");
-  if (opt.threads > 0 && static_cast<size_t>(opt.threads) != pool->get_thread_count()) {
-    require_startable_threads(opt.threads - 1);  // the calling thread is worker 0
+  if (threads > 0 && static_cast<size_t>(threads) != pool->get_thread_count()) {
+    require_startable_threads(threads - 1);  // the calling thread is worker 0
     // Declared to return false on failure, but ExecuTorch 1.5 returns true even
     // when pthreadpool_create failed and left a pool of 0 threads: check both.
-    if (!pool->_unsafe_reset_threadpool(static_cast<uint32_t>(opt.threads)) ||
-        pool->get_thread_count() != static_cast<size_t>(opt.threads))
-      throw RunnerError("cannot create a thread pool of " + std::to_string(opt.threads) +
+    if (!pool->_unsafe_reset_threadpool(static_cast<uint32_t>(threads)) ||
+        pool->get_thread_count() != static_cast<size_t>(threads))
+      throw RunnerError("cannot create a thread pool of " + std::to_string(threads) +
                         " threads (--threads)");
   }
-  const size_t threads = pool->get_thread_count();
+  return pool->get_thread_count();
+}
 
-  // 3. Load the program and the method (this is where XNNPACK builds its
-  //    runtime and where missing operators are reported).
-  require_regular_file(opt.model, "model");
-  if (!opt.etdump.empty()) require_writable_target("--etdump", opt.etdump);
-  // --etdump: the Module owns the tracer and hands it to every method it loads.
-  // The shipped libraries are built with ET_EVENT_TRACER_ENABLED, so Method
-  // records one event per instruction (OPERATOR_CALL / DELEGATE_CALL, with the
-  // instruction index as debug handle) and the XNNPACK delegate one per XNNPACK
-  // operator when it profiles (see runtime/README.md).
-  ETDumpGen* etdump = nullptr;
-  std::unique_ptr<et::EventTracer> tracer;
-  if (!opt.etdump.empty()) {
-    auto gen = std::make_unique<ETDumpGen>();  // no buffer: the builder mallocs
-    etdump = gen.get();
-    tracer = std::move(gen);
-  }
-  const auto t_load0 = Clock::now();
-  Module module(opt.model, Module::LoadMode::Mmap, std::move(tracer));
+// Step 4a: with --etdump, the event tracer the Module will own and hand to every
+// method it loads. The shipped libraries are built with ET_EVENT_TRACER_ENABLED,
+// so Method records one event per instruction (OPERATOR_CALL / DELEGATE_CALL,
+// with the instruction index as debug handle) and the XNNPACK delegate one per
+// XNNPACK operator when it profiles (see runtime/README.md). Returns the
+// generator (owned by *tracer), or null without --etdump.
+ETDumpGen* make_tracer(const Options& opt, std::unique_ptr<et::EventTracer>* tracer) {
+  if (opt.etdump.empty()) return nullptr;
+  require_writable_target("--etdump", opt.etdump);
+  auto gen = std::make_unique<ETDumpGen>();  // no buffer: the builder mallocs
+  ETDumpGen* etdump = gen.get();
+  *tracer = std::move(gen);
+  return etdump;
+}
+
+// Step 4b: load the program and the method: this is where XNNPACK builds its
+// runtime and where missing operators are reported. Returns the milliseconds.
+double load_program(Module& module, const Options& opt) {
+  const auto t0 = Clock::now();
   // InternalConsistency verifies the flatbuffer, so a corrupt file is an
   // error rather than a crash.
-  if (const auto e = module.load(et::Program::Verification::InternalConsistency);
-      e != et::Error::Ok)
+  if (const auto e = module.load(et::Program::Verification::InternalConsistency); e != et::Error::Ok)
     throw RunnerError(et_failure("loading program " + opt.model, e));
   check_memory_plan(module, opt.method);
   if (const auto e = module.load_method(opt.method); e != et::Error::Ok)
     throw RunnerError(et_failure("load_method('" + opt.method + "')", e));
-  const double load_ms = ms_between(t_load0, Clock::now());
+  return ms_between(t0, Clock::now());
+}
 
-  // 4. The program's input signature: one float32 tensor.
-  auto meta = module.method_meta(opt.method);
+// What one forward call takes: a float32 tensor of `sizes`.
+struct ProgramInput {
+  std::vector<int64_t> sizes;  // [B, C, H, W]
+  int64_t batch;
+  size_t elements;
+  size_t num_outputs;
+};
+
+// Step 5: the program's input signature: exactly one float32 tensor.
+ProgramInput program_input(Module& module, const std::string& method) {
+  auto meta = module.method_meta(method);
   if (!meta.ok()) throw RunnerError(et_failure("method_meta", meta.error()));
   if (meta->num_inputs() != 1)
-    throw RunnerError("the program's '" + opt.method + "' takes " +
-                      std::to_string(meta->num_inputs()) +
+    throw RunnerError("the program's '" + method + "' takes " + std::to_string(meta->num_inputs()) +
                       " inputs; vitq-runner supports exactly one image tensor");
   auto in_meta = meta->input_tensor_meta(0);
   if (!in_meta.ok()) throw RunnerError(et_failure("input_tensor_meta(0)", in_meta.error()));
   if (in_meta->scalar_type() != ScalarType::Float)
-    throw RunnerError("the program input has dtype code " +
-                      std::to_string(static_cast<int>(in_meta->scalar_type())) +
+    throw RunnerError("the program input has dtype code " + std::to_string(static_cast<int>(in_meta->scalar_type())) +
                       "; vitq-runner feeds float32 only");
-  const std::vector<int64_t> expected(in_meta->sizes().begin(), in_meta->sizes().end());
-  const int64_t batch = expected.empty() ? 1 : expected[0];
-  if (batch < 1) throw RunnerError("the program input has a non-positive batch size");
-  const size_t chunk_elems = input_elements(expected);
-  const std::vector<executorch::aten::SizesType> chunk_sizes(expected.begin(), expected.end());
+  ProgramInput in;
+  in.sizes.assign(in_meta->sizes().begin(), in_meta->sizes().end());
+  in.batch = in.sizes.empty() ? 1 : in.sizes[0];
+  if (in.batch < 1) throw RunnerError("the program input has a non-positive batch size");
+  in.elements = input_elements(in.sizes);
+  in.num_outputs = meta->num_outputs();
+  return in;
+}
 
-  // 5. Validate every input file before running anything.
+// Step 6: every input file and the output path checked before anything runs.
+// Returns the inputs (one synthetic image when there are no files); sets
+// *out_is_file for an --out ending in .npy.
+std::vector<InputFile> check_inputs_and_output(const Options& opt, const ProgramInput& in, bool* out_is_file) {
   std::vector<InputFile> files;
   if (opt.inputs.empty()) {
-    files.push_back({"", expected, 1});
+    files.push_back({"", in.sizes, 1});
   } else {
     for (const auto& p : opt.inputs) {
       require_regular_file(p, "input");
@@ -691,62 +711,72 @@ int run(const Options& opt) {
       } catch (const std::runtime_error& e) {
         throw RunnerError(e.what());
       }
-      files.push_back({p, shape, chunks_for(p, shape, expected)});
+      files.push_back({p, shape, chunks_for(p, shape, in.sizes)});
     }
   }
-
-  // Check the output path before running too.
-  const bool out_is_file = !opt.out.empty() && ends_with(opt.out, ".npy");
-  if (out_is_file) {
-    if (meta->num_outputs() != 1)
+  *out_is_file = !opt.out.empty() && ends_with(opt.out, ".npy");
+  if (*out_is_file) {
+    if (in.num_outputs != 1)
       throw RunnerError("--out " + opt.out + " names one file, but the program has " +
-                        std::to_string(meta->num_outputs()) +
-                        " outputs; pass a directory instead");
+                        std::to_string(in.num_outputs) + " outputs; pass a directory instead");
     require_writable_target("--out", opt.out);
   } else if (!opt.out.empty()) {
     make_dirs(opt.out);
   }
+  return files;
+}
 
+// An input file's values, or the runner's deterministic synthetic image:
+// pseudo-random values in [-1, 1) (LCG).
+std::vector<float> input_values(const InputFile& f, size_t elements) {
+  std::vector<float> data;
+  if (f.path.empty()) {
+    data.resize(elements);
+    uint32_t s = 12345u;
+    for (float& v : data) {
+      s = s * 1664525u + 1013904223u;
+      v = static_cast<float>(s >> 8) / static_cast<float>(1u << 23) - 1.0f;
+    }
+    return data;
+  }
+  try {
+    return vitq::npy::read_float32(f.path).data;
+  } catch (const std::runtime_error& e) {
+    throw RunnerError(e.what());
+  }
+}
+
+// What the timed calls produced.
+struct Inferences {
+  std::vector<double> latencies;          // ms, one per timed call
+  std::vector<OutputAccumulator> outputs;  // with --out
+  int64_t images = 0;
+};
+
+// Step 7: warmup (untimed) on the first image, then every image `runs` times.
+Inferences run_inferences(Module& module, const Options& opt, const ProgramInput& in,
+                          const std::vector<InputFile>& files, ETDumpGen* etdump) {
+  const std::vector<executorch::aten::SizesType> chunk_sizes(in.sizes.begin(), in.sizes.end());
   auto forward = [&](float* data) -> std::vector<et::EValue> {
     auto tensor = from_blob(data, chunk_sizes, ScalarType::Float);
-    std::vector<et::EValue> in{et::EValue(*tensor)};
+    std::vector<et::EValue> input{et::EValue(*tensor)};
     inference_marker();
-    auto result = module.execute(opt.method, in);
+    auto result = module.execute(opt.method, input);
     inference_marker();
     if (!result.ok()) throw RunnerError(et_failure("execute('" + opt.method + "')", result.error()));
     return std::move(*result);
   };
-
-  // 6. Warmup (untimed) on the first image, then every image `runs` times.
-  std::vector<OutputAccumulator> outputs;
-  std::vector<double> latencies;
+  Inferences done;
   // Reserve up front: growing this vector between forwards changes the heap state
   // that the next forward's allocations see, and with it the instruction count.
   int64_t total_chunks = 0;
   for (const auto& f : files) total_chunks += f.chunks;
-  latencies.reserve(static_cast<size_t>(total_chunks * opt.runs));
-  int64_t images = 0;
-  bool warmed_up = false;
-  bool trace_started = false;
+  done.latencies.reserve(static_cast<size_t>(total_chunks * opt.runs));
+  bool warmed_up = false, trace_started = false;
   for (const auto& f : files) {
-    std::vector<float> data;
-    if (f.path.empty()) {
-      // Deterministic pseudo-random values in [-1, 1) (LCG), no file needed.
-      data.resize(chunk_elems);
-      uint32_t s = 12345u;
-      for (float& v : data) {
-        s = s * 1664525u + 1013904223u;
-        v = static_cast<float>(s >> 8) / static_cast<float>(1u << 23) - 1.0f;
-      }
-    } else {
-      try {
-        data = vitq::npy::read_float32(f.path).data;
-      } catch (const std::runtime_error& e) {
-        throw RunnerError(e.what());
-      }
-    }
+    std::vector<float> data = input_values(f, in.elements);
     for (int64_t c = 0; c < f.chunks; ++c) {
-      float* chunk = data.data() + c * chunk_elems;
+      float* chunk = data.data() + c * in.elements;
       if (!warmed_up) {
         for (int w = 0; w < opt.warmup; ++w) forward(chunk);
         warmed_up = true;
@@ -761,119 +791,168 @@ int run(const Options& opt) {
       for (int r = 0; r < opt.runs; ++r) {
         const auto t0 = Clock::now();
         result = forward(chunk);
-        latencies.push_back(ms_between(t0, Clock::now()));
+        done.latencies.push_back(ms_between(t0, Clock::now()));
       }
       if (!opt.out.empty()) {
-        if (outputs.empty()) outputs.resize(result.size());
+        if (done.outputs.empty()) done.outputs.resize(result.size());
         for (size_t k = 0; k < result.size(); ++k) {
-          if (!result[k].isTensor())
-            throw RunnerError("output " + std::to_string(k) + " is not a tensor");
-          outputs[k].append(k, result[k].toTensor());
+          if (!result[k].isTensor()) throw RunnerError("output " + std::to_string(k) + " is not a tensor");
+          done.outputs[k].append(k, result[k].toTensor());
         }
       }
-      images += batch;
+      done.images += in.batch;
     }
   }
-  const double total_ms = ms_between(t_start, Clock::now());
+  return done;
+}
 
-  // 7. Outputs.
-  std::vector<std::string> out_paths;
-  if (!opt.out.empty()) {
-    for (size_t k = 0; k < outputs.size(); ++k) {
-      const std::string path =
-          out_is_file ? opt.out : opt.out + "/output_" + std::to_string(k) + ".npy";
-      try {
-        vitq::npy::write(path, outputs[k].descr, outputs[k].shape(),
-                         outputs[k].bytes.data(), outputs[k].bytes.size());
-      } catch (const std::runtime_error& e) {
-        throw RunnerError(e.what());
-      }
-      out_paths.push_back(path);
+// Step 8: the outputs as .npy files; returns their paths.
+std::vector<std::string> write_outputs(const Options& opt, const std::vector<OutputAccumulator>& outputs,
+                                       bool out_is_file) {
+  std::vector<std::string> paths;
+  for (size_t k = 0; k < outputs.size(); ++k) {
+    const std::string path = out_is_file ? opt.out : opt.out + "/output_" + std::to_string(k) + ".npy";
+    try {
+      vitq::npy::write(path, outputs[k].descr, outputs[k].shape(), outputs[k].bytes.data(), outputs[k].bytes.size());
+    } catch (const std::runtime_error& e) {
+      throw RunnerError(e.what());
     }
+    paths.push_back(path);
   }
+  return paths;
+}
 
-  // 8. The event trace (after the timing, so writing it is not timed).
-  size_t etdump_bytes = 0, etdump_blocks = 0;
-  if (etdump != nullptr) {
-    etdump_blocks = etdump->get_num_blocks();
-    const executorch::etdump::ETDumpResult data = etdump->get_etdump_data();
-    if (data.buf == nullptr || data.size == 0)
-      throw RunnerError("the event tracer recorded nothing (is the ExecuTorch runtime built "
-                        "with ET_EVENT_TRACER_ENABLED?)");
-    FILE* f = std::fopen(opt.etdump.c_str(), "wb");
-    if (f == nullptr)
-      throw RunnerError("cannot write --etdump " + opt.etdump + ": " + std::strerror(errno));
-    const size_t written = std::fwrite(data.buf, 1, data.size, f);
-    const bool closed = std::fclose(f) == 0;
-    std::free(data.buf);  // flatcc's aligned buffer: malloc'd memory
-    if (written != data.size || !closed)
-      throw RunnerError("cannot write --etdump " + opt.etdump + ": " + std::strerror(errno));
-    etdump_bytes = data.size;
-  }
+struct EtdumpFile {
+  size_t bytes = 0, blocks = 0;
+};
 
-  // 9. Report.
-  std::vector<double> sorted = latencies;
+// Step 9: the event trace (after the timing, so writing it is not timed).
+EtdumpFile write_etdump(ETDumpGen& etdump, const std::string& path) {
+  EtdumpFile written_file;
+  written_file.blocks = etdump.get_num_blocks();
+  const executorch::etdump::ETDumpResult data = etdump.get_etdump_data();
+  if (data.buf == nullptr || data.size == 0)
+    throw RunnerError("the event tracer recorded nothing (is the ExecuTorch runtime built "
+                      "with ET_EVENT_TRACER_ENABLED?)");
+  FILE* f = std::fopen(path.c_str(), "wb");
+  if (f == nullptr) throw RunnerError("cannot write --etdump " + path + ": " + std::strerror(errno));
+  const size_t written = std::fwrite(data.buf, 1, data.size, f);
+  const bool closed = std::fclose(f) == 0;
+  std::free(data.buf);  // flatcc's aligned buffer: malloc'd memory
+  if (written != data.size || !closed)
+    throw RunnerError("cannot write --etdump " + path + ": " + std::strerror(errno));
+  written_file.bytes = data.size;
+  return written_file;
+}
+
+// The latency summary of the report: min, median, p90 (nearest rank), mean, max.
+std::string latency_json(std::vector<double> sorted) {
   std::sort(sorted.begin(), sorted.end());
   const size_t n = sorted.size();
   double mean = 0;
   for (double v : sorted) mean += v;
   mean /= static_cast<double>(n);
   const double median = n % 2 ? sorted[n / 2] : 0.5 * (sorted[n / 2 - 1] + sorted[n / 2]);
-  // p90 by the nearest-rank method.
   const size_t rank = static_cast<size_t>(std::ceil(0.9 * static_cast<double>(n)));
   const double p90 = sorted[std::max<size_t>(rank, 1) - 1];
+  std::ostringstream js;
+  js << "{\"min\": " << json_num(sorted.front()) << ", \"median\": " << json_num(median)
+     << ", \"p90\": " << json_num(p90) << ", \"mean\": " << json_num(mean)
+     << ", \"max\": " << json_num(sorted.back()) << ", \"count\": " << n << "}";
+  return js.str();
+}
 
+// What cpuinfo (and so XNNPACK) believes the CPU is, as the report's "cpu"
+// member (with its leading comma), or "" when cpuinfo has nothing.
+std::string cpu_json() {
+  if (!cpuinfo_initialize() || cpuinfo_get_uarchs_count() == 0) return "";
+  const cpuinfo_uarch_info* u = cpuinfo_get_uarch(0);
+  char uarch[16], id[16];
+  const char* name = uarch_name(u->uarch);
+  if (name) std::snprintf(uarch, sizeof uarch, "%s", name);
+  else std::snprintf(uarch, sizeof uarch, "0x%08" PRIx32, u->uarch);
+  std::snprintf(id, sizeof id, "0x%08" PRIx32, u->midr_or_cpuid);
+  std::ostringstream js;
+  js << ", \"cpu\": {\"processors\": " << cpuinfo_get_processors_count()
+     << ", \"cores\": " << cpuinfo_get_cores_count() << ", \"uarch\": \"" << uarch << "\""
+#if defined(__aarch64__) || defined(__arm__)
+     << ", \"midr\": \"" << id << "\""
+#else
+     << ", \"cpuid\": \"" << id << "\""
+#endif
+     << "}";
+  return js.str();
+}
+
+// Everything the report says besides the run's own numbers.
+struct RunFacts {
+  const ProgramInput* input;
+  size_t threads;
+  double load_ms, total_ms;
+  const std::vector<std::string>* kernels;
+  const std::vector<std::string>* out_paths;
+  const EtdumpFile* etdump;  // null without --etdump
+};
+
+// Step 10: the JSON report (one object, one line on stdout).
+std::string report_json(const Options& opt, const Inferences& done, const RunFacts& facts) {
   struct rusage ru {};
   getrusage(RUSAGE_SELF, &ru);  // ru_maxrss is in KiB on Linux
-
   std::ostringstream js;
   js << "{\"runner\": \"vitq-runner\", \"version\": \"" << VITQ_RUNNER_VERSION << "\""
      << ", \"model\": \"" << json_escape(opt.model) << "\""
      << ", \"method\": \"" << json_escape(opt.method) << "\""
-     << ", \"input_shape\": " << shape_str(expected)
-     << ", \"num_images\": " << images
+     << ", \"input_shape\": " << shape_str(facts.input->sizes)
+     << ", \"num_images\": " << done.images
      << ", \"synthetic_input\": " << (opt.inputs.empty() ? "true" : "false")
      << ", \"warmup\": " << opt.warmup << ", \"runs_per_image\": " << opt.runs
-     << ", \"threads\": " << threads
-     << ", \"load_ms\": " << json_num(load_ms)
-     << ", \"latency_ms\": {\"min\": " << json_num(sorted.front())
-     << ", \"median\": " << json_num(median) << ", \"p90\": " << json_num(p90)
-     << ", \"mean\": " << json_num(mean) << ", \"max\": " << json_num(sorted.back())
-     << ", \"count\": " << n << "}"
-     << ", \"total_ms\": " << json_num(total_ms)
+     << ", \"threads\": " << facts.threads
+     << ", \"load_ms\": " << json_num(facts.load_ms)
+     << ", \"latency_ms\": " << latency_json(done.latencies)
+     << ", \"total_ms\": " << json_num(facts.total_ms)
      << ", \"peak_rss_kb\": " << ru.ru_maxrss
      << ", \"peak_rss_mb\": " << json_num(ru.ru_maxrss / 1024.0);
   js << ", \"kernels\": [";
-  for (size_t i = 0; i < kernels.size(); ++i)
-    js << (i ? ", " : "") << "\"" << json_escape(kernels[i]) << "\"";
+  for (size_t i = 0; i < facts.kernels->size(); ++i)
+    js << (i ? ", " : "") << "\"" << json_escape((*facts.kernels)[i]) << "\"";
   js << "], \"outputs\": [";
-  for (size_t k = 0; k < out_paths.size(); ++k)
-    js << (k ? ", " : "") << "{\"path\": \"" << json_escape(out_paths[k])
-       << "\", \"shape\": " << shape_str(outputs[k].shape()) << ", \"dtype\": \""
-       << outputs[k].descr << "\"}";
+  for (size_t k = 0; k < facts.out_paths->size(); ++k)
+    js << (k ? ", " : "") << "{\"path\": \"" << json_escape((*facts.out_paths)[k])
+       << "\", \"shape\": " << shape_str(done.outputs[k].shape()) << ", \"dtype\": \""
+       << done.outputs[k].descr << "\"}";
   js << "]";
-  if (etdump != nullptr)
-    js << ", \"etdump\": {\"path\": \"" << json_escape(opt.etdump) << "\", \"bytes\": " << etdump_bytes
-       << ", \"blocks\": " << etdump_blocks << "}";
-  // What cpuinfo (and so XNNPACK) believes the CPU is.
-  if (cpuinfo_initialize() && cpuinfo_get_uarchs_count() > 0) {
-    const cpuinfo_uarch_info* u = cpuinfo_get_uarch(0);
-    char uarch[16], id[16];
-    const char* name = uarch_name(u->uarch);
-    if (name) std::snprintf(uarch, sizeof uarch, "%s", name);
-    else std::snprintf(uarch, sizeof uarch, "0x%08" PRIx32, u->uarch);
-    std::snprintf(id, sizeof id, "0x%08" PRIx32, u->midr_or_cpuid);
-    js << ", \"cpu\": {\"processors\": " << cpuinfo_get_processors_count()
-       << ", \"cores\": " << cpuinfo_get_cores_count() << ", \"uarch\": \"" << uarch << "\""
-#if defined(__aarch64__) || defined(__arm__)
-       << ", \"midr\": \"" << id << "\""
-#else
-       << ", \"cpuid\": \"" << id << "\""
-#endif
-       << "}";
-  }
-  js << "}";
-  std::printf("%s\n", js.str().c_str());
+  if (facts.etdump != nullptr)
+    js << ", \"etdump\": {\"path\": \"" << json_escape(opt.etdump) << "\", \"bytes\": " << facts.etdump->bytes
+       << ", \"blocks\": " << facts.etdump->blocks << "}";
+  js << cpu_json() << "}";
+  return js.str();
+}
+
+// --- Main ------------------------------------------------------------------------------
+int run(const Options& opt) {
+  const auto t_start = Clock::now();
+  init_runtime();
+  const std::vector<std::string> kernels = load_kernel_libraries(opt);
+  const size_t threads = size_thread_pool(opt.threads);
+  require_regular_file(opt.model, "model");
+  std::unique_ptr<et::EventTracer> tracer;
+  ETDumpGen* etdump = make_tracer(opt, &tracer);
+  Module module(opt.model, Module::LoadMode::Mmap, std::move(tracer));
+  const double load_ms = load_program(module, opt);
+  const ProgramInput input = program_input(module, opt.method);
+  bool out_is_file = false;
+  const std::vector<InputFile> files = check_inputs_and_output(opt, input, &out_is_file);
+
+  const Inferences done = run_inferences(module, opt, input, files, etdump);
+  const double total_ms = ms_between(t_start, Clock::now());
+
+  const std::vector<std::string> out_paths =
+      opt.out.empty() ? std::vector<std::string>{} : write_outputs(opt, done.outputs, out_is_file);
+  EtdumpFile etdump_file;
+  if (etdump != nullptr) etdump_file = write_etdump(*etdump, opt.etdump);
+  const RunFacts facts{&input, threads, load_ms, total_ms, &kernels, &out_paths,
+                       etdump != nullptr ? &etdump_file : nullptr};
+  std::printf("%s\n", report_json(opt, done, facts).c_str());
   std::fflush(stdout);
   return 0;
 }

@@ -13,22 +13,31 @@
 #include "quant_math.h"
 
 namespace vitq {
+namespace {
+
+// Every argument against the schema; "" when they are valid, else the problem.
+std::string check_gelu_shift_log2_args(const Tensor& x, double shift, double delta, int64_t bits,
+                                       int64_t steps_per_octave) {
+  if (!is_dense(x, ScalarType::Float)) return "x must be a contiguous float tensor";
+  if (bits < 1 || bits > 8) return message("bits must be in [1, 8], got %lld", static_cast<long long>(bits));
+  if (steps_per_octave < 1 || steps_per_octave > kMaxStepsPerOctave)
+    return message("steps_per_octave must be in [1, 64], got %lld", static_cast<long long>(steps_per_octave));
+  // torch.tensor(delta / shift, dtype=float32): both are float32 in the reference.
+  const float delta_f = static_cast<float>(delta), shift_f = static_cast<float>(shift);
+  if (!(std::isfinite(delta_f) && delta_f > 0.0f && std::isfinite(shift_f)))
+    return "delta must be finite and > 0, shift finite";
+  return "";
+}
+
+}  // namespace
 
 Tensor& gelu_shift_log2_out(KernelRuntimeContext& ctx, const Tensor& x, double shift, double delta,
                             int64_t bits, int64_t steps_per_octave, Tensor& out) {
-  ET_KERNEL_CHECK_MSG(ctx, is_dense(x, ScalarType::Float), InvalidArgument, out,
-                      "vitq::gelu_shift_log2: x must be a contiguous float tensor");
   ET_KERNEL_CHECK_MSG(ctx, is_dense(out, ScalarType::Byte), InvalidArgument, out,
                       "vitq::gelu_shift_log2: out must be a contiguous uint8 tensor");
-  ET_KERNEL_CHECK_MSG(ctx, bits >= 1 && bits <= 8, InvalidArgument, out,
-                      "vitq::gelu_shift_log2: bits must be in [1, 8], got %lld", static_cast<long long>(bits));
-  ET_KERNEL_CHECK_MSG(ctx, steps_per_octave >= 1 && steps_per_octave <= kMaxStepsPerOctave, InvalidArgument, out,
-                      "vitq::gelu_shift_log2: steps_per_octave must be in [1, 64], got %lld",
-                      static_cast<long long>(steps_per_octave));
-  // torch.tensor(delta / shift, dtype=float32): both are float32 in the reference.
+  const std::string why = check_gelu_shift_log2_args(x, shift, delta, bits, steps_per_octave);
+  ET_KERNEL_CHECK_MSG(ctx, why.empty(), InvalidArgument, out, "vitq::gelu_shift_log2: %s", why.c_str());
   const float delta_f = static_cast<float>(delta), shift_f = static_cast<float>(shift);
-  ET_KERNEL_CHECK_MSG(ctx, std::isfinite(delta_f) && delta_f > 0.0f && std::isfinite(shift_f), InvalidArgument,
-                      out, "vitq::gelu_shift_log2: delta must be finite and > 0, shift finite");
   ET_KERNEL_CHECK_MSG(ctx, executorch::runtime::resize_tensor(out, x.sizes()) == Error::Ok, InvalidArgument,
                       out, "vitq::gelu_shift_log2: cannot resize out to x's shape");
 

@@ -102,31 +102,38 @@ void log_linear_rows(const LogLinearJob& job, size_t task) {
   }
 }
 
+// Every argument against the schema; "" when they are valid, else the problem. Fills *w.
+std::string check_log_linear_args(const Tensor& codes, const Tensor& weight, const Tensor& weight_scale,
+                                  const Tensor& weight_zero, const Tensor& bias, double delta, int64_t bits,
+                                  int64_t steps_per_octave, int64_t weight_bits, Weights* w) {
+  if (!is_dense(codes, ScalarType::Byte) || codes.dim() < 1) return "codes must be a contiguous uint8 tensor [..., K]";
+  const int64_t k = codes.size(codes.dim() - 1);
+  if (k < 1) return "codes.size(-1) must be >= 1";
+  if (bits < 1 || bits > 8) return message("bits must be in [1, 8], got %lld", static_cast<long long>(bits));
+  if (steps_per_octave < 1 || steps_per_octave > kMaxStepsPerOctave)
+    return message("steps_per_octave must be in [1, 64], got %lld", static_cast<long long>(steps_per_octave));
+  const float delta_f = static_cast<float>(delta);  // torch.tensor(delta, dtype=float32)
+  if (!(std::isfinite(delta_f) && delta_f > 0.0f)) return "delta must be finite and > 0";
+  const char* werr = check_weights(weight, weight_scale, weight_zero, bias, k, weight_bits, w);
+  if (werr != nullptr) return werr;
+  // int32 sums of at most K weights of |w'| <= 128.
+  if (k > (int64_t{1} << 23)) return message("K = %lld too large for int32 sums", static_cast<long long>(k));
+  return "";
+}
+
 }  // namespace
 
 Tensor& log_linear_out(KernelRuntimeContext& ctx, const Tensor& codes, const Tensor& weight,
                        const Tensor& weight_scale, const Tensor& weight_zero, const Tensor& bias, double delta,
                        int64_t bits, int64_t steps_per_octave, int64_t weight_bits, Tensor& out) {
-  ET_KERNEL_CHECK_MSG(ctx, is_dense(codes, ScalarType::Byte) && codes.dim() >= 1, InvalidArgument, out,
-                      "vitq::log_linear: codes must be a contiguous uint8 tensor [..., K]");
   ET_KERNEL_CHECK_MSG(ctx, is_dense(out, ScalarType::Float), InvalidArgument, out,
                       "vitq::log_linear: out must be a contiguous float tensor");
-  const int64_t k = codes.size(codes.dim() - 1);
-  ET_KERNEL_CHECK_MSG(ctx, k >= 1, InvalidArgument, out, "vitq::log_linear: codes.size(-1) must be >= 1");
-  ET_KERNEL_CHECK_MSG(ctx, bits >= 1 && bits <= 8, InvalidArgument, out,
-                      "vitq::log_linear: bits must be in [1, 8], got %lld", static_cast<long long>(bits));
-  ET_KERNEL_CHECK_MSG(ctx, steps_per_octave >= 1 && steps_per_octave <= kMaxStepsPerOctave, InvalidArgument, out,
-                      "vitq::log_linear: steps_per_octave must be in [1, 64], got %lld",
-                      static_cast<long long>(steps_per_octave));
-  const float delta_f = static_cast<float>(delta);  // torch.tensor(delta, dtype=float32)
-  ET_KERNEL_CHECK_MSG(ctx, std::isfinite(delta_f) && delta_f > 0.0f, InvalidArgument, out,
-                      "vitq::log_linear: delta must be finite and > 0");
   Weights w;
-  const char* werr = check_weights(weight, weight_scale, weight_zero, bias, k, weight_bits, &w);
-  ET_KERNEL_CHECK_MSG(ctx, werr == nullptr, InvalidArgument, out, "vitq::log_linear: %s", werr);
-  // int32 sums of at most K weights of |w'| <= 128.
-  ET_KERNEL_CHECK_MSG(ctx, k <= (int64_t{1} << 23), InvalidArgument, out,
-                      "vitq::log_linear: K = %lld too large for int32 sums", static_cast<long long>(k));
+  const std::string why = check_log_linear_args(codes, weight, weight_scale, weight_zero, bias, delta, bits,
+                                                steps_per_octave, weight_bits, &w);
+  ET_KERNEL_CHECK_MSG(ctx, why.empty(), InvalidArgument, out, "vitq::log_linear: %s", why.c_str());
+  const int64_t k = codes.size(codes.dim() - 1);
+  const float delta_f = static_cast<float>(delta);
   ET_KERNEL_CHECK_MSG(ctx, resize_like_with_last(out, codes, w.n) == Error::Ok, InvalidArgument, out,
                       "vitq::log_linear: cannot resize out to [..., %lld]", static_cast<long long>(w.n));
   const size_t m = rows_of(codes);

@@ -26,13 +26,16 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <string>
+#include <utility>
 
 #if defined(__aarch64__)
 #include <arm_neon.h>
 #endif
 
 #include "common.h"
-#include "qs8_gemm.h"
+#include "gemm/qs8_gemm.h"
 #include "quant_math.h"
 
 namespace vitq {
@@ -447,6 +450,198 @@ VITQ_HOT_LOOPS void attention_task(const AttentionJob& job, size_t task) {
   }
 }
 
+// The op's scalar arguments (lower/ops/attention.py), gathered for the phases.
+struct AttentionArgs {
+  int64_t num_heads;
+  double scale;
+  double q_scale;
+  int64_t q_zero, q_qmin, q_qmax;
+  double k_scale;
+  int64_t k_zero, k_qmin, k_qmax;
+  double v_scale;
+  int64_t v_zero, v_qmin, v_qmax;
+  double p_scale;
+  int64_t p_zero, p_qmin, p_qmax, p_log_bits, p_steps_per_octave;
+};
+
+// Phase 1: every argument against the schema; "" when they are valid, else the problem.
+std::string check_attention_args(const Tensor& qkv, const AttentionArgs& a) {
+  if (!is_dense(qkv, ScalarType::Float) || qkv.dim() != 3) return "qkv must be a contiguous float tensor [B, T, 3*H*D]";
+  const int64_t c3 = qkv.size(2);
+  if (a.num_heads < 1 || c3 < 3 * a.num_heads || c3 % (3 * a.num_heads) != 0)
+    return message("qkv.size(-1) = %lld is not 3 * num_heads (%lld) * head_dim", static_cast<long long>(c3),
+                   static_cast<long long>(a.num_heads));
+  const char* e = uniform_error(a.q_scale, a.q_zero, a.q_qmin, a.q_qmax);
+  if (*e) return message("q quantizer: %s", e);
+  e = uniform_error(a.k_scale, a.k_zero, a.k_qmin, a.k_qmax);
+  if (*e) return message("k quantizer: %s", e);
+  e = uniform_error(a.v_scale, a.v_zero, a.v_qmin, a.v_qmax);
+  if (*e) return message("v quantizer: %s", e);
+  if (a.p_log_bits < 0 || a.p_log_bits > 8)
+    return message("p_log_bits must be 0 (uniform) or in [1, 8], got %lld", static_cast<long long>(a.p_log_bits));
+  if (a.p_log_bits == 0) {
+    e = uniform_error(a.p_scale, a.p_zero, a.p_qmin, a.p_qmax);
+    if (*e) return message("probability quantizer: %s", e);
+  } else {
+    const float ps = static_cast<float>(a.p_scale);
+    if (!(std::isfinite(ps) && ps > 0.0f && a.p_steps_per_octave >= 1 && a.p_steps_per_octave <= kMaxStepsPerOctave))
+      return "log probability codes need p_scale > 0 and p_steps_per_octave in [1, 64]";
+  }
+  if (!std::isfinite(a.scale)) return "scale must be finite";
+  // The int32 sums must not overflow: |cq-zq| |ck-zk| D and |cp-zp| |cv-zv| T.
+  const size_t t = static_cast<size_t>(qkv.size(1)), d = static_cast<size_t>(c3 / (3 * a.num_heads));
+  const Uniform uq = make_uniform(a.q_scale, a.q_zero, a.q_qmin, a.q_qmax);
+  const Uniform uk = make_uniform(a.k_scale, a.k_zero, a.k_qmin, a.k_qmax);
+  const Uniform uv = make_uniform(a.v_scale, a.v_zero, a.v_qmin, a.v_qmax);
+  const double qk_bound = static_cast<double>(uq.max_abs) * uk.max_abs * static_cast<double>(d);
+  const double pmax =
+      a.p_log_bits == 0 ? static_cast<double>(make_uniform(a.p_scale, a.p_zero, a.p_qmin, a.p_qmax).max_abs) : 0;
+  const double pv_bound = pmax * uv.max_abs * static_cast<double>(t);
+  if (!(qk_bound < 2147483647.0 && pv_bound < 2147483647.0))
+    return message("head_dim %zu / tokens %zu too large for int32 sums at these code ranges", d, t);
+  return "";
+}
+
+// Plan: how the q, k, v codes are stored (see Operand): int8 where our GEMM
+// runs and the codes fit, else int16; head-major, rows zero padded to whole
+// vectors: q, k as [b][h][t][padded(d)]; V for uniform probability codes
+// transposed, [b][h][d][padded(t)], for the dense A.V dot products, else int16
+// [b][h][t][d]. The buffers are this thread's, reused across calls.
+struct StoredCodes {
+  size_t batch, t, heads, d, dq, tv;
+  bool v_transposed;
+  Uniform quant[3], p;  // q, k, v; the uniform probability codes
+  bool int8[3];
+  float offset[3];
+  void* stored[3];
+  int32_t* q_sums;  // int8 q rows' sums, [b][h][t]
+};
+
+StoredCodes plan_codes(const Tensor& qkv, const AttentionArgs& a) {
+  StoredCodes sc{};
+  sc.batch = static_cast<size_t>(qkv.size(0));
+  sc.t = static_cast<size_t>(qkv.size(1));
+  sc.heads = static_cast<size_t>(a.num_heads);
+  sc.d = static_cast<size_t>(qkv.size(2) / (3 * a.num_heads));
+  sc.quant[0] = make_uniform(a.q_scale, a.q_zero, a.q_qmin, a.q_qmax);
+  sc.quant[1] = make_uniform(a.k_scale, a.k_zero, a.k_qmin, a.k_qmax);
+  sc.quant[2] = make_uniform(a.v_scale, a.v_zero, a.v_qmin, a.v_qmax);
+  sc.v_transposed = a.p_log_bits == 0;
+  sc.p = sc.v_transposed ? make_uniform(a.p_scale, a.p_zero, a.p_qmin, a.p_qmax) : Uniform{};
+  const bool qk8 = int8_codes() && fits_int8(sc.quant[0]) && fits_int8(sc.quant[1]) && sc.d <= kMaxInt8Length;
+  const bool pv8 =
+      int8_codes() && sc.v_transposed && fits_int8(sc.p) && fits_int8(sc.quant[2]) && sc.t <= kMaxInt8Length;
+  sc.int8[0] = sc.int8[1] = qk8;
+  sc.int8[2] = pv8;
+  sc.dq = qk8 ? padded<int8_t>(sc.d) : padded<int16_t>(sc.d);
+  sc.tv = pv8 ? padded<int8_t>(sc.t) : padded<int16_t>(sc.t);
+  const size_t bh = sc.batch * sc.heads;
+  const size_t qk_bytes = bh * sc.t * sc.dq * (qk8 ? 1 : 2);
+  const size_t v_bytes = sc.v_transposed ? bh * sc.d * sc.tv * (pv8 ? 1 : 2) : bh * sc.t * sc.d * 2;
+  thread_local Scratch<int16_t> codes_buf;  // q | k | v, each at a 16-byte boundary
+  const size_t qk_words = (qk_bytes + 15) / 16 * 8;
+  int16_t* codes = codes_buf.get(2 * qk_words + (v_bytes + 1) / 2, 0);
+  sc.stored[0] = codes;
+  sc.stored[1] = codes + qk_words;
+  sc.stored[2] = codes + 2 * qk_words;
+  thread_local Scratch<int32_t> q_sums_buf;
+  sc.q_sums = q_sums_buf.get(bh * sc.t, 0);
+  for (size_t w = 0; w < 3; ++w) sc.offset[w] = sc.int8[w] ? int8_offset(sc.quant[w]) : sc.quant[w].zero;
+  return sc;
+}
+
+// Run, step 1: the codes of every token row, in parallel; V^T's padding zeroed.
+void code_operands(const Tensor& qkv, const StoredCodes& sc) {
+  CodingJob coding{qkv.const_data_ptr<float>(), sc.t, sc.heads, sc.d, sc.dq, sc.tv, sc.v_transposed,
+                   {&sc.quant[0], &sc.quant[1], &sc.quant[2]}, {}, {}, {}, sc.q_sums};
+  for (size_t w = 0; w < 3; ++w) {
+    coding.offset[w] = sc.offset[w];
+    coding.int8[w] = sc.int8[w];
+    coding.stored[w] = sc.stored[w];
+  }
+  const size_t rows = sc.batch * sc.t;
+  const size_t qtasks = task_count(rows, 3 * sc.heads * sc.d * 4);
+  parallel_for(qtasks, [&](size_t task) {
+    code_token_rows(coding, rows * task / qtasks, rows * (task + 1) / qtasks);
+  });
+  if (!sc.v_transposed) return;
+  const size_t t = sc.t, tv = sc.tv;
+  for (size_t row = 0; row < sc.batch * sc.heads * sc.d; ++row) {
+    if (sc.int8[2])
+      std::fill(static_cast<int8_t*>(sc.stored[2]) + row * tv + t, static_cast<int8_t*>(sc.stored[2]) + (row + 1) * tv,
+                int8_t{0});
+    else
+      std::fill(static_cast<int16_t*>(sc.stored[2]) + row * tv + t,
+                static_cast<int16_t*>(sc.stored[2]) + (row + 1) * tv, int16_t{0});
+  }
+}
+
+// Run, step 2: int8 keys and V^T of each head packed as our GEMM's columns
+// (padding included: zeros). Returns the packed keys and values (this
+// thread's buffers, reused across calls), null where stored as int16.
+std::pair<const Qs8Gemm*, const Qs8Gemm*> pack_operands(const StoredCodes& sc) {
+  thread_local std::vector<Qs8Gemm> packed_k, packed_v;
+  const bool qk8 = sc.int8[1], pv8 = sc.int8[2];
+  const size_t bh_total = sc.batch * sc.heads;
+  if (qk8) packed_k.resize(bh_total);
+  if (pv8) packed_v.resize(bh_total);
+  if (qk8 || pv8) {
+    const Qs8Layout layout = qs8_gemm_layout();
+    // Plain pointers into the caller's vectors: in the pool's threads the
+    // names packed_k / packed_v would be those threads' own (thread_local).
+    Qs8Gemm* const keys = packed_k.data();
+    Qs8Gemm* const values = packed_v.data();
+    const size_t t = sc.t, d = sc.d, dq = sc.dq, tv = sc.tv;
+    parallel_for(bh_total, [&](size_t bh) {
+      if (qk8) qs8_gemm_pack(layout, static_cast<const int8_t*>(sc.stored[1]) + bh * t * dq, dq, t, dq, &keys[bh]);
+      if (pv8) qs8_gemm_pack(layout, static_cast<const int8_t*>(sc.stored[2]) + bh * d * tv, tv, d, tv, &values[bh]);
+    });
+  }
+  return {qk8 ? packed_k.data() : nullptr, pv8 ? packed_v.data() : nullptr};
+}
+
+// Run, step 3: what every attention task reads (probability coding included)
+// and how the query rows split into tasks.
+std::unique_ptr<AttentionJob> make_attention_job(const StoredCodes& sc, const AttentionArgs& a,
+                                                 std::pair<const Qs8Gemm*, const Qs8Gemm*> packed,
+                                                 const LogCoder* coder, float* out) {
+  auto job = std::make_unique<AttentionJob>();
+  job->batch = sc.batch;
+  job->t = sc.t;
+  job->heads = sc.heads;
+  job->d = sc.d;
+  for (size_t w = 0; w < 3; ++w) {
+    Operand& o = w == 0 ? job->q : w == 1 ? job->k : job->v;
+    o.int8 = sc.int8[w];
+    o.codes = sc.stored[w];
+    o.sums = sc.int8[w] && w == 0 ? sc.q_sums : nullptr;
+    o.packed = w == 1 ? packed.first : w == 2 ? packed.second : nullptr;
+    o.shift = sc.int8[w] ? static_cast<int32_t>(sc.offset[w] - sc.quant[w].zero) : 0;
+  }
+  // (q * qs) @ (k * ks)^T * scale: one float factor on the exact integer sum.
+  job->alpha = static_cast<float>(static_cast<double>(sc.quant[0].scale) * sc.quant[1].scale * a.scale);
+  job->log_bits = static_cast<int>(a.p_log_bits);
+  if (a.p_log_bits == 0) {
+    job->p = sc.p;
+    job->out_scale = static_cast<float>(static_cast<double>(job->p.scale) * sc.quant[2].scale);
+  } else {
+    job->p = Uniform{static_cast<float>(a.p_scale), 0.0f, 0.0f, 0.0f, 0};
+    const int zero_code = (1 << a.p_log_bits) - 1;
+    for (int code = 0; code < 256; ++code)
+      job->log_table[code] = log_value(code, job->p.scale, static_cast<int>(a.p_steps_per_octave), zero_code);
+    job->out_scale = sc.quant[2].scale;
+  }
+  job->coder = coder;
+  job->out = out;
+  const size_t heads_total = sc.batch * sc.heads, t = sc.t;
+  const size_t want_tasks = task_count(heads_total * t, 2 * t * sc.d);
+  job->row_blocks = std::max<size_t>(1, std::min(t, (want_tasks + heads_total - 1) / heads_total));
+  job->rows_per_block = (t + job->row_blocks - 1) / job->row_blocks;
+  job->rows_per_block = (job->rows_per_block + kRowTile - 1) / kRowTile * kRowTile;
+  job->row_blocks = (t + job->rows_per_block - 1) / job->rows_per_block;
+  return job;
+}
+
 }  // namespace
 
 Tensor& attention_out(KernelRuntimeContext& ctx, const Tensor& qkv, int64_t num_heads, double scale,
@@ -454,158 +649,31 @@ Tensor& attention_out(KernelRuntimeContext& ctx, const Tensor& qkv, int64_t num_
                       int64_t k_zero, int64_t k_qmin, int64_t k_qmax, double v_scale, int64_t v_zero,
                       int64_t v_qmin, int64_t v_qmax, double p_scale, int64_t p_zero, int64_t p_qmin,
                       int64_t p_qmax, int64_t p_log_bits, int64_t p_steps_per_octave, Tensor& out) {
-  ET_KERNEL_CHECK_MSG(ctx, is_dense(qkv, ScalarType::Float) && qkv.dim() == 3, InvalidArgument, out,
-                      "vitq::attention: qkv must be a contiguous float tensor [B, T, 3*H*D]");
+  const AttentionArgs a{num_heads, scale, q_scale, q_zero, q_qmin, q_qmax, k_scale, k_zero, k_qmin, k_qmax,
+                        v_scale, v_zero, v_qmin, v_qmax, p_scale, p_zero, p_qmin, p_qmax, p_log_bits,
+                        p_steps_per_octave};
   ET_KERNEL_CHECK_MSG(ctx, is_dense(out, ScalarType::Float), InvalidArgument, out,
                       "vitq::attention: out must be a contiguous float tensor");
-  const int64_t c3 = qkv.size(2);
-  ET_KERNEL_CHECK_MSG(ctx, num_heads >= 1 && c3 >= 3 * num_heads && c3 % (3 * num_heads) == 0, InvalidArgument,
-                      out, "vitq::attention: qkv.size(-1) = %lld is not 3 * num_heads (%lld) * head_dim",
-                      static_cast<long long>(c3), static_cast<long long>(num_heads));
-  const char* e;
-  e = uniform_error(q_scale, q_zero, q_qmin, q_qmax);
-  ET_KERNEL_CHECK_MSG(ctx, !*e, InvalidArgument, out, "vitq::attention: q quantizer: %s", e);
-  e = uniform_error(k_scale, k_zero, k_qmin, k_qmax);
-  ET_KERNEL_CHECK_MSG(ctx, !*e, InvalidArgument, out, "vitq::attention: k quantizer: %s", e);
-  e = uniform_error(v_scale, v_zero, v_qmin, v_qmax);
-  ET_KERNEL_CHECK_MSG(ctx, !*e, InvalidArgument, out, "vitq::attention: v quantizer: %s", e);
-  ET_KERNEL_CHECK_MSG(ctx, p_log_bits >= 0 && p_log_bits <= 8, InvalidArgument, out,
-                      "vitq::attention: p_log_bits must be 0 (uniform) or in [1, 8], got %lld",
-                      static_cast<long long>(p_log_bits));
-  if (p_log_bits == 0) {
-    e = uniform_error(p_scale, p_zero, p_qmin, p_qmax);
-    ET_KERNEL_CHECK_MSG(ctx, !*e, InvalidArgument, out, "vitq::attention: probability quantizer: %s", e);
-  } else {
-    const float ps = static_cast<float>(p_scale);
-    ET_KERNEL_CHECK_MSG(ctx,
-                        std::isfinite(ps) && ps > 0.0f && p_steps_per_octave >= 1 &&
-                            p_steps_per_octave <= kMaxStepsPerOctave,
-                        InvalidArgument, out,
-                        "vitq::attention: log probability codes need p_scale > 0 and p_steps_per_octave in [1, 64]");
-  }
-  ET_KERNEL_CHECK_MSG(ctx, std::isfinite(scale), InvalidArgument, out, "vitq::attention: scale must be finite");
-
+  const std::string why = check_attention_args(qkv, a);
+  ET_KERNEL_CHECK_MSG(ctx, why.empty(), InvalidArgument, out, "vitq::attention: %s", why.c_str());
   const size_t batch = static_cast<size_t>(qkv.size(0)), t = static_cast<size_t>(qkv.size(1));
-  const size_t heads = static_cast<size_t>(num_heads), d = static_cast<size_t>(c3 / (3 * num_heads));
-  const size_t c = heads * d;
-  const Uniform uq = make_uniform(q_scale, q_zero, q_qmin, q_qmax);
-  const Uniform uk = make_uniform(k_scale, k_zero, k_qmin, k_qmax);
-  const Uniform uv = make_uniform(v_scale, v_zero, v_qmin, v_qmax);
-  // The int32 sums must not overflow: |cq-zq| |ck-zk| D and |cp-zp| |cv-zv| T.
-  const double qk_bound = static_cast<double>(uq.max_abs) * uk.max_abs * static_cast<double>(d);
-  const double pmax = p_log_bits == 0 ? static_cast<double>(make_uniform(p_scale, p_zero, p_qmin, p_qmax).max_abs) : 0;
-  const double pv_bound = pmax * uv.max_abs * static_cast<double>(t);
-  ET_KERNEL_CHECK_MSG(ctx, qk_bound < 2147483647.0 && pv_bound < 2147483647.0, InvalidArgument, out,
-                      "vitq::attention: head_dim %zu / tokens %zu too large for int32 sums at these code ranges",
-                      d, t);
-
-  SizesType out_sizes[3] = {static_cast<SizesType>(batch), static_cast<SizesType>(t), static_cast<SizesType>(c)};
+  const SizesType c = static_cast<SizesType>(qkv.size(2) / 3);
+  SizesType out_sizes[3] = {static_cast<SizesType>(batch), static_cast<SizesType>(t), c};
   ET_KERNEL_CHECK_MSG(ctx, executorch::runtime::resize_tensor(out, {out_sizes, 3}) == Error::Ok, InvalidArgument,
                       out, "vitq::attention: cannot resize out to [B, T, C]");
   if (batch == 0 || t == 0) return out;
 
-  // 1. The stored codes (see Operand), head-major, rows zero padded to whole
-  // vectors: q, k as [b][h][t][padded(d)]; V for uniform probability codes
-  // transposed, [b][h][d][padded(t)], for the dense A.V dot products, else
-  // int16 [b][h][t][d].
-  const bool v_transposed = p_log_bits == 0;
-  const Uniform up = v_transposed ? make_uniform(p_scale, p_zero, p_qmin, p_qmax) : Uniform{};
-  const bool qk8 = int8_codes() && fits_int8(uq) && fits_int8(uk) && d <= kMaxInt8Length;
-  const bool pv8 = int8_codes() && v_transposed && fits_int8(up) && fits_int8(uv) && t <= kMaxInt8Length;
-  const size_t dq = qk8 ? padded<int8_t>(d) : padded<int16_t>(d);
-  const size_t tv = pv8 ? padded<int8_t>(t) : padded<int16_t>(t);
-  const size_t qk_bytes = batch * heads * t * dq * (qk8 ? 1 : 2);
-  const size_t v_bytes = v_transposed ? batch * heads * d * tv * (pv8 ? 1 : 2) : batch * heads * t * d * 2;
-  thread_local Scratch<int16_t> codes_buf;  // q | k | v, each at a 16-byte boundary
-  const size_t qk_words = (qk_bytes + 15) / 16 * 8;
-  int16_t* codes = codes_buf.get(2 * qk_words + (v_bytes + 1) / 2, 0);
-  void* stored[3] = {codes, codes + qk_words, codes + 2 * qk_words};
-  thread_local Scratch<int32_t> q_sums_buf;  // int8 q rows' sums, [b][h][t]
-  int32_t* q_sums = q_sums_buf.get(batch * heads * t, 0);
-  const Uniform* quant[3] = {&uq, &uk, &uv};
-  const bool int8[3] = {qk8, qk8, pv8};
-  float offset[3];
-  for (size_t w = 0; w < 3; ++w) offset[w] = int8[w] ? int8_offset(*quant[w]) : quant[w]->zero;
-  CodingJob coding{qkv.const_data_ptr<float>(), t, heads, d, dq, tv, v_transposed, {&uq, &uk, &uv}, {}, {}, {},
-                   q_sums};
-  for (size_t w = 0; w < 3; ++w) {
-    coding.offset[w] = offset[w];
-    coding.int8[w] = int8[w];
-    coding.stored[w] = stored[w];
-  }
-  const size_t rows = batch * t;
-  const size_t qtasks = task_count(rows, 3 * c * 4);
-  parallel_for(qtasks, [&](size_t task) {
-    code_token_rows(coding, rows * task / qtasks, rows * (task + 1) / qtasks);
-  });
-  if (v_transposed) {  // V^T rows: zero padding
-    for (size_t row = 0; row < batch * heads * d; ++row) {
-      if (pv8)
-        std::fill(static_cast<int8_t*>(stored[2]) + row * tv + t, static_cast<int8_t*>(stored[2]) + (row + 1) * tv,
-                  int8_t{0});
-      else
-        std::fill(static_cast<int16_t*>(stored[2]) + row * tv + t, static_cast<int16_t*>(stored[2]) + (row + 1) * tv,
-                  int16_t{0});
-    }
-  }
-  // int8 keys and V^T of each head packed as our GEMM's columns (padding
-  // included: zeros), once per call.
-  thread_local std::vector<Qs8Gemm> packed_k, packed_v;
-  if (qk8) packed_k.resize(batch * heads);
-  if (pv8) packed_v.resize(batch * heads);
-  if (qk8 || pv8) {
-    const Qs8Layout layout = qs8_gemm_layout();
-    // Plain pointers into the caller's vectors: in the pool's threads the
-    // names packed_k / packed_v would be those threads' own (thread_local).
-    Qs8Gemm* const keys = packed_k.data();
-    Qs8Gemm* const values = packed_v.data();
-    parallel_for(batch * heads, [&](size_t bh) {
-      if (qk8) qs8_gemm_pack(layout, static_cast<const int8_t*>(stored[1]) + bh * t * dq, dq, t, dq, &keys[bh]);
-      if (pv8) qs8_gemm_pack(layout, static_cast<const int8_t*>(stored[2]) + bh * d * tv, tv, d, tv, &values[bh]);
-    });
-  }
-
-  // 2. Attention, one task per (batch, head, block of query rows).
-  auto job = std::make_unique<AttentionJob>();
-  job->batch = batch;
-  job->t = t;
-  job->heads = heads;
-  job->d = d;
-  for (size_t w = 0; w < 3; ++w) {
-    Operand& o = w == 0 ? job->q : w == 1 ? job->k : job->v;
-    o.int8 = int8[w];
-    o.codes = stored[w];
-    o.sums = int8[w] && w == 0 ? q_sums : nullptr;
-    o.packed = !int8[w] ? nullptr : w == 1 ? packed_k.data() : w == 2 ? packed_v.data() : nullptr;
-    o.shift = int8[w] ? static_cast<int32_t>(offset[w] - quant[w]->zero) : 0;
-  }
-  // (q * qs) @ (k * ks)^T * scale: one float factor on the exact integer sum.
-  job->alpha = static_cast<float>(static_cast<double>(uq.scale) * uk.scale * scale);
-  job->log_bits = static_cast<int>(p_log_bits);
-  if (p_log_bits == 0) {
-    job->p = up;
-    job->out_scale = static_cast<float>(static_cast<double>(job->p.scale) * uv.scale);
-  } else {
-    job->p = Uniform{static_cast<float>(p_scale), 0.0f, 0.0f, 0.0f, 0};
-    const int zero_code = (1 << p_log_bits) - 1;
-    for (int code = 0; code < 256; ++code)
-      job->log_table[code] = log_value(code, job->p.scale, static_cast<int>(p_steps_per_octave), zero_code);
-    job->out_scale = uv.scale;
-  }
+  // Plan, then run: codes, packing, one task per (batch, head, block of query rows).
+  const StoredCodes sc = plan_codes(qkv, a);
+  code_operands(qkv, sc);
+  const auto packed = pack_operands(sc);
   std::unique_ptr<LogCoder> coder;
   if (p_log_bits != 0)
-    coder = std::make_unique<LogCoder>(job->p.scale, static_cast<int>(p_steps_per_octave),
+    coder = std::make_unique<LogCoder>(static_cast<float>(p_scale), static_cast<int>(p_steps_per_octave),
                                        static_cast<int>(p_log_bits));
-  job->coder = coder.get();
-  job->out = out.mutable_data_ptr<float>();
-  const size_t heads_total = batch * heads;
-  const size_t want_tasks = task_count(heads_total * t, 2 * t * d);
-  job->row_blocks = std::max<size_t>(1, std::min(t, (want_tasks + heads_total - 1) / heads_total));
-  job->rows_per_block = (t + job->row_blocks - 1) / job->row_blocks;
-  job->rows_per_block = (job->rows_per_block + kRowTile - 1) / kRowTile * kRowTile;
-  job->row_blocks = (t + job->rows_per_block - 1) / job->rows_per_block;
+  const auto job = make_attention_job(sc, a, packed, coder.get(), out.mutable_data_ptr<float>());
   const AttentionJob& j = *job;
-  parallel_for(heads_total * j.row_blocks, [&j](size_t task) { attention_task(j, task); });
+  parallel_for(sc.batch * sc.heads * j.row_blocks, [&j](size_t task) { attention_task(j, task); });
   return out;
 }
 

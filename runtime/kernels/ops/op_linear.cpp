@@ -1,0 +1,432 @@
+// vitq::linear.out -- quantized linear layer with a fused prologue
+// (definition: sdk/vitq_edge/lower/ops/linear.py).
+//
+//   1. prologue (none / LayerNorm / GELU) per row, as arith.layer_norm / arith.gelu;
+//   2. input codes c = clamp(round(x / s) + z, qmin, qmax), (s, z) per tensor or
+//      per token position; outliers (|x| > threshold) get code z (value 0);
+//   3. out = sum_k (c - z) s * (w' - wz) ws + bias: int8 x int8 products, int32
+//      sums, one float scale per row and per output channel. 4-bit weights are
+//      unpacked to int8 at prepack (XNNPACK's qc4w kernels were slower on every
+//      CPU we measured: 197x192 -> 768, Cortex-A72 15.1M vs 9.7M guest
+//      instructions, Cortex-A76 3.8M vs 3.1M, x86 host 2.8 vs 0.71 ms). The GEMM is our own
+//      (qs8_gemm.h) on aarch64 and on x86 with VNNI, XNNPACK's dynamically
+//      quantized fully-connected operator (qd8_f32_qc8w) elsewhere; the sums
+//      are exact, so every path computes the same bits;
+//   4. fix-ups after the GEMM: the rank-1 term of nonzero weight zero points,
+//      and the outliers' products with the weight values (sparse, rare), summed
+//      in double and added once, as arith.quantized_linear.
+//
+// XNNPACK's qd8 input is int8 with one {zero_point, scale} per row. Unsigned
+// codes (qmin >= 0, up to 255) are shifted by -128 to fit, and so is their zero
+// point: (c - 128) - (z - 128) = c - z, so the products are unchanged.
+//
+// In phases, like XNNPACK's operators: check_linear_args, then the plan (the
+// prepacked GEMM of these weights, created once and cached), then the run:
+// quantize_input, run_gemm, subtract_zero_term, add_outliers.
+#include <algorithm>
+#include <cmath>
+#include <mutex>
+
+#include "common.h"
+#include "op_cache.h"
+#include "gemm/qs8_gemm.h"
+#include "quant_math.h"
+#include "weights.h"
+
+namespace vitq {
+namespace {
+
+constexpr int64_t kPrologueNone = 0, kPrologueLayerNorm = 1, kPrologueGelu = 2;
+
+// A prepacked qd8 fully-connected operator (XNNPACK's, or ours when `own`)
+// and what the fix-ups need.
+struct LinearOp {
+  XnnOperator op;
+  bool own = false;
+  Qs8Gemm gemm;  // when own; read-only after creation, so runs need no lock
+  // ws[n] * wz[n] per output channel; empty when every weight zero point is 0.
+  std::vector<float> zero_term;
+  std::mutex run_mutex;             // held from reshape to run (see op_cache.h)
+  std::vector<uint64_t> workspace;  // guarded by run_mutex
+  // The integer weights transposed, [K][N] int8, for the outliers' float
+  // products (one contiguous row per input channel); built on the first call
+  // that has outliers, guarded by run_mutex.
+  std::vector<int8_t> weights_t;
+};
+
+OperatorCache<LinearOp>& linear_cache() {
+  static OperatorCache<LinearOp> cache(256);
+  return cache;
+}
+
+std::vector<int8_t> unpack_to_int8(const Weights& w) {
+  std::vector<int8_t> out(static_cast<size_t>(w.n * w.k));
+  for (int64_t r = 0; r < w.n; ++r)
+    for (int64_t c = 0; c < w.k; ++c) out[static_cast<size_t>(r * w.k + c)] = static_cast<int8_t>(w.at(r, c));
+  return out;
+}
+
+// The plan: the weights packed for the GEMM this CPU runs.
+std::shared_ptr<LinearOp> create_linear_op(const Weights& w, xnn_status* status) {
+  auto entry = std::make_shared<LinearOp>();
+  const size_t k = static_cast<size_t>(w.k), n = static_cast<size_t>(w.n);
+  std::vector<int8_t> unpacked;
+  const int8_t* kernel = reinterpret_cast<const int8_t*>(w.data);
+  if (w.packed4()) {
+    unpacked = unpack_to_int8(w);
+    kernel = unpacked.data();
+  }
+  entry->own = qs8_gemm_layout() != Qs8Layout::kNone;
+  if (entry->own) {
+    qs8_gemm_create(qs8_gemm_layout(), kernel, n, k, w.scale, w.bias, &entry->gemm);
+  } else {
+    const float inf = INFINITY;
+    *status = xnn_create_fully_connected_nc_qd8_f32_qc8w(k, n, k, n, w.scale, kernel, w.bias, -inf, inf,
+                                                         /*flags=*/0, /*weights_cache=*/nullptr, entry->op.out());
+    if (*status != xnn_status_success) return nullptr;
+  }
+  bool any_zero = false;
+  for (size_t i = 0; i < n; ++i) any_zero |= w.zero[i] != 0.0f;
+  if (any_zero) {
+    entry->zero_term.resize(n);
+    for (size_t i = 0; i < n; ++i) entry->zero_term[i] = w.scale[i] * w.zero[i];
+  }
+  return entry;
+}
+
+struct Outlier {
+  size_t row;
+  int64_t col;
+  float value;
+};
+
+// Everything one quantization task needs (plain pointers: shared read-only).
+struct QuantizeJob {
+  const float* x;
+  size_t rows, k;
+  int64_t prologue;
+  const float* norm_weight;
+  const float* norm_bias;
+  double norm_eps;
+  const float* scale;  // input_scale
+  const float* zero;   // input_zero
+  size_t params;       // 1 (per tensor) or T (per token position)
+  float qmin, qmax;
+  int32_t offset;      // 128 for unsigned codes, else 0
+  float threshold;     // <= 0: no outliers
+  bool want_row_sums;
+  int8_t* codes;                       // [rows, k] (+ XNN_EXTRA_BYTES)
+  xnn_quantization_params* qparams;    // [rows + XNN_EXTRA_QUANTIZATION_PARAMS]
+  int32_t* row_sums;                   // [rows], sum_k (c - z), when want_row_sums
+  std::vector<std::vector<Outlier>>* outliers;  // one list per task
+  size_t tasks;
+};
+
+// arith.layer_norm of one row: everything in double (biased variance), each
+// output rounded once to float, so the summation order does not show (the
+// sums run as kSums interleaved partial sums, which vectorize).
+VITQ_HOT_LOOPS void layer_norm_row(const float* __restrict x, size_t k, const float* __restrict g,
+                                   const float* __restrict b, double eps, float* __restrict y) {
+  constexpr size_t kSums = 4;
+  double part[kSums] = {0.0, 0.0, 0.0, 0.0};
+  size_t i = 0;
+  for (; i + kSums <= k; i += kSums)
+    for (size_t l = 0; l < kSums; ++l) part[l] += x[i + l];
+  double sum = (part[0] + part[1]) + (part[2] + part[3]);
+  for (; i < k; ++i) sum += x[i];
+  const double mean = sum / static_cast<double>(k);
+  for (size_t l = 0; l < kSums; ++l) part[l] = 0.0;
+  for (i = 0; i + kSums <= k; i += kSums) {
+    for (size_t l = 0; l < kSums; ++l) {
+      const double d = x[i + l] - mean;
+      part[l] += d * d;
+    }
+  }
+  double sq = (part[0] + part[1]) + (part[2] + part[3]);
+  for (; i < k; ++i) {
+    const double d = x[i] - mean;
+    sq += d * d;
+  }
+  const double rstd = 1.0 / std::sqrt(sq / static_cast<double>(k) + eps);
+  for (i = 0; i < k; ++i)
+    y[i] = static_cast<float>(((x[i] - mean) * rstd) * static_cast<double>(g[i]) + static_cast<double>(b[i]));
+}
+
+// Codes of one row, shifted into int8 by `offset`; with kOutliers, values with
+// |v| > threshold get the code of 0, i.e. z. Returns sum (c - z) when kRowSum
+// (else 0). Kept free of calls and branches so it vectorizes; the variants
+// drop the work a layer does not need (the outlier select alone was a third of
+// the loop's instructions on aarch64).
+template <bool kOutliers, bool kRowSum>
+VITQ_INLINE int32_t quantize_row(const float* __restrict src, size_t k, float s, float z, float qmin, float qmax,
+                                 float threshold, int32_t offset, int8_t* __restrict dst) {
+  int32_t row_sum = 0;
+  for (size_t i = 0; i < k; ++i) {
+    const float v = kOutliers && std::fabs(src[i]) > threshold ? 0.0f : src[i];
+    const float c = uniform_code(v, s, z, qmin, qmax);
+    dst[i] = static_cast<int8_t>(static_cast<int32_t>(c) - offset);
+    if (kRowSum) row_sum += static_cast<int32_t>(c - z);
+  }
+  return row_sum;
+}
+
+// acc[j] += v * W[j] for one outlier v and its weight column, W = (w' - wz) * ws
+// in float as torch has it; the product is exact in double.
+// noinline: inlined, GCC loses the restrict qualifiers and keeps it scalar.
+__attribute__((noinline)) void add_outlier(float v, const int8_t* __restrict wcol, const float* __restrict wz,
+                                           const float* __restrict ws, size_t n, double* __restrict acc) {
+  const double vd = v;
+  for (size_t j = 0; j < n; ++j) acc[j] += vd * static_cast<double>((static_cast<float>(wcol[j]) - wz[j]) * ws[j]);
+}
+
+VITQ_HOT_LOOPS void quantize_rows(const QuantizeJob& job, size_t task) {
+  const size_t begin = job.rows * task / job.tasks, end = job.rows * (task + 1) / job.tasks;
+  thread_local Scratch<float> row_buffer;
+  float* y = job.prologue == kPrologueLayerNorm ? row_buffer.get(job.k, 0) : nullptr;
+  const bool outliers = job.threshold > 0.0f;
+  const float threshold = outliers ? job.threshold : INFINITY;
+  for (size_t m = begin; m < end; ++m) {
+    const float* src = job.x + m * job.k;
+    if (job.prologue == kPrologueLayerNorm) {
+      layer_norm_row(src, job.k, job.norm_weight, job.norm_bias, job.norm_eps, y);
+      src = y;
+    }
+    const size_t p = job.params == 1 ? 0 : m % job.params;
+    const float s = job.scale[p], z = job.zero[p];
+    int8_t* dst = job.codes + m * job.k;
+    const float lo = job.qmin, hi = job.qmax;
+    const int32_t off = job.offset;
+    int32_t row_sum;
+    if (outliers)
+      row_sum = job.want_row_sums ? quantize_row<true, true>(src, job.k, s, z, lo, hi, threshold, off, dst)
+                                  : quantize_row<true, false>(src, job.k, s, z, lo, hi, threshold, off, dst);
+    else
+      row_sum = job.want_row_sums ? quantize_row<false, true>(src, job.k, s, z, lo, hi, threshold, off, dst)
+                                  : quantize_row<false, false>(src, job.k, s, z, lo, hi, threshold, off, dst);
+    if (outliers) {  // rare: remember them for the exact float correction
+      for (size_t i = 0; i < job.k; ++i)
+        if (std::fabs(src[i]) > threshold) (*job.outliers)[task].push_back({m, static_cast<int64_t>(i), src[i]});
+    }
+    if (job.want_row_sums) job.row_sums[m] = row_sum;
+    job.qparams[m].zero_point = static_cast<int32_t>(z) - job.offset;
+    job.qparams[m].scale = s;
+  }
+}
+
+// The op's arguments, gathered so the phases can take them whole.
+struct LinearArgs {
+  const Tensor& x;
+  const Tensor& weight;
+  const Tensor& weight_scale;
+  const Tensor& weight_zero;
+  const Tensor& bias;
+  const Tensor& input_scale;
+  const Tensor& input_zero;
+  int64_t input_qmin, input_qmax;
+  double outlier_threshold;
+  int64_t weight_bits, prologue;
+  const Tensor& norm_weight;
+  const Tensor& norm_bias;
+  double norm_eps;
+};
+
+// Phase 1: every argument against the schema (lower/ops/linear.py); "" when
+// they are valid, else the problem. Fills *w.
+std::string check_linear_args(const LinearArgs& a, Weights* w) {
+  if (!is_dense(a.x, ScalarType::Float) || a.x.dim() < 1) return "x must be a contiguous float tensor [..., K]";
+  const int64_t k = a.x.size(a.x.dim() - 1);
+  if (k < 1) return "x.size(-1) must be >= 1";
+  const char* werr = check_weights(a.weight, a.weight_scale, a.weight_zero, a.bias, k, a.weight_bits, w);
+  if (werr != nullptr) return werr;
+  const size_t t = a.x.dim() >= 2 ? static_cast<size_t>(a.x.size(a.x.dim() - 2)) : 1;
+  const size_t params = static_cast<size_t>(a.input_scale.numel());
+  if (!is_dense(a.input_scale, ScalarType::Float) || a.input_scale.dim() > 1 || (params != 1 && params != t))
+    return message("input_scale must be float [1] or [T] with T = x.size(-2) = %zu (got %zu values)", t, params);
+  if (!is_dense(a.input_zero, ScalarType::Float) || a.input_zero.dim() > 1 ||
+      static_cast<size_t>(a.input_zero.numel()) != params)
+    return "input_zero must be float with as many values as input_scale";
+  const bool unsigned_codes = a.input_qmin >= 0;
+  if (a.input_qmin > a.input_qmax ||
+      !(unsigned_codes ? a.input_qmax <= 255 : (a.input_qmin >= -128 && a.input_qmax <= 127)))
+    return message("input code range [%lld, %lld] must be within [0, 255] or [-128, 127]",
+                   static_cast<long long>(a.input_qmin), static_cast<long long>(a.input_qmax));
+  const float* scale = a.input_scale.const_data_ptr<float>();
+  const float* zero = a.input_zero.const_data_ptr<float>();
+  for (size_t i = 0; i < params; ++i) {
+    if (!std::isfinite(scale[i]) || scale[i] <= 0.0f)
+      return message("input_scale[%zu] = %g must be finite and > 0", i, static_cast<double>(scale[i]));
+    if (zero[i] != std::nearbyint(zero[i]) || zero[i] < static_cast<float>(a.input_qmin) ||
+        zero[i] > static_cast<float>(a.input_qmax))
+      return message("input_zero[%zu] = %g must be an integer in [qmin, qmax]", i, static_cast<double>(zero[i]));
+  }
+  if (a.prologue < kPrologueNone || a.prologue > kPrologueGelu)
+    return message("prologue must be 0 (none), 1 (LayerNorm) or 2 (GELU), got %lld",
+                   static_cast<long long>(a.prologue));
+  if (a.prologue == kPrologueLayerNorm &&
+      !(is_vector(a.norm_weight, k) && is_vector(a.norm_bias, k) && is_dense(a.norm_weight, ScalarType::Float) &&
+        is_dense(a.norm_bias, ScalarType::Float)))
+    return "LayerNorm prologue needs float norm_weight and norm_bias [K]";
+  return "";
+}
+
+// Run, step 1: prologue and input codes of `m` rows, in parallel; the outliers
+// found go to `outliers` (one list per task, rows in order).
+QuantizeJob quantize_input(const LinearArgs& a, const LinearOp& op, size_t m, size_t k,
+                           std::vector<std::vector<Outlier>>* outliers) {
+  thread_local Scratch<int8_t> codes_buf;
+  thread_local Scratch<xnn_quantization_params> qparams_buf;
+  thread_local Scratch<int32_t> row_sums_buf;
+  QuantizeJob job{};
+  job.x = a.x.const_data_ptr<float>();
+  if (a.prologue == kPrologueGelu) {  // GELU of the whole input at once (common.h)
+    thread_local Scratch<float> gelu_buf;
+    float* g = gelu_buf.get(m * k, 0);
+    gelu_f32(job.x, g, m * k);
+    job.x = g;
+  }
+  job.rows = m;
+  job.k = k;
+  job.prologue = a.prologue == kPrologueGelu ? kPrologueNone : a.prologue;  // GELU done above
+  if (a.prologue == kPrologueLayerNorm) {
+    job.norm_weight = a.norm_weight.const_data_ptr<float>();
+    job.norm_bias = a.norm_bias.const_data_ptr<float>();
+  }
+  job.norm_eps = a.norm_eps;
+  job.scale = a.input_scale.const_data_ptr<float>();
+  job.zero = a.input_zero.const_data_ptr<float>();
+  job.params = static_cast<size_t>(a.input_scale.numel());
+  job.qmin = static_cast<float>(a.input_qmin);
+  job.qmax = static_cast<float>(a.input_qmax);
+  job.offset = a.input_qmin >= 0 ? 128 : 0;
+  job.threshold = static_cast<float>(a.outlier_threshold);
+  job.want_row_sums = !op.zero_term.empty();
+  job.codes = codes_buf.get(m * k);  // + XNN_EXTRA_BYTES
+  job.qparams = qparams_buf.get(m + VITQ_XNN_EXTRA_QUANTIZATION_PARAMS, 0);
+  job.row_sums = job.want_row_sums ? row_sums_buf.get(m, 0) : nullptr;
+  job.tasks = task_count(m, k * 4);
+  outliers->assign(job.threshold > 0.0f ? job.tasks : 0, {});
+  job.outliers = outliers;
+  parallel_for(job.tasks, [&job](size_t task) { quantize_rows(job, task); });
+  // XNNPACK's kernels read the entries past the last row too and use them for
+  // the padding rows of a partial tile: they must repeat the last row's
+  // parameters, as XNNPACK's own convert operator does
+  // (src/operator-run.c: xnn_compute_pad_qd8_params). Other values change
+  // the last row's result.
+  for (size_t i = m; i < m + VITQ_XNN_EXTRA_QUANTIZATION_PARAMS; ++i) job.qparams[i] = job.qparams[m - 1];
+  return job;
+}
+
+// Run, step 2: the integer GEMM into y (one XNNPACK operator run at a time: it
+// holds setup state). Returns XNNPACK's status and which call failed.
+xnn_status run_gemm(LinearOp& op, const QuantizeJob& job, float* y, const char** failed) {
+  if (op.own) {
+    qs8_gemm_run(op.gemm, job.codes, job.k, job.rows, job.qparams, y);
+    return xnn_status_success;
+  }
+  std::lock_guard<std::mutex> lock(op.run_mutex);
+  pthreadpool_t pool = threadpool();
+  size_t workspace_bytes = 0;
+  *failed = "reshape";
+  xnn_status status = xnn_reshape_fully_connected_nc_qd8_f32_qc8w(op.op.get(), job.rows, &workspace_bytes, pool);
+  if (status != xnn_status_success) return status;
+  if (op.workspace.size() * 8 < workspace_bytes) op.workspace.resize((workspace_bytes + 7) / 8);
+  void* workspace = op.workspace.empty() ? nullptr : op.workspace.data();
+  *failed = "setup";
+  status = xnn_setup_fully_connected_nc_qd8_f32_qc8w(op.op.get(), job.codes, y, workspace, job.qparams);
+  if (status != xnn_status_success) return status;
+  *failed = "run";
+  return xnn_run_operator(op.op.get(), pool);
+}
+
+// Run, step 3: nonzero weight zero points. The GEMM used w', the value is
+// w' - wz, so subtract s_m * ws[n] * wz[n] * sum_k (c - z).
+void subtract_zero_term(const LinearOp& op, const QuantizeJob& job, size_t n, float* y) {
+  const float* zt = op.zero_term.data();
+  for (size_t r = 0; r < job.rows; ++r) {
+    const float s = job.scale[job.params == 1 ? 0 : r % job.params];
+    const float rs = static_cast<float>(job.row_sums[r]) * s;
+    float* yr = y + r * n;
+    for (size_t j = 0; j < n; ++j) yr[j] -= rs * zt[j];
+  }
+}
+
+// Run, step 4: the outliers. Over a row's outliers, sum x * W[n][k] in double,
+// then add it to the row once. The lists hold each task's rows in order, tasks
+// in row order.
+void add_outliers(LinearOp& op, const Weights& w, const std::vector<std::vector<Outlier>>& outliers, float* y) {
+  const size_t n = static_cast<size_t>(w.n), k = static_cast<size_t>(w.k);
+  std::lock_guard<std::mutex> lock(op.run_mutex);
+  if (op.weights_t.empty()) {
+    op.weights_t.resize(n * k);
+    for (size_t r = 0; r < n; ++r)
+      for (size_t c = 0; c < k; ++c)
+        op.weights_t[c * n + r] = static_cast<int8_t>(w.at(static_cast<int64_t>(r), static_cast<int64_t>(c)));
+  }
+  std::vector<double> acc(n, 0.0);
+  size_t row = SIZE_MAX;
+  auto flush = [&] {
+    if (row == SIZE_MAX) return;
+    float* yr = y + row * n;
+    for (size_t j = 0; j < n; ++j) yr[j] += static_cast<float>(acc[j]);
+    std::fill(acc.begin(), acc.end(), 0.0);
+  };
+  for (const auto& list : outliers) {
+    for (const Outlier& o : list) {
+      if (o.row != row) {
+        flush();
+        row = o.row;
+      }
+      add_outlier(o.value, op.weights_t.data() + static_cast<size_t>(o.col) * n, w.zero, w.scale, n, acc.data());
+    }
+  }
+  flush();
+}
+
+}  // namespace
+
+Tensor& linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& weight,
+                   const Tensor& weight_scale, const Tensor& weight_zero, const Tensor& bias,
+                   const Tensor& input_scale, const Tensor& input_zero, int64_t input_qmin,
+                   int64_t input_qmax, double outlier_threshold, int64_t weight_bits,
+                   int64_t prologue, const Tensor& norm_weight, const Tensor& norm_bias,
+                   double norm_eps, Tensor& out) {
+  const LinearArgs a{x, weight, weight_scale, weight_zero, bias, input_scale, input_zero, input_qmin,
+                     input_qmax, outlier_threshold, weight_bits, prologue, norm_weight, norm_bias, norm_eps};
+  ET_KERNEL_CHECK_MSG(ctx, is_dense(out, ScalarType::Float), InvalidArgument, out,
+                      "vitq::linear: out must be a contiguous float tensor");
+  Weights w;
+  const std::string why = check_linear_args(a, &w);
+  ET_KERNEL_CHECK_MSG(ctx, why.empty(), InvalidArgument, out, "vitq::linear: %s", why.c_str());
+  ET_KERNEL_CHECK_MSG(ctx, resize_like_with_last(out, x, w.n) == Error::Ok, InvalidArgument, out,
+                      "vitq::linear: cannot resize out to [..., %lld]", static_cast<long long>(w.n));
+  const size_t m = rows_of(x);
+  if (m == 0) return out;
+  ET_KERNEL_CHECK_MSG(ctx, xnnpack_ready(), NotSupported, out,
+                      "vitq::linear: XNNPACK failed to initialize on this CPU");
+
+  // Plan: the prepacked GEMM of these weights (cached across calls).
+  xnn_status status = xnn_status_success;
+  const OperatorKey key{w.data, weights_checksum(w, /*salt=*/0x6c696e656172ull)};
+  std::shared_ptr<LinearOp> op = linear_cache().get_or_create(key, [&] { return create_linear_op(w, &status); });
+  ET_KERNEL_CHECK_MSG(ctx, op != nullptr, Internal, out,
+                      "vitq::linear: creating the XNNPACK fully-connected operator failed (status %d)",
+                      static_cast<int>(status));
+
+  // Run.
+  std::vector<std::vector<Outlier>> outliers;
+  const QuantizeJob job = quantize_input(a, *op, m, static_cast<size_t>(w.k), &outliers);
+  float* y = out.mutable_data_ptr<float>();
+  const char* failed = "";
+  status = run_gemm(*op, job, y, &failed);
+  ET_KERNEL_CHECK_MSG(ctx, status == xnn_status_success, Internal, out, "vitq::linear: XNNPACK %s failed (status %d)",
+                      failed, static_cast<int>(status));
+  if (job.want_row_sums) subtract_zero_term(*op, job, static_cast<size_t>(w.n), y);
+  size_t outlier_count = 0;
+  for (const auto& list : outliers) outlier_count += list.size();
+  if (outlier_count > 0) add_outliers(*op, w, outliers, y);
+  return out;
+}
+
+}  // namespace vitq
+
+EXECUTORCH_LIBRARY(vitq, "linear.out", vitq::linear_out);
