@@ -120,7 +120,8 @@ def _recipe_help() -> str:
 
 def _bits_help() -> str:
     widths = "; ".join(f"{name}: {cls.bits_choices()}" for name, cls in RECIPES.items())
-    return f"Weight/activation bits, per recipe ({widths}). Default: the recipe's first."
+    return (f"Weight/activation bits, per recipe ({widths}). mixed:N: one width per MSA/MLP module within the "
+            "size of N-bit weights. Default: the recipe's first.")
 
 
 _RECIPE_HELP = _recipe_help()
