@@ -27,7 +27,7 @@ from vitq_edge.build_options import BuildOptions
 from vitq_edge.compare import CompareOptions, compare, write_table
 from vitq_edge.data.datasets import ImageSet
 from vitq_edge.data.fashion_mnist import load_split
-from vitq_edge.lifetime import handle_termination
+from vitq_edge.lifetime import run_script
 from vitq_edge.models.dinov2 import MODEL_NAME as REAL_MODEL
 from vitq_edge.models.dinov2 import probe_meta
 from vitq_edge.models.reference import load_reference_meta, reference_assets
@@ -140,7 +140,6 @@ def main() -> None:
     ap.add_argument("--work", default=None, help="program folders (default build/accuracy-table/<stem name>)")
     ap.add_argument("--render", action="store_true", help="only re-render OUT.md from OUT.json")
     args = ap.parse_args()
-    handle_termination()  # SIGTERM unwinds like Ctrl-C: a stopped run removes its temporary folders
     if args.split == "val" and args.model != "reference":
         ap.error("--split val is the bundled model's; for the real model see tools/adfq_curve.py")
     command = "python tools/accuracy_table.py" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
@@ -158,4 +157,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -24,7 +24,7 @@ from validation_compare import validation_set  # tools/: the same validation spl
 from vitq_edge.artifacts import write_atomic
 from vitq_edge.build_options import BuildOptions
 from vitq_edge.compare import CompareOptions, compare
-from vitq_edge.lifetime import handle_termination
+from vitq_edge.lifetime import run_script
 from vitq_edge.models.dinov2 import MODEL_NAME
 from vitq_edge.recipes import parse_options
 
@@ -40,7 +40,6 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "docs" / "adfq-curve"))
     ap.add_argument("--work", default=str(REPO / "build" / "adfq-curve"))
     args = ap.parse_args()
-    handle_termination()  # SIGTERM unwinds like Ctrl-C: a stopped run removes its temporary folders
     command = "python tools/adfq_curve.py" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
     val = validation_set(args.val_images)
     options = parse_options(args.option)
@@ -77,4 +76,4 @@ def _markdown(points: list[dict], command: str) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -29,6 +29,7 @@ import torch
 import vitq_edge  # noqa: F401  (torchvision shim before timm)
 from validation_compare import validation_set  # tools/: the same validation split
 from vitq_edge.artifacts import write_atomic
+from vitq_edge.lifetime import run_script
 from vitq_edge.models.dinov2 import MODEL_NAME
 from vitq_edge.models.source import default_data, load_model
 from vitq_edge.quant import adfq, vit
@@ -136,4 +137,4 @@ def _markdown(rows: list[dict], names: list[str], command: str, args: argparse.N
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -24,7 +24,7 @@ from pathlib import Path
 import vitq_edge  # noqa: F401  (fixes the torchvision import before timm loads)
 from vitq_edge.build_options import BuildOptions
 from vitq_edge.compare import CompareOptions, compare
-from vitq_edge.lifetime import handle_termination
+from vitq_edge.lifetime import run_script
 
 REPO = Path(__file__).resolve().parents[1]
 # shared/DESIGN.md, measured the same way (1 thread, Pi prefix): the figures to reproduce.
@@ -46,7 +46,6 @@ def main() -> None:
     ap.add_argument("--work", default=str(REPO / "build" / "compare"))
     ap.add_argument("--docs", default=str(REPO / "docs"))
     args = ap.parse_args()
-    handle_termination()  # SIGTERM unwinds like Ctrl-C: a stopped run removes its temporary folders
     command = "python tools/compare_flows.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
     rows = []
@@ -183,4 +182,4 @@ def _chart(rows: list[dict], path: Path) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -28,7 +28,7 @@ from vitq_edge.artifacts import resolve_build, write_atomic
 from vitq_edge.data.datasets import DEFAULT_MAX_IMAGE_PIXELS
 from vitq_edge.device.host_runtime import HostProgram
 from vitq_edge.evaluate import device_logits, eval_inputs
-from vitq_edge.lifetime import handle_termination
+from vitq_edge.lifetime import run_script
 
 
 def host_logits(path: Path, data: str | None, limit: int) -> tuple[np.ndarray, np.ndarray]:
@@ -50,7 +50,6 @@ def main() -> int:
     parser.add_argument("--data", default=None, help="ImageFolder; default: the build's evaluation set")
     parser.add_argument("--out", type=Path, required=True, help="output stem (writes OUT.md, OUT.json)")
     args = parser.parse_args()
-    handle_termination()  # SIGTERM unwinds like Ctrl-C: a stopped run ends the emulator it started
 
     pte, manifest = resolve_build(args.build)
     start = time.monotonic()
@@ -93,4 +92,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_script(main)

@@ -27,6 +27,7 @@ from validation_compare import VAL_START, validation_set  # tools/: the same val
 from vitq_edge.artifacts import write_atomic
 from vitq_edge.data.cifar10 import cifar10_split
 from vitq_edge.data.datasets import ImageSet, image_folder
+from vitq_edge.lifetime import run_script
 from vitq_edge.metrics import accuracy_summary
 from vitq_edge.models.dinov2 import MODEL_NAME
 from vitq_edge.models.source import load_model
@@ -137,4 +138,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -24,6 +24,7 @@ import vitq_edge  # noqa: F401  (torchvision shim before timm)
 from vitq_edge.artifacts import write_atomic
 from vitq_edge.data.cifar10 import cifar10_split
 from vitq_edge.data.datasets import image_folder
+from vitq_edge.lifetime import run_script
 from vitq_edge.models.dinov2 import MODEL_NAME
 from vitq_edge.models.source import load_model
 from vitq_edge.quant import vit
@@ -111,4 +112,4 @@ def _quantized_output(search: IntervalSearch) -> torch.Tensor:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -26,6 +26,7 @@ import torch
 import vitq_edge  # noqa: F401  (fixes the torchvision import before timm loads)
 from vitq_edge.device import get_device
 from vitq_edge.device.base import RunRequest
+from vitq_edge.lifetime import run_script
 from vitq_edge.lower import ops  # noqa: F401  (torch.ops.vitq)
 from vitq_edge.lower.one_op import one_op_program
 from vitq_edge.lower.ops.linear import PROLOGUE_GELU, PROLOGUE_LAYER_NORM, PROLOGUE_NONE
@@ -90,4 +91,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

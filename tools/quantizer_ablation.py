@@ -32,6 +32,8 @@ from validation_compare import VAL_START, validation_set  # tools/: the same val
 from vitq_edge.artifacts import write_atomic
 from vitq_edge.data.cifar10 import cifar10_split
 from vitq_edge.data.datasets import image_folder
+from vitq_edge.errors import VitqError
+from vitq_edge.lifetime import run_script
 from vitq_edge.metrics import accuracy_summary
 from vitq_edge.models.dinov2 import MODEL_NAME
 from vitq_edge.models.source import load_model
@@ -73,9 +75,7 @@ def _ladder(value: str | None, flag: str) -> int | None:
         return None
     kind, _, k = value.partition(":")
     if kind != "log" or not k.isdigit() or int(k) < 1:
-        print(f"error: {flag} {value}: expected log:K with K >= 1 steps per octave, e.g. {flag} log:4",
-              file=sys.stderr)
-        sys.exit(2)
+        raise VitqError(f"{flag} {value}: expected log:K with K >= 1 steps per octave, e.g. {flag} log:4")
     return int(k)
 
 
@@ -126,11 +126,11 @@ def main() -> None:
     args = ap.parse_args()
     probs, gelu = _ladder(args.probs, "--probs"), _ladder(args.gelu, "--gelu")
     if args.search and args.recipe != "liu2021":
-        ap.error("--search is liu2021's interval search; drop it or use --recipe liu2021")
+        raise VitqError("--search is liu2021's interval search; drop it or use --recipe liu2021")
     groups_run = [g for g in GROUPS if args.groups is None
                   or any(g.startswith(w.strip()) for w in args.groups.split(",") if w.strip())]
     if not groups_run:
-        ap.error(f"--groups {args.groups}: no such group; use the first words of {', '.join(GROUPS)}")
+        raise VitqError(f"--groups {args.groups}: no such group; use the first words of {', '.join(GROUPS)}")
     command = "python tools/quantizer_ablation.py" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
     tag = (f"{args.recipe}-{args.bits}" + (f"-probslog{probs}" if probs else "")
            + (f"-gelulog{gelu}" if gelu else "") + ("-searched" if args.search else ""))
@@ -190,4 +190,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

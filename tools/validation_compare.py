@@ -26,7 +26,7 @@ from vitq_edge.build_options import BuildOptions
 from vitq_edge.compare import CompareOptions, compare
 from vitq_edge.data.cifar10 import cifar10_split
 from vitq_edge.data.datasets import ImageSet, image_folder
-from vitq_edge.lifetime import handle_termination
+from vitq_edge.lifetime import run_script
 from vitq_edge.models.dinov2 import MODEL_NAME
 from vitq_edge.recipes import parse_options
 
@@ -49,7 +49,6 @@ def main() -> None:
     ap.add_argument("--option", action="append", default=[], help="recipe config field KEY=VALUE (repeatable)")
     ap.add_argument("--val-images", type=int, default=1000)
     args = ap.parse_args()
-    handle_termination()  # SIGTERM unwinds like Ctrl-C: a stopped run removes its temporary folders
     command = "python tools/validation_compare.py" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
     shared = BuildOptions(model=MODEL_NAME, iters=args.iters, recipe_options=parse_options(args.option))
     compare(CompareOptions(build=shared, programs=args.programs.split(","), devices=[],
@@ -58,4 +57,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)  # SIGTERM unwinds like Ctrl-C: a stopped run removes its temporary folders

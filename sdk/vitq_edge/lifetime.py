@@ -20,8 +20,9 @@ import fcntl
 import os
 import shutil
 import signal
+import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 MARKER = ".vitq-edge-owned"
@@ -49,6 +50,26 @@ def handle_termination() -> None:
     """Turn SIGTERM and SIGHUP into `Terminated` (call once, from the main thread)."""
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_terminated)
+
+
+def run_script(main: Callable[[], int | None]) -> None:
+    """The entry point of a tools/ script: SIGTERM and SIGHUP unwind like Ctrl-C (cleanup runs), and a
+    VitqError, a stop or an interrupt ends it with one `error:` line instead of a traceback."""
+    from vitq_edge.errors import VitqError
+
+    handle_termination()
+    try:
+        code = main()
+    except VitqError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code = 2
+    except Terminated as exc:
+        print(f"error: stopped by {exc}", file=sys.stderr)
+        code = 128 + exc.signum
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        code = 130
+    sys.exit(code or 0)
 
 
 class OwnedDir:
