@@ -58,6 +58,7 @@ def test_default_build_writes_program_manifest_and_report(int8_build):
     _no_stray_files(int8_build.parent, "rpi4")
 
 
+@pytest.mark.slow
 def test_eval_reproduces_the_manifest_accuracy(int8_build):
     manifest = json.loads((int8_build / "manifest.json").read_text())
     result = run_cli("eval", str(int8_build), "--limit", str(EVAL_LIMIT), "--json", "--quiet")
@@ -103,6 +104,7 @@ def test_pte_runs_in_plain_executorch_runtime(int8_build):
     assert int(proc.stdout.strip().splitlines()[-1]) >= 80  # a trained model, so most of 100 are right
 
 
+@pytest.mark.slow
 def test_fp32_recipe_simulation_is_the_float_model(tmp_path):
     out = tmp_path / "fp32"
     result = run_cli("build", "--recipe", "fp32", "--target", "host", "--out", str(out), "--eval-limit", "100",
@@ -113,6 +115,7 @@ def test_fp32_recipe_simulation_is_the_float_model(tmp_path):
     assert acc["pte_agrees_with_simulated"] >= 99.0
 
 
+@pytest.mark.slow
 def test_timm_model_on_rgb_image_folders(tmp_path):
     make_image_folder(tmp_path / "calib", classes=3, per_class=4, mode="RGB", size=48, suffix=".jpg")
     make_image_folder(tmp_path / "eval", classes=3, per_class=3, mode="L", size=40, suffix=".png", seed=1)

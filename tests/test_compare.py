@@ -46,6 +46,7 @@ def tiny_compare(folders: tuple[Path, Path], out: Path, programs: str, *extra: s
                   "--runs", "2", "--target", "host", *TINY, *extra)
 
 
+@pytest.mark.slow
 def test_compare_builds_measures_and_benches_a_users_model(folders, tmp_path):
     out = tmp_path / "cmp"
     result = tiny_compare(folders, out, "fp32,minmax@W8A8,minmax@W4A4")
@@ -104,6 +105,7 @@ def test_compare_refuses_a_folder_it_did_not_write(folders, tmp_path):
     assert "results.md exists" in line and (tmp_path / "docs" / "results.md").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_compare_table_elsewhere_and_cost_only(folders, tmp_path):
     stem = tmp_path / "docs" / "cost"
     result = tiny_compare(folders, tmp_path / "work", "fp32,minmax@W4A4", "--table", str(stem), "--skip-eval",

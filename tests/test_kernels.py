@@ -203,6 +203,7 @@ FORCED_PATHS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", FORCED_PATHS)
 def test_forced_code_paths_match_reference(path):
     """The attention / linear tests again on the code path another CPU takes (forced here): the
@@ -283,6 +284,7 @@ def test_attention_on_emulated_pi_matches_reference(tmp_path, device, signed):
 ASAN_LIB = runtime_dir() / "host-asan" / "lib" / "libvitq_kernels.so"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("VITQ_UNDER_ASAN") == "1", reason="already the sanitized run")
 @pytest.mark.skipif(not ASAN_LIB.is_file(), reason="no AddressSanitizer build (bash tools/build_runtime.sh asan)")
 def test_kernels_under_address_sanitizer():

@@ -502,9 +502,13 @@ def test_cached_block_inputs_equal_the_whole_models_as_quantizers_switch_on(tiny
 @pytest.mark.parametrize("recipe,bits,options", [
     ("minmax", "W8A8", {}), ("minmax", "W4A4", {}),
     ("liu2021", "W6A6", {"candidates": 12}), ("liu2021", "mixed:6", {"candidates": 8, "mp_candidates": 4}),
-    ("liu2021", "mixed:6", {"candidates": 8, "mp_candidates": 4, "mp_normalise": "kind"}),
-    ("liu2021", "mixed:6", {"candidates": 8, "mp_candidates": 4, "mp_output": "block"}),
-    ("liu2021", "mixed:6", {"candidates": 8, "mp_candidates": 4, "mp_output": "model"}),
+    # The sensitivity variants are 1-2 min each here: the full suite runs them (slow).
+    pytest.param("liu2021", "mixed:6", {"candidates": 8, "mp_candidates": 4, "mp_normalise": "kind"},
+                 marks=pytest.mark.slow),
+    pytest.param("liu2021", "mixed:6", {"candidates": 8, "mp_candidates": 4, "mp_output": "block"},
+                 marks=pytest.mark.slow),
+    pytest.param("liu2021", "mixed:6", {"candidates": 8, "mp_candidates": 4, "mp_output": "model"},
+                 marks=pytest.mark.slow),
     ("adfq", "W4A4", {"iters": 30}), ("adfq", "W8A8", {"iters": 0}),
     ("adfq", "W4A4", {"iters": 10, "act_calibration": "sequential", "round_gradient": "none"}),
     ("adfq", "W6A6", {"iters": 0, "act_calibration": "sequential"}),
@@ -661,6 +665,7 @@ def test_bad_recipe_configs_name_the_problem(name, bits, options, fragment):
 
 # ---- the CLI ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_build_with_a_paper_recipe_writes_its_quantization_into_the_manifest(tmp_path):
     out = tmp_path / "minmax"
     result = run_cli("build", "--recipe", "minmax", "--bits", "W4A4", "--calib-limit", "128", "--eval-limit", "100",
