@@ -49,6 +49,7 @@ def main() -> int:
                     help="a finished build for the eval/bench cases (default: the README's main job, build/rpi4)")
     args = ap.parse_args()
     script = Path(sys.executable).parent / "vitq-edge"
+    command = "python tools/cli_latency.py" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
     rows = []
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -76,7 +77,7 @@ def main() -> int:
     lines = [
         "# How fast the CLI answers without work",
         "",
-        f"Command: `python tools/cli_latency.py --runs {args.runs}`; {platform.system()} {platform.machine()}, "
+        f"Command: `{command}`; {platform.system()} {platform.machine()}, "
         f"{os.cpu_count()} CPU cores. Each command is a fresh process ({args.runs} runs: median and slowest wall "
         f"time). Target: under {TARGET_S} s.",
         "",
