@@ -112,9 +112,7 @@ def staged_dir(out: Path) -> Iterator[Path]:
         for kind in ("tmp", "old"):
             sweep(out.parent, f".{out.name}.{kind}-")
         stage = OwnedDir(f".{out.name}.tmp-", out.parent)
-        umask = os.umask(0)
-        os.umask(umask)
-        stage.path.chmod(0o777 & ~umask)  # mkdtemp makes it private; a build folder is not
+        stage.path.chmod(0o777 & ~_umask())  # mkdtemp makes it private; a build folder is not
     except OSError as exc:
         raise VitqError(f"cannot write output folder {out} ({exc.strerror}); choose a writable --out") from None
     old = None
@@ -154,7 +152,7 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], None], mode: int | None
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, _new_file_mode() if mode is None else mode)
+        os.chmod(tmp, 0o666 & ~_umask() if mode is None else mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -162,10 +160,11 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], None], mode: int | None
         raise
 
 
-def _new_file_mode() -> int:
+def _umask() -> int:
+    """The process's umask (reading it means setting it; it is put back at once)."""
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
 
 
 def file_sha256(path: Path) -> str:

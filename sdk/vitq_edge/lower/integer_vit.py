@@ -52,8 +52,8 @@ def _f32(t: torch.Tensor) -> float:
 
 
 def weight_integers(op: vit.QuantLinear | vit.QuantConv2d, path: str) -> dict[str, torch.Tensor | int]:
-    """The weight as vitq::linear takes it: integers w', scale and zero per output channel."""
-    _require(vit.why_not_integer_weight(op, path))
+    """The weight as vitq::linear takes it: integers w', scale and zero per output channel.
+    The caller has checked the layer with `vit.why_not_integer`."""
     wq = op.weight_quant
     base = wq.base if isinstance(wq, AdaRoundQuantizer) else wq
     w, zero, scale = vit.weight_integer_form(op)
@@ -174,7 +174,6 @@ class IntPatchEmbed(nn.Module):
         p = conv.weight.shape[-1]
         if not (isinstance(pe, PatchEmbed) and pe.flatten and not getattr(pe, "dynamic_img_pad", False)):
             raise NotLowerable("the patch embedding is not a plain flattening PatchEmbed")
-        _require(vit.why_not_integer(conv, "patch_embed.proj"))
         self.patch, self.norm = p, pe.norm
         self.linear = IntLinear(conv, "patch_embed.proj")
         # What VisionTransformer reads from its patch_embed besides calling it.
