@@ -196,12 +196,14 @@ build_plugin() {
     if [ ! -f "$t" ] || [ runtime/qemu_plugin/selftest.S -nt "$t" ]; then
         aarch64-linux-gnu-gcc -nostdlib -static runtime/qemu_plugin/selftest.S -o "$t"
     fi
-    for gran in tb insn; do
+    # The inline counter per block and per instruction, and the schedule mode's per-thread
+    # counts (spans are their sum; the self-test declares no thread pool).
+    for mode in granularity=tb granularity=insn threads=2; do
         rm -f "$t.json"
-        qemu-aarch64 -plugin "$lib,out=$t.json,granularity=$gran" "$t" \
+        qemu-aarch64 -plugin "$lib,out=$t.json,$mode" "$t" \
             || die "[plugin] qemu-aarch64 could not run the self-test with the plugin (a qemu-aarch64-static cannot load plugins)"
-        got=$(sed -nE 's/.*"spans": (\[[^]]*\]).*/\1/p' "$t.json")
-        [ "$got" = "$want" ] || die "[plugin] self-test ($gran): spans $got, expected $want"
+        got=$(sed -nE 's/.*"markers": \[[^]]*\], "spans": (\[[^]]*\]).*/\1/p' "$t.json")
+        [ "$got" = "$want" ] || die "[plugin] self-test ($mode): spans $got, expected $want"
     done
     log "[plugin] ready (self-test passed): qemu-aarch64 -plugin $lib,out=COUNTS.json ..."
 }

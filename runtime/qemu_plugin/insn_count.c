@@ -38,6 +38,7 @@
  *                     rest of that block too. A marker's svc ends its block,
  *                     so the snapshots themselves are exact in both modes
  *                     (vitq-runner spans measured equal in both).
+ *   threads=N         the schedule mode (below): model an N-thread run
  *
  * Counting uses inline TCG ops on one shared 64-bit counter. In QEMU 7.2
  * inline ops are NOT thread-safe: every vCPU (every guest thread in
@@ -49,12 +50,35 @@
  * in the spans ("max_threads_in_spans", "exact"); treat counts with
  * "exact": false as approximate.
  *
+ * threads=N (the schedule mode, for multi-threaded runs): every guest thread
+ * counts its own instructions (one callback per executed block instead of the
+ * shared inline counter), split by where they run: in the thread pool's code
+ * (pthreadpool: scheduling, spinning, sleeping, and the libc calls it makes by
+ * a plain branch) or outside it. The runner declares the pool's code range
+ * once, before its first marker (see POOL_CODE_MAGIC). A stretch of code the
+ * pool reaches by an indirect call (blr) and that returns into the pool is one
+ * pool *task*; the main thread's code outside the pool and outside tasks is the
+ * *serial* part; the tasks the pool hands out between the main thread's entry
+ * into the pool and its return form one parallel *region*. Which thread runs
+ * which task under emulation depends on how the host schedules its threads (two
+ * host cores for four guest threads here), so per-thread counts are reported
+ * but not used as the cost. Each task's count does not depend on the host, so
+ * the N-thread cost is modelled from them: per span,
+ *
+ *     critical_path = serial + sum over regions of makespan(region's tasks, N)
+ *
+ * where makespan is the longest-processing-time-first list schedule on N
+ * equal threads (what pthreadpool's even split plus work stealing achieves on
+ * equal cores, to within one task). Pool instructions -- waiting above all --
+ * are left out. See runtime/qemu_plugin/README.md.
+ *
  * Build (the header comes from the QEMU source; see tools/build_runtime.sh):
  *   gcc -O2 -shared -fPIC -I<dir with qemu-plugin.h> insn_count.c -o libinsn_count.so
  */
 
 #include <errno.h>
 #include <inttypes.h>
+#include <pthread.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -65,9 +89,18 @@
 
 QEMU_PLUGIN_EXPORT int qemu_plugin_version = QEMU_PLUGIN_VERSION;
 
-#define INSN_COUNT_FORMAT_VERSION 1
+#define INSN_COUNT_FORMAT_VERSION 2
 
-/* The running total, updated by inline TCG ops (see the thread-safety note). */
+/* A marker syscall whose first argument is this value is not a marker: it
+ * declares the thread pool's code, [second argument, third argument) (the
+ * runner's declare_pool_code). Plain getppid() leaves x0 as it is, and no
+ * caller's x0 holds this by accident. */
+#define POOL_CODE_MAGIC UINT64_C(0x7669747120706f6f) /* "vitq poo" */
+
+/* ---------------------------------------------------------------- counting */
+
+/* The running total, updated by inline TCG ops (see the thread-safety note);
+ * in the schedule mode, the sum of the per-thread counts at each marker. */
 static uint64_t insn_total;
 
 /* Snapshots of insn_total at each marker syscall, in order. Written from the
@@ -88,11 +121,271 @@ static unsigned threads_created, threads_live, span_max_live, max_live_in_spans;
 
 static bool in_span(void) { return n_markers % 2 == 1; }
 
+/* ------------------------------------------------------- the schedule mode */
+
+static unsigned model_threads; /* threads=N; 0 = the inline counter only */
+static uint64_t pool_lo, pool_hi; /* the pool's code, once declared */
+
+/* How a translation block ends, from its last instruction (AArch64 encodings;
+ * the pointer-authenticating forms too). */
+enum exit_kind { EXIT_OTHER = 0, EXIT_CALL = 1, EXIT_JUMP = 2, EXIT_RET = 3 };
+
+static enum exit_kind exit_of(uint32_t insn) {
+    if ((insn & 0xfffffc1fu) == 0xd63f0000u) return EXIT_CALL;  /* blr */
+    if ((insn & 0xfefff800u) == 0xd63f0800u) return EXIT_CALL;  /* blraa/blrab(z) */
+    if ((insn & 0xfffffc1fu) == 0xd61f0000u) return EXIT_JUMP;  /* br */
+    if ((insn & 0xfefff800u) == 0xd61f0800u) return EXIT_JUMP;  /* braa/brab(z) */
+    if ((insn & 0xfffffc1fu) == 0xd65f0000u) return EXIT_RET;   /* ret */
+    if ((insn & 0xfffffbffu) == 0xd65f0bffu) return EXIT_RET;   /* retaa/retab */
+    return EXIT_OTHER;
+}
+
+/* A block's facts, packed into its callback's user data (no allocation per
+ * translation): guest address (48 bits), instruction count, exit kind. */
+#define VADDR_BITS 48
+#define VADDR_MASK ((UINT64_C(1) << VADDR_BITS) - 1)
+
+static uint64_t pack_tb(uint64_t vaddr, size_t n, enum exit_kind e) {
+    return (vaddr & VADDR_MASK) | ((uint64_t)(n & 0x3fff) << VADDR_BITS) | ((uint64_t)e << 62);
+}
+
+/* Where a guest thread is, as far as the pool is concerned. */
+enum where {
+    OUTSIDE,     /* the thread's own code: the main thread's serial part */
+    POOL,        /* the pool's code */
+    POOL_CALLEE, /* code the pool jumped to (libc's futex, sched_yield): pool */
+    TASK,        /* a task: reached from the pool by an indirect call */
+    TASK_IN_POOL /* the pool's code called from inside a task: task work */
+};
+
+typedef struct {
+    uint64_t work;       /* instructions outside the pool */
+    uint64_t pool;       /* instructions in the pool and what it jumps to */
+    uint64_t serial;     /* work outside tasks (the main thread's serial part) */
+    uint64_t task_start; /* `work` when the running task began */
+    uint64_t span_work, span_pool, span_serial; /* the counters when the span opened */
+    uint8_t where;
+    uint8_t last_exit;   /* how the thread's previous block ended */
+} vcpu_state;
+
+/* qemu-user numbers threads from 0 and reuses the numbers of exited ones, so
+ * this bounds the threads alive at once (the runner refuses --threads > 256). */
+#define MAX_VCPUS 1024
+static vcpu_state vcpus[MAX_VCPUS];
+static bool vcpu_overflow, vaddr_overflow;
+
+static unsigned main_vcpu;               /* the thread that runs the markers */
+static uint32_t region;                  /* the main thread's parallel region, in this span */
+
+/* The tasks of the open span: (region, instructions). Appended by whichever
+ * thread finishes a task, read by the main thread when the span closes. */
+typedef struct { uint32_t region; uint64_t insns; } task_record;
+static task_record* tasks;
+static size_t n_tasks, cap_tasks;
+static bool tasks_oom;
+static pthread_mutex_t tasks_lock = PTHREAD_MUTEX_INITIALIZER;
+
+/* One span's schedule, kept for the report. */
+typedef struct {
+    uint64_t critical_path, serial, task_work, largest_task, pool, untracked;
+    uint64_t busiest_thread;  /* the most work one thread did under emulation */
+    size_t tasks, regions;
+    unsigned threads_seen;
+} span_schedule;
+static span_schedule* schedules;
+static size_t n_schedules, cap_schedules;
+
+static void record_task(uint64_t insns) {
+    pthread_mutex_lock(&tasks_lock);
+    if (n_tasks == cap_tasks) {
+        const size_t cap = cap_tasks ? 2 * cap_tasks : 4096;
+        task_record* p = realloc(tasks, cap * sizeof *p);
+        if (p == NULL) {
+            tasks_oom = true;
+            pthread_mutex_unlock(&tasks_lock);
+            return;
+        }
+        tasks = p;
+        cap_tasks = cap;
+    }
+    tasks[n_tasks].region = __atomic_load_n(&region, __ATOMIC_ACQUIRE);
+    tasks[n_tasks].insns = insns;
+    ++n_tasks;
+    pthread_mutex_unlock(&tasks_lock);
+}
+
+/* The block callback of the schedule mode: the thread's state machine. */
+static void tb_exec(unsigned int vcpu_index, void* udata) {
+    if (vcpu_index >= MAX_VCPUS) {
+        vcpu_overflow = true;
+        return;
+    }
+    vcpu_state* s = &vcpus[vcpu_index];
+    const uint64_t info = (uint64_t)(uintptr_t)udata;
+    const uint64_t vaddr = info & VADDR_MASK;
+    const uint64_t n = (info >> VADDR_BITS) & 0x3fff;
+    const enum exit_kind exit = (enum exit_kind)(info >> 62);
+    const bool in_pool = vaddr >= pool_lo && vaddr < pool_hi;
+    const enum exit_kind came_by = (enum exit_kind)s->last_exit;
+    s->last_exit = (uint8_t)exit;
+    switch ((enum where)s->where) {
+        case OUTSIDE:
+            if (in_pool) {
+                s->where = POOL;
+                if (vcpu_index == main_vcpu && in_span())
+                    __atomic_add_fetch(&region, 1, __ATOMIC_RELEASE);
+            }
+            break;
+        case POOL:
+            if (!in_pool) {
+                if (came_by == EXIT_CALL) {
+                    s->where = TASK;
+                    s->task_start = s->work;
+                } else {
+                    s->where = came_by == EXIT_JUMP ? POOL_CALLEE : OUTSIDE;
+                }
+            }
+            break;
+        case POOL_CALLEE:
+            if (in_pool) s->where = POOL;
+            break;
+        case TASK:
+            if (in_pool) {
+                if (came_by == EXIT_RET) {  /* the task returned to the pool */
+                    if (in_span()) record_task(s->work - s->task_start);
+                    s->where = POOL;
+                } else {
+                    s->where = TASK_IN_POOL;
+                }
+            }
+            break;
+        case TASK_IN_POOL:
+            if (!in_pool && came_by == EXIT_RET) s->where = TASK;
+            break;
+    }
+    switch ((enum where)s->where) {
+        case POOL:
+        case POOL_CALLEE:
+            s->pool += n;
+            break;
+        case OUTSIDE:
+            s->serial += n;
+            s->work += n;
+            break;
+        default:
+            s->work += n;
+    }
+}
+
+static int by_size_descending(const void* a, const void* b) {
+    const uint64_t x = *(const uint64_t*)a, y = *(const uint64_t*)b;
+    return x < y ? 1 : x > y ? -1 : 0;
+}
+
+/* Longest task first, each to the least loaded of `threads` equal threads;
+ * returns the most loaded thread's total. Sorts `costs`. */
+static uint64_t makespan(uint64_t* costs, size_t n, unsigned threads, uint64_t* load) {
+    qsort(costs, n, sizeof *costs, by_size_descending);
+    memset(load, 0, threads * sizeof *load);
+    for (size_t i = 0; i < n; ++i) {
+        unsigned least = 0;
+        for (unsigned t = 1; t < threads; ++t)
+            if (load[t] < load[least]) least = t;
+        load[least] += costs[i];
+    }
+    uint64_t most = 0;
+    for (unsigned t = 0; t < threads; ++t)
+        if (load[t] > most) most = load[t];
+    return most;
+}
+
+static uint64_t sum_counts(void) {
+    uint64_t total = 0;
+    for (unsigned v = 0; v < MAX_VCPUS; ++v)
+        total += __atomic_load_n(&vcpus[v].work, __ATOMIC_RELAXED) +
+                 __atomic_load_n(&vcpus[v].pool, __ATOMIC_RELAXED);
+    return total;
+}
+
+static void open_schedule(unsigned vcpu_index) {
+    main_vcpu = vcpu_index;
+    __atomic_store_n(&region, 0, __ATOMIC_RELEASE);
+    pthread_mutex_lock(&tasks_lock);
+    n_tasks = 0;
+    pthread_mutex_unlock(&tasks_lock);
+    for (unsigned v = 0; v < MAX_VCPUS; ++v) {
+        vcpu_state* s = &vcpus[v];
+        s->span_work = __atomic_load_n(&s->work, __ATOMIC_RELAXED);
+        s->span_pool = __atomic_load_n(&s->pool, __ATOMIC_RELAXED);
+        s->span_serial = __atomic_load_n(&s->serial, __ATOMIC_RELAXED);
+    }
+}
+
+/* The span closes (on the main thread; the pool's workers are idle): its
+ * modelled N-thread cost and what each thread did under emulation. */
+static void close_schedule(void) {
+    span_schedule sc;
+    memset(&sc, 0, sizeof sc);
+    for (unsigned v = 0; v < MAX_VCPUS; ++v) {
+        const vcpu_state* s = &vcpus[v];
+        const uint64_t work = __atomic_load_n(&s->work, __ATOMIC_RELAXED) - s->span_work;
+        const uint64_t serial = __atomic_load_n(&s->serial, __ATOMIC_RELAXED) - s->span_serial;
+        sc.pool += __atomic_load_n(&s->pool, __ATOMIC_RELAXED) - s->span_pool;
+        if (work > sc.busiest_thread) sc.busiest_thread = work;
+        if (work) ++sc.threads_seen;
+        if (v == main_vcpu) sc.serial = serial;
+        else sc.untracked += serial;  /* a worker's code outside tasks: should be ~0 */
+    }
+    pthread_mutex_lock(&tasks_lock);
+    uint64_t* costs = malloc((n_tasks ? n_tasks : 1) * sizeof *costs);
+    uint64_t* load = malloc(model_threads * sizeof *load);
+    if (costs == NULL || load == NULL) {
+        tasks_oom = true;
+    } else {
+        sc.critical_path = sc.serial;
+        sc.tasks = n_tasks;
+        /* Records arrive in region order: a region's tasks all finish before
+         * the main thread leaves the pool, and the next region starts after. */
+        for (size_t i = 0; i < n_tasks;) {
+            size_t j = i, k = 0;
+            while (j < n_tasks && tasks[j].region == tasks[i].region) {
+                costs[k++] = tasks[j].insns;
+                sc.task_work += tasks[j].insns;
+                if (tasks[j].insns > sc.largest_task) sc.largest_task = tasks[j].insns;
+                ++j;
+            }
+            sc.critical_path += makespan(costs, k, model_threads, load);
+            ++sc.regions;
+            i = j;
+        }
+    }
+    free(costs);
+    free(load);
+    pthread_mutex_unlock(&tasks_lock);
+    if (n_schedules == cap_schedules) {
+        const size_t cap = cap_schedules ? 2 * cap_schedules : 64;
+        span_schedule* p = realloc(schedules, cap * sizeof *p);
+        if (p == NULL) {
+            tasks_oom = true;
+            return;
+        }
+        schedules = p;
+        cap_schedules = cap;
+    }
+    schedules[n_schedules++] = sc;
+}
+
+/* ------------------------------------------------------------- callbacks */
+
 static void vcpu_init(qemu_plugin_id_t id, unsigned int vcpu_index) {
-    (void)id; (void)vcpu_index;
+    (void)id;
     ++threads_created;
     ++threads_live;
     if (in_span() && threads_live > span_max_live) span_max_live = threads_live;
+    if (vcpu_index < MAX_VCPUS) {  /* a reused number starts a new thread */
+        vcpus[vcpu_index].where = OUTSIDE;
+        vcpus[vcpu_index].last_exit = EXIT_OTHER;
+    }
 }
 
 static void vcpu_exit(qemu_plugin_id_t id, unsigned int vcpu_index) {
@@ -103,7 +396,21 @@ static void vcpu_exit(qemu_plugin_id_t id, unsigned int vcpu_index) {
 static void tb_trans(qemu_plugin_id_t id, struct qemu_plugin_tb* tb) {
     (void)id;
     const size_t n = qemu_plugin_tb_n_insns(tb);
-    if (per_insn) {
+    if (model_threads) {
+        const uint64_t vaddr = qemu_plugin_tb_vaddr(tb);
+        if (vaddr > VADDR_MASK || n > 0x3fff) vaddr_overflow = true;
+        enum exit_kind e = EXIT_OTHER;
+        if (n) {
+            const struct qemu_plugin_insn* last = qemu_plugin_tb_get_insn(tb, n - 1);
+            if (qemu_plugin_insn_size(last) == 4) {
+                uint32_t word;
+                memcpy(&word, qemu_plugin_insn_data(last), 4);
+                e = exit_of(word);
+            }
+        }
+        qemu_plugin_register_vcpu_tb_exec_cb(tb, tb_exec, QEMU_PLUGIN_CB_NO_REGS,
+                                             (void*)(uintptr_t)pack_tb(vaddr, n, e));
+    } else if (per_insn) {
         for (size_t i = 0; i < n; ++i)
             qemu_plugin_register_vcpu_insn_exec_inline(qemu_plugin_tb_get_insn(tb, i),
                                                        QEMU_PLUGIN_INLINE_ADD_U64,
@@ -119,9 +426,14 @@ static void tb_trans(qemu_plugin_id_t id, struct qemu_plugin_tb* tb) {
 static void on_syscall(qemu_plugin_id_t id, unsigned int vcpu_index, int64_t num,
                        uint64_t a1, uint64_t a2, uint64_t a3, uint64_t a4,
                        uint64_t a5, uint64_t a6, uint64_t a7, uint64_t a8) {
-    (void)id; (void)vcpu_index;
-    (void)a1; (void)a2; (void)a3; (void)a4; (void)a5; (void)a6; (void)a7; (void)a8;
+    (void)id;
+    (void)a4; (void)a5; (void)a6; (void)a7; (void)a8;
     if (num != marker_syscall || markers_oom) return;
+    if (a1 == POOL_CODE_MAGIC) {
+        pool_lo = a2;
+        pool_hi = a3;
+        return;
+    }
     if (n_markers == cap_markers) {
         const size_t cap = cap_markers ? 2 * cap_markers : 256;
         uint64_t* p = realloc(markers, cap * sizeof *p);
@@ -132,45 +444,89 @@ static void on_syscall(qemu_plugin_id_t id, unsigned int vcpu_index, int64_t num
         markers = p;
         cap_markers = cap;
     }
+    if (model_threads) insn_total = sum_counts();
     markers[n_markers++] = insn_total;
     if (in_span()) {
         span_max_live = threads_live;  /* a span opens */
-    } else if (span_max_live > max_live_in_spans) {
-        max_live_in_spans = span_max_live;  /* a span closes */
+        if (model_threads) open_schedule(vcpu_index);
+    } else {
+        if (span_max_live > max_live_in_spans) max_live_in_spans = span_max_live;  /* a span closes */
+        if (model_threads) close_schedule();
     }
 }
 
+/* The schedule mode's part of the report: null, or
+ *   {"threads": N, "pool_code": [lo, hi] or null, "spans": [{...}, ...]}
+ * with one object per span (see span_schedule). */
+static void write_schedule(FILE* f) {
+    if (!model_threads) {
+        fputs("null", f);
+        return;
+    }
+    fprintf(f, "{\"threads\": %u, \"pool_code\": ", model_threads);
+    if (pool_hi > pool_lo)
+        fprintf(f, "[%" PRIu64 ", %" PRIu64 "]", pool_lo, pool_hi);
+    else
+        fputs("null", f);
+    fputs(", \"spans\": [", f);
+    for (size_t i = 0; i < n_schedules; ++i) {
+        const span_schedule* sc = &schedules[i];
+        fprintf(f,
+                "%s{\"critical_path\": %" PRIu64 ", \"serial\": %" PRIu64
+                ", \"task_work\": %" PRIu64 ", \"tasks\": %zu, \"regions\": %zu"
+                ", \"largest_task\": %" PRIu64 ", \"pool\": %" PRIu64
+                ", \"untracked\": %" PRIu64 ", \"busiest_thread\": %" PRIu64
+                ", \"threads_seen\": %u}",
+                i ? ", " : "", sc->critical_path, sc->serial, sc->task_work, sc->tasks,
+                sc->regions, sc->largest_task, sc->pool, sc->untracked, sc->busiest_thread,
+                sc->threads_seen);
+    }
+    fputs("]}", f);
+}
+
 /* Writes the JSON report, one line:
- *   {"plugin": "insn_count", "format": 1, "target": "aarch64",
+ *   {"plugin": "insn_count", "format": 2, "target": "aarch64",
  *    "marker_syscall": 173, "granularity": "tb",
  *    "threads_created": 4, "max_threads_in_spans": 1, "exact": true,
  *    "total": <all guest instructions until exit>,
  *    "markers": [<running total at each marker>, ...],
  *    "spans": [<markers[2i+1] - markers[2i]>, ...],
- *    "unpaired_marker": false, "error": null}
- * "exact" is false when more than one guest thread was alive during some span:
- * the shared counter is then racy and includes the other threads' work.
+ *    "schedule": null, "unpaired_marker": false, "error": null}
+ * "exact" is false when more than one guest thread was alive during some span
+ * of the inline counter (racy, includes the other threads' work), or when the
+ * schedule mode lost track (too many threads, addresses, memory). In the
+ * schedule mode ("granularity": "schedule") spans are every thread's
+ * instructions, waiting included; "schedule" holds the modelled cost.
  * "unpaired_marker" is true for an odd number of markers (the last one has no
  * partner, e.g. the guest died inside a forward call); it is not in a span. */
 static void write_report(FILE* f) {
     unsigned max_live = max_live_in_spans;
     if (in_span() && span_max_live > max_live) max_live = span_max_live;
+    const bool lost = markers_oom || tasks_oom || vcpu_overflow || vaddr_overflow;
+    const bool exact = !lost && (model_threads ? pool_hi > pool_lo : max_live <= 1);
     fprintf(f,
             "{\"plugin\": \"insn_count\", \"format\": %d, \"target\": \"%s\", "
             "\"marker_syscall\": %" PRId64 ", \"granularity\": \"%s\", "
             "\"threads_created\": %u, \"max_threads_in_spans\": %u, \"exact\": %s, "
             "\"total\": %" PRIu64 ", \"markers\": [",
             INSN_COUNT_FORMAT_VERSION, target_name, marker_syscall,
-            per_insn ? "insn" : "tb", threads_created, max_live,
-            max_live <= 1 && !markers_oom ? "true" : "false", insn_total);
+            model_threads ? "schedule" : per_insn ? "insn" : "tb", threads_created, max_live,
+            exact ? "true" : "false", model_threads ? sum_counts() : insn_total);
     for (size_t i = 0; i < n_markers; ++i)
         fprintf(f, "%s%" PRIu64, i ? ", " : "", markers[i]);
     fputs("], \"spans\": [", f);
     for (size_t i = 0; i + 1 < n_markers; i += 2)
         fprintf(f, "%s%" PRIu64, i ? ", " : "", markers[i + 1] - markers[i]);
-    fprintf(f, "], \"unpaired_marker\": %s, \"error\": %s}\n",
-            n_markers % 2 ? "true" : "false",
-            markers_oom ? "\"out of memory: later markers were dropped\"" : "null");
+    fputs("], \"schedule\": ", f);
+    write_schedule(f);
+    const char* error = markers_oom    ? "\"out of memory: later markers were dropped\""
+                        : tasks_oom    ? "\"out of memory: tasks were dropped\""
+                        : vcpu_overflow ? "\"more than 1024 guest threads\""
+                        : vaddr_overflow ? "\"a code address above 2^48\""
+                        : model_threads && pool_hi <= pool_lo
+                            ? "\"the runner declared no thread-pool code (threads=N needs vitq-runner)\""
+                            : "null";
+    fprintf(f, ", \"unpaired_marker\": %s, \"error\": %s}\n", n_markers % 2 ? "true" : "false", error);
 }
 
 static void at_exit(qemu_plugin_id_t id, void* userdata) {
@@ -235,13 +591,22 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_
                 return -1;
             }
             marker_syscall = n;
+        } else if (key_len == 7 && strncmp(a, "threads", 7) == 0 && *val) {
+            char* end = NULL;
+            errno = 0;
+            const long n = strtol(val, &end, 10);
+            if (errno || *end || n < 1 || n > 256) {
+                fprintf(stderr, "insn_count: threads= expects 1..256, got '%s'\n", val);
+                return -1;
+            }
+            model_threads = (unsigned)n;
         } else if (key_len == 11 && strncmp(a, "granularity", 11) == 0 &&
                    (strcmp(val, "tb") == 0 || strcmp(val, "insn") == 0)) {
             per_insn = strcmp(val, "insn") == 0;
         } else {
             fprintf(stderr,
                     "insn_count: unknown or malformed argument '%s' "
-                    "(expected out=PATH, syscall=N, granularity=tb|insn)\n", a);
+                    "(expected out=PATH, syscall=N, granularity=tb|insn, threads=N)\n", a);
             return -1;
         }
     }
