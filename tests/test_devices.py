@@ -163,6 +163,33 @@ def test_emulated_instruction_counts_repeat_exactly(build_copy):
     assert [b["instructions_per_inference"] for b in manifest["benchmarks"]] == [first, first]
 
 
+def test_emulated_critical_path_of_two_threads(build_copy):
+    """--threads 2 on an emulated Pi: the modelled critical path, repeatable, between the
+    work of all threads split evenly and the one-thread count."""
+    if not PLUGIN.is_file():
+        pytest.skip(f"the qemu plugin {PLUGIN} is not built (tools/build_runtime.sh)")
+
+    def bench(threads: int) -> dict:
+        result = run_cli("bench", str(build_copy), "--device", "emulated-rpi4", "--runs", "2", "--threads",
+                         str(threads), "--json", "--quiet", "--no-record")
+        assert result.code == 0, result.stderr[-3000:]
+        return json.loads(result.stdout)["instructions"]
+
+    one = bench(1)
+    assert one["method"] == "one thread" and one["exact"]
+    runs = [bench(2), bench(2)]
+    for ins in runs:
+        assert ins["method"] == "critical path" and ins["exact"] and ins["threads"] == 2, ins
+        # The pool's code was recognised: the workers ran nothing but tasks and the pool.
+        assert ins["untracked"] <= ins["work"] // 1000, ins
+        assert ins["tasks"] > ins["regions"] > 0, ins
+        # The same program's work, whatever the split (tiles are planned per thread count).
+        assert abs(ins["work"] - one["per_inference"]) < 0.1 * one["per_inference"], (ins, one)
+        assert ins["work"] / 2 <= ins["per_inference"] < 0.9 * one["per_inference"], (ins, one)
+    first, second = (ins["per_inference"] for ins in runs)
+    assert abs(first - second) <= 0.02 * first, (first, second)
+
+
 def test_bench_without_plugin_skips_counting_with_a_note(build_copy, tmp_path):
     runtime = tmp_path / "runtime"
     runtime.mkdir()

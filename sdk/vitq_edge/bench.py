@@ -156,6 +156,12 @@ def format_bench(r: dict, top: int | None = None) -> str:
         spread = "" if ins["min"] == ins["max"] else f", min {ins['min']:,} max {ins['max']:,}"
         lines.append(f"  instructions  {ins['per_inference']:,} per inference "
                      f"({'exact' if ins['exact'] else 'approximate'}, {ins['inferences']} inferences{spread})")
+        if ins.get("method") == "critical path":
+            pad = " " * 16
+            lines.append(f"{pad}= the critical path of {ins['threads']} threads: serial {ins['serial']:,} + the "
+                         f"busiest thread in each of {ins['regions']} parallel regions ({ins['tasks']:,} pool tasks)")
+            lines.append(f"{pad}work on all threads {ins['work']:,} ({ins['work'] / ins['per_inference']:.2f}x the "
+                         f"critical path); the pool's own {ins['pool']:,} (waiting, scheduling) left out")
     kind = "emulated wall time, not the board's" if r["latency_is_emulated"] else "wall time"
     lines.append(f"  latency       median {lat['median']:.2f} ms, min {lat['min']:.2f}, p90 {lat['p90']:.2f}, "
                  f"mean {lat['mean']:.2f} ({r['runs']} runs after {r['warmup']} warmup, {threads}; {kind})")

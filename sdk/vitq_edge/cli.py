@@ -298,7 +298,8 @@ def _check_eval_inputs(path: str, data: str | None, device: str | None) -> None:
               help="Timed forward calls.  [default: 10; 3 on emulated devices]")
 @click.option("--warmup", type=click.IntRange(min=0), default=1, help="Untimed forward calls first.")
 @click.option("--threads", type=click.IntRange(min=0), default=1,
-              help="Runner thread-pool size; 0 = one per core. 1 keeps emulated instruction counts exact.")
+              help="Runner thread-pool size; 0 = one per core. On emulated devices more than 1 reports the "
+                   "modelled critical path of that many threads as the instruction count.")
 @click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=None, metavar="SECONDS",
               help="Stop and fail after SECONDS.")
 @click.option("--no-record", is_flag=True, help="Do not append the result to the build's manifest.json.")

@@ -137,27 +137,49 @@ def instruction_summary(counts: dict, warmup: int, threads: int) -> dict:
     """The insn_count plugin's report -> per-inference counts of the timed forward calls.
 
     The runner marks every forward call, warmup calls first, so the first `warmup`
-    spans are dropped. `threads` is the pool size the runner ran with.
+    spans are dropped. `threads` is the pool size the runner ran with. With one
+    thread the cost is the thread's instruction count. With more, the plugin ran in
+    its schedule mode and the cost is the modelled critical path: the main thread's
+    serial work plus, per parallel region, the busiest of `threads` equal threads
+    given the region's tasks (runtime/qemu_plugin/README.md); the pool's waiting is
+    left out, and "work" is every thread's work without it.
     """
-    spans = [int(s) for s in counts.get("spans", [])][warmup:]
+    schedule = counts.get("schedule")
+    if schedule:
+        timed = list(schedule.get("spans", []))[warmup:]
+        spans = [int(s["critical_path"]) for s in timed]
+    else:
+        timed = []
+        spans = [int(s) for s in counts.get("spans", [])][warmup:]
     if not spans:
         raise VitqError("the instruction counter saw no complete inference; is the runner the one from "
                         f"runtime/ (it marks each forward call)? {build_hint('aarch64')}")
     ordered = sorted(spans)
-    return {
+    summary = {
         # The median: with one thread a run's inferences differ by at most a few hundred
         # instructions (allocator paths), and the same command repeats them exactly.
         "per_inference": ordered[len(ordered) // 2],
         "min": ordered[0],
         "max": ordered[-1],
         "inferences": len(spans),
-        # The plugin's counter is not thread-safe in qemu 7.2: exact when one guest thread
-        # runs inferences. The plugin itself flags any run that ever had more threads
-        # (the runner's pool starts at one per core before it is resized to --threads).
-        "exact": threads == 1 or bool(counts.get("thread_safe", False)),
-        "guest_threads": counts.get("vcpus"),
+        "threads": threads,
+        # The inline counter (one thread) is shared by all guest threads in qemu 7.2: exact
+        # when one thread runs inferences. The schedule mode counts each thread apart.
+        "exact": bool(counts.get("exact", threads == 1)) and (threads == 1 or bool(schedule)),
+        "method": "critical path" if schedule else "one thread",
+        "guest_threads": counts.get("threads_created"),
         "counter": f"qemu plugin {counts.get('plugin', '?')} (format {counts.get('format', '?')})",
     }
+    if schedule:
+        def median(key: str) -> int:
+            values = sorted(int(s[key]) for s in timed)
+            return values[len(values) // 2]
+
+        work = sorted(int(s["serial"]) + int(s["task_work"]) for s in timed)
+        summary |= {"work": work[len(work) // 2], "serial": median("serial"), "pool": median("pool"),
+                    "tasks": median("tasks"), "regions": median("regions"),
+                    "busiest_thread_emulated": median("busiest_thread"), "untracked": median("untracked")}
+    return summary
 
 
 def load_etdump(path: Path, where: str) -> bytes:
@@ -209,7 +231,7 @@ class LocalDevice(Device):
     def prepare(self) -> None:
         """Check what the launcher needs (before any run), raising VitqError."""
 
-    def launcher(self, counts_path: Path | None) -> list[str]:
+    def launcher(self, counts_path: Path | None, threads: int) -> list[str]:
         """The command words before the runner's path (none: run it directly)."""
         return []
 
@@ -237,7 +259,7 @@ class _LocalSession(Session):
             out = Path(tmp) / "output.npy" if req.outputs else None
             counts = Path(tmp) / "insn.json" if req.count_instructions else None
             etdump = Path(tmp) / ETDUMP_FILE if req.etdump else None
-            cmd = [*self.device.launcher(counts), str(self.bundle.runner),
+            cmd = [*self.device.launcher(counts, req.threads), str(self.bundle.runner),
                    *runner_args(str(self.pte), [str(p) for p in req.inputs], req, None if out is None else str(out),
                                 None if etdump is None else str(etdump))]
             proc = run_local(cmd, req.timeout, self.device.name)

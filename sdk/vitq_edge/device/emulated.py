@@ -9,7 +9,9 @@ so XNNPACK picks the kernels it picks on the board. Wall time under emulation do
 rank kernels; the instruction count of each inference does. It comes from the
 insn_count TCG plugin (runtime/qemu_plugin/insn_count.c), which snapshots its counter
 at the runner's getppid() markers around every forward call. With one guest thread
-(`--threads 1`) the counts repeat exactly run to run.
+(`--threads 1`) the counts repeat exactly run to run. With more, the plugin counts each
+thread and each thread-pool task apart and the cost is the modelled N-thread critical
+path (runtime/qemu_plugin/README.md), repeatable to a fraction of a percent.
 """
 
 from __future__ import annotations
@@ -92,14 +94,18 @@ class EmulatedDevice(LocalDevice):
         plugin = plugin_path()
         self.plugin = plugin if plugin.is_file() else None
 
-    def launcher(self, counts_path: Path | None) -> list[str]:
+    def launcher(self, counts_path: Path | None, threads: int) -> list[str]:
         cmd = [self.qemu, "-cpu", self.board.qemu_cpu, "-L", str(self.prefix)]
         if counts_path is not None and self.plugin is not None:
             # The plugin's arguments are comma-separated: a comma in a path would split it.
             if "," in str(self.plugin) or "," in str(counts_path):
                 raise VitqError(f"the qemu plugin path {self.plugin} or the temporary folder contains a comma, "
                                 "which qemu's -plugin option cannot take; move it (or set TMPDIR)")
-            cmd += ["-plugin", f"{self.plugin},out={counts_path}"]
+            # One thread: the inline counter (fast, exact). More: the schedule mode, which
+            # counts per thread and per pool task and models the N-thread critical path
+            # (0 = the runner's default pool, one thread per core of the board).
+            pool = threads or self.cores
+            cmd += ["-plugin", f"{self.plugin},out={counts_path}" + (f",threads={pool}" if pool > 1 else "")]
         return cmd
 
     def explain_failure(self, stderr: str) -> str | None:
@@ -131,6 +137,7 @@ class EmulatedDevice(LocalDevice):
         threads = int(result.report.get("threads", req.threads))
         result.instructions = instruction_summary(counts, req.warmup, threads)
         if not result.instructions["exact"]:
-            result.notes.append(f"instruction counts are approximate ({threads} guest threads, "
-                                f"{result.instructions['min']:,}..{result.instructions['max']:,}); use --threads 1 "
-                                "for exact, repeatable counts")
+            why = counts.get("error") or "a shared counter with several threads"
+            result.notes.append(f"instruction counts are approximate ({why}; {result.instructions['min']:,}.."
+                                f"{result.instructions['max']:,}); rebuild the runner and the plugin "
+                                f"({build_hint('aarch64')}) or use --threads 1")
