@@ -183,8 +183,10 @@ def test_emulated_critical_path_of_two_threads(build_copy):
         # The pool's code was recognised: the workers ran nothing but tasks and the pool.
         assert ins["untracked"] <= ins["work"] // 1000, ins
         assert ins["tasks"] > ins["regions"] > 0, ins
-        # The same program's work, whatever the split (tiles are planned per thread count).
-        assert abs(ins["work"] - one["per_inference"]) < 0.1 * one["per_inference"], (ins, one)
+        # The same program's work, whatever the split (tiles are planned per thread count, and the
+        # 1-thread count holds the pool's loops): none of it may hide in the pool's bucket, as a
+        # task reached by a tail call did (ExecuTorch's quantize ops through std::function).
+        assert abs(ins["work"] - one["per_inference"]) < 0.03 * one["per_inference"], (ins, one)
         assert ins["work"] / 2 <= ins["per_inference"] < 0.9 * one["per_inference"], (ins, one)
     first, second = (ins["per_inference"] for ins in runs)
     assert abs(first - second) <= 0.02 * first, (first, second)

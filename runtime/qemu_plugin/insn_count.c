@@ -53,11 +53,11 @@
  * threads=N (the schedule mode, for multi-threaded runs): every guest thread
  * counts its own instructions (one callback per executed block instead of the
  * shared inline counter), split by where they run: in the thread pool's code
- * (pthreadpool: scheduling, spinning, sleeping, and the libc calls it makes by
- * a plain branch) or outside it. The runner declares the pool's code range
+ * (pthreadpool: scheduling, spinning, sleeping, and the libc calls it makes
+ * through its PLT) or outside it. The runner declares the pool's code range
  * once, before its first marker (see POOL_CODE_MAGIC). A stretch of code the
- * pool reaches by an indirect call (blr) and that returns into the pool is one
- * pool *task*; the main thread's code outside the pool and outside tasks is the
+ * pool reaches by an indirect call or tail call and that returns into the pool
+ * is one pool *task*; the main thread's code outside the pool and outside tasks is the
  * *serial* part; the tasks the pool hands out between the main thread's entry
  * into the pool and its return form one parallel *region*. Which thread runs
  * which task under emulation depends on how the host schedules its threads (two
@@ -127,26 +127,32 @@ static unsigned model_threads; /* threads=N; 0 = the inline counter only */
 static uint64_t pool_lo, pool_hi; /* the pool's code, once declared */
 
 /* How a translation block ends, from its last instruction (AArch64 encodings;
- * the pointer-authenticating forms too). */
-enum exit_kind { EXIT_OTHER = 0, EXIT_CALL = 1, EXIT_JUMP = 2, EXIT_RET = 3 };
+ * the pointer-authenticating forms too). An indirect jump through x17 is a PLT
+ * stub's (the AArch64 ELF convention: x16 = the GOT slot, x17 = the target):
+ * a call into another library, libc's futex or sched_yield for the pool. Any
+ * other indirect jump out of the pool is a tail call of a task (std::function's
+ * invoker and pthreadpool's one-thread path jump to the task through x16). */
+enum exit_kind { EXIT_OTHER = 0, EXIT_CALL = 1, EXIT_PLT_JUMP = 2, EXIT_RET = 3, EXIT_TAIL_CALL = 4 };
 
 static enum exit_kind exit_of(uint32_t insn) {
     if ((insn & 0xfffffc1fu) == 0xd63f0000u) return EXIT_CALL;  /* blr */
     if ((insn & 0xfefff800u) == 0xd63f0800u) return EXIT_CALL;  /* blraa/blrab(z) */
-    if ((insn & 0xfffffc1fu) == 0xd61f0000u) return EXIT_JUMP;  /* br */
-    if ((insn & 0xfefff800u) == 0xd61f0800u) return EXIT_JUMP;  /* braa/brab(z) */
+    if (insn == 0xd61f0220u) return EXIT_PLT_JUMP;              /* br x17 */
+    if ((insn & 0xfffffc1fu) == 0xd61f0000u) return EXIT_TAIL_CALL;  /* br */
+    if ((insn & 0xfefff800u) == 0xd61f0800u) return EXIT_TAIL_CALL;  /* braa/brab(z) */
     if ((insn & 0xfffffc1fu) == 0xd65f0000u) return EXIT_RET;   /* ret */
     if ((insn & 0xfffffbffu) == 0xd65f0bffu) return EXIT_RET;   /* retaa/retab */
     return EXIT_OTHER;
 }
 
 /* A block's facts, packed into its callback's user data (no allocation per
- * translation): guest address (48 bits), instruction count, exit kind. */
+ * translation): guest address (48 bits), instruction count (13), exit kind (3). */
 #define VADDR_BITS 48
 #define VADDR_MASK ((UINT64_C(1) << VADDR_BITS) - 1)
+#define COUNT_MASK 0x1fff
 
 static uint64_t pack_tb(uint64_t vaddr, size_t n, enum exit_kind e) {
-    return (vaddr & VADDR_MASK) | ((uint64_t)(n & 0x3fff) << VADDR_BITS) | ((uint64_t)e << 62);
+    return (vaddr & VADDR_MASK) | ((uint64_t)(n & COUNT_MASK) << VADDR_BITS) | ((uint64_t)e << 61);
 }
 
 /* Where a guest thread is, as far as the pool is concerned. */
@@ -223,8 +229,8 @@ static void tb_exec(unsigned int vcpu_index, void* udata) {
     vcpu_state* s = &vcpus[vcpu_index];
     const uint64_t info = (uint64_t)(uintptr_t)udata;
     const uint64_t vaddr = info & VADDR_MASK;
-    const uint64_t n = (info >> VADDR_BITS) & 0x3fff;
-    const enum exit_kind exit = (enum exit_kind)(info >> 62);
+    const uint64_t n = (info >> VADDR_BITS) & COUNT_MASK;
+    const enum exit_kind exit = (enum exit_kind)(info >> 61);
     const bool in_pool = vaddr >= pool_lo && vaddr < pool_hi;
     const enum exit_kind came_by = (enum exit_kind)s->last_exit;
     s->last_exit = (uint8_t)exit;
@@ -238,11 +244,11 @@ static void tb_exec(unsigned int vcpu_index, void* udata) {
             break;
         case POOL:
             if (!in_pool) {
-                if (came_by == EXIT_CALL) {
+                if (came_by == EXIT_CALL || came_by == EXIT_TAIL_CALL) {
                     s->where = TASK;
                     s->task_start = s->work;
                 } else {
-                    s->where = came_by == EXIT_JUMP ? POOL_CALLEE : OUTSIDE;
+                    s->where = came_by == EXIT_PLT_JUMP ? POOL_CALLEE : OUTSIDE;
                 }
             }
             break;
@@ -398,7 +404,7 @@ static void tb_trans(qemu_plugin_id_t id, struct qemu_plugin_tb* tb) {
     const size_t n = qemu_plugin_tb_n_insns(tb);
     if (model_threads) {
         const uint64_t vaddr = qemu_plugin_tb_vaddr(tb);
-        if (vaddr > VADDR_MASK || n > 0x3fff) vaddr_overflow = true;
+        if (vaddr > VADDR_MASK || n > COUNT_MASK) vaddr_overflow = true;
         enum exit_kind e = EXIT_OTHER;
         if (n) {
             const struct qemu_plugin_insn* last = qemu_plugin_tb_get_insn(tb, n - 1);
