@@ -119,6 +119,18 @@ static char target_name[32];
  * created and joined before the first marker does not spoil the counts. */
 static unsigned threads_created, threads_live, span_max_live, max_live_in_spans;
 
+/* Room for one more item in a growing array (*items holds n of *cap): doubles
+ * it when full, starting at `first`. False when out of memory (nothing changed). */
+static bool room_for_one(void** items, size_t n, size_t* cap, size_t size, size_t first) {
+    if (n < *cap) return true;
+    const size_t grown = *cap ? 2 * *cap : first;
+    void* p = realloc(*items, grown * size);
+    if (p == NULL) return false;
+    *items = p;
+    *cap = grown;
+    return true;
+}
+
 static bool in_span(void) { return n_markers % 2 == 1; }
 
 /* ------------------------------------------------------- the schedule mode */
@@ -203,16 +215,10 @@ static size_t n_schedules, cap_schedules;
 
 static void record_task(uint64_t insns) {
     pthread_mutex_lock(&tasks_lock);
-    if (n_tasks == cap_tasks) {
-        const size_t cap = cap_tasks ? 2 * cap_tasks : 4096;
-        task_record* p = realloc(tasks, cap * sizeof *p);
-        if (p == NULL) {
-            tasks_oom = true;
-            pthread_mutex_unlock(&tasks_lock);
-            return;
-        }
-        tasks = p;
-        cap_tasks = cap;
+    if (!room_for_one((void**)&tasks, n_tasks, &cap_tasks, sizeof *tasks, 4096)) {
+        tasks_oom = true;
+        pthread_mutex_unlock(&tasks_lock);
+        return;
     }
     tasks[n_tasks].region = __atomic_load_n(&region, __ATOMIC_ACQUIRE);
     tasks[n_tasks].insns = insns;
@@ -368,15 +374,9 @@ static void close_schedule(void) {
     free(costs);
     free(load);
     pthread_mutex_unlock(&tasks_lock);
-    if (n_schedules == cap_schedules) {
-        const size_t cap = cap_schedules ? 2 * cap_schedules : 64;
-        span_schedule* p = realloc(schedules, cap * sizeof *p);
-        if (p == NULL) {
-            tasks_oom = true;
-            return;
-        }
-        schedules = p;
-        cap_schedules = cap;
+    if (!room_for_one((void**)&schedules, n_schedules, &cap_schedules, sizeof *schedules, 64)) {
+        tasks_oom = true;
+        return;
     }
     schedules[n_schedules++] = sc;
 }
@@ -440,15 +440,9 @@ static void on_syscall(qemu_plugin_id_t id, unsigned int vcpu_index, int64_t num
         pool_hi = a3;
         return;
     }
-    if (n_markers == cap_markers) {
-        const size_t cap = cap_markers ? 2 * cap_markers : 256;
-        uint64_t* p = realloc(markers, cap * sizeof *p);
-        if (p == NULL) {
-            markers_oom = true;
-            return;
-        }
-        markers = p;
-        cap_markers = cap;
+    if (!room_for_one((void**)&markers, n_markers, &cap_markers, sizeof *markers, 256)) {
+        markers_oom = true;
+        return;
     }
     if (model_threads) insn_total = sum_counts();
     markers[n_markers++] = insn_total;
