@@ -171,14 +171,14 @@ static uint64_t pack_tb(uint64_t vaddr, size_t n, enum exit_kind e) {
 enum where {
     OUTSIDE,     /* the thread's own code: the main thread's serial part */
     POOL,        /* the pool's code */
-    POOL_CALLEE, /* code the pool jumped to (libc's futex, sched_yield): pool */
-    TASK,        /* a task: reached from the pool by an indirect call */
+    POOL_CALLEE, /* code the pool reaches through its PLT (libc's futex, sched_yield): pool */
+    TASK,        /* a task: reached from the pool by an indirect call or tail call */
     TASK_IN_POOL /* the pool's code called from inside a task: task work */
 };
 
 typedef struct {
     uint64_t work;       /* instructions outside the pool */
-    uint64_t pool;       /* instructions in the pool and what it jumps to */
+    uint64_t pool;       /* instructions in the pool and its PLT callees */
     uint64_t serial;     /* work outside tasks (the main thread's serial part) */
     uint64_t task_start; /* `work` when the running task began */
     uint64_t span_work, span_pool, span_serial; /* the counters when the span opened */
