@@ -343,7 +343,8 @@ def render_markdown(table: dict, chart: str) -> str:
         "ExecuTorch's runtime here on the same images; drop = fp32 top-1 - top-1; agreement = share of images "
         "whose top-1 equals the float model's; SQNR = 10 log10(float logit power / logit error power); packed = "
         "weights at their bit width + float32 for the rest; calib = calibration wall time of the build. "
-        "Device cost: instructions per inference on emulated devices (exact), median latency elsewhere; "
+        "Device cost: instructions per inference on emulated devices (exact at 1 thread; at N threads the "
+        "modelled critical path of N threads, runtime/qemu_plugin/README.md), median latency elsewhere; "
         "the column says device@threads.",
         "",
     ]
