@@ -133,6 +133,11 @@ def run_local(cmd: list[str], timeout: float | None, where: str,
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
+def _middle(values: list[int]) -> int:
+    """The middle value (the upper one of an even count): always one that was measured."""
+    return sorted(values)[len(values) // 2]
+
+
 def instruction_summary(counts: dict, warmup: int, threads: int) -> dict:
     """The insn_count plugin's report -> per-inference counts of the timed forward calls.
 
@@ -154,13 +159,12 @@ def instruction_summary(counts: dict, warmup: int, threads: int) -> dict:
     if not spans:
         raise VitqError("the instruction counter saw no complete inference; is the runner the one from "
                         f"runtime/ (it marks each forward call)? {build_hint('aarch64')}")
-    ordered = sorted(spans)
     summary = {
         # The median: with one thread a run's inferences differ by at most a few hundred
         # instructions (allocator paths), and the same command repeats them exactly.
-        "per_inference": ordered[len(ordered) // 2],
-        "min": ordered[0],
-        "max": ordered[-1],
+        "per_inference": _middle(spans),
+        "min": min(spans),
+        "max": max(spans),
         "inferences": len(spans),
         "threads": threads,
         # The inline counter (one thread) is shared by all guest threads in qemu 7.2: exact
@@ -171,14 +175,10 @@ def instruction_summary(counts: dict, warmup: int, threads: int) -> dict:
         "counter": f"qemu plugin {counts.get('plugin', '?')} (format {counts.get('format', '?')})",
     }
     if schedule:
-        def median(key: str) -> int:
-            values = sorted(int(s[key]) for s in timed)
-            return values[len(values) // 2]
-
-        work = sorted(int(s["serial"]) + int(s["task_work"]) for s in timed)
-        summary |= {"work": work[len(work) // 2], "serial": median("serial"), "pool": median("pool"),
-                    "tasks": median("tasks"), "regions": median("regions"),
-                    "busiest_thread_emulated": median("busiest_thread"), "untracked": median("untracked")}
+        summary["work"] = _middle([int(s["serial"]) + int(s["task_work"]) for s in timed])
+        for key, field in (("serial", "serial"), ("pool", "pool"), ("tasks", "tasks"), ("regions", "regions"),
+                           ("busiest_thread_emulated", "busiest_thread"), ("untracked", "untracked")):
+            summary[key] = _middle([int(s[field]) for s in timed])
     return summary
 
 
