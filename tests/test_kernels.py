@@ -121,7 +121,8 @@ def test_linear_2d_input_like_the_head():
     assert_same(run_program(torch.ops.vitq.linear, x, *args), linear.reference(x, *args))
 
 
-@pytest.mark.parametrize("bits,k", [(4, 2), (8, 32), (6, 8), (4, 1)])
+# k <= 4: a compare per threshold; more: the mantissa's bucket tables (k = 12: not a power of two).
+@pytest.mark.parametrize("bits,k", [(4, 2), (8, 32), (6, 8), (4, 1), (8, 64), (8, 16), (7, 12), (5, 3)])
 def test_gelu_shift_log2_codes(bits, k):
     x = torch.cat([torch.randn(3, 17, 64, generator=torch.Generator().manual_seed(4)) * 3,
                    torch.zeros(1, 17, 64), torch.full((1, 17, 64), -30.0)])  # zeros; GELU -> 0 -> shift only
@@ -147,6 +148,38 @@ def test_log_linear_matches_reference(w_bits):
     args = [w["weight"], w["weight_scale"], w["weight_zero"], w["bias"], 1.5, w_bits, 2 if w_bits == 4 else 32,
             w_bits]
     assert_same(run_program(torch.ops.vitq.log_linear, codes, *args), log_linear.reference(codes, *args))
+
+
+def test_log_linear_on_a_ladder_too_wide_for_the_planes():
+    # 1 step per octave over 254 octaves: the levels are no integer multiples of one unit that int64
+    # sums could hold, so the kernel sums per code (its slots) and must still give the reference's bits.
+    gen = torch.Generator().manual_seed(6)
+    codes = torch.randint(0, 256, (1, 9, 40), generator=gen, dtype=torch.uint8)
+    w = random_weight(12, 40, 8, gen)
+    args = [w["weight"], w["weight_scale"], w["weight_zero"], w["bias"], 2.0**100, 8, 1, 8]
+    assert_same(run_program(torch.ops.vitq.log_linear, codes, *args), log_linear.reference(codes, *args))
+
+
+def gelu_log_linear_args(w_bits: int, steps: int, seed: int) -> tuple[list, list]:
+    """Arguments of gelu_shift_log2 and of the log_linear that reads its codes (fc2 of an adfq block)."""
+    gen = torch.Generator().manual_seed(seed)
+    w = random_weight(37, 150, w_bits, gen)  # N not a multiple of 8 or 16, K not of 16: every tile tail
+    return [0.17, 4.0, w_bits, steps], [w["weight"], w["weight_scale"], w["weight_zero"], w["bias"], 4.0, w_bits,
+                                        steps, w_bits]
+
+
+def gelu_then_log_linear(x: torch.Tensor, gelu_args: list, *args) -> torch.Tensor:
+    """fc2 on Shift-Log2 codes as a program with a float input (what vitq-runner feeds)."""
+    return torch.ops.vitq.log_linear(torch.ops.vitq.gelu_shift_log2(x, *gelu_args), *args)
+
+
+@pytest.mark.parametrize("w_bits,steps", [(8, 32), (6, 8), (4, 2)])
+def test_gelu_then_log_linear_matches_reference(w_bits, steps):
+    # adfq's fc2 ladders (8 octaves at 2, 8 and 32 steps per octave) on the codes GELU gives.
+    gelu_args, args = gelu_log_linear_args(w_bits, steps, seed=11)
+    x = torch.randn(1, 21, 150, generator=torch.Generator().manual_seed(12)) * 2
+    got = run_program(lambda v, *a: gelu_then_log_linear(v, gelu_args, *a), x, *args)
+    assert_same(got, log_linear.reference(gelu_shift_log2.reference(x, *gelu_args), *args))
 
 
 def attention_args(log_probs: bool, signed: bool = False) -> list:
@@ -198,8 +231,10 @@ FORCED_PATHS = {
     # ... and of CPUs with them (Pi 5)
     "int8 GEMM, dot packing": ("VITQ_GEMM", "dot", "(linear or attention) and not emulated"),
     # The path of x86 CPUs without AVX-VNNI: XNNPACK's GEMM for the linear layers, int16
-    # attention codes.
+    # attention codes, log_linear's per-code sums.
     "XNNPACK GEMM, int16 attention": ("VITQ_GEMM", "xnnpack", "(linear or attention) and not emulated"),
+    # log_linear's per-code sums where our GEMM runs too (they run anyway for too wide ladders).
+    "log_linear per-code sums": ("VITQ_LOG_LINEAR", "slots", "log_linear and not emulated"),
 }
 
 
@@ -279,6 +314,20 @@ def test_attention_on_emulated_pi_matches_reference(tmp_path, device, signed):
     args = attention_args(False, signed=signed)
     got = run_on_device(device, torch.ops.vitq.attention, qkv, args, tmp_path).reshape(1, tokens, 3 * head_dim)
     assert_same(got, attention.reference(qkv, *args))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _emulated_pis_ready(), reason="no aarch64 bundle or qemu (bash tools/setup.sh)")
+@pytest.mark.parametrize("w_bits,steps", [(8, 32), (4, 2)])
+@pytest.mark.parametrize("device", ["emulated-rpi4", "emulated-rpi5"])
+def test_log_linear_on_emulated_pi_matches_reference(tmp_path, device, w_bits, steps):
+    """vitq::log_linear on the emulated Pis: the exact integer planes of the log levels through our NEON
+    GEMMs (bytes of the levels at 8 bits, one plane per step within the octave at W4A4's 2 steps)."""
+    gelu_args, args = gelu_log_linear_args(w_bits, steps, seed=9)
+    x = torch.randn(1, 21, 150, generator=torch.Generator().manual_seed(10)) * 2
+    got = run_on_device(device, lambda v, *a: gelu_then_log_linear(v, gelu_args, *a), x, args, tmp_path)
+    want = log_linear.reference(gelu_shift_log2.reference(x, *gelu_args), *args)
+    assert_same(got.reshape(want.shape), want)
 
 
 ASAN_LIB = runtime_dir() / "host-asan" / "lib" / "libvitq_kernels.so"

@@ -4,20 +4,41 @@
 //   level(code) = delta * 2^(-code / k), code 2^b - 1 -> 0
 //   out[n] = f32(sum_k level(c_k) (w'[n][k] - wz[n])) * ws[n] + bias[n]
 //
-// A row of codes takes at most 2^b - 1 distinct nonzero levels. So per row the
-// integer weights are summed per code (int32, exact): S_c[n] = sum_{k: c_k = c}
-// w'[n][k] -- one vector add of a weight row per input element, the
-// shift-accumulate of log2 codes without the shifts -- and then each code's
-// sum is scaled by its level once, in double: sum_c level_c (S_c[n] - wz[n]
-// cnt_c). Every product is exact in double and the few sums round at ~1e-16,
-// so the float result is the one the simulation's double matmul gives. (A
-// float GEMM on decoded levels, XNNPACK's f32 kernel, rounds in its own order
-// and so differs from the simulation in the last bits.)
+// The definition sums in double. With the levels of today's ladders (f32, a
+// few octaves) every product and every partial sum is an integer multiple of
+// one power of two u below 2^53 u, so that double sum is exact -- and so is
+// any exact integer computation of it, which gives the same bits. Two ways:
+//
+// Planes (the default where it is exact and our int8 GEMM runs): each level
+// present is q_c u with q_c an integer (~32 bits: a 24-bit significand over
+// the octaves). Write q_c = sum_p d_p(c) Q_p with digits d_p(c) in [0, 255]
+// on a few planes p; then sum_k q(c_k) w'[n][k] = sum_p Q_p sum_k d_p(c_k)
+// w'[n][k], and each inner sum is one int8 GEMM of d - 128 (qs8_gemm_sums:
+// exact int32) plus 128 sum_k w'[n][k],
+// weights packed once and shared across rows, dot-product instructions where
+// the CPU has them. The planes are either by step within the octave (digit
+// 2^(octaves above the step's lowest level), Q = that level: k planes for
+// up to 8 octaves) or the bytes of q (ceil(bits / 8) planes), whichever is
+// fewer: 4 for adfq's W8A8 and W6A6 ladders, 2 for W4A4's.
+//
+// Slots (elsewhere: an x86 CPU without AVX-VNNI, or levels too far apart for
+// an exact int64 sum): a row of codes takes at most 2^b - 1 distinct nonzero
+// levels, so per row the integer weights are summed per code (int32, exact):
+// S_c[n] = sum_{k: c_k = c} w'[n][k] -- one vector add of a weight row per
+// input element, the shift-accumulate of log2 codes without the shifts --
+// and each code's sum is scaled by its level once, in double. Its few double
+// sums may round (~1e-16) where the planes' bound does not hold; so may the
+// simulation's.
+//
+// VITQ_LOG_LINEAR=slots forces the slots (A/B measurements, tests).
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <mutex>
 
 #include "common.h"
+#include "gemm/qs8_gemm.h"
 #include "op_cache.h"
 #include "quant_math.h"
 #include "weights.h"
@@ -25,9 +46,14 @@
 namespace vitq {
 namespace {
 
-// The weights transposed, one contiguous row of N integers per input channel.
+// Per weights: the GEMM packing of the planes and, made on first use, the
+// transposed weights of the slots.
 struct LogLinearWeights {
-  std::vector<int16_t> wt;  // [K][N]
+  Qs8Gemm gemm;              // layout kNone: no planes on this CPU
+  int max_weight = 0;        // max |w'|
+  int max_centered = 0;      // max |w' - wz|
+  std::once_flag slots_once;
+  std::vector<int16_t> wt;   // slots: [K][N]
 };
 
 OperatorCache<LogLinearWeights>& log_linear_cache() {
@@ -35,14 +61,133 @@ OperatorCache<LogLinearWeights>& log_linear_cache() {
   return cache;
 }
 
-std::shared_ptr<LogLinearWeights> transpose_weights(const Weights& w) {
+bool slots_forced() {
+  static const bool forced = [] {
+    const char* v = std::getenv("VITQ_LOG_LINEAR");
+    return v != nullptr && std::strcmp(v, "slots") == 0;
+  }();
+  return forced;
+}
+
+std::shared_ptr<LogLinearWeights> create_weights(const Weights& w) {
   auto entry = std::make_shared<LogLinearWeights>();
   const size_t k = static_cast<size_t>(w.k), n = static_cast<size_t>(w.n);
-  entry->wt.resize(k * n);
-  for (size_t r = 0; r < n; ++r)
-    for (size_t c = 0; c < k; ++c)
-      entry->wt[c * n + r] = static_cast<int16_t>(w.at(static_cast<int64_t>(r), static_cast<int64_t>(c)));
+  std::vector<int8_t> unpacked(k * n);
+  for (size_t r = 0; r < n; ++r) {
+    for (size_t c = 0; c < k; ++c) {
+      const int v = w.at(static_cast<int64_t>(r), static_cast<int64_t>(c));
+      unpacked[r * k + c] = static_cast<int8_t>(v);
+      entry->max_weight = std::max(entry->max_weight, std::abs(v));
+      entry->max_centered = std::max(entry->max_centered, static_cast<int>(std::fabs(v - w.zero[r])));
+    }
+  }
+  const Qs8Layout layout = qs8_gemm_layout();
+  if (layout != Qs8Layout::kNone && !slots_forced()) qs8_gemm_pack(layout, unpacked.data(), k, n, k, &entry->gemm);
   return entry;
+}
+
+const std::vector<int16_t>& slot_weights(LogLinearWeights& entry, const Weights& w) {
+  std::call_once(entry.slots_once, [&] {
+    const size_t k = static_cast<size_t>(w.k), n = static_cast<size_t>(w.n);
+    entry.wt.resize(k * n);
+    for (size_t r = 0; r < n; ++r)
+      for (size_t c = 0; c < k; ++c)
+        entry.wt[c * n + r] = static_cast<int16_t>(w.at(static_cast<int64_t>(r), static_cast<int64_t>(c)));
+  });
+  return entry.wt;
+}
+
+// Bits of a nonnegative integer: v < 2^bits_of(v).
+int bits_of(uint64_t v) { return v == 0 ? 0 : 64 - __builtin_clzll(v); }
+
+constexpr int kMaxPlanes = 6;
+
+// The exact integer form of the levels present (see the top of the file).
+// Digits are unsigned bytes; the GEMM takes them as digit - 128 (int8) and
+// 128 sum_k w'[n][k] restores the sum.
+struct LogPlanes {
+  int count = 0;
+  int exponent = 0;                   // u = 2^exponent
+  int64_t q[256] = {};                // level(code) / u; 0 for the zero code and codes not present
+  int64_t multiple[kMaxPlanes] = {};  // Q_p
+  uint8_t digit[kMaxPlanes][256] = {};
+};
+
+// Fills *p for the codes flagged in `present`; false where no exact plan with
+// at most kMaxPlanes planes exists (the slots then run).
+bool plan_planes(const float* levels, const bool* present, int steps_per_octave, size_t k_in,
+                 const LogLinearWeights& w, LogPlanes* p) {
+  int exp_of[256];
+  int64_t significand[256];
+  int lowest = INT32_MAX;
+  for (int c = 0; c < 256; ++c) {
+    if (!present[c] || levels[c] == 0.0f) continue;
+    int e = 0;
+    const double m = std::frexp(static_cast<double>(levels[c]), &e);  // levels[c] = m 2^e, m in [0.5, 1)
+    significand[c] = static_cast<int64_t>(std::ldexp(m, 24));         // exact: a float's significand
+    exp_of[c] = e - 24;
+    lowest = std::min(lowest, exp_of[c]);
+  }
+  if (lowest == INT32_MAX) lowest = 0;  // all codes zero
+  int64_t q_max = 0;
+  for (int c = 0; c < 256; ++c) {
+    p->q[c] = 0;
+    if (!present[c] || levels[c] == 0.0f) continue;
+    if (exp_of[c] - lowest > 38) return false;  // levels too far apart for int64 sums
+    p->q[c] = significand[c] << (exp_of[c] - lowest);
+    q_max = std::max(q_max, p->q[c]);
+  }
+  p->exponent = lowest;
+  const int q_bits = bits_of(static_cast<uint64_t>(q_max)), k_bits = bits_of(k_in);
+  // Exact in double (the definition's sum and ours): |sum q (w' - wz)| < 2^53.
+  if (q_bits + bits_of(static_cast<uint64_t>(w.max_centered)) + k_bits > 53) return false;
+  // int32 GEMM sums (|digit - 128| <= 128, |w'| <= 128) and their int64 combination over the planes.
+  if (k_bits > 16 || q_bits + k_bits + 8 + bits_of(static_cast<uint64_t>(w.max_weight)) + 3 > 63) return false;
+
+  // Planes by step within the octave: code c = k o + r, the codes of step r in
+  // runs of 8 octaves, one plane per run: digit 2^(o_last - o) <= 128, Q = q_c
+  // / digit (the same for every code of the run: its levels are powers of two
+  // apart).
+  int first_octave[kMaxStepsPerOctave], last_octave[kMaxStepsPerOctave];
+  std::fill(first_octave, first_octave + kMaxStepsPerOctave, INT32_MAX);
+  std::fill(last_octave, last_octave + kMaxStepsPerOctave, -1);
+  for (int c = 0; c < 256; ++c) {
+    if (p->q[c] == 0) continue;
+    const int r = c % steps_per_octave, o = c / steps_per_octave;
+    first_octave[r] = std::min(first_octave[r], o);
+    last_octave[r] = std::max(last_octave[r], o);
+  }
+  int first_plane[kMaxStepsPerOctave], by_step = 0;
+  for (int r = 0; r < steps_per_octave; ++r) {
+    first_plane[r] = by_step;
+    if (last_octave[r] >= 0) by_step += (last_octave[r] - first_octave[r]) / 8 + 1;
+  }
+  const int by_byte = (q_bits + 7) / 8;
+  bool use_steps = by_step < by_byte && by_step <= kMaxPlanes;
+  for (int c = 0; c < 256 && use_steps; ++c) {
+    if (p->q[c] == 0) continue;
+    const int r = c % steps_per_octave, below = last_octave[r] - c / steps_per_octave;
+    const int plane = first_plane[r] + below / 8, shift = below % 8;
+    const int64_t multiple = p->q[c] >> shift;
+    if ((multiple << shift) != p->q[c] || (p->multiple[plane] != 0 && p->multiple[plane] != multiple)) {
+      use_steps = false;  // f32 rounding broke a power-of-two ratio: bytes instead
+      break;
+    }
+    p->multiple[plane] = multiple;
+    p->digit[plane][c] = static_cast<uint8_t>(1 << shift);
+  }
+  if (use_steps) {
+    p->count = by_step;
+    return true;
+  }
+  // The bytes of q.
+  p->count = by_byte;
+  if (p->count > kMaxPlanes) return false;
+  for (int i = 0; i < p->count; ++i) {
+    p->multiple[i] = int64_t{1} << (8 * i);
+    for (int c = 0; c < 256; ++c) p->digit[i][c] = static_cast<uint8_t>(p->q[c] >> (8 * i));
+  }
+  return true;
 }
 
 // acc[j] += w[j]: kept out of line so it vectorizes (restrict pointers).
@@ -51,17 +196,63 @@ __attribute__((noinline)) void add_row(const int16_t* __restrict w, int32_t* __r
 }
 
 struct LogLinearJob {
-  const uint8_t* codes;  // [rows, K]
+  const uint8_t* codes;     // [rows, K]
   size_t rows, k, n;
-  const int16_t* wt;     // [K][N]
   const Weights* w;
-  const float* levels;   // [256]
+  const LogLinearWeights* packed;
+  const LogPlanes* planes;  // planes, or
+  const int16_t* wt;        // slots: [K][N]
+  const float* levels;      // [256]
   int zero_code;
-  float* out;            // [rows, N]
+  float* out;               // [rows, N]
   size_t tasks;
 };
 
-void log_linear_rows(const LogLinearJob& job, size_t task) {
+// The rows of one task on the planes, a chunk of rows at a time: per plane the
+// chunk's digits and their GEMM, summed into int64 with the plane's multiple.
+VITQ_HOT_LOOPS void log_linear_planes(const LogLinearJob& job, size_t task) {
+  constexpr size_t kChunk = 16;  // rows: whole tiles of every packing (4 or 8 rows)
+  const size_t n = job.n, k = job.k, lda = (k + 15) / 16 * 16;  // the GEMM reads whole blocks of 16
+  const LogPlanes& pl = *job.planes;
+  const Qs8Gemm& gemm = job.packed->gemm;
+  thread_local Scratch<int8_t> digit_buf;
+  thread_local Scratch<int32_t> acc_buf;
+  thread_local Scratch<int64_t> total_buf;
+  int8_t* digits = digit_buf.get(kChunk * lda);
+  int32_t* acc = acc_buf.get(kChunk * n, 0);
+  int64_t* total = total_buf.get(kChunk * n, 0);
+  const size_t begin = job.rows * task / job.tasks, end = job.rows * (task + 1) / job.tasks;
+  for (size_t m0 = begin; m0 < end; m0 += kChunk) {
+    const size_t rows = std::min(kChunk, end - m0);
+    const uint8_t* codes = job.codes + m0 * k;
+    std::fill(total, total + rows * n, int64_t{0});
+    for (int p = 0; p < pl.count; ++p) {
+      int8_t centered[256];  // digit - 128
+      for (int c = 0; c < 256; ++c) centered[c] = static_cast<int8_t>(pl.digit[p][c] ^ 0x80);
+      for (size_t r = 0; r < rows; ++r) {
+        for (size_t i = 0; i < k; ++i) digits[r * lda + i] = centered[codes[r * k + i]];
+        std::fill(digits + r * lda + k, digits + (r + 1) * lda, int8_t{0});
+      }
+      qs8_gemm_sums(gemm, digits, lda, rows, acc, n);
+      const int64_t multiple = pl.multiple[p];
+      for (size_t r = 0; r < rows; ++r)
+        for (size_t j = 0; j < n; ++j)
+          total[r * n + j] += multiple * (acc[r * n + j] + 128 * int64_t{gemm.weight_sums[j]});
+    }
+    for (size_t r = 0; r < rows; ++r) {
+      int64_t q_sum = 0;  // sum_k q(c_k), for the zero points
+      for (size_t i = 0; i < k; ++i) q_sum += pl.q[codes[r * k + i]];
+      float* y = job.out + (m0 + r) * n;
+      for (size_t j = 0; j < n; ++j) {
+        const int64_t sum = total[r * n + j] - static_cast<int64_t>(job.w->zero[j]) * q_sum;
+        const double exact = std::ldexp(static_cast<double>(sum), pl.exponent);  // |sum| < 2^53: exact
+        y[j] = static_cast<float>(exact) * job.w->scale[j] + job.w->bias[j];
+      }
+    }
+  }
+}
+
+void log_linear_slots(const LogLinearJob& job, size_t task) {
   const size_t n = job.n, k = job.k;
   thread_local Scratch<int32_t> acc_buf;
   thread_local Scratch<double> sum_buf;
@@ -140,7 +331,7 @@ Tensor& log_linear_out(KernelRuntimeContext& ctx, const Tensor& codes, const Ten
   if (m == 0) return out;
 
   const OperatorKey key{w.data, weights_checksum(w, /*salt=*/0x6c6f676c696eull)};
-  std::shared_ptr<LogLinearWeights> packed = log_linear_cache().get_or_create(key, [&] { return transpose_weights(w); });
+  std::shared_ptr<LogLinearWeights> packed = log_linear_cache().get_or_create(key, [&] { return create_weights(w); });
 
   // Levels of all 256 byte values (codes above the zero code cannot come from
   // gelu_shift_log2, but decode like the reference would).
@@ -153,13 +344,27 @@ Tensor& log_linear_out(KernelRuntimeContext& ctx, const Tensor& codes, const Ten
   job.rows = m;
   job.k = static_cast<size_t>(k);
   job.n = static_cast<size_t>(w.n);
-  job.wt = packed->wt.data();
   job.w = &w;
+  job.packed = packed.get();
   job.levels = levels;
   job.zero_code = zero_code;
   job.out = out.mutable_data_ptr<float>();
   job.tasks = task_count(m, job.k * job.n);
-  parallel_for(job.tasks, [&job](size_t task) { log_linear_rows(job, task); });
+
+  LogPlanes planes;
+  bool use_planes = packed->gemm.layout != Qs8Layout::kNone;
+  if (use_planes) {
+    bool present[256] = {};
+    for (size_t i = 0; i < m * job.k; ++i) present[job.codes[i]] = true;
+    use_planes = plan_planes(levels, present, static_cast<int>(steps_per_octave), job.k, *packed, &planes);
+  }
+  if (use_planes) {
+    job.planes = &planes;
+    parallel_for(job.tasks, [&job](size_t task) { log_linear_planes(job, task); });
+  } else {
+    job.wt = slot_weights(*packed, w).data();
+    parallel_for(job.tasks, [&job](size_t task) { log_linear_slots(job, task); });
+  }
   return out;
 }
 
