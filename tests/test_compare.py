@@ -83,6 +83,13 @@ def test_compare_builds_measures_and_benches_a_users_model(folders, tmp_path):
     assert resumed["rows"][:3] == table["rows"]
     assert {k: (out / f"programs/{k.replace('@', '-')}/model.pte").stat().st_mtime_ns for k in before} == before
 
+    # --rebench benches the listed programs again (here with 3 runs), builds nothing, leaves the others.
+    result = tiny_compare(folders, out, "fp32,minmax@W8A8", "--runs", "3", "--rebench")  # the last --runs counts
+    assert result.exit_code == 0, result.stderr[-3000:]
+    rebenched = {r["program"]: r for r in json.loads((out / "compare.json").read_text())["rows"]}
+    assert [rebenched[k]["bench"]["host@1"]["runs"] for k in ("fp32", "minmax@W8A8", "minmax@W4A4")] == [3, 3, 2]
+    assert {k: (out / f"programs/{k.replace('@', '-')}/model.pte").stat().st_mtime_ns for k in before} == before
+
     # Other settings do not mix into the same table.
     line = error_line(tiny_compare(folders, out, "fp32", "--eval-limit", "5"))
     assert "other settings" in line and "eval_limit" in line and "--out" in line

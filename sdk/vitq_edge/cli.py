@@ -357,6 +357,10 @@ def _thread_list(ctx: click.Context, param: click.Parameter, value: str) -> list
               help="Thread counts to bench each program with, e.g. 1,4.")
 @click.option("--runs", type=click.IntRange(min=1), default=None,
               help="Timed forward calls per benchmark.  [default: 10; 3 on emulated devices]")
+@click.option("--rebench", is_flag=True,
+              help="Bench the listed programs again on every device and thread count, replacing results the "
+                   "table already has (e.g. after rebuilding the runtime). Without it a rerun benches only "
+                   "what is missing.")
 @click.option("--out", default="compare", show_default=True,
               help="Folder for the programs (programs/<recipe>-<bits>/) and the table (compare.md, compare.json, "
                    "compare.png). Rerunning the same command there resumes: finished rows are kept.")
@@ -372,9 +376,9 @@ def _thread_list(ctx: click.Context, param: click.Parameter, value: str) -> list
                    "(liu2021's paper settings) or --option batch_size=8; repeatable; applied to every program "
                    "whose recipe has the field. The fields and defaults: vitq_edge/recipes.py.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or status lines.")
-def compare(programs, devices, threads, runs, out, table, target, model, pretrained, checkpoint, model_kwargs, calib,
-            eval_dir, calib_limit, eval_limit, skip_eval, mean, std, input_size, crop_pct, interpolation,
-            max_image_pixels, iters, calib_device, recipe_options, quiet) -> None:
+def compare(programs, devices, threads, runs, rebench, out, table, target, model, pretrained, checkpoint,
+            model_kwargs, calib, eval_dir, calib_limit, eval_limit, skip_eval, mean, std, input_size, crop_pct,
+            interpolation, max_image_pixels, iters, calib_device, recipe_options, quiet) -> None:
     """Build several programs of one model, measure them on the same images and devices, write one table.
 
     Every program is a normal build folder under OUT/programs/. Accuracy: the float model,
@@ -396,7 +400,8 @@ def compare(programs, devices, threads, runs, out, table, target, model, pretrai
     from vitq_edge.compare import compare as run_compare
 
     opts = CompareOptions(build=shared, programs=program_list, devices=_list(devices), threads=threads, runs=runs,
-                          out=out, table=table, command="vitq-edge " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
+                          rebench=rebench, out=out, table=table,
+                          command="vitq-edge " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     result = run_compare(opts)
     for line in summary_lines(result):
         click.echo(printable(line))

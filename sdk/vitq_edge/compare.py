@@ -53,6 +53,7 @@ class CompareOptions:
     devices: list[str] = field(default_factory=lambda: ["host"])
     threads: list[int] = field(default_factory=lambda: [1])
     runs: int | None = None  # bench runs per device (default: bench's own)
+    rebench: bool = False  # bench the programs again where the table has results (e.g. a rebuilt runtime)
     out: str = "compare"
     table: str | None = None  # stem of the table files (default OUT/compare)
     eval_set: ImageSet | None = None  # Python callers: an image set instead of --eval (e.g. a validation split)
@@ -196,7 +197,7 @@ def compare(opts: CompareOptions) -> dict:
         save()
 
     bench_jobs = [(k, d, t) for k in keys for d in opts.devices for t in opts.threads
-                  if _bench_key(d, t) not in rows[k].get("bench", {})]
+                  if opts.rebench or _bench_key(d, t) not in rows[k].get("bench", {})]
     for key, device, threads in progress(bench_jobs, "compare: benching", unit="run"):
         status(f"compare: benching {key} on {device}, {threads} thread{'s' if threads != 1 else ''}")
         r = benchmark(out / rows[key]["folder"], device=device, runs=opts.runs, threads=threads,
@@ -204,7 +205,7 @@ def compare(opts: CompareOptions) -> dict:
         rows[key].setdefault("bench", {})[_bench_key(device, threads)] = {
             "device": device, "threads": r["threads"], "instructions": r["instructions_per_inference"],
             "latency_ms_median": r["latency_ms"]["median"], "latency_is_emulated": r["latency_is_emulated"],
-            "runs": r["runs"], "peak_rss_mb": r.get("peak_rss_mb")}
+            "runs": r["runs"], "peak_rss_mb": r.get("peak_rss_mb"), "measured": r["created"]}
         save()
     save()
     return table
