@@ -112,8 +112,10 @@ def targets(table: dict) -> list[str]:
     acc = {k: r["accuracy"] for k, r in rows.items() if r.get("accuracy")}
     real = table["settings"]["model"] == REAL_MODEL
     checks = _real_checks(acc, rows) if real else _reference_checks(acc)
-    quantized = [a for k, a in acc.items() if k != "fp32"]
-    checks.append(("every quantized row: .pte top-1 within 0.1 point of the simulated top-1",
+    # Our recipes' rows: the stock xnnpack-int8 row's "simulated" is PT2E's fake-quant model in torch, which
+    # XNNPACK's kernels do not claim to reproduce.
+    quantized = [a for k, a in acc.items() if k not in ("fp32", "xnnpack-int8")]
+    checks.append(("every recipe row: .pte top-1 within 0.1 point of the simulated top-1",
                    None if not quantized else all(abs(a["pte_host"] - a["simulated"]) <= 0.1 for a in quantized)))
     lines = ["## Targets", "", "| criterion | result |", "|---|---|"]
     lines += [f"| {text} | {'row missing' if met is None else ('met' if met else '**missed**')} |"
