@@ -38,6 +38,13 @@ const char* check_weights(const Tensor& weight, const Tensor& weight_scale,
   return nullptr;
 }
 
+std::vector<int8_t> unpack_to_int8(const Weights& w) {
+  std::vector<int8_t> out(static_cast<size_t>(w.n * w.k));
+  for (int64_t r = 0; r < w.n; ++r)
+    for (int64_t c = 0; c < w.k; ++c) out[static_cast<size_t>(r * w.k + c)] = static_cast<int8_t>(w.at(r, c));
+  return out;
+}
+
 uint64_t weights_checksum(const Weights& w, uint64_t salt) {
   const size_t n = static_cast<size_t>(w.n);
   uint64_t h = salt ^ (static_cast<uint64_t>(w.k) << 32) ^ (static_cast<uint64_t>(w.n) << 8) ^

@@ -40,6 +40,9 @@ const char* check_weights(const Tensor& weight, const Tensor& weight_scale,
                           const Tensor& weight_zero, const Tensor& bias, int64_t k,
                           int64_t weight_bits, Weights* w);
 
+// Every w' as int8, row-major [N][K] (4-bit weights unpacked), for packing.
+std::vector<int8_t> unpack_to_int8(const Weights& w);
+
 // Key of the prepacked operator of these weights (op_cache.h): pointer plus a
 // checksum of the contents; `salt` separates operators built differently
 // from the same weights.

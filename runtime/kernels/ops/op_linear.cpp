@@ -59,13 +59,6 @@ OperatorCache<LinearOp>& linear_cache() {
   return cache;
 }
 
-std::vector<int8_t> unpack_to_int8(const Weights& w) {
-  std::vector<int8_t> out(static_cast<size_t>(w.n * w.k));
-  for (int64_t r = 0; r < w.n; ++r)
-    for (int64_t c = 0; c < w.k; ++c) out[static_cast<size_t>(r * w.k + c)] = static_cast<int8_t>(w.at(r, c));
-  return out;
-}
-
 // The plan: the weights packed for the GEMM this CPU runs.
 std::shared_ptr<LinearOp> create_linear_op(const Weights& w, xnn_status* status) {
   auto entry = std::make_shared<LinearOp>();

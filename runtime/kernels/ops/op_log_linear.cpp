@@ -72,11 +72,10 @@ bool slots_forced() {
 std::shared_ptr<LogLinearWeights> create_weights(const Weights& w) {
   auto entry = std::make_shared<LogLinearWeights>();
   const size_t k = static_cast<size_t>(w.k), n = static_cast<size_t>(w.n);
-  std::vector<int8_t> unpacked(k * n);
+  const std::vector<int8_t> unpacked = unpack_to_int8(w);
   for (size_t r = 0; r < n; ++r) {
     for (size_t c = 0; c < k; ++c) {
-      const int v = w.at(static_cast<int64_t>(r), static_cast<int64_t>(c));
-      unpacked[r * k + c] = static_cast<int8_t>(v);
+      const int v = unpacked[r * k + c];
       entry->max_weight = std::max(entry->max_weight, std::abs(v));
       entry->max_centered = std::max(entry->max_centered, static_cast<int>(std::fabs(v - w.zero[r])));
     }
