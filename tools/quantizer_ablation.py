@@ -6,6 +6,7 @@ and all but one group, against the float model on a validation split carved from
     .venv/bin/python tools/quantizer_ablation.py --recipe liu2021 --bits W8A8 --search
     .venv/bin/python tools/quantizer_ablation.py --recipe adfq --bits W6A6 --probs log:4 --groups probabilities
     .venv/bin/python tools/quantizer_ablation.py --recipe adfq --bits W6A6 --gelu log:4 --groups fc2
+    .venv/bin/python tools/quantizer_ablation.py --recipe adfq --bits W8A8 --option gelu_quantizer=shift-log2
 
 Calibration: the first `--calib-images` training images (classes interleaved), as a build takes
 them; validation: `--val-images` training images from interleaved position 5,000 on (never the
@@ -13,6 +14,8 @@ test split). Ranges come from the recipe's own quantizers and their initialisati
 reconstruction or search: this measures what the quantizer types and their ranges cost), or,
 with `--search` (liu2021), from its interval search on its default search images, to see
 which groups the searched intervals cost (the bias corrections it made stay in every row).
+`--option KEY=VALUE` sets a recipe option (as `vitq-edge build --option` does), e.g. adfq's
+gelu_quantizer or uniform_init, to compare its choices.
 The forward is the fake-quant one, which agrees with the kernels' arithmetic to float rounding.
 Writes OUT.{md,json}.
 """
@@ -42,7 +45,7 @@ from vitq_edge.quant.adfq import adfq_factory
 from vitq_edge.quant.liu2021 import liu_factory, search_intervals
 from vitq_edge.quant.minmax import minmax_factory
 from vitq_edge.quant.quantizers import LogQuantizer, ShiftLog2Quantizer
-from vitq_edge.recipes import layer_bits, parse_bits, recipe_config
+from vitq_edge.recipes import layer_bits, parse_bits, parse_options, recipe_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,9 +82,9 @@ def _ladder(value: str | None, flag: str) -> int | None:
     return int(k)
 
 
-def _factory(recipe: str, bits: str, probs: int | None, gelu: int | None):
+def _factory(recipe: str, bits: str, probs: int | None, gelu: int | None, options: dict[str, str]):
     _, a_bits = parse_bits(bits)
-    config = recipe_config(recipe, bits)  # the recipe's widths per layer (its head_bits too)
+    config = recipe_config(recipe, bits, **options)  # the recipe's widths per layer (its head_bits too)
     if recipe == "minmax":
         base = minmax_factory(layer_bits(config))
     elif recipe == "liu2021":
@@ -117,14 +120,18 @@ def main() -> None:
     ap.add_argument("--gelu", default=None, help="log:K replaces the post-GELU (fc2 input) quantizer with a "
                                                  "Shift-Log2 one, K levels per octave")
     ap.add_argument("--search", action="store_true", help="liu2021: its interval search sets the ranges")
+    ap.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                    help="a recipe option, as for vitq-edge build (repeatable)")
     ap.add_argument("--groups", default=None, help="comma-separated group names (or their first words, e.g. "
                                                    "probabilities,weights): only these groups' rows")
     ap.add_argument("--calib-images", type=int, default=256)
     ap.add_argument("--val-images", type=int, default=512)
     ap.add_argument("--out", default=None,
-                    help="default docs/ablation/RECIPE-BITS[-probslogK][-gelulogK][-searched][-GROUPS]")
+                    help="default docs/ablation/RECIPE-BITS[-probslogK][-gelulogK][-searched][-KEY-VALUE][-GROUPS]")
     args = ap.parse_args()
     probs, gelu = _ladder(args.probs, "--probs"), _ladder(args.gelu, "--gelu")
+    options = parse_options(args.option)
+    recipe_config(args.recipe, args.bits, **options)  # a bad option stops here, before the model loads
     if args.search and args.recipe != "liu2021":
         raise VitqError("--search is liu2021's interval search; drop it or use --recipe liu2021")
     groups_run = [g for g in GROUPS if args.groups is None
@@ -133,7 +140,8 @@ def main() -> None:
         raise VitqError(f"--groups {args.groups}: no such group; use the first words of {', '.join(GROUPS)}")
     command = "python tools/quantizer_ablation.py" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
     tag = (f"{args.recipe}-{args.bits}" + (f"-probslog{probs}" if probs else "")
-           + (f"-gelulog{gelu}" if gelu else "") + ("-searched" if args.search else ""))
+           + (f"-gelulog{gelu}" if gelu else "") + ("-searched" if args.search else "")
+           + "".join(f"-{k}-{v}" for k, v in options.items()))
     if args.groups:
         tag += "-" + "-".join(g.split()[0].rstrip(",") for g in groups_run)
     out = Path(args.out or REPO / "docs" / "ablation" / tag)
@@ -146,7 +154,7 @@ def main() -> None:
     labels = torch.from_numpy(val_set.labels)
     with torch.no_grad():
         fp32 = torch.cat([loaded.model(x) for x in val])
-    make, groups = _factory(args.recipe, args.bits, probs, gelu)
+    make, groups = _factory(args.recipe, args.bits, probs, gelu, options)
     start = time.time()
     qmodel = vit.quantize_vit(loaded.model, make)
     vit.calibrate_activations(qmodel, calib)
@@ -170,13 +178,14 @@ def main() -> None:
     rows += [run(f"all but {g}", lambda h, g=g: h != g) for g in groups_run]
     fp32_top1 = accuracy_summary(fp32, fp32, fp32, labels)["fp32"]
     result = {"command": command, "recipe": args.recipe, "bits": args.bits, "probs": args.probs, "gelu": args.gelu,
-              "search": args.search,
+              "search": args.search, "options": options,
               "calib_images": args.calib_images, "val_images": args.val_images, "fp32_top1": fp32_top1,
               "rows": rows}
     out.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(result, indent=2) + "\n"
     write_atomic(out.with_suffix(".json"), lambda f: f.write(text.encode()))
     ladders = (f" probabilities {args.probs}" if probs else "") + (f" post-GELU {args.gelu}" if gelu else "")
+    ladders += "".join(f" {k}={v}" for k, v in options.items())
     lines = [f"# {args.recipe} {args.bits}{ladders}: "
              "which quantizers cost accuracy (real model, validation split)", "", f"    {command}", "",
              f"dinov2-s14-cifar10; calibration on {args.calib_images} training images; {args.val_images} validation "
