@@ -34,7 +34,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(not kernels_path().is_file(),
 # head are lowered too; the others keep their 8-bit defaults.
 FAST = {"minmax": {"stem_bits": None, "head_bits": None},
         "liu2021": {"candidates": 10, "rounds": 2, "search_images": 32}, "adfq": {"iters": 40}}
-CASES = [(r, b) for r in ("minmax", "liu2021", "adfq") for b in ("W8A8", "W4A4")]
+# adfq takes a uniform fc2 input at 8 bits (adfq.gelu_quantizer); the last case keeps its 8-bit Shift-Log2 path
+# (vitq::log_linear on byte planes) covered end to end.
+CASES = [(r, b, {}) for r in ("minmax", "liu2021", "adfq") for b in ("W8A8", "W4A4")]
+CASES.append(("adfq", "W8A8", {"gelu_quantizer": "shift-log2"}))
 
 
 @pytest.fixture(scope="module")
@@ -45,19 +48,22 @@ def reference():
     return loaded, calib, evalset
 
 
-def _quantize(reference, recipe: str, bits: str):
+def _quantize(reference, recipe: str, bits: str, **options):
     loaded, calib, _ = reference
     example = (torch.zeros(1, loaded.preprocess.channels, *loaded.preprocess.size),)
-    config = recipe_config(recipe, bits, **FAST[recipe])
+    config = recipe_config(recipe, bits, **FAST[recipe], **options)
     return quantize(loaded.model, config, iter(calib), example).module, example
 
 
-@pytest.mark.parametrize("recipe,bits", CASES)
-def test_host_program_matches_the_simulation(reference, tmp_path, recipe, bits):
+@pytest.mark.parametrize("recipe,bits,options", CASES)
+def test_host_program_matches_the_simulation(reference, tmp_path, recipe, bits, options):
     loaded, _, evalset = reference
-    qmodel, example = _quantize(reference, recipe, bits)
+    qmodel, example = _quantize(reference, recipe, bits, **options)
     lowered = lower_to_executorch(qmodel, example, integer=True)
     assert lowered.arithmetic == "integer" and "vitq::linear" in lowered.custom_ops
+    if recipe == "adfq":  # fc2 on Shift-Log2 codes below 8 bits or when asked, else a uniform vitq::linear
+        shift_log2 = bits == "W4A4" or options.get("gelu_quantizer") == "shift-log2"
+        assert ("vitq::log_linear" in lowered.custom_ops) == shift_log2, lowered.custom_ops
     program = HostProgram(lowered.buffer)
     same, diffs = 0, []
     with torch.no_grad():

@@ -536,11 +536,13 @@ def test_recipe_runs_end_to_end_on_a_tiny_vit(tiny, recipe, bits, options):
         assert described["blocks.1.mlp.fc1"]["weight"]["bits"] == int(bits[1])
     if recipe == "adfq":
         assert described["blocks.0.attn.qkv"]["input"]["kind"] == "PerPatchOutlierQuantizer"
-        assert described["blocks.0.mlp.fc2"]["input"]["kind"] == "ShiftLog2Quantizer"
-        # log ladders (adfq.log_steps_per_octave): probabilities ~16 octaves, post-GELU ~8
-        probs, gelu = {"W4A4": ("2", "sqrt2"), "W6A6": ("2^(1/4)", "2^(1/8)"), "W8A8": ("2^(1/16)", "2^(1/32)")}[bits]
+        # log ladders (adfq.log_steps_per_octave): probabilities ~16 octaves, post-GELU ~8 (Shift-Log2 below
+        # 8 bits, a uniform code at 8: adfq.gelu_quantizer)
+        probs, gelu = {"W4A4": ("2", "sqrt2"), "W6A6": ("2^(1/4)", "2^(1/8)"), "W8A8": ("2^(1/16)", None)}[bits]
         assert described["blocks.0.attn.av"]["a"]["base"] == probs
-        assert described["blocks.0.mlp.fc2"]["input"]["base"] == gelu
+        fc2_input = described["blocks.0.mlp.fc2"]["input"]
+        assert fc2_input["kind"] == ("UniformQuantizer" if gelu is None else "ShiftLog2Quantizer")
+        assert fc2_input.get("base") == gelu
         assert set(qm.details["outlier_fraction"]) == {f"blocks.{i}.{m}.input_quant" for i in (0, 1)
                                                        for m in ("attn.qkv", "mlp.fc1")}
     if bits.startswith("mixed"):
@@ -587,7 +589,7 @@ def test_adfq_probability_ladder_keeps_a_257_token_softmax(bits):
     from vitq_edge.quant.adfq import adfq_factory, log_steps_per_octave
 
     a_bits = int(bits[-1])
-    make = adfq_factory(recipe_config("adfq", bits))
+    make = adfq_factory(recipe_config("adfq", bits, gelu_quantizer="shift-log2"))
     probs_q, gelu_q = make("blocks.0.attn.av", "a"), make("blocks.0.mlp.fc2", "input")
     assert isinstance(probs_q, LogQuantizer) and isinstance(gelu_q, ShiftLog2Quantizer)
     assert 15 <= (2 ** a_bits - 1) / probs_q.steps_per_octave < 16
@@ -606,6 +608,40 @@ def test_adfq_probability_ladder_keeps_a_257_token_softmax(bits):
 
     assert mass_zeroed(probs_q) < 1e-3
     assert mass_zeroed(LogQuantizer(a_bits, steps_per_octave=gelu_q.steps_per_octave)) > 0.2
+
+
+def test_adfq_at_8_bits_keeps_the_rare_large_post_gelu_values():
+    """adfq's "auto" choices at 8 bits (adfq.gelu_quantizer, uniform_init): a pretrained ViT's fc2 input has a
+    few values several times its 99.999% quantile (DINOv2: 13.6 against 2.5 in one block), on a few tokens.
+    Shift-Log2's top level sits at that quantile and clips them; a uniform min/max code keeps them, so those
+    tokens' fc2 outputs stay close (as does Shift-Log2 with gelu_init="max"). Below 8 bits the paper's
+    Shift-Log2 and the MSE ranges stay; either can be forced at any width."""
+    from vitq_edge.quant.adfq import adfq_factory
+
+    torch.manual_seed(0)
+    x = torch.nn.functional.gelu(torch.randn(4096, 256))
+    x[:2, :3] = 12.0  # two tokens with massive activations in three channels
+    w = torch.randn(64, 256) / 16
+
+    def fc2_error(bits: str, **options) -> tuple[str, float]:
+        q = adfq_factory(recipe_config("adfq", bits, **options))("blocks.0.mlp.fc2", "input")
+        q.init_range(x)
+        with torch.no_grad():
+            y, got = x[:2] @ w.T, q.quantize(x[:2]) @ w.T
+        return type(q).__name__, float((got - y).pow(2).mean() / y.pow(2).mean())
+
+    kind, auto = fc2_error("W8A8")
+    assert kind == "UniformQuantizer"
+    kind, shift_log2 = fc2_error("W8A8", gelu_quantizer="shift-log2")
+    assert kind == "ShiftLog2Quantizer" and auto * 100 < shift_log2
+    assert fc2_error("W8A8", gelu_quantizer="shift-log2", gelu_init="max")[1] * 100 < shift_log2  # no clipping
+    assert fc2_error("W4A4")[0] == "ShiftLog2Quantizer" and fc2_error("W6A6")[0] == "ShiftLog2Quantizer"
+    assert fc2_error("W4A4", gelu_quantizer="uniform")[0] == "UniformQuantizer"
+    make8, make4 = (adfq_factory(recipe_config("adfq", b)) for b in ("W8A8", "W4A4"))
+    assert make8("blocks.0.attn.qk", "a").init == "minmax" and make4("blocks.0.attn.qk", "a").init == "mse"
+    assert adfq_factory(recipe_config("adfq", "W8A8", uniform_init="mse"))("blocks.0.attn.proj", "input").init == "mse"
+    with pytest.raises(VitqError, match="gelu_quantizer"):
+        recipe_config("adfq", "W8A8", gelu_quantizer="log")
 
 
 def test_sequential_activation_calibration_reads_the_quantized_models_inputs(tiny):

@@ -17,9 +17,10 @@ tensor, per-channel symmetric weights, uniform probabilities, GELU fused into fc
 --recipe adfq: ADFQ-ViT's: PPOQ on the qkv and fc1 inputs (codes per token, the values
 above a threshold kept in float and added back by a sparse correction; --outliers sets the
 share above it, e.g. the share the real model's calibration found), asymmetric weights,
-log-coded probabilities (2^(bits-4) steps per octave) and Shift-Log2 codes of GELU into
-fc2 (2^(bits-3) steps: vitq::gelu_shift_log2 + vitq::log_linear). For the PPOQ ops a
-second count without outliers gives the sparse correction's cost.
+log-coded probabilities and GELU into fc2 as the recipe chooses at that width (its
+quant/adfq.py decisions: Shift-Log2 codes below 8 bits, vitq::gelu_shift_log2 +
+vitq::log_linear; uniform codes at 8, GELU fused into fc2's vitq::linear). For the PPOQ ops
+a second count without outliers gives the sparse correction's cost.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from vitq_edge.lower import ops  # noqa: F401  (torch.ops.vitq)
 from vitq_edge.lower.one_op import one_op_program
 from vitq_edge.lower.ops.linear import PROLOGUE_GELU, PROLOGUE_LAYER_NORM, PROLOGUE_NONE, pack_int4
 from vitq_edge.quant import arith
+from vitq_edge.quant.adfq import gelu_quantizer, log_steps_per_octave
 
 EPS = 1e-6
 
@@ -113,19 +115,25 @@ def adfq_block(tokens: int, width: int, heads: int, mlp: int, bits: int, outlier
     fc1, fc1_plain = ppoq_args(x_fc1, mlp, bits, outliers, gen)
     proj = [*weight_args(width, width, bits, False, gen), torch.tensor([0.03]), torch.tensor([float(qmax // 2 + 1)]),
             0, qmax, 0.0, bits, PROLOGUE_NONE, torch.zeros(0), torch.zeros(0), EPS]
-    shift = 0.17  # about -min GELU: Shift-Log2's inputs are positive
-    delta = float(arith.gelu(x_fc2).max()) + shift
-    fc2_steps, prob_steps = 2 ** max(bits - 3, 0), 2 ** max(bits - 4, 0)
-    gelu_args = [shift, delta, bits, fc2_steps]
-    fc2 = [*weight_args(mlp, width, bits, False, gen), delta, bits, fc2_steps, bits]
+    prob_steps = log_steps_per_octave("auto", bits, "probabilities")
+    if gelu_quantizer("auto", bits) == "uniform":
+        fc2 = ("gelu + fc2 (uniform codes)", lin, x_fc2,
+               [*weight_args(mlp, width, bits, False, gen), torch.tensor([0.03]), torch.tensor([6.0]), 0, qmax,
+                0.0, bits, PROLOGUE_GELU, torch.zeros(0), torch.zeros(0), EPS], None)
+    else:
+        shift = 0.17  # about -min GELU: Shift-Log2's inputs are positive
+        delta = float(arith.gelu(x_fc2).max()) + shift
+        fc2_steps = log_steps_per_octave("auto", bits, "gelu")
+        gelu_args = [shift, delta, bits, fc2_steps]
+        fc2 = ("gelu + fc2 (Shift-Log2, log_linear)", lambda v, *a: gelu_then_log_linear(v, gelu_args, *a), x_fc2,
+               [*weight_args(mlp, width, bits, False, gen), delta, bits, fc2_steps, bits], None)
     return [
         ("norm1 + qkv (PPOQ)", lin, x_qkv, qkv, qkv_plain),
         ("attention (log probabilities)", att, x_att,
          [heads, (width // heads) ** -0.5, *uniform, *uniform, *uniform, 1.0, 0, 0, 0, bits, prob_steps], None),
         ("proj", lin, x_proj, proj, None),
         ("norm2 + fc1 (PPOQ)", lin, x_fc1, fc1, fc1_plain),
-        ("gelu + fc2 (Shift-Log2, log_linear)",
-         lambda v, *a: gelu_then_log_linear(v, gelu_args, *a), x_fc2, fc2, None),
+        fc2,
     ]
 
 

@@ -213,6 +213,16 @@ class AdfqConfig(PaperRecipeConfig):
     # (log-sqrt2, the code's choice, at 4 bits; ~8 octaves at every width), probabilities 2^(bits-4) (~16
     # octaves: a 257-token softmax needs the range); "sqrt2" or "2" (the paper's text) for both.
     log_base: Literal["auto", "sqrt2", "2"] = "auto"
+    # The fc2 input's quantizer (adfq.gelu_quantizer): "auto" = Shift-Log2 below 8 bits, uniform at 8 and
+    # above; "shift-log2" (the paper's, at every width) or "uniform" (asymmetric, per tensor).
+    gelu_quantizer: Literal["auto", "shift-log2", "uniform"] = "auto"
+    # Shift-Log2's top level: "mse" (the code's: the 99.999% quantile, shrunk by an MSE search) or "max" (the
+    # observed maximum: no value clips).
+    gelu_init: Literal["mse", "max"] = "mse"
+    # Range of the per-tensor uniform activation quantizers (q, k, v, proj / patch / head inputs, a uniform
+    # fc2 input) before reconstruction (adfq.uniform_init): "auto" = the MSE search below 8 bits, min/max at
+    # 8 and above; "mse" (the code's, at every width) or "minmax".
+    uniform_init: Literal["auto", "mse", "minmax"] = "auto"
     weight_lr: float = 3e-3  # AdaRound variables (Adam)
     act_lr: float = 4e-5  # activation scales (Adam, cosine decay)
     round_weight: float = 0.01  # lambda of the AdaRound regularizer

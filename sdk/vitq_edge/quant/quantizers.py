@@ -292,7 +292,8 @@ class ShiftLog2Quantizer(Quantizer):
     -shift * W @ 1 (see `QuantLinear.folded_bias`). The shift is static: minus the
     calibration minimum plus a margin, never less than GELU's own minimum (-0.1700),
     where the ADFQ-ViT code takes the batch minimum at every forward (which cannot fold
-    into a bias).
+    into a bias). init "mse": the top level from the 99.999% quantile, shrunk by the MSE search
+    (the code's); "max": the observed maximum, so that no value clips.
     """
 
     GELU_MIN = -0.16997  # min of x * Phi(x), at x = -0.7518
@@ -318,8 +319,9 @@ class ShiftLog2Quantizer(Quantizer):
         lowest = min(float(x.min()), self.GELU_MIN)
         self.shift = torch.tensor(-lowest + 1e-3)
         shifted = x + self.shift
-        top = torch.clamp(quantile(shifted, 0.99999), min=arith.EPS)
-        best = log_delta(shifted, top, self.bits, self.steps_per_octave, search=self.init == "mse")
+        top = shifted.max() if self.init == "max" else quantile(shifted, 0.99999)
+        best = log_delta(shifted, torch.clamp(top, min=arith.EPS), self.bits, self.steps_per_octave,
+                         search=self.init == "mse")
         self.delta = nn.Parameter(best.detach().clone().float(), requires_grad=self.delta.requires_grad)
 
     def describe(self) -> dict:
