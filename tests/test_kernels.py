@@ -304,15 +304,16 @@ def test_linear_on_emulated_pi_matches_reference(tmp_path, device, case):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _emulated_pis_ready(), reason="no aarch64 bundle or qemu (bash tools/setup.sh)")
-@pytest.mark.parametrize("signed", [False, True])
+@pytest.mark.parametrize("signed,probs", [(False, "uniform"), (True, "uniform"), (False, "log")])
 @pytest.mark.parametrize("device", ["emulated-rpi4", "emulated-rpi5"])
-def test_attention_on_emulated_pi_matches_reference(tmp_path, device, signed):
+def test_attention_on_emulated_pi_matches_reference(tmp_path, device, signed, probs):
     """vitq::attention on the emulated Pis, where q.k^T and A.V run on our GEMM's NEON tiles (int8
     codes with offsets). Saturated q / k / v put codes of -128 on both sides of the A72's int16 pairs:
-    the keys' and V's -128 pairs are packed with -127 and corrected."""
+    the keys' and V's -128 pairs are packed with -127 and corrected. Log probability codes: A.V as
+    double sums over V rows in 16-column chunks (24 columns: a padded chunk)."""
     tokens, head_dim = 37, 24  # tails of the 4- and 8-row tiles, of 16-deep blocks and of column groups
     qkv = torch.randn(1, tokens, 3 * 3 * head_dim, generator=torch.Generator().manual_seed(8)) * 50
-    args = attention_args(False, signed=signed)
+    args = attention_args(probs == "log", signed=signed)
     got = run_on_device(device, torch.ops.vitq.attention, qkv, args, tmp_path).reshape(1, tokens, 3 * head_dim)
     assert_same(got, attention.reference(qkv, *args))
 

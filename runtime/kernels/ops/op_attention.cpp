@@ -392,6 +392,25 @@ VITQ_INLINE void weighted_values(const AttentionJob& job, size_t bh, const float
   }
 }
 
+// A.V for one query row on log probability codes: acc[c] = sum_e w[e] * vd[index[e]][c]
+// in double, e in key order (each product is exact: a float level times a 9-bit
+// integer; the sum is exact but for ~1e-16, step 5). Columns go kValueChunk at a
+// time, so that a chunk's sums stay in registers while the V rows stream past.
+constexpr size_t kValueChunk = 16;
+
+VITQ_INLINE void log_weighted_rows(const float* w, const int32_t* index, size_t nnz, const double* vd, size_t dv,
+                                   double* acc) {
+  for (size_t c0 = 0; c0 < dv; c0 += kValueChunk) {
+    double sum[kValueChunk] = {};
+    for (size_t e = 0; e < nnz; ++e) {
+      const double pw = w[e];
+      const double* __restrict vj = vd + static_cast<size_t>(index[e]) * dv + c0;
+      for (size_t c = 0; c < kValueChunk; ++c) sum[c] += pw * vj[c];
+    }
+    std::memcpy(acc + c0, sum, sizeof(sum));
+  }
+}
+
 VITQ_HOT_LOOPS void attention_task(const AttentionJob& job, size_t task) {
   const size_t block = task % job.row_blocks, bh = task / job.row_blocks;
   const size_t b = bh / job.heads, h = bh % job.heads;
@@ -399,14 +418,24 @@ VITQ_HOT_LOOPS void attention_task(const AttentionJob& job, size_t task) {
 
   thread_local Scratch<int32_t> dots_buf, iacc_buf, index_buf;
   thread_local Scratch<float> probs_buf, fweights_buf;
-  thread_local Scratch<double> facc_buf;
+  thread_local Scratch<double> facc_buf, vd_buf;
   thread_local Scratch<uint8_t> lcodes_buf;
   int32_t* dots = dots_buf.get(kRowTile * t, 0);
   float* probs = probs_buf.get(kRowTile * t, 0);
   int32_t* iacc = iacc_buf.get(kRowTile * d, 0);
   int32_t* index = index_buf.get(t, 0);
   float* fweight = fweights_buf.get(t, 0);
-  double* facc = facc_buf.get(d, 0);
+  const size_t dv = (d + kValueChunk - 1) / kValueChunk * kValueChunk;  // V rows padded to whole chunks
+  double* facc = facc_buf.get(dv, 0);
+  double* vd = nullptr;  // log codes: this head's V rows (c - z) as doubles, converted once per task
+  if (job.log_bits) {
+    vd = vd_buf.get(t * dv, 0);
+    const int16_t* vh = job.v.rows<int16_t>(bh * t, d);
+    for (size_t j = 0; j < t; ++j) {
+      for (size_t c = 0; c < d; ++c) vd[j * dv + c] = static_cast<double>(vh[j * d + c]);
+      std::fill(vd + j * dv + d, vd + (j + 1) * dv, 0.0);
+    }
+  }
   uint8_t* lcodes = lcodes_buf.get(t, 0);
   const int zero_code = job.log_bits ? (1 << job.log_bits) - 1 : 0;
 
@@ -426,8 +455,7 @@ VITQ_HOT_LOOPS void attention_task(const AttentionJob& job, size_t task) {
     }
 
     // Log probability codes: keep those that do not stand for 0, then the
-    // weighted sum of V rows (int16 c - z) in double.
-    const int16_t* vh = job.v.rows<int16_t>(bh * t, d);
+    // weighted sum of V rows (c - z, as doubles) in double.
     for (size_t r = 0; r < rows; ++r) {
       job.coder->encode(probs + r * t, 0.0f, lcodes, t);
       size_t nnz = 0;
@@ -437,13 +465,7 @@ VITQ_HOT_LOOPS void attention_task(const AttentionJob& job, size_t task) {
           fweight[nnz++] = job.log_table[lcodes[j]];
         }
       }
-      // level * (cv - zv) is exact in double; so is their sum, but for ~1e-16.
-      std::fill(facc, facc + d, 0.0);
-      for (size_t e = 0; e < nnz; ++e) {
-        const int16_t* vj = vh + static_cast<size_t>(index[e]) * d;
-        const double pw = fweight[e];
-        for (size_t c = 0; c < d; ++c) facc[c] += pw * static_cast<double>(vj[c]);
-      }
+      log_weighted_rows(fweight, index, nnz, vd, dv, facc);
       float* dst = job.out + (b * t + i0 + r) * job.heads * d + h * d;
       for (size_t c = 0; c < d; ++c) dst[c] = static_cast<float>(facc[c]) * job.out_scale;
     }
