@@ -20,6 +20,7 @@ from vitq_edge.lower import ops  # noqa: F401  (torch.ops.vitq)
 from vitq_edge.lower.one_op import one_op_program
 from vitq_edge.lower.ops import attention, gelu_shift_log2, linear, log_linear
 from vitq_edge.lower.ops.linear import PROLOGUE_GELU, PROLOGUE_LAYER_NORM, PROLOGUE_NONE, pack_int4
+from vitq_edge.lower.ops.log_linear import gelu_then_log_linear
 from vitq_edge.quant import arith
 from vitq_edge.runtime import kernels_path, load_kernels, runtime_dir
 
@@ -167,11 +168,6 @@ def gelu_log_linear_args(w_bits: int, steps: int, seed: int) -> tuple[list, list
     w = random_weight(37, 150, w_bits, gen)  # N not a multiple of 8 or 16, K not of 16: every tile tail
     return [0.17, 4.0, w_bits, steps], [w["weight"], w["weight_scale"], w["weight_zero"], w["bias"], 4.0, w_bits,
                                         steps, w_bits]
-
-
-def gelu_then_log_linear(x: torch.Tensor, gelu_args: list, *args) -> torch.Tensor:
-    """fc2 on Shift-Log2 codes as a program with a float input (what vitq-runner feeds)."""
-    return torch.ops.vitq.log_linear(torch.ops.vitq.gelu_shift_log2(x, *gelu_args), *args)
 
 
 @pytest.mark.parametrize("w_bits,steps", [(8, 32), (6, 8), (4, 2)])

@@ -40,6 +40,7 @@ from vitq_edge.lifetime import run_script
 from vitq_edge.lower import ops  # noqa: F401  (torch.ops.vitq)
 from vitq_edge.lower.one_op import one_op_program
 from vitq_edge.lower.ops.linear import PROLOGUE_GELU, PROLOGUE_LAYER_NORM, PROLOGUE_NONE, pack_int4
+from vitq_edge.lower.ops.log_linear import gelu_then_log_linear
 from vitq_edge.quant import arith
 from vitq_edge.quant.adfq import gelu_quantizer, log_steps_per_octave
 
@@ -95,11 +96,6 @@ def ppoq_args(x: torch.Tensor, n: int, bits: int, outliers: float, gen: torch.Ge
     common = [0, 2**bits - 1]
     tail = [bits, PROLOGUE_LAYER_NORM, norm_w, norm_b, EPS]
     return ([*w, scale, zero, *common, threshold, *tail], [*w, scale, zero, *common, 0.0, *tail])
-
-
-def gelu_then_log_linear(x: torch.Tensor, gelu_args: list, *args) -> torch.Tensor:
-    """fc2 of an adfq block: GELU's Shift-Log2 codes into the linear layer on log codes."""
-    return torch.ops.vitq.log_linear(torch.ops.vitq.gelu_shift_log2(x, *gelu_args), *args)
 
 
 def adfq_block(tokens: int, width: int, heads: int, mlp: int, bits: int, outliers: float,

@@ -29,6 +29,7 @@ from torch import nn
 
 from vitq_edge.lower import ops  # noqa: F401  (registers torch.ops.vitq)
 from vitq_edge.lower.ops.linear import PROLOGUE_GELU, PROLOGUE_LAYER_NORM, PROLOGUE_NONE, pack_int4
+from vitq_edge.lower.ops.log_linear import gelu_then_log_linear
 from vitq_edge.quant import vit
 from vitq_edge.quant.quantizers import (
     AdaRoundQuantizer,
@@ -125,9 +126,9 @@ class IntLogLinear(nn.Module):
         self.bits, self.steps_per_octave = iq.bits, iq.steps_per_octave
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        codes = torch.ops.vitq.gelu_shift_log2(x, self.shift, self.delta, self.bits, self.steps_per_octave)
-        return torch.ops.vitq.log_linear(codes, self.weight, self.weight_scale, self.weight_zero, self.bias,
-                                         self.delta, self.bits, self.steps_per_octave, self.weight_bits)
+        return gelu_then_log_linear(x, [self.shift, self.delta, self.bits, self.steps_per_octave], self.weight,
+                                    self.weight_scale, self.weight_zero, self.bias, self.delta, self.bits,
+                                    self.steps_per_octave, self.weight_bits)
 
 
 class IntAttention(nn.Module):

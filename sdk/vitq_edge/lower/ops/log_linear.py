@@ -33,3 +33,10 @@ def fake(codes: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, 
 
 
 define("log_linear", ARGS, reference, fake)
+
+
+def gelu_then_log_linear(x: torch.Tensor, gelu_args: list, *args) -> torch.Tensor:
+    """fc2 of an adfq block on its float input: GELU's Shift-Log2 codes (vitq::gelu_shift_log2 with
+    gelu_args = shift, delta, bits, steps_per_octave), then vitq::log_linear(codes, *args). The lowering,
+    tools/op_costs.py and the kernel tests all compose the two ops here."""
+    return torch.ops.vitq.log_linear(torch.ops.vitq.gelu_shift_log2(x, *gelu_args), *args)
