@@ -161,8 +161,10 @@ def gelu_quantizer(choice: str, bits: int) -> str:
 
     "auto" keeps the paper's Shift-Log2 below 8 bits and takes a uniform min/max code at 8. The real
     model's fc2 inputs have a few values far above their 99.999% quantile (one block: 13.6 against
-    2.5, on a few tokens); Shift-Log2's top level sits near that quantile and clips them, while
-    256 uniform steps over the whole range stay fine enough (0.05 there). Real model, 512 validation
+    2.5, on a few tokens); Shift-Log2 with the code's top level (gelu_init="mse") sits near that
+    quantile and clips them, while 256 uniform steps over the whole range stay fine enough (0.05
+    there). This rule was chosen against that top level; the default is now the maximum
+    (AdfqConfig.gelu_init, chosen below 8 bits), and the uniform code stays at 8 for its cost. Real model, 512 validation
     images, before reconstruction (tools/quantizer_ablation.py; docs/ablation/adfq-W8A8-shift-log2-mse.md
     and adfq-W8A8-q-fc2.md): the fc2 input alone 76.76% agreement with the float model (9.8 dB) as
     Shift-Log2, 97.46% (26.2 dB) uniform; every quantizer on 70.70% top-1 (float 78.71%) before
