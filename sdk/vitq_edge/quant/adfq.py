@@ -164,12 +164,13 @@ def gelu_quantizer(choice: str, bits: int) -> str:
     2.5, on a few tokens); Shift-Log2 with the code's top level (gelu_init="mse") sits near that
     quantile and clips them, while 256 uniform steps over the whole range stay fine enough (0.05
     there). This rule was chosen against that top level; the default is now the maximum
-    (AdfqConfig.gelu_init, chosen below 8 bits), and the uniform code stays at 8 for its cost. Real model, 512 validation
-    images, before reconstruction (tools/quantizer_ablation.py; docs/ablation/adfq-W8A8-shift-log2-mse.md
-    and adfq-W8A8-q-fc2.md): the fc2 input alone 76.76% agreement with the float model (9.8 dB) as
-    Shift-Log2, 97.46% (26.2 dB) uniform; every quantizer on 70.70% top-1 (float 78.71%) before
-    both 8-bit choices, 78.52% (96.09% agreement, 22.2 dB) with them. The uniform code also makes
-    fc2 one int8 GEMM instead of four byte planes (vitq::log_linear).
+    (AdfqConfig.gelu_init, chosen below 8 bits), and the uniform code stays at 8 for its cost.
+    Real model, 512 validation images, before reconstruction (tools/quantizer_ablation.py;
+    docs/ablation/adfq-W8A8-shift-log2-mse.md and adfq-W8A8-q-fc2.md): the fc2 input alone 76.76%
+    agreement with the float model (9.8 dB) as Shift-Log2, 97.46% (26.2 dB) uniform; every quantizer
+    on 70.70% top-1 (float 78.71%) before both 8-bit choices, 78.52% (96.09% agreement, 22.2 dB)
+    with them. The uniform code also makes fc2 one int8 GEMM instead of four byte planes
+    (vitq::log_linear).
     """
     if choice == "auto":
         return "uniform" if bits >= UNIFORM_FROM_BITS else "shift-log2"
