@@ -613,9 +613,10 @@ def test_adfq_probability_ladder_keeps_a_257_token_softmax(bits):
 def test_adfq_at_8_bits_keeps_the_rare_large_post_gelu_values():
     """adfq's "auto" choices at 8 bits (adfq.gelu_quantizer, uniform_init): a pretrained ViT's fc2 input has a
     few values several times its 99.999% quantile (DINOv2: 13.6 against 2.5 in one block), on a few tokens.
-    Shift-Log2's top level sits at that quantile and clips them; a uniform min/max code keeps them, so those
-    tokens' fc2 outputs stay close (as does Shift-Log2 with its default gelu_init="max"). Below 8 bits the
-    paper's Shift-Log2 and the MSE ranges stay; either can be forced at any width."""
+    Shift-Log2 with the code's top level (gelu_init="mse") sits at that quantile and clips them; a uniform
+    min/max code keeps them, so those tokens' fc2 outputs stay close (as does Shift-Log2 with its default
+    gelu_init="max", at every width). Below 8 bits the paper's Shift-Log2 and the MSE ranges stay; either can
+    be forced at any width."""
     from vitq_edge.quant.adfq import adfq_factory
 
     torch.manual_seed(0)
