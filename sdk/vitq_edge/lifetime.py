@@ -10,7 +10,9 @@ A process killed by SIGKILL runs no cleanup code, so cleanup cannot rely on it:
   small shell that kills its command when that signal comes, so they end with us.
 - SIGTERM and SIGHUP (what `timeout`, CI cancellation, `docker stop` and a closed
   terminal send) raise `Terminated`, a KeyboardInterrupt: every `finally` and context
-  manager that cleans up after Ctrl-C cleans up after them too.
+  manager that cleans up after Ctrl-C cleans up after them too. A signal that lands in a
+  finalizer or weakref callback (torch runs many) would be printed and dropped there by
+  Python; it is raised again a moment later instead, outside.
 """
 
 from __future__ import annotations
@@ -46,10 +48,33 @@ def _raise_terminated(signum: int, frame) -> None:
     raise Terminated(signum)
 
 
+# The signal of a `Terminated` that Python dropped, raised again when SIGALRM comes.
+_dropped: int | None = None
+# The delay before that: long enough that the timer does not fire inside the hook below.
+_REDELIVERY_S = 0.02
+
+
+def _raise_dropped(signum: int, frame) -> None:
+    if _dropped is not None:
+        raise Terminated(_dropped)
+
+
+def _on_unraisable(unraisable) -> None:
+    """Python calls this for an exception it cannot raise (in `__del__`, weakref callbacks)."""
+    global _dropped
+    if isinstance(unraisable.exc_value, Terminated):
+        _dropped = unraisable.exc_value.signum
+        signal.setitimer(signal.ITIMER_REAL, _REDELIVERY_S)
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def handle_termination() -> None:
     """Turn SIGTERM and SIGHUP into `Terminated` (call once, from the main thread)."""
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_terminated)
+    signal.signal(signal.SIGALRM, _raise_dropped)
+    sys.unraisablehook = _on_unraisable
 
 
 def run_script(main: Callable[[], int | None]) -> None:
