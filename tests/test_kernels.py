@@ -93,20 +93,37 @@ def test_linear_matches_reference(case):
     assert_same(run_program(torch.ops.vitq.linear, x, *args), linear.reference(x, *args))
 
 
-@pytest.mark.parametrize("outliers", ["none", "few", "many"])
+@pytest.mark.parametrize("outliers", ["none", "few", "many", "many, 4-bit"])
 def test_linear_outliers_are_added_exactly(outliers):
     x = torch.randn(1, 17, 96, generator=torch.Generator().manual_seed(2))
     if outliers == "few":
         x[0, 3, 5], x[0, 9, 90] = 40.0, -25.0
-    elif outliers == "many":
-        x[0, 4] *= 30  # one token made almost only of outliers
-    args = linear_args(96, 48, 17, per_token=True, threshold=5.0)
+    elif outliers.startswith("many"):
+        x[0, 4] *= 30  # one token made almost only of outliers (groups of four and the rest)
+    bits = 4 if "4-bit" in outliers else 8
+    args = linear_args(96, 48, 17, per_token=True, threshold=5.0, w_bits=bits, a_bits=bits)
     got, want = run_program(torch.ops.vitq.linear, x, *args), linear.reference(x, *args)
     assert_same(got, want)
     # The outliers matter: without the sparse correction the result would be far off.
     if outliers != "none":
         no_correction = linear.reference(torch.where(x.abs() > 5.0, 0.0, x), *args)
         assert (no_correction - want).abs().max() > 100 * (got - want).abs().max()
+
+
+def test_linear_outliers_on_a_second_call_use_new_and_seen_channels():
+    """The kernel keeps the outlier channels' weights from call to call; new channels join them."""
+    from executorch.runtime import Runtime
+
+    load_kernels()
+    first = torch.randn(1, 17, 96, generator=torch.Generator().manual_seed(4))
+    first[0, 2, 7], first[0, 5, 60] = 30.0, -12.0
+    second = first.clone()
+    second[0, 8, 7], second[0, 8, 33], second[0, 11, 95] = -9.0, 50.0, 6.5  # channel 7 again, 33 and 95 new
+    args = linear_args(96, 48, 17, per_token=True, threshold=5.0, seed=5)
+    buffer = one_op_program(torch.ops.vitq.linear, first, args)
+    method = Runtime.get().load_program(buffer).load_method("forward")
+    for x in (first, second):
+        assert_same(method.execute([x])[0], linear.reference(x, *args))
 
 
 @pytest.mark.parametrize("fill", ["zeros", "saturated"])
@@ -278,18 +295,23 @@ def run_on_device(device: str, op, x: torch.Tensor, args: list, tmp_path) -> tor
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _emulated_pis_ready(), reason="no aarch64 bundle or qemu (bash tools/setup.sh)")
-@pytest.mark.parametrize("case", ["random", "-128 pairs, saturated"])
+@pytest.mark.parametrize("case", ["random", "-128 pairs, saturated", "PPOQ outliers"])
 @pytest.mark.parametrize("device", ["emulated-rpi4", "emulated-rpi5"])
 def test_linear_on_emulated_pi_matches_reference(tmp_path, device, case):
     """vitq::linear on the emulated Pis, where our NEON GEMMs run (Cortex-A72: smull/smlal2 pairs in
     int16 lanes; Cortex-A76: sdot): the host's bits, i.e. the reference's. On the A72 a -128/-128
     weight pair at k and k + 8 meeting inputs of code -128 would overflow an int16 lane (XNNPACK's
     neon_mlal kernels get this case wrong): our GEMM packs the one at k + 8 as -127 and corrects the
-    sums."""
+    sums. PPOQ outliers: the sparse float correction in groups of four and singly (one token almost
+    all outliers, others with a few)."""
     k, n, tokens = 200, 43, 17  # K not a multiple of 16, N of 4, tokens of 4: every tail of the tiles
-    args = linear_args(k, n, tokens, seed=5)
+    outliers = case == "PPOQ outliers"
+    args = linear_args(k, n, tokens, seed=5, per_token=outliers, threshold=5.0 if outliers else 0.0)
     x = torch.randn(1, 1, tokens, k, generator=torch.Generator().manual_seed(6)) * 2
-    if case != "random":
+    if outliers:
+        x[0, 0, 4] *= 30
+        x[0, 0, 9, ::37] = 12.0
+    elif case != "random":
         w = args[0].clone()
         w[0, 0] = w[0, 8] = w[n - 1, 16] = w[n - 1, 24] = -128
         args[0] = w
@@ -306,8 +328,9 @@ def test_attention_on_emulated_pi_matches_reference(tmp_path, device, signed, pr
     """vitq::attention on the emulated Pis, where q.k^T and A.V run on our GEMM's NEON tiles (int8
     codes with offsets). Saturated q / k / v put codes of -128 on both sides of the A72's int16 pairs:
     the keys' and V's -128 pairs are packed with -127 and corrected. Log probability codes: A.V as
-    double sums over V rows in 16-column chunks (24 columns: a padded chunk)."""
-    tokens, head_dim = 37, 24  # tails of the 4- and 8-row tiles, of 16-deep blocks and of column groups
+    double sums over V rows, four query rows and 8 columns at a time (fused multiply-adds: the host's
+    bits only because every product is exact; 20 columns: a padded chunk; 37 rows: short groups)."""
+    tokens, head_dim = 37, 20  # tails of the 4- and 8-row tiles, of 16-deep blocks and of column groups
     qkv = torch.randn(1, tokens, 3 * 3 * head_dim, generator=torch.Generator().manual_seed(8)) * 50
     args = attention_args(probs == "log", signed=signed)
     got = run_on_device(device, torch.ops.vitq.attention, qkv, args, tmp_path).reshape(1, tokens, 3 * head_dim)

@@ -25,6 +25,7 @@
 // quantize_input, run_gemm, subtract_zero_term, add_outliers.
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <mutex>
 
 #include "common.h"
@@ -48,10 +49,13 @@ struct LinearOp {
   std::vector<float> zero_term;
   std::mutex run_mutex;             // held from reshape to run (see op_cache.h)
   std::vector<uint64_t> workspace;  // guarded by run_mutex
-  // The integer weights transposed, [K][N] int8, for the outliers' float
-  // products (one contiguous row per input channel); built on the first call
-  // that has outliers, guarded by run_mutex.
-  std::vector<int8_t> weights_t;
+  // The outliers' weights W[c][j] = (w'[j][c] - wz[j]) * ws[j] in float, as
+  // torch has it, one contiguous row per input channel c; a row is filled on
+  // its channel's first outlier (guarded by run_mutex). Allocated without
+  // initialisation, so only the pages of channels that ever had an outlier
+  // (a few on real ViTs) take memory.
+  std::unique_ptr<float[]> outlier_weights;
+  std::vector<uint8_t> outlier_weights_ready;
 };
 
 OperatorCache<LinearOp>& linear_cache() {
@@ -163,13 +167,29 @@ VITQ_INLINE int32_t quantize_row(const float* __restrict src, size_t k, float s,
   return row_sum;
 }
 
-// acc[j] += v * W[j] for one outlier v and its weight column, W = (w' - wz) * ws
-// in float as torch has it; the product is exact in double.
+// acc[j] += v * W[j] for one outlier v and its weights W (see LinearOp), each
+// product exact in double; the variant for four outliers of a row adds them in
+// the same order with one pass over acc (the single loop's loads and stores of
+// acc were half its instructions).
 // noinline: inlined, GCC loses the restrict qualifiers and keeps it scalar.
-__attribute__((noinline)) void add_outlier(float v, const int8_t* __restrict wcol, const float* __restrict wz,
-                                           const float* __restrict ws, size_t n, double* __restrict acc) {
-  const double vd = v;
-  for (size_t j = 0; j < n; ++j) acc[j] += vd * static_cast<double>((static_cast<float>(wcol[j]) - wz[j]) * ws[j]);
+__attribute__((noinline)) VITQ_HOT_LOOPS void add_outlier(double v, const float* __restrict w, size_t n,
+                                                          double* __restrict acc) {
+  for (size_t j = 0; j < n; ++j) acc[j] += v * static_cast<double>(w[j]);
+}
+
+__attribute__((noinline)) VITQ_HOT_LOOPS void add_four_outliers(const double* __restrict v,
+                                                                const float* __restrict w0,
+                                                                const float* __restrict w1,
+                                                                const float* __restrict w2,
+                                                                const float* __restrict w3, size_t n,
+                                                                double* __restrict acc) {
+  const double v0 = v[0], v1 = v[1], v2 = v[2], v3 = v[3];
+  for (size_t j = 0; j < n; ++j) {
+    double a = acc[j] + v0 * static_cast<double>(w0[j]);
+    a += v1 * static_cast<double>(w1[j]);
+    a += v2 * static_cast<double>(w2[j]);
+    acc[j] = a + v3 * static_cast<double>(w3[j]);
+  }
 }
 
 VITQ_HOT_LOOPS void quantize_rows(const QuantizeJob& job, size_t task) {
@@ -349,30 +369,43 @@ void subtract_zero_term(const LinearOp& op, const QuantizeJob& job, size_t n, fl
 void add_outliers(LinearOp& op, const Weights& w, const std::vector<std::vector<Outlier>>& outliers, float* y) {
   const size_t n = static_cast<size_t>(w.n), k = static_cast<size_t>(w.k);
   std::lock_guard<std::mutex> lock(op.run_mutex);
-  if (op.weights_t.empty()) {
-    op.weights_t.resize(n * k);
-    for (size_t r = 0; r < n; ++r)
-      for (size_t c = 0; c < k; ++c)
-        op.weights_t[c * n + r] = static_cast<int8_t>(w.at(static_cast<int64_t>(r), static_cast<int64_t>(c)));
+  if (!op.outlier_weights) {
+    op.outlier_weights.reset(new float[n * k]);  // not value-initialised: see LinearOp
+    op.outlier_weights_ready.assign(k, 0);
   }
-  std::vector<double> acc(n, 0.0);
-  size_t row = SIZE_MAX;
-  auto flush = [&] {
-    if (row == SIZE_MAX) return;
+  auto weights_of = [&](int64_t c) {
+    float* row = op.outlier_weights.get() + static_cast<size_t>(c) * n;
+    if (!op.outlier_weights_ready[static_cast<size_t>(c)]) {
+      for (size_t j = 0; j < n; ++j)
+        row[j] = (static_cast<float>(w.at(static_cast<int64_t>(j), c)) - w.zero[j]) * w.scale[j];
+      op.outlier_weights_ready[static_cast<size_t>(c)] = 1;
+    }
+    return row;
+  };
+  std::vector<double> acc(n);
+  std::vector<double> values;
+  std::vector<const float*> columns;
+  auto add_row = [&](size_t row) {
+    std::fill(acc.begin(), acc.end(), 0.0);
+    size_t i = 0;
+    for (; i + 4 <= values.size(); i += 4)
+      add_four_outliers(&values[i], columns[i], columns[i + 1], columns[i + 2], columns[i + 3], n, acc.data());
+    for (; i < values.size(); ++i) add_outlier(values[i], columns[i], n, acc.data());
     float* yr = y + row * n;
     for (size_t j = 0; j < n; ++j) yr[j] += static_cast<float>(acc[j]);
-    std::fill(acc.begin(), acc.end(), 0.0);
+    values.clear();
+    columns.clear();
   };
+  size_t row = SIZE_MAX;
   for (const auto& list : outliers) {
     for (const Outlier& o : list) {
-      if (o.row != row) {
-        flush();
-        row = o.row;
-      }
-      add_outlier(o.value, op.weights_t.data() + static_cast<size_t>(o.col) * n, w.zero, w.scale, n, acc.data());
+      if (o.row != row && row != SIZE_MAX) add_row(row);
+      row = o.row;
+      values.push_back(o.value);
+      columns.push_back(weights_of(o.col));
     }
   }
-  flush();
+  if (row != SIZE_MAX) add_row(row);
 }
 
 }  // namespace
