@@ -55,8 +55,10 @@ _REDELIVERY_S = 0.02
 
 
 def _raise_dropped(signum: int, frame) -> None:
+    global _dropped
     if _dropped is not None:
-        raise Terminated(_dropped)
+        dropped, _dropped = _dropped, None  # dropped again: the hook sets it again
+        raise Terminated(dropped)
 
 
 def _on_unraisable(unraisable) -> None:

@@ -57,7 +57,7 @@ struct LinearOp {
   // torch has it, one contiguous row per input channel c; a row is filled on
   // its channel's first outlier (guarded by run_mutex). Allocated without
   // initialisation, so only the pages of channels that ever had an outlier
-  // (a few on real ViTs) take memory.
+  // take memory.
   std::unique_ptr<float[]> outlier_weights;
   std::vector<uint8_t> outlier_weights_ready;
 };
