@@ -196,11 +196,11 @@ def test_gelu_then_log_linear_matches_reference(w_bits, steps):
     assert_same(got, log_linear.reference(gelu_shift_log2.reference(x, *gelu_args), *args))
 
 
-def attention_args(log_probs: bool, signed: bool = False) -> list:
+def attention_args(log_probs: bool, signed: bool = False, log_bits: int = 8, steps: int = 32) -> list:
     def uniform(scale, zero):
         return [scale, 0 if signed else zero, -128 if signed else 0, 127 if signed else 255]
 
-    probs = [0.9, 0, 0, 0, 8, 32] if log_probs else [1 / 255, 0, 0, 255, 0, 0]
+    probs = [0.9, 0, 0, 0, log_bits, steps] if log_probs else [1 / 255, 0, 0, 255, 0, 0]
     return [3, 0.125, *uniform(0.04, 120), *uniform(0.05, 131), *uniform(0.03, 127), *probs]
 
 
@@ -322,19 +322,74 @@ def test_linear_on_emulated_pi_matches_reference(tmp_path, device, case):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _emulated_pis_ready(), reason="no aarch64 bundle or qemu (bash tools/setup.sh)")
-@pytest.mark.parametrize("signed,probs", [(False, "uniform"), (True, "uniform"), (False, "log")])
+@pytest.mark.parametrize("signed,probs", [(False, "uniform"), (True, "uniform"), (False, "log 8 bits, k 32"),
+                                          (False, "log 8 bits, k 16"), (False, "log 6 bits, k 4"),
+                                          (False, "log 4 bits, k 1")])
 @pytest.mark.parametrize("device", ["emulated-rpi4", "emulated-rpi5"])
 def test_attention_on_emulated_pi_matches_reference(tmp_path, device, signed, probs):
     """vitq::attention on the emulated Pis, where q.k^T and A.V run on our GEMM's NEON tiles (int8
     codes with offsets). Saturated q / k / v put codes of -128 on both sides of the A72's int16 pairs:
     the keys' and V's -128 pairs are packed with -127 and corrected. Log probability codes: A.V as
     double sums over V rows, four query rows and 8 columns at a time (fused multiply-adds: the host's
-    bits only because every product is exact; 20 columns: a padded chunk; 37 rows: short groups)."""
+    bits only because every product is exact; 20 columns: a padded chunk; 37 rows: short groups, 37
+    keys: padded key groups). Up to 16 steps per octave (adfq's probabilities at 8, 6 and 4 bits) the
+    codes and levels come from NEON table lookups (quant_math.h LogLevelsX4), at 32 from LogCoder."""
     tokens, head_dim = 37, 20  # tails of the 4- and 8-row tiles, of 16-deep blocks and of column groups
     qkv = torch.randn(1, tokens, 3 * 3 * head_dim, generator=torch.Generator().manual_seed(8)) * 50
-    args = attention_args(probs == "log", signed=signed)
+    if probs.startswith("log"):
+        qkv[..., :3 * head_dim] *= 0.05  # q: scores over a few units, probabilities over many octaves
+        log_bits, steps = (int(probs.split()[1]), int(probs.split()[-1]))
+        args = attention_args(True, log_bits=log_bits, steps=steps)
+    else:
+        args = attention_args(False, signed=signed)
     got = run_on_device(device, torch.ops.vitq.attention, qkv, args, tmp_path).reshape(1, tokens, 3 * head_dim)
     assert_same(got, attention.reference(qkv, *args))
+
+
+def scales_at_log_thresholds(probs: torch.Tensor, steps: int) -> list[float]:
+    """p_scale values that put the ratio p / p_scale of one of `probs` exactly on each log threshold
+    T_j / 4 and one float below it (float32 division, as the kernels divide)."""
+    def neighbours(x: torch.Tensor):  # x, then the floats around it, nearest first
+        up = down = x
+        yield x
+        for _ in range(8):
+            up, down = torch.nextafter(up, torch.tensor(float("inf"))), torch.nextafter(down, torch.tensor(0.0))
+            yield up
+            yield down
+
+    scales = []
+    for t in arith._log_thresholds(steps):
+        for ratio in (t / 4, torch.nextafter(t / 4, torch.tensor(0.0))):
+            hit = next((cand for p in probs.flatten()[:32] for cand in neighbours(p / ratio) if p / cand == ratio),
+                       None)
+            assert hit is not None, f"no p_scale puts a probability on ratio {float(ratio)}"
+            scales.append(float(hit))
+    return scales
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _emulated_pis_ready(), reason="no aarch64 bundle or qemu (bash tools/setup.sh)")
+@pytest.mark.parametrize("log_bits,steps", [(8, 16), (6, 4), (4, 1)])
+@pytest.mark.parametrize("device", ["emulated-rpi4", "emulated-rpi5"])
+def test_attention_log_codes_at_their_thresholds_on_emulated_pi(tmp_path, device, log_bits, steps):
+    """A probability exactly on each log threshold, and one float below it: the NEON coder (a
+    bucket's base count plus one compare, quant_math.h LogLevelsX4) must count a threshold it equals
+    as reached. Random probabilities never land on one; here each of the program's attention calls
+    takes a p_scale that puts one probability there."""
+    tokens, head_dim = 9, 8
+    qkv = torch.randn(1, tokens, 3 * 3 * head_dim, generator=torch.Generator().manual_seed(9)) * 2
+    args = attention_args(True, log_bits=log_bits, steps=steps)
+    q, k, _ = qkv.reshape(1, tokens, 3, 3, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+    probs = arith.attention_probabilities(q, k, args[1], tuple(args[2:6]), tuple(args[6:10]))
+    scales = scales_at_log_thresholds(probs, steps)
+    calls = [[*args[:14], scale, *args[15:]] for scale in scales]  # args[14]: p_scale
+
+    def program(x, *_):
+        return torch.cat([torch.ops.vitq.attention(x, *call) for call in calls], dim=-1)
+
+    got = run_on_device(device, program, qkv, [], tmp_path)
+    want = torch.cat([attention.reference(qkv, *call) for call in calls], dim=-1)
+    assert_same(got, want.flatten())
 
 
 @pytest.mark.slow

@@ -318,6 +318,9 @@ struct AttentionJob {
   int log_bits;
   const LogCoder* coder;  // log codes (log_bits > 0)
   float log_table[256];
+#if defined(__aarch64__)
+  LogLevelsX4 levels_x4;  // the coder and log_table four lanes at a time, where usable
+#endif
   float out_scale;   // p_scale * v_scale (uniform) or v_scale (log)
   float* out;        // [B, T, H * D]
   size_t row_blocks, rows_per_block;  // rows_per_block: a multiple of kRowTile
@@ -399,48 +402,73 @@ VITQ_INLINE void weighted_values(const AttentionJob& job, size_t bh, const float
 // multiply-add rounds where the multiply and the add would, and a zero level
 // adds an exact zero: the same bits as summing only the nonzero levels, at a
 // fraction of the instructions (a fused lane, and each V load used four times).
-// Columns go kValueChunk at a time, their sums in registers while V streams past.
+// Layouts, for loads in stream order: keys padded to te (a multiple of
+// kKeyGroup, zero weights and zero V rows); the weights interleaved per key
+// pair, w[(j / 2) * 8 + r * 2 + j % 2]; V in chunks of kValueChunk columns,
+// vd[c0 * te + j * 8 + c] for chunk c0. Each chunk's sums stay in registers
+// while its V rows stream past.
 constexpr size_t kValueChunk = 8;
 constexpr size_t kLogRows = 4;
+constexpr size_t kKeyGroup = 4;  // keys per vector of probabilities
+
+inline size_t pair_slot(size_t j, size_t r) { return (j / 2) * 2 * kLogRows + r * 2 + j % 2; }
 
 #if defined(__aarch64__)
-void log_weighted_rows(const double* const w[kLogRows], size_t t, const double* vd, size_t dv,
-                       double* const acc[kLogRows]) {
+// Two keys per pass: the four rows' weights of both in one load, each used by
+// lane; each key's 8 values in one load.
+void log_weighted_rows(const double* w, size_t te, const double* vd, size_t dv, double* acc) {
   for (size_t c0 = 0; c0 < dv; c0 += kValueChunk) {
     float64x2_t sum[kLogRows][4];
     for (size_t r = 0; r < kLogRows; ++r)
       for (int q = 0; q < 4; ++q) sum[r][q] = vdupq_n_f64(0.0);
-    const double* vj = vd + c0;
-    for (size_t j = 0; j < t; ++j, vj += dv) {
-      const float64x2_t v0 = vld1q_f64(vj), v1 = vld1q_f64(vj + 2), v2 = vld1q_f64(vj + 4), v3 = vld1q_f64(vj + 6);
-      for (size_t r = 0; r < kLogRows; ++r) {
-        const float64x2_t wr = vld1q_dup_f64(w[r] + j);
-        sum[r][0] = vfmaq_f64(sum[r][0], wr, v0);
-        sum[r][1] = vfmaq_f64(sum[r][1], wr, v1);
-        sum[r][2] = vfmaq_f64(sum[r][2], wr, v2);
-        sum[r][3] = vfmaq_f64(sum[r][3], wr, v3);
-      }
+    const double* vj = vd + c0 * te;
+    for (const double *wj = w, *end = w + te * kLogRows; wj != end; wj += 2 * kLogRows) {
+      const float64x2x4_t v = vld1q_f64_x4(vj);  // key j
+      vj += kValueChunk;
+      const float64x2x4_t u = vld1q_f64_x4(vj);  // key j + 1
+      vj += kValueChunk;
+      const float64x2x4_t wr = vld1q_f64_x4(wj);  // rows 0..3, keys j and j + 1
+      for (size_t r = 0; r < kLogRows; ++r)
+        for (int q = 0; q < 4; ++q) sum[r][q] = vfmaq_laneq_f64(sum[r][q], v.val[q], wr.val[r], 0);
+      for (size_t r = 0; r < kLogRows; ++r)
+        for (int q = 0; q < 4; ++q) sum[r][q] = vfmaq_laneq_f64(sum[r][q], u.val[q], wr.val[r], 1);
     }
     for (size_t r = 0; r < kLogRows; ++r)
-      for (int q = 0; q < 4; ++q) vst1q_f64(acc[r] + c0 + 2 * q, sum[r][q]);
+      for (int q = 0; q < 4; ++q) vst1q_f64(acc + r * dv + c0 + 2 * q, sum[r][q]);
   }
 }
 #else
-VITQ_INLINE void log_weighted_rows(const double* const w[kLogRows], size_t t, const double* vd, size_t dv,
-                                   double* const acc[kLogRows]) {
+VITQ_INLINE void log_weighted_rows(const double* w, size_t te, const double* vd, size_t dv, double* acc) {
   for (size_t c0 = 0; c0 < dv; c0 += kValueChunk) {
     double sum[kLogRows][kValueChunk] = {};
-    for (size_t j = 0; j < t; ++j) {
-      const double* __restrict vj = vd + j * dv + c0;
+    for (size_t j = 0; j < te; ++j) {
+      const double* __restrict vj = vd + c0 * te + j * kValueChunk;
       for (size_t r = 0; r < kLogRows; ++r) {
-        const double wr = w[r][j];
+        const double wr = w[pair_slot(j, r)];
         for (size_t c = 0; c < kValueChunk; ++c) sum[r][c] += wr * vj[c];
       }
     }
-    for (size_t r = 0; r < kLogRows; ++r) std::memcpy(acc[r] + c0, sum[r], sizeof(sum[r]));
+    for (size_t r = 0; r < kLogRows; ++r) std::memcpy(acc + r * dv + c0, sum[r], sizeof(sum[r]));
   }
 }
 #endif
+
+// Row r's weights (the levels of its probabilities' log codes, 0 for the zero
+// code and for the padding keys t .. te) into the interleaved layout.
+void log_weights_row(const AttentionJob& job, const float* probs, size_t t, size_t te, size_t r, double* w,
+                     uint8_t* lcodes) {
+#if defined(__aarch64__)
+  if (job.levels_x4.usable()) {
+    job.levels_x4.for_each_level(probs, t, [w, r](size_t j, float32x4_t level) {
+      vst1q_f64(w + pair_slot(j, r), vcvt_f64_f32(vget_low_f32(level)));
+      vst1q_f64(w + pair_slot(j + 2, r), vcvt_high_f64_f32(level));
+    });
+    return;
+  }
+#endif
+  job.coder->encode(probs, 0.0f, lcodes, t);
+  for (size_t j = 0; j < te; ++j) w[pair_slot(j, r)] = j < t ? job.log_table[lcodes[j]] : 0.0;
+}
 
 VITQ_HOT_LOOPS void attention_task(const AttentionJob& job, size_t task) {
   const size_t block = task % job.row_blocks, bh = task / job.row_blocks;
@@ -455,16 +483,17 @@ VITQ_HOT_LOOPS void attention_task(const AttentionJob& job, size_t task) {
   float* probs = probs_buf.get(kRowTile * t, 0);
   int32_t* iacc = iacc_buf.get(kRowTile * d, 0);
   const size_t dv = (d + kValueChunk - 1) / kValueChunk * kValueChunk;  // V rows padded to whole chunks
+  const size_t te = (t + kKeyGroup - 1) / kKeyGroup * kKeyGroup;  // keys padded (log codes)
   double* facc = facc_buf.get(kLogRows * dv, 0);
-  double* weights = weights_buf.get(kLogRows * t, 0);
+  double* weights = weights_buf.get(kLogRows * te, 0);
   double* vd = nullptr;  // log codes: this head's V rows (c - z) as doubles, converted once per task
   if (job.log_bits) {
-    vd = vd_buf.get(t * dv, 0);
+    vd = vd_buf.get(te * dv, 0);
     const int16_t* vh = job.v.rows<int16_t>(bh * t, d);
-    for (size_t j = 0; j < t; ++j) {
-      for (size_t c = 0; c < d; ++c) vd[j * dv + c] = static_cast<double>(vh[j * d + c]);
-      std::fill(vd + j * dv + d, vd + (j + 1) * dv, 0.0);
-    }
+    for (size_t c0 = 0; c0 < dv; c0 += kValueChunk)
+      for (size_t j = 0; j < te; ++j)
+        for (size_t c = 0; c < kValueChunk; ++c)
+          vd[c0 * te + j * kValueChunk + c] = j < t && c0 + c < d ? static_cast<double>(vh[j * d + c0 + c]) : 0.0;
   }
   uint8_t* lcodes = lcodes_buf.get(t, 0);
 
@@ -485,24 +514,20 @@ VITQ_HOT_LOOPS void attention_task(const AttentionJob& job, size_t task) {
 
     // Log probability codes: their levels (0 for the zero code), then the
     // weighted sums of V rows (c - z, as doubles) in double, kLogRows rows at a
-    // time (a short last group repeats its last row and drops the repeats).
+    // time (a short last group has zero weights in its missing rows, dropped).
     for (size_t r0 = 0; r0 < rows; r0 += kLogRows) {
       const size_t group = std::min(kLogRows, rows - r0);
-      const double* w[kLogRows];
-      double* acc[kLogRows];
       for (size_t r = 0; r < kLogRows; ++r) {
-        double* wr = weights + std::min(r, group - 1) * t;
         if (r < group) {
-          job.coder->encode(probs + (r0 + r) * t, 0.0f, lcodes, t);
-          for (size_t j = 0; j < t; ++j) wr[j] = job.log_table[lcodes[j]];
+          log_weights_row(job, probs + (r0 + r) * t, t, te, r, weights, lcodes);
+        } else {
+          for (size_t j = 0; j < te; ++j) weights[pair_slot(j, r)] = 0.0;
         }
-        w[r] = wr;
-        acc[r] = facc + r * dv;
       }
-      log_weighted_rows(w, t, vd, dv, acc);
+      log_weighted_rows(weights, te, vd, dv, facc);
       for (size_t r = 0; r < group; ++r) {
         float* dst = job.out + (b * t + i0 + r0 + r) * job.heads * d + h * d;
-        for (size_t c = 0; c < d; ++c) dst[c] = static_cast<float>(acc[r][c]) * job.out_scale;
+        for (size_t c = 0; c < d; ++c) dst[c] = static_cast<float>(facc[r * dv + c]) * job.out_scale;
       }
     }
   }
@@ -690,6 +715,9 @@ std::unique_ptr<AttentionJob> make_attention_job(const StoredCodes& sc, const At
     job->out_scale = sc.quant[2].scale;
   }
   job->coder = coder;
+#if defined(__aarch64__)
+  if (coder != nullptr) job->levels_x4 = LogLevelsX4(*coder, job->log_table);
+#endif
   job->out = out;
   const size_t heads_total = sc.batch * sc.heads, t = sc.t;
   const size_t want_tasks = task_count(heads_total * t, 2 * t * sc.d);

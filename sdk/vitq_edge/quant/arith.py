@@ -387,6 +387,23 @@ def log_linear(levels: torch.Tensor, w_int: torch.Tensor, w_zero: torch.Tensor, 
     return y if bias is None else y + bias
 
 
+def _centered(x: torch.Tensor, params: tuple) -> torch.Tensor:
+    s, z, lo, hi = params
+    return uniform_codes(x, torch.tensor(s, dtype=torch.float32), z, lo, hi) - z
+
+
+def _f32(value: float) -> float:
+    return float(torch.tensor(value, dtype=torch.float32))
+
+
+def attention_probabilities(q: torch.Tensor, k: torch.Tensor, scale: float, q_params: tuple,
+                            k_params: tuple) -> torch.Tensor:
+    """softmax(q k^T * scale) on codes, as vitq::attention computes it before coding the probabilities:
+    the exact integer sums times one float factor (formed in double, rounded once), then `softmax`."""
+    alpha = _f32(_f32(q_params[0]) * _f32(k_params[0]) * scale)
+    return softmax(integer_matmul(_centered(q, q_params), _centered(k, k_params).transpose(-2, -1)) * alpha)
+
+
 def integer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                       q_params: tuple, k_params: tuple, v_params: tuple, p_uniform: tuple | None,
                       p_log: tuple | None) -> torch.Tensor:
@@ -397,19 +414,11 @@ def integer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     products sum exactly (log levels times integers: in double); each float scale is
     formed in double and rounded once.
     """
-    def centered(x, params):
-        s, z, lo, hi = params
-        return uniform_codes(x, torch.tensor(s, dtype=torch.float32), z, lo, hi) - z
-
-    def f32(value: float) -> float:
-        return float(torch.tensor(value, dtype=torch.float32))
-
-    alpha = f32(f32(q_params[0]) * f32(k_params[0]) * scale)
-    probs = softmax(integer_matmul(centered(q, q_params), centered(k, k_params).transpose(-2, -1)) * alpha)
-    cv = centered(v, v_params)
+    probs = attention_probabilities(q, k, scale, q_params, k_params)
+    cv = _centered(v, v_params)
     if p_uniform is not None:
-        return integer_matmul(centered(probs, p_uniform), cv) * f32(f32(p_uniform[0]) * f32(v_params[0]))
+        return integer_matmul(_centered(probs, p_uniform), cv) * _f32(_f32(p_uniform[0]) * _f32(v_params[0]))
     delta, bits, steps = p_log
     delta = torch.tensor(delta, dtype=torch.float32)
     levels = log_values(log_codes(probs, delta, bits, steps), delta, bits, steps)
-    return (levels.double() @ cv.double()).float() * f32(v_params[0])  # not integers: summed in double
+    return (levels.double() @ cv.double()).float() * _f32(v_params[0])  # not integers: summed in double
