@@ -95,7 +95,9 @@ struct PortableTile {
           out[r * ldo + c] = acc[r][c];
         } else {
           const int32_t sum = acc[r][c] - p.zero_point[r] * p.weight_sums[c];
-          out[r * ldo + c] = std::fma(static_cast<float>(sum) * p.input_scale[r], p.scale[c], p.bias[c]);
+          float y = std::fma(static_cast<float>(sum) * p.input_scale[r], p.scale[c], p.bias[c]);
+          if (p.zero_term != nullptr) y = y - p.row_term[r] * p.zero_term[c];  // qs8_gemm.h
+          out[r * ldo + c] = y;
         }
       }
     }
@@ -104,26 +106,26 @@ struct PortableTile {
 
 template <qs8::Output kOut>
 void run_rows(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t m, size_t row_begin, size_t row_end,
-              const xnn_quantization_params* rows, qs8::OutT<kOut>* y, size_t ldy) {
+              const xnn_quantization_params* rows, const float* row_terms, qs8::OutT<kOut>* y, size_t ldy) {
   switch (g.layout) {
     case Qs8Layout::kPairs:
 #if defined(__aarch64__)
-      qs8::run_rows<Qs8Layout::kPairs, PairsTile, kOut>(g, a, lda, m, row_begin, row_end, rows, y, ldy);
+      qs8::run_rows<Qs8Layout::kPairs, PairsTile, kOut>(g, a, lda, m, row_begin, row_end, rows, row_terms, y, ldy);
 #else
       qs8::run_rows<Qs8Layout::kPairs, PortableTile<Qs8Layout::kPairs>, kOut>(g, a, lda, m, row_begin, row_end,
-                                                                                rows, y, ldy);
+                                                                                rows, row_terms, y, ldy);
 #endif
       return;
     case Qs8Layout::kDot:
 #if defined(__aarch64__)
-      qs8::run_rows_dot<kOut>(g, a, lda, m, row_begin, row_end, rows, y, ldy);
+      qs8::run_rows_dot<kOut>(g, a, lda, m, row_begin, row_end, rows, row_terms, y, ldy);
 #else
-      qs8::run_rows<Qs8Layout::kDot, PortableTile<Qs8Layout::kDot>, kOut>(g, a, lda, m, row_begin, row_end, rows, y,
-                                                                            ldy);
+      qs8::run_rows<Qs8Layout::kDot, PortableTile<Qs8Layout::kDot>, kOut>(g, a, lda, m, row_begin, row_end, rows,
+                                                                            row_terms, y, ldy);
 #endif
       return;
     case Qs8Layout::kVnni:  // chosen only on x86-64 CPUs with AVX-VNNI
-      qs8::run_rows_dot<kOut>(g, a, lda, m, row_begin, row_end, rows, y, ldy);
+      qs8::run_rows_dot<kOut>(g, a, lda, m, row_begin, row_end, rows, row_terms, y, ldy);
       return;
     case Qs8Layout::kNone:
       return;
@@ -198,19 +200,19 @@ void qs8_gemm_create(Qs8Layout layout, const int8_t* w, size_t n, size_t k, cons
 }
 
 void qs8_gemm_run(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t m, const xnn_quantization_params* rows,
-                  float* y) {
+                  const float* row_terms, float* y) {
   if (m == 0) return;
   const size_t mr = tile_rows(g.layout), tiles = (m + mr - 1) / mr;
   const size_t tasks = task_count(tiles, g.n * g.k * mr);
   parallel_for(tasks, [&](size_t task) {
     const size_t begin = tiles * task / tasks * mr, end = std::min(m, tiles * (task + 1) / tasks * mr);
-    run_rows<qs8::Output::kFloat>(g, a, lda, m, begin, end, rows, y, g.n);
+    run_rows<qs8::Output::kFloat>(g, a, lda, m, begin, end, rows, row_terms, y, g.n);
   });
 }
 
 void qs8_gemm_sums(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t m, int32_t* y, size_t ldy) {
   if (m == 0) return;
-  run_rows<qs8::Output::kInt32>(g, a, lda, m, 0, m, nullptr, y, ldy);
+  run_rows<qs8::Output::kInt32>(g, a, lda, m, 0, m, nullptr, nullptr, y, ldy);
 }
 
 }  // namespace vitq

@@ -2,7 +2,11 @@
 // x86-64 CPUs with AVX-VNNI.
 //
 //   y[m][n] = fma(float(sum_k (a[m][k] - zp[m]) w[n][k]) * s[m], ws[n], bias[n])
+//             [- t[m] * zt[n]]
 //
+// (the bracket: weights with zero points, vitq::linear's asymmetric ones: t[m]
+// per row from the caller, zt[n] = zero_term, both float, one rounded product
+// taken off the rounded result, as its separate pass did before)
 // the same integers and the same float steps as XNNPACK's x86 qd8_f32_qc8w
 // fully-connected kernels (arith.integer_linear), so a Pi computes the host's
 // bits. Three packings of the weights, chosen by the CPU:
@@ -56,6 +60,8 @@ struct Qs8Gemm {
   // Per column, padded to whole groups: sum_k w[n][k], ws[n], bias[n].
   std::vector<int32_t> weight_sums;
   std::vector<float> scale, bias;
+  // Per column, padded: the factor of the per-row term taken off (empty: none).
+  std::vector<float> zero_term;
   // fixes[fix_start[g] .. fix_start[g + 1]) belong to column group g.
   std::vector<Fix> fixes;
   std::vector<size_t> fix_start;
@@ -82,9 +88,9 @@ void qs8_gemm_create(Qs8Layout layout, const int8_t* w, size_t n, size_t k, cons
 // y [m][n] (row-major) from the int8 codes a [m][lda] (reads the whole of
 // each row's last block of 16: the caller's buffer needs up to 15 bytes of
 // slack past k) and one {zero_point, scale} per row. Rows are split over the
-// thread pool.
+// thread pool. row_terms: t[m] of each row where gemm.zero_term is set (else unused).
 void qs8_gemm_run(const Qs8Gemm& gemm, const int8_t* a, size_t lda, size_t m, const xnn_quantization_params* rows,
-                  float* y);
+                  const float* row_terms, float* y);
 
 // The exact int32 sums alone, y[r * ldy + c] = sum_k a[r][k] b[c][k] (no zero
 // points, no epilogue), on the calling thread; a as for qs8_gemm_run.

@@ -104,7 +104,10 @@ struct VnniTile {
           const __m256i zp = _mm256_set1_epi32(p.zero_point[r] + 128);
           const __m256i sum = _mm256_sub_epi32(acc[r][h], _mm256_mullo_epi32(ws, zp));
           const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(p.input_scale[r]));
-          _mm256_storeu_ps(out + r * ldo + 8 * h, _mm256_fmadd_ps(v, scale, bias));
+          __m256 y = _mm256_fmadd_ps(v, scale, bias);
+          if (p.zero_term != nullptr)  // y - t[m] * zt[n] (qs8_gemm.h)
+            y = _mm256_sub_ps(y, _mm256_mul_ps(_mm256_loadu_ps(p.zero_term + 8 * h), _mm256_set1_ps(p.row_term[r])));
+          _mm256_storeu_ps(out + r * ldo + 8 * h, y);
         }
       }
     }
@@ -123,14 +126,15 @@ namespace vitq::qs8 {
 
 template <Output kOut>
 VITQ_DOT_TARGET void run_rows_dot(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t m, size_t row_begin,
-                                  size_t row_end, const xnn_quantization_params* rows, OutT<kOut>* y, size_t ldy) {
-  run_rows<kDotProductLayout, DotProductTile, kOut>(g, a, lda, m, row_begin, row_end, rows, y, ldy);
+                                  size_t row_end, const xnn_quantization_params* rows, const float* row_terms,
+                                  OutT<kOut>* y, size_t ldy) {
+  run_rows<kDotProductLayout, DotProductTile, kOut>(g, a, lda, m, row_begin, row_end, rows, row_terms, y, ldy);
 }
 
 template void run_rows_dot<Output::kFloat>(const Qs8Gemm&, const int8_t*, size_t, size_t, size_t, size_t,
-                                           const xnn_quantization_params*, float*, size_t);
+                                           const xnn_quantization_params*, const float*, float*, size_t);
 template void run_rows_dot<Output::kInt32>(const Qs8Gemm&, const int8_t*, size_t, size_t, size_t, size_t,
-                                           const xnn_quantization_params*, int32_t*, size_t);
+                                           const xnn_quantization_params*, const float*, int32_t*, size_t);
 
 }  // namespace vitq::qs8
 #endif

@@ -50,6 +50,8 @@ struct TileParams {
   const float* bias;           // [nr]
   int32_t zero_point[kMaxMr];  // of the tile's rows
   float input_scale[kMaxMr];
+  const float* zero_term;      // [nr] of the tile's columns, or null: no term (qs8_gemm.h)
+  float row_term[kMaxMr];      // of the tile's rows, where zero_term is set
   const Qs8Gemm::Fix* fixes;   // the group's weights of -128 packed as -127 (kPairs)
   size_t fix_count;
 };
@@ -72,10 +74,11 @@ inline void fix_sums(const int8_t* a, size_t mr, const TileParams& p, int32_t fi
 // reloads them for every row.
 struct Columns {
   int32x4_t weight_sums;
-  float32x4_t scale, bias;
+  float32x4_t scale, bias, zero_term;
 };
 inline Columns load_columns(const TileParams& p, size_t c0) {
-  return {vld1q_s32(p.weight_sums + c0), vld1q_f32(p.scale + c0), vld1q_f32(p.bias + c0)};
+  return {vld1q_s32(p.weight_sums + c0), vld1q_f32(p.scale + c0), vld1q_f32(p.bias + c0),
+          p.zero_term != nullptr ? vld1q_f32(p.zero_term + c0) : vdupq_n_f32(0.0f)};
 }
 
 // sum (int32x4, 4 columns) - zp * weight_sums (exact: |zp| <= 128,
@@ -100,14 +103,22 @@ inline void store_tile(const int32x4_t (&sums)[kMr][kQuads], const TileParams& p
     // Copies: read after the stores below, the TileParams fields would be
     // reloaded for every row (see Columns).
     int32_t zero_point[kMr];
-    float input_scale[kMr];
+    float input_scale[kMr], row_term[kMr];
     for (size_t r = 0; r < kMr; ++r) {
       zero_point[r] = p.zero_point[r];
       input_scale[r] = p.input_scale[r];
+      row_term[r] = p.row_term[r];
     }
-    for (size_t r = 0; r < kMr; ++r)
-      for (size_t q = 0; q < kQuads; ++q)
-        vst1q_f32(out + r * ldo + 4 * q, epilogue(sums[r][q], cols[q], zero_point[r], input_scale[r]));
+    if (p.zero_term == nullptr) {
+      for (size_t r = 0; r < kMr; ++r)
+        for (size_t q = 0; q < kQuads; ++q)
+          vst1q_f32(out + r * ldo + 4 * q, epilogue(sums[r][q], cols[q], zero_point[r], input_scale[r]));
+    } else {  // y - t[m] * zt[n]: the product rounded, then the difference (no fused op)
+      for (size_t r = 0; r < kMr; ++r)
+        for (size_t q = 0; q < kQuads; ++q)
+          vst1q_f32(out + r * ldo + 4 * q, vsubq_f32(epilogue(sums[r][q], cols[q], zero_point[r], input_scale[r]),
+                                                     vmulq_n_f32(cols[q].zero_term, row_term[r])));
+    }
   }
 }
 #endif
@@ -120,7 +131,8 @@ inline void store_tile(const int32x4_t (&sums)[kMr][kQuads], const TileParams& p
 template <Qs8Layout kLayout, class Tile, Output kOut>
 inline __attribute__((always_inline)) void run_rows(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t m,
                                                     size_t row_begin, size_t row_end,
-                                                    const xnn_quantization_params* rows, OutT<kOut>* y, size_t ldy) {
+                                                    const xnn_quantization_params* rows, const float* row_terms,
+                                                    OutT<kOut>* y, size_t ldy) {
   constexpr size_t mr = tile_rows(kLayout), nr = tile_cols(kLayout);
   const size_t group_bytes = g.k_blocks * nr * kKc;
   // The row tile's input (see a_at). A plain pointer: every use of the
@@ -136,6 +148,7 @@ inline __attribute__((always_inline)) void run_rows(const Qs8Gemm& g, const int8
   const int32_t* const weight_sums = g.weight_sums.data();
   const float* const scale = g.scale.data();
   const float* const bias = g.bias.data();
+  const float* const zero_term = kOut == Output::kFloat && !g.zero_term.empty() ? g.zero_term.data() : nullptr;
   const Qs8Gemm::Fix* const fixes = g.fixes.data();
   const size_t* const fix_start = g.fix_start.data();
   for (size_t m0 = row_begin; m0 < row_end; m0 += mr) {
@@ -154,6 +167,7 @@ inline __attribute__((always_inline)) void run_rows(const Qs8Gemm& g, const int8
       if constexpr (kOut == Output::kFloat) {
         p.zero_point[r] = rows[row].zero_point;
         p.input_scale[r] = rows[row].scale;
+        p.row_term[r] = zero_term != nullptr ? row_terms[row] : 0.0f;
       }
     }
     for (size_t grp = 0; grp < n_groups; ++grp) {
@@ -162,6 +176,7 @@ inline __attribute__((always_inline)) void run_rows(const Qs8Gemm& g, const int8
       if constexpr (kOut == Output::kFloat) {
         p.scale = scale + n0;
         p.bias = bias + n0;
+        p.zero_term = zero_term != nullptr ? zero_term + n0 : nullptr;
       }
       p.fixes = fixes + fix_start[grp];
       p.fix_count = fix_start[grp + 1] - fix_start[grp];
@@ -183,6 +198,6 @@ inline __attribute__((always_inline)) void run_rows(const Qs8Gemm& g, const int8
 // or kVnni (x86-64: AVX-VNNI).
 template <Output kOut>
 void run_rows_dot(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t m, size_t row_begin, size_t row_end,
-                  const xnn_quantization_params* rows, OutT<kOut>* y, size_t ldy);
+                  const xnn_quantization_params* rows, const float* row_terms, OutT<kOut>* y, size_t ldy);
 
 }  // namespace vitq::qs8

@@ -22,7 +22,7 @@
 //
 // In phases, like XNNPACK's operators: check_linear_args, then the plan (the
 // prepacked GEMM of these weights, created once and cached), then the run:
-// quantize_input, run_gemm, subtract_zero_term, add_outliers.
+// quantize_input, run_gemm, subtract_zero_term (in our GEMM's epilogue), add_outliers.
 #include <algorithm>
 #include <cmath>
 #include <memory>
@@ -91,6 +91,10 @@ std::shared_ptr<LinearOp> create_linear_op(const Weights& w, xnn_status* status)
   if (any_zero) {
     entry->zero_term.resize(n);
     for (size_t i = 0; i < n; ++i) entry->zero_term[i] = w.scale[i] * w.zero[i];
+    if (entry->own) {  // our GEMM takes the term off in its epilogue (padded columns: 0)
+      entry->gemm.zero_term.assign(entry->gemm.weight_sums.size(), 0.0f);
+      std::copy(entry->zero_term.begin(), entry->zero_term.end(), entry->gemm.zero_term.begin());
+    }
   }
   return entry;
 }
@@ -225,6 +229,24 @@ __attribute__((noinline)) VITQ_HOT_LOOPS void add_four_outliers(const double* __
 }
 #endif
 
+// Row m's values above the threshold in magnitude, in column order, for the
+// exact float correction. They are rare (a few percent): on aarch64 eight
+// values are compared at a time and only a group holding one is looked at.
+inline void collect_outliers(const float* src, size_t k, float threshold, size_t m, std::vector<Outlier>& out) {
+  size_t i = 0;
+#if defined(__aarch64__)
+  const float32x4_t limit = vdupq_n_f32(threshold);
+  for (; i + 8 <= k; i += 8) {
+    const uint32x4_t above = vorrq_u32(vcagtq_f32(vld1q_f32(src + i), limit), vcagtq_f32(vld1q_f32(src + i + 4), limit));
+    if (vmaxvq_u32(above) == 0) continue;
+    for (size_t l = i; l < i + 8; ++l)
+      if (std::fabs(src[l]) > threshold) out.push_back({m, static_cast<int64_t>(l), src[l]});
+  }
+#endif
+  for (; i < k; ++i)
+    if (std::fabs(src[i]) > threshold) out.push_back({m, static_cast<int64_t>(i), src[i]});
+}
+
 VITQ_HOT_LOOPS void quantize_rows(const QuantizeJob& job, size_t task) {
   const size_t begin = job.rows * task / job.tasks, end = job.rows * (task + 1) / job.tasks;
   thread_local Scratch<float> row_buffer;
@@ -249,10 +271,7 @@ VITQ_HOT_LOOPS void quantize_rows(const QuantizeJob& job, size_t task) {
     else
       row_sum = job.want_row_sums ? quantize_row<false, true>(src, job.k, s, z, lo, hi, threshold, off, dst)
                                   : quantize_row<false, false>(src, job.k, s, z, lo, hi, threshold, off, dst);
-    if (outliers) {  // rare: remember them for the exact float correction
-      for (size_t i = 0; i < job.k; ++i)
-        if (std::fabs(src[i]) > threshold) (*job.outliers)[task].push_back({m, static_cast<int64_t>(i), src[i]});
-    }
+    if (outliers) collect_outliers(src, job.k, threshold, m, (*job.outliers)[task]);
     if (job.want_row_sums) job.row_sums[m] = row_sum;
     job.qparams[m].zero_point = static_cast<int32_t>(z) - job.offset;
     job.qparams[m].scale = s;
@@ -362,11 +381,20 @@ QuantizeJob quantize_input(const LinearArgs& a, const LinearOp& op, size_t m, si
   return job;
 }
 
+// Step 3's per-row factors t[m] (see subtract_zero_term); step 2 hands them to our GEMM.
+std::vector<float> row_terms(const QuantizeJob& job) {
+  std::vector<float> terms(job.rows);
+  for (size_t r = 0; r < job.rows; ++r)
+    terms[r] = static_cast<float>(job.row_sums[r]) * job.scale[job.params == 1 ? 0 : r % job.params];
+  return terms;
+}
+
 // Run, step 2: the integer GEMM into y (one XNNPACK operator run at a time: it
 // holds setup state). Returns XNNPACK's status and which call failed.
 xnn_status run_gemm(LinearOp& op, const QuantizeJob& job, float* y, const char** failed) {
-  if (op.own) {
-    qs8_gemm_run(op.gemm, job.codes, job.k, job.rows, job.qparams, y);
+  if (op.own) {  // with the zero term (step 3) in the epilogue
+    const std::vector<float> terms = job.want_row_sums ? row_terms(job) : std::vector<float>();
+    qs8_gemm_run(op.gemm, job.codes, job.k, job.rows, job.qparams, terms.data(), y);
     return xnn_status_success;
   }
   std::lock_guard<std::mutex> lock(op.run_mutex);
@@ -385,14 +413,16 @@ xnn_status run_gemm(LinearOp& op, const QuantizeJob& job, float* y, const char**
 }
 
 // Run, step 3: nonzero weight zero points. The GEMM used w', the value is
-// w' - wz, so subtract s_m * ws[n] * wz[n] * sum_k (c - z).
+// w' - wz, so subtract (s_m * sum_k (c - z)) * (ws[n] * wz[n]): per row
+// t[m] = float(sum_k (c - z)) * s_m (row_terms), per column zero_term; the product
+// rounded, then the difference. Our GEMM does it in its epilogue; after
+// XNNPACK's, this pass.
 void subtract_zero_term(const LinearOp& op, const QuantizeJob& job, size_t n, float* y) {
   const float* zt = op.zero_term.data();
+  const std::vector<float> terms = row_terms(job);
   for (size_t r = 0; r < job.rows; ++r) {
-    const float s = job.scale[job.params == 1 ? 0 : r % job.params];
-    const float rs = static_cast<float>(job.row_sums[r]) * s;
     float* yr = y + r * n;
-    for (size_t j = 0; j < n; ++j) yr[j] -= rs * zt[j];
+    for (size_t j = 0; j < n; ++j) yr[j] -= terms[r] * zt[j];
   }
 }
 
@@ -479,7 +509,7 @@ Tensor& linear_out(KernelRuntimeContext& ctx, const Tensor& x, const Tensor& wei
   status = run_gemm(*op, job, y, &failed);
   ET_KERNEL_CHECK_MSG(ctx, status == xnn_status_success, Internal, out, "vitq::linear: XNNPACK %s failed (status %d)",
                       failed, static_cast<int>(status));
-  if (job.want_row_sums) subtract_zero_term(*op, job, static_cast<size_t>(w.n), y);
+  if (job.want_row_sums && !op->own) subtract_zero_term(*op, job, static_cast<size_t>(w.n), y);
   size_t outlier_count = 0;
   for (const auto& list : outliers) outlier_count += list.size();
   if (outlier_count > 0) add_outliers(*op, w, outliers, y);
