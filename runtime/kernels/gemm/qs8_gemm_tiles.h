@@ -103,17 +103,18 @@ inline void store_tile(const int32x4_t (&sums)[kMr][kQuads], const TileParams& p
     // Copies: read after the stores below, the TileParams fields would be
     // reloaded for every row (see Columns).
     int32_t zero_point[kMr];
-    float input_scale[kMr], row_term[kMr];
+    float input_scale[kMr];
     for (size_t r = 0; r < kMr; ++r) {
       zero_point[r] = p.zero_point[r];
       input_scale[r] = p.input_scale[r];
-      row_term[r] = p.row_term[r];
     }
     if (p.zero_term == nullptr) {
       for (size_t r = 0; r < kMr; ++r)
         for (size_t q = 0; q < kQuads; ++q)
           vst1q_f32(out + r * ldo + 4 * q, epilogue(sums[r][q], cols[q], zero_point[r], input_scale[r]));
     } else {  // y - t[m] * zt[n]: the product rounded, then the difference (no fused op)
+      float row_term[kMr];
+      for (size_t r = 0; r < kMr; ++r) row_term[r] = p.row_term[r];
       for (size_t r = 0; r < kMr; ++r)
         for (size_t q = 0; q < kQuads; ++q)
           vst1q_f32(out + r * ldo + 4 * q, vsubq_f32(epilogue(sums[r][q], cols[q], zero_point[r], input_scale[r]),

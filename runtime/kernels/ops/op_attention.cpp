@@ -186,16 +186,10 @@ VITQ_INLINE int32_t code_row(const float* __restrict x, size_t n, const Uniform&
   return sum;
 }
 
-// max(m, x) for a running maximum m (never a NaN): a NaN x is skipped. On
-// aarch64 fmaxnm, which vectorizes (GCC leaves the select there scalar); a
-// zero's sign may differ from the select's, which exp(s - max) does not see.
-inline float running_max(float m, float x) {
-#if defined(__aarch64__)
-  return std::fmax(m, x);
-#else
-  return x > m ? x : m;
-#endif
-}
+// max(m, x) for a running maximum m (never a NaN): a NaN x is skipped, as
+// aarch64's fmaxnm does (softmax_row); a zero's sign may differ between the
+// two, which exp(s - max) does not see.
+inline float running_max(float m, float x) { return x > m ? x : m; }
 
 // arith.softmax of one row of scores, in place: exp(s - max) * f32(1 / sum),
 // the sum in double (any order gives the same float reciprocal but for ~1e-16).
@@ -204,10 +198,21 @@ VITQ_INLINE void softmax_row(float* __restrict p, size_t n) {
   // The maximum over kMaxLanes interleaved running maxima (vectorizes; any
   // order gives the same maximum).
   float lane_max[kMaxLanes];
-  for (size_t l = 0; l < kMaxLanes; ++l) lane_max[l] = -std::numeric_limits<float>::infinity();
   size_t j = 0;
+#if defined(__aarch64__)
+  // By hand: GCC's vectorizer left this loop scalar in some inlining contexts.
+  float32x4_t max_lo = vdupq_n_f32(-std::numeric_limits<float>::infinity()), max_hi = max_lo;
+  for (; j + kMaxLanes <= n; j += kMaxLanes) {
+    max_lo = vmaxnmq_f32(max_lo, vld1q_f32(p + j));
+    max_hi = vmaxnmq_f32(max_hi, vld1q_f32(p + j + 4));
+  }
+  vst1q_f32(lane_max, max_lo);
+  vst1q_f32(lane_max + 4, max_hi);
+#else
+  for (size_t l = 0; l < kMaxLanes; ++l) lane_max[l] = -std::numeric_limits<float>::infinity();
   for (; j + kMaxLanes <= n; j += kMaxLanes)
     for (size_t l = 0; l < kMaxLanes; ++l) lane_max[l] = running_max(lane_max[l], p[j + l]);
+#endif
   float max_score = lane_max[0];
   for (size_t l = 1; l < kMaxLanes; ++l) max_score = lane_max[l] > max_score ? lane_max[l] : max_score;
   for (; j < n; ++j) max_score = p[j] > max_score ? p[j] : max_score;
