@@ -192,6 +192,38 @@ def test_emulated_critical_path_of_two_threads(build_copy):
     assert abs(first - second) <= 0.02 * first, (first, second)
 
 
+def test_insn_profile_adds_up_to_the_bench_count(tmp_path):
+    """tools/insn_profile.py (the hot_blocks plugin's blocks, named by their functions) on a vitq::
+    attention program: its total is bench's exact one-thread count, and the attention kernel's
+    function carries most of it."""
+    import sys
+
+    import torch
+    from vitq_edge.lower import ops  # noqa: F401  (torch.ops.vitq)
+    from vitq_edge.lower.one_op import one_op_program
+
+    if not (RUNTIME / "qemu-plugin" / "libhot_blocks.so").is_file() or not PLUGIN.is_file():
+        pytest.skip("the qemu plugins are not built (tools/build_runtime.sh plugin)")
+    uniform = [0.05, 128, 0, 255]
+    args = [3, 0.125, *uniform, *uniform, *uniform, 0.9, 0, 0, 0, 8, 16]  # log probabilities, 16 steps per octave
+    qkv = torch.randn(1, 33, 3 * 3 * 16, generator=torch.Generator().manual_seed(3))
+    pte = tmp_path / "attention.pte"
+    pte.write_bytes(one_op_program(torch.ops.vitq.attention, qkv, args))
+    result = run_cli("bench", str(pte), "--device", "emulated-rpi4", "--runs", "1", "--threads", "1", "--json",
+                     "--quiet", "--no-record")
+    assert result.code == 0, result.stderr[-3000:]
+    counted = json.loads(result.stdout)["instructions_per_inference"]
+    out = tmp_path / "profile.md"
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "insn_profile.py"), str(pte), "--out", str(out)],
+                          capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = out.read_text()
+    total = int(text.split(" guest instructions per inference")[0].split("\n")[-1].replace(",", ""))
+    assert abs(total - counted) <= 1e-4 * counted, (total, counted)  # bench passes an input file: a few more
+    first = next(line for line in text.splitlines() if line.startswith("| ") and "libvitq_kernels.so" in line)
+    assert "attention_task" in first, first
+
+
 def test_bench_without_plugin_skips_counting_with_a_note(build_copy, tmp_path):
     runtime = tmp_path / "runtime"
     runtime.mkdir()

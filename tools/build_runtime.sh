@@ -22,6 +22,9 @@
 #   build/runtime/qemu-plugin/libinsn_count.so
 #                                     qemu TCG plugin counting guest instructions per
 #                                     inference (runtime/qemu_plugin/insn_count.c)
+#   build/runtime/qemu-plugin/libhot_blocks.so
+#                                     the same per translation block (hot_blocks.c,
+#                                     for tools/insn_profile.py)
 #
 # Each bundle is movable: bin/vitq-runner finds the ExecuTorch libraries copied into
 # ../lib (RUNPATH $ORIGIN/../lib). Copy build/runtime/aarch64 to a Pi as is.
@@ -186,11 +189,16 @@ build_plugin() {
         apt_install libglib2.0-dev pkg-config
         read -r -a cflags <<<"$(pkg-config --cflags glib-2.0)"
     fi
-    if [ ! -f "$lib" ] || [ "$src" -nt "$lib" ] || [ "$PLUGIN_INC/qemu-plugin.h" -nt "$lib" ]; then
-        log "[plugin] building $lib"
-        gcc -O2 -Wall -Wextra -shared -fPIC -I"$PLUGIN_INC" "${cflags[@]}" "$src" -o "$lib.tmp"
-        mv "$lib.tmp" "$lib"
-    fi
+    local name
+    for name in insn_count hot_blocks; do  # hot_blocks: tools/insn_profile.py's per-block counts
+        src=runtime/qemu_plugin/$name.c lib=$PLUGIN_DIR/lib$name.so
+        if [ ! -f "$lib" ] || [ "$src" -nt "$lib" ] || [ "$PLUGIN_INC/qemu-plugin.h" -nt "$lib" ]; then
+            log "[plugin] building $lib"
+            gcc -O2 -Wall -Wextra -shared -fPIC -I"$PLUGIN_INC" "${cflags[@]}" "$src" -o "$lib.tmp"
+            mv "$lib.tmp" "$lib"
+        fi
+    done
+    lib=$PLUGIN_DIR/libinsn_count.so
     # Self-test: a static guest with a known number of instructions between markers.
     local t=$PLUGIN_DIR/selftest gran got want='[3004, 6004]'
     if [ ! -f "$t" ] || [ runtime/qemu_plugin/selftest.S -nt "$t" ]; then
@@ -205,6 +213,12 @@ build_plugin() {
         got=$(sed -nE 's/.*"markers": \[[^]]*\], "spans": (\[[^]]*\]).*/\1/p' "$t.json")
         [ "$got" = "$want" ] || die "[plugin] self-test ($mode): spans $got, expected $want"
     done
+    # hot_blocks: the blocks' instructions in the spans add up to the spans' total.
+    rm -f "$t.blocks"
+    qemu-aarch64 -plugin "$PLUGIN_DIR/libhot_blocks.so,out=$t.blocks" "$t" \
+        || die "[plugin] qemu-aarch64 could not run the self-test with the hot_blocks plugin"
+    got=$(awk '!/^#/ { s += $2 * $3 } END { print s }' "$t.blocks")
+    [ "$got" = 9008 ] || die "[plugin] hot_blocks self-test: $got instructions in the spans, expected 9008"
     log "[plugin] ready (self-test passed): qemu-aarch64 -plugin $lib,out=COUNTS.json ..."
 }
 
