@@ -67,6 +67,13 @@ constexpr int64_t kMaxStepsPerOctave = 64;
 // The smallest normal float (arith.LOG_RATIO_FLOOR): every normal ratio gets its exact code.
 constexpr float kRatioFloor = std::numeric_limits<float>::min();
 
+// The 23 stored significand bits of a float (m - 1 in units of 2^-23 for m in [1, 2)).
+inline uint32_t mantissa_bits(float x) {
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  return bits & 0x007FFFFFu;
+}
+
 class LogCoder {
  public:
   LogCoder(float delta, int steps_per_octave, int bits)
@@ -124,11 +131,6 @@ class LogCoder {
   static constexpr int kBucketShift = 15;  // 23 mantissa bits, the top 8 pick the bucket
   static constexpr uint32_t kBuckets = 256;
 
-  static uint32_t mantissa_bits(float ratio) {
-    uint32_t bits;
-    std::memcpy(&bits, &ratio, sizeof bits);
-    return bits & 0x007FFFFFu;
-  }
 
   template <int kSteps>
   void encode_padded(const float* __restrict x, float shift, uint8_t* __restrict out, size_t n) const {
@@ -309,11 +311,6 @@ class LogLevelsX4 {
   static constexpr int kBucketShift = 17;  // 23 mantissa bits, the top 6 pick the bucket
   static constexpr uint32_t kBuckets = 64;
 
-  static uint32_t mantissa_bits(float x) {
-    uint32_t bits;
-    std::memcpy(&bits, &x, sizeof bits);
-    return bits & 0x007FFFFFu;
-  }
   static uint8x16x4_t table(const uint8_t* bytes) {
     return uint8x16x4_t{{vld1q_u8(bytes), vld1q_u8(bytes + 16), vld1q_u8(bytes + 32), vld1q_u8(bytes + 48)}};
   }
