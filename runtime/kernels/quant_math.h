@@ -131,7 +131,6 @@ class LogCoder {
   static constexpr int kBucketShift = 15;  // 23 mantissa bits, the top 8 pick the bucket
   static constexpr uint32_t kBuckets = 256;
 
-
   template <int kSteps>
   void encode_padded(const float* __restrict x, float shift, uint8_t* __restrict out, size_t n) const {
     const float delta = delta_;
@@ -181,10 +180,11 @@ class LogCoder {
 // threshold: the mantissa's top 6 bits pick a bucket, which holds at most one
 // threshold, so the number of thresholds <= m is a per-bucket base plus one
 // compare with one threshold. Levels: for k a power of two, the level of code
-// c = k a + r is the level of r with the exponent lowered by a. Usable for
-// k <= 16 (the thresholds and the k levels fill one 64-byte table each) where
-// the construction finds both rules exact: every bucket holds at most one
-// threshold, and the rule gives every code's level bit for bit.
+// c = k a + r is the level of r with the exponent lowered by a. Usable for k
+// a power of two up to 16 (the thresholds and the k levels fill one 64-byte
+// table each) where the construction finds both rules exact: every bucket
+// holds at most one threshold, and the rule gives every code's level bit for
+// bit (no level subnormal). Elsewhere callers use LogCoder and a level table.
 class LogLevelsX4 {
  public:
   LogLevelsX4() = default;
