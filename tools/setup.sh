@@ -70,7 +70,7 @@ fi
 stamp_rt=build/runtime/.setup-stamp
 outputs=(build/runtime/host/bin/vitq-runner build/runtime/aarch64/bin/vitq-runner
          build/runtime/pi-prefix/rpi4/proc/cpuinfo build/runtime/pi-prefix/rpi5/proc/cpuinfo
-         build/runtime/qemu-plugin/libinsn_count.so)
+         build/runtime/qemu-plugin/libinsn_count.so build/runtime/qemu-plugin/libhot_blocks.so)
 rt_fresh=1
 for f in "${outputs[@]}" "$stamp_rt"; do [ -e "$f" ] || rt_fresh=0; done
 if [ $rt_fresh = 1 ] && [ -n "$(find runtime tools/build_runtime.sh tools/make_pi_prefix.py pyproject.toml \
