@@ -77,7 +77,9 @@ def profile(program: Path, device: str, workdir: Path) -> tuple[list[tuple[str, 
            "--threads", "1", "--kernels", str(bundle.lib / "libvitq_kernels.so"), str(program)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0 or not out.is_file():
-        raise VitqError(f"the profiled run failed (exit {proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
+        said = [line for line in proc.stderr.splitlines() if line.strip() and not re.match(r"\s*\d+:", line)]
+        last = (said or ["no output"])[-1]  # the runner's or qemu's last word, not the loader's (LD_DEBUG)
+        raise VitqError(f"the profiled run failed (exit {proc.returncode}): {last}")
     libraries = [load_library(m[1], int(m[2], 16), int(m[3], 16)) for m in LINK_MAP.finditer(proc.stderr)]
     lines = out.read_text().splitlines()
     spans = int(lines[0].split("spans=")[1])
