@@ -4,12 +4,12 @@
 //   y[m][n] = fma(float(sum_k (a[m][k] - zp[m]) w[n][k]) * s[m], ws[n], bias[n])
 //             [- t[m] * zt[n]]
 //
-// (the bracket: weights with zero points, vitq::linear's asymmetric ones: t[m]
-// per row from the caller, zt[n] = zero_term, both float, one rounded product
-// taken off the rounded result, as its separate pass did before)
 // the same integers and the same float steps as XNNPACK's x86 qd8_f32_qc8w
 // fully-connected kernels (arith.integer_linear), so a Pi computes the host's
-// bits. Three packings of the weights, chosen by the CPU:
+// bits. The bracket is for weights with zero points (vitq::linear's asymmetric
+// ones): t[m] per row from the caller, zt[n] = zero_term, one rounded product
+// taken off the rounded result, as vitq::linear's pass after XNNPACK's GEMM does.
+// Three packings of the weights, chosen by the CPU:
 //
 //   kPairs (no dot product: Pi 4, Cortex-A72): 4x4 tiles of 16-deep int8 dot
 //     products, smull + smlal2 + sadalp (16 products per 3 instructions);
