@@ -219,6 +219,22 @@ def test_attention_signed_codes_and_saturated_scores():
     assert_same(run_program(torch.ops.vitq.attention, qkv, *args), attention.reference(qkv, *args))
 
 
+@pytest.mark.parametrize("device", ["host", pytest.param("emulated-rpi4", marks=pytest.mark.slow),
+                                    pytest.param("emulated-rpi5", marks=pytest.mark.slow)])
+def test_attention_log_levels_narrowed_for_wide_v_codes(tmp_path, device):
+    """16-bit v codes: T * max|cv - zv| * 2^14 would leave int32, so the integer levels take P = 11
+    (arith.level_bits); kernel and reference must narrow them alike."""
+    if device != "host" and not _emulated_pis_ready():
+        pytest.skip("no aarch64 bundle or qemu (bash tools/setup.sh)")
+    tokens, head_dim = 17, 16
+    qkv = torch.randn(1, tokens, 3 * 3 * head_dim, generator=torch.Generator().manual_seed(12)) * 2
+    args = attention_args(True, log_bits=8, steps=16)
+    args[10:14] = [1e-4, 0, -32767, 32767]  # v: 16-bit codes
+    assert arith.level_bits(tokens, 32767) == 11
+    got = run_on_device(device, torch.ops.vitq.attention, qkv, args, tmp_path)
+    assert_same(got, attention.reference(qkv, *args).flatten())
+
+
 def test_inconsistent_arguments_fail_cleanly():
     """Per-token scales for 5 tokens given 7: the kernel refuses; the process survives."""
     x = torch.randn(1, 7, 32)
@@ -329,11 +345,11 @@ def test_linear_on_emulated_pi_matches_reference(tmp_path, device, case):
 def test_attention_on_emulated_pi_matches_reference(tmp_path, device, signed, probs):
     """vitq::attention on the emulated Pis, where q.k^T and A.V run on our GEMM's NEON tiles (int8
     codes with offsets). Saturated q / k / v put codes of -128 on both sides of the A72's int16 pairs:
-    the keys' and V's -128 pairs are packed with -127 and corrected. Log probability codes: A.V as
-    double sums over V rows, four query rows and 8 columns at a time (fused multiply-adds: the host's
-    bits only because every product is exact; 20 columns: a padded chunk; 37 rows: short groups, 37
-    keys: padded key groups). Up to 16 steps per octave (adfq's probabilities at 8, 6 and 4 bits) the
-    codes and levels come from NEON table lookups (quant_math.h LogLevelsX4), at 32 from LogCoder."""
+    the keys' and V's -128 pairs are packed with -127 and corrected. Log probability codes: codes
+    from the dot products without the int8 codes' row term, integer levels interleaved by key times
+    int16 V rows by lane (37 keys: a padded key group; 20 columns: 16 and a last 8; 37 rows: a short
+    row group). Up to 16 steps per octave (adfq's probabilities at 8, 6 and 4 bits) the levels come
+    from NEON table lookups (quant_math.h LogLevelsX4), at 32 from a table one by one."""
     tokens, head_dim = 37, 20  # tails of the 4- and 8-row tiles, of 16-deep blocks and of column groups
     qkv = torch.randn(1, tokens, 3 * 3 * head_dim, generator=torch.Generator().manual_seed(8)) * 50
     if probs.startswith("log"):
@@ -346,50 +362,41 @@ def test_attention_on_emulated_pi_matches_reference(tmp_path, device, signed, pr
     assert_same(got, attention.reference(qkv, *args))
 
 
-def scales_at_log_thresholds(probs: torch.Tensor, steps: int) -> list[float]:
-    """p_scale values that put the ratio p / p_scale of one of `probs` exactly on each log threshold
-    T_j / 4 and one float below it (float32 division, as the kernels divide)."""
-    def neighbours(x: torch.Tensor):  # x, then the floats around it, nearest first
-        up = down = x
-        yield x
-        for _ in range(8):
-            up, down = torch.nextafter(up, torch.tensor(float("inf"))), torch.nextafter(down, torch.tensor(0.0))
-            yield up
-            yield down
-
-    scales = []
-    for t in arith._log_thresholds(steps):
-        for ratio in (t / 4, torch.nextafter(t / 4, torch.tensor(0.0))):
-            hit = next((cand for p in probs.flatten()[:32] for cand in neighbours(p / ratio) if p / cand == ratio),
-                       None)
-            assert hit is not None, f"no p_scale puts a probability on ratio {float(ratio)}"
-            scales.append(float(hit))
-    return scales
+def scale_halving_log_factor(steps: int) -> float:
+    """A float32 `scale` with q_scale = k_scale = 1 whose log codes' factor f32(k log2(e) f32(scale))
+    is exactly 0.5: then every odd difference of dot products is a tie of the codes' rounding."""
+    want = torch.tensor(0.5 / (steps * arith.LOG2E_F64), dtype=torch.float32)
+    for _ in range(64):
+        if arith._f32(steps * arith.LOG2E_F64 * float(want)) == 0.5:
+            return float(want)
+        above = arith._f32(steps * arith.LOG2E_F64 * float(want)) > 0.5
+        want = torch.nextafter(want, torch.tensor(0.0 if above else 1.0))
+    raise AssertionError(f"no float scale gives the factor 0.5 at k = {steps}")
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _emulated_pis_ready(), reason="no aarch64 bundle or qemu (bash tools/setup.sh)")
-@pytest.mark.parametrize("log_bits,steps", [(8, 16), (6, 4), (4, 1)])
-@pytest.mark.parametrize("device", ["emulated-rpi4", "emulated-rpi5"])
-def test_attention_log_codes_at_their_thresholds_on_emulated_pi(tmp_path, device, log_bits, steps):
-    """A probability exactly on each log threshold, and one float below it: the NEON coder (a
-    bucket's base count plus one compare, quant_math.h LogLevelsX4) must count a threshold it equals
-    as reached. Random probabilities never land on one; here each of the program's attention calls
-    takes a p_scale that puts one probability there."""
-    tokens, head_dim = 9, 8
-    qkv = torch.randn(1, tokens, 3 * 3 * head_dim, generator=torch.Generator().manual_seed(9)) * 2
-    args = attention_args(True, log_bits=log_bits, steps=steps)
-    q, k, _ = qkv.reshape(1, tokens, 3, 3, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    probs = arith.attention_probabilities(q, k, args[1], tuple(args[2:6]), tuple(args[6:10]))
-    scales = scales_at_log_thresholds(probs, steps)
-    calls = [[*args[:14], scale, *args[15:]] for scale in scales]  # args[14]: p_scale
-
-    def program(x, *_):
-        return torch.cat([torch.ops.vitq.attention(x, *call) for call in calls], dim=-1)
-
-    got = run_on_device(device, program, qkv, [], tmp_path)
-    want = torch.cat([attention.reference(qkv, *call) for call in calls], dim=-1)
-    assert_same(got, want.flatten())
+@pytest.mark.parametrize("log_bits,steps", [(8, 16), (6, 4), (4, 1), (8, 32)])
+@pytest.mark.parametrize("device", ["host", "emulated-rpi4", "emulated-rpi5"])
+def test_attention_log_codes_round_ties_to_even(tmp_path, device, log_bits, steps):
+    """Log probability codes at ties: with the codes' factor exactly 0.5, a query (1, 1, 0, ..) and
+    keys whose two first codes sum to the largest minus each difference 0 .. 508, every odd difference
+    is a tie of round(diff / 2) (half to even: fcvtns, nearbyint, torch.round), and at 8 bits k 16
+    the difference 480 gives the code 240, whose integer level 2^14 * 2^-15 is itself a tie (to 0).
+    Random scores never land on ties."""
+    if device != "host" and not _emulated_pis_ready():
+        pytest.skip("no aarch64 bundle or qemu (bash tools/setup.sh)")
+    diffs = torch.arange(0, 509)
+    tokens, head_dim = diffs.numel(), 8
+    qkv = torch.zeros(1, tokens, 3 * head_dim)
+    qkv[0, :, 0:2] = 1.0  # q codes (1, 1, 0, ...)
+    key_sums = 254 - diffs  # two codes in [-127, 127] with this sum
+    qkv[0, :, head_dim] = torch.clamp(key_sums, max=127).float()
+    qkv[0, :, head_dim + 1] = (key_sums - torch.clamp(key_sums, max=127)).float()
+    qkv[0, :, 2 * head_dim:] = torch.randn(tokens, head_dim, generator=torch.Generator().manual_seed(13)) * 3
+    unit = [1.0, 0, -127, 127]
+    args = [1, scale_halving_log_factor(steps), *unit, *unit, 0.05, 0, -127, 127, 1.0, 0, 0, 0, log_bits, steps]
+    got = run_on_device(device, torch.ops.vitq.attention, qkv, args, tmp_path)
+    assert_same(got, attention.reference(qkv, *args).flatten())
 
 
 @pytest.mark.slow

@@ -156,6 +156,31 @@ def test_log_codes_are_the_exactly_rounded_log2():
         assert torch.equal(arith.log_codes(x, torch.tensor(1.0), bits, k).double(), want), (bits, k)
 
 
+def test_level_bits_keep_every_attention_sum_within_int32():
+    """P is the largest (at most 14) with tokens * max|cv - zv| * 2^P in int32: 14 for ViT-S/14 at 224
+    px with 8-bit v codes, fewer for more tokens or wider codes."""
+    assert arith.level_bits(257, 255) == 14 and arith.level_bits(577, 255) == 13
+    for tokens, v in ((1, 1), (257, 255), (577, 255), (1370, 255), (17, 32767), (2**20, 2**11)):
+        p = arith.level_bits(tokens, v)
+        assert tokens * v * 2**p <= 2**31 - 1
+        assert p == arith.MAX_LEVEL_BITS or tokens * v * 2 ** (p + 1) > 2**31 - 1
+    assert arith.level_bits(2**31, 1) == -1
+
+
+def test_integer_levels_round_the_log_levels_to_2_to_the_minus_p():
+    """L = round(2^P level): within 1/2 of 2^P level, half to even on ties, 0 for the zero code."""
+    for bits, k in ((8, 16), (8, 32), (6, 4), (4, 1)):
+        codes = torch.arange(2**bits, dtype=torch.float32)
+        levels = arith.log_values(codes, 1.0, bits, k).double()
+        for p in (14, 11):
+            fixed = arith.integer_levels(codes, bits, k, p)
+            assert torch.equal(fixed, torch.round(fixed)) and float(fixed[-1]) == 0.0
+            assert float((fixed.double() - levels * 2**p).abs().max()) <= 0.5
+    # 2^-15 * 2^14 = 0.5: a tie, to even (0); 2^-14 * 2^14 = 1 stays
+    assert float(arith.integer_levels(torch.tensor(240.0), 8, 16, 14)) == 0.0
+    assert float(arith.integer_levels(torch.tensor(224.0), 8, 16, 14)) == 1.0
+
+
 @pytest.mark.parametrize("round_gradient", [True, False])
 def test_fake_log_gradient_is_the_straight_through_one_of_the_continuous_log(round_gradient):
     """fake_log's written-out backward equals autograd through the straight-through construction."""

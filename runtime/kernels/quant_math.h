@@ -97,11 +97,6 @@ class LogCoder {
     }
   }
 
-  float delta() const { return delta_; }
-  int steps_per_octave() const { return k_; }
-  int zero_code() const { return zero_code_; }
-  const std::vector<float>& thresholds() const { return thresholds_; }
-
   // out[i] = code(x[i] + shift) for n values. Up to 16 steps per octave, a
   // loop of fixed shape over the thresholds (padded with +inf to a power of
   // two) that the compiler vectorizes; more, the bucket tables (two lookups
@@ -175,131 +170,50 @@ class LogCoder {
 };
 
 #if defined(__aarch64__)
-// LogCoder::encode with shift 0 and then the code's level (log_value, a float),
-// four lanes at a time with NEON table lookups (tbl) instead of one compare per
-// threshold: the mantissa's top 6 bits pick a bucket, which holds at most one
-// threshold, so the number of thresholds <= m is a per-bucket base plus one
-// compare with one threshold. Levels: for k a power of two, the level of code
-// c = k a + r is the level of r with the exponent lowered by a. Usable for k
-// a power of two up to 16 (the thresholds and the k levels fill one 64-byte
-// table each) where the construction finds both rules exact: every bucket
-// holds at most one threshold, and the rule gives every code's level bit for
-// bit (no level subnormal). Elsewhere callers use LogCoder and a level table.
+// The levels of log codes (log_value: 0 for the zero code), four lanes at a
+// time with a NEON table lookup (tbl): for k a power of two, the level of code
+// c = k a + r is the level of r with the exponent lowered by a. Usable for k a
+// power of two up to 16 (the k levels fill one 64-byte table) where the
+// construction finds that rule exact for every code (no level subnormal);
+// elsewhere callers look the levels up one by one.
 class LogLevelsX4 {
  public:
   LogLevelsX4() = default;
-  LogLevelsX4(const LogCoder& coder, const float* levels) {
-    const int k = coder.steps_per_octave();
-    usable_ = k <= kMaxSteps && (k & (k - 1)) == 0;
+  // levels[c] for c <= zero_code: the levels to reproduce, bit for bit.
+  LogLevelsX4(int k, int zero_code, const float* levels) {
+    usable_ = k >= 1 && k <= kMaxSteps && (k & (k - 1)) == 0;
     if (!usable_) return;
-    delta_ = coder.delta();
-    k_ = k;
     log2k_ = __builtin_ctz(static_cast<unsigned>(k));
-    zero_code_ = coder.zero_code();
-    const std::vector<float>& thr = coder.thresholds();
-    uint8_t index[kBuckets];
-    for (uint32_t b = 0; b < kBuckets; ++b) {
-      const uint32_t start = b << kBucketShift, end = (b + 1) << kBucketShift;
-      int below = 0, inside = -1;
-      for (int i = 0; i < k; ++i) {
-        const uint32_t mb = mantissa_bits(thr[i]);
-        if (mb <= start) ++below;
-        else if (mb < end) {
-          if (inside >= 0) usable_ = false;  // two thresholds in one bucket
-          inside = i;
-        }
-      }
-      // The thresholds below m are those below the bucket's start plus, where
-      // one lies inside, whether m reaches it: index i = below, plus (m >= t_i).
-      // Without one inside, a compare whose answer is fixed over the bucket:
-      // with the last one below (always true: below - 1, plus 1) or the first
-      // (always false: 0). So the count is always index + (m >= t_index).
-      index[b] = static_cast<uint8_t>(inside >= 0 ? below : below > 0 ? below - 1 : 0);
-      if (inside >= 0 && inside != below) usable_ = false;
-    }
-    uint32_t thr_bits[kMaxSteps] = {}, level_bits[kMaxSteps] = {};
-    for (int i = 0; i < k; ++i) {
-      thr_bits[i] = mantissa_bits(thr[i]);  // compared with m's: both in [1, 2)
-      std::memcpy(&level_bits[i], &levels[i], 4);
-    }
-    for (int c = 0; c < zero_code_; ++c) {  // every code's level by the rule, against the table
-      const uint32_t bits = level_bits[c & (k - 1)] - (static_cast<uint32_t>(c >> log2k_) << 23);
+    zero_code_ = zero_code;
+    r_mask_ = static_cast<uint32_t>(k - 1);
+    uint32_t level_bits[kMaxSteps] = {};
+    for (int i = 0; i < k; ++i) std::memcpy(&level_bits[i], &levels[i], 4);
+    for (int c = 0; c < zero_code; ++c) {  // every code's level by the rule, against the table
+      const uint32_t octaves = static_cast<uint32_t>(c >> log2k_), level_r = level_bits[c & (k - 1)];
       uint32_t want;
       std::memcpy(&want, &levels[c], 4);
-      if (level_bits[c & (k - 1)] >> 23 <= static_cast<uint32_t>(c >> log2k_) || bits != want) usable_ = false;
+      if (level_r >> 23 <= octaves || level_r - (octaves << 23) != want) usable_ = false;
     }
-    index_ = table(index);
-    thresholds_ = table(reinterpret_cast<const uint8_t*>(thr_bits));
-    levels_ = table(reinterpret_cast<const uint8_t*>(level_bits));
+    const uint8_t* bytes = reinterpret_cast<const uint8_t*>(level_bits);
+    levels_ = uint8x16x4_t{{vld1q_u8(bytes), vld1q_u8(bytes + 16), vld1q_u8(bytes + 32), vld1q_u8(bytes + 48)}};
   }
 
   bool usable() const { return usable_; }
 
-  // f(j, levels of p[j .. j + 3]) for j = 0, 4, .. < n; past n the levels are 0
-  // (as for probabilities 0).
-  template <class F>
-  [[gnu::always_inline]] inline void for_each_level(const float* p, size_t n, F&& f) const {
-    const Prepared c = prepare();  // locals: no store of f's can change them, so they stay in registers
-    size_t j = 0;
-    for (; j + 4 <= n; j += 4) f(j, levels(c, codes(c, vld1q_f32(p + j))));
-    if (j < n) {
-      float tail[4] = {};
-      std::memcpy(tail, p + j, (n - j) * sizeof(float));
-      f(j, levels(c, codes(c, vld1q_f32(tail))));
-    }
-  }
-
- private:
-  // The tables and the vector constants of one pass.
+  // The table and the vector constants, for a loop's registers: levels(prepare(), codes).
   struct Prepared {
-    uint8x16x4_t index, thresholds, levels;
-    float32x4_t delta, floor;
-    uint32x4_t bucket_mask, other_bytes, byte_lanes, mantissa_mask, zero_code;
-    int32x4_t q_max, q_base, log2k_right;
-    int32_t k;
-    uint32_t r_mask;
+    uint8x16x4_t levels;
+    uint32x4_t byte_lanes, r_mask, zero_code;
+    int32x4_t log2k_right;
   };
   Prepared prepare() const {
-    return Prepared{index_,
-                    thresholds_,
-                    levels_,
-                    vdupq_n_f32(delta_),
-                    vdupq_n_f32(kRatioFloor),
-                    vdupq_n_u32(kBuckets - 1),
-                    vdupq_n_u32(0xFFFFFF00u),
-                    vdupq_n_u32(0x03020100u),
-                    vdupq_n_u32(0x007FFFFFu),
-                    vdupq_n_u32(static_cast<uint32_t>(zero_code_)),
-                    vdupq_n_s32(zero_code_ - 1),
-                    vdupq_n_s32(127 * k_),
-                    vdupq_n_s32(-log2k_),
-                    k_,
-                    static_cast<uint32_t>(k_ - 1)};
+    return Prepared{levels_, vdupq_n_u32(0x03020100u), vdupq_n_u32(r_mask_),
+                    vdupq_n_u32(static_cast<uint32_t>(zero_code_)), vdupq_n_s32(-log2k_)};
   }
 
-  // The codes of four probabilities (LogCoder::encode with shift 0).
-  static uint32x4_t codes(const Prepared& c, float32x4_t v) {
-    float32x4_t ratio = vdivq_f32(v, c.delta);
-    ratio = vmaxnmq_f32(ratio, c.floor);  // NaN -> floor, as the scalar clamp
-    const uint32x4_t bits = vreinterpretq_u32_f32(ratio);
-    // The bucket in each lane's low byte, the other bytes out of the table's range.
-    const uint8x16_t bucket =
-        vreinterpretq_u8_u32(vorrq_u32(vandq_u32(vshrq_n_u32(bits, kBucketShift), c.bucket_mask), c.other_bytes));
-    const uint32x4_t index = vreinterpretq_u32_u8(vqtbl4q_u8(c.index, bucket));
-    const uint8x16_t bytes = vreinterpretq_u8_u32(vmlaq_n_u32(c.byte_lanes, index, 0x04040404u));
-    const uint32x4_t threshold = vreinterpretq_u32_u8(vqtbl4q_u8(c.thresholds, bytes));  // mantissa bits
-    const uint32x4_t j = vsubq_u32(index, vcgeq_u32(vandq_u32(bits, c.mantissa_mask), threshold));
-    // q = -k (E - 127) - j, E the biased exponent.
-    const int32x4_t e = vreinterpretq_s32_u32(vshrq_n_u32(bits, 23));
-    const int32x4_t q = vmlsq_n_s32(vsubq_s32(c.q_base, vreinterpretq_s32_u32(j)), e, c.k);
-    const uint32x4_t keep = vandq_u32(vcgtzq_f32(v), vcleq_s32(q, c.q_max));
-    const uint32x4_t code = vreinterpretq_u32_s32(vmaxq_s32(q, vdupq_n_s32(0)));
-    return vbslq_u32(keep, code, c.zero_code);
-  }
-
-  // log_value of four codes: 0 for the zero code.
+  // The levels of four codes <= the zero code.
   static float32x4_t levels(const Prepared& c, uint32x4_t code) {
-    const uint32x4_t r = vandq_u32(code, vdupq_n_u32(c.r_mask));
+    const uint32x4_t r = vandq_u32(code, c.r_mask);
     const uint8x16_t bytes = vreinterpretq_u8_u32(vmlaq_n_u32(c.byte_lanes, r, 0x04040404u));
     const uint32x4_t level_r = vreinterpretq_u32_u8(vqtbl4q_u8(c.levels, bytes));
     const uint32x4_t octaves = vshlq_u32(code, c.log2k_right);
@@ -307,18 +221,12 @@ class LogLevelsX4 {
     return vreinterpretq_f32_u32(vbicq_u32(bits, vceqq_u32(code, c.zero_code)));
   }
 
+ private:
   static constexpr int kMaxSteps = 16;
-  static constexpr int kBucketShift = 17;  // 23 mantissa bits, the top 6 pick the bucket
-  static constexpr uint32_t kBuckets = 64;
-
-  static uint8x16x4_t table(const uint8_t* bytes) {
-    return uint8x16x4_t{{vld1q_u8(bytes), vld1q_u8(bytes + 16), vld1q_u8(bytes + 32), vld1q_u8(bytes + 48)}};
-  }
-
   bool usable_ = false;
-  float delta_ = 1.0f;
-  int k_ = 1, log2k_ = 0, zero_code_ = 0;
-  uint8x16x4_t index_{}, thresholds_{}, levels_{};
+  int log2k_ = 0, zero_code_ = 0;
+  uint32_t r_mask_ = 0;
+  uint8x16x4_t levels_{};
 };
 #endif
 

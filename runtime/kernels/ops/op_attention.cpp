@@ -4,23 +4,31 @@
 //   qkv float [B, T, 3C] (q | k | v, heads inside each, C = H * D) -> out float [B, T, C]
 //   1. q, k, v codes per tensor, c = clamp(round(x / s) + z, qmin, qmax);
 //   2. scores[i][j] = (sum_d (cq - zq)(ck - zk)) [int32] * q_scale * k_scale * scale;
+//   uniform probability codes (p_log_bits == 0):
 //   3. softmax over j (arith.softmax: exp_nonpositive, the sum in double);
-//   4. probability codes: uniform (p_scale, p_zero, p_qmin, p_qmax), or log codes
-//      (delta = p_scale, p_log_bits bits, p_steps_per_octave steps per octave);
-//   5. out[i] = sum_j (cp_j - zp)(cv_j - zv) [int32] * p_scale * v_scale (uniform),
-//      or sum_j Pvalue_j * (cv_j - zv) [double, exact but for ~1e-16] * v_scale (log).
+//   4. probability codes (p_scale, p_zero, p_qmin, p_qmax);
+//   5. out[i] = sum_j (cp_j - zp)(cv_j - zv) [int32] * p_scale * v_scale;
+//   log probability codes (arith.integer_log_attention), in integers but for one
+//   product per score and one division per row:
+//   3. codes relative to the row's largest dot product m, u_j = min(round(f32(m -
+//      dot_j) * a), Z): a = f32(k log2(e) q_scale k_scale scale), k =
+//      p_steps_per_octave, Z = 2^p_log_bits - 1 (the zero code);
+//   4. their integer levels L_j = round(2^P 2^(-u_j/k)) (arith.integer_levels; P =
+//      level_bits: 14, less where the sums could leave int32), 0 for Z;
+//   5. out[i] = f32(sum_j L_j (cv_j - zv)) [int32] * f32(v_scale / sum_j L_j).
 //
 // How: the codes are stored once in a head-major layout, rows zero padded to
 // whole vectors: q, k as [B, H, T, D]; V as V^T [B, H, D, T] for uniform
-// probability codes (as [B, H, T, D] for log codes). Where our int8 GEMM runs
-// (qs8_gemm.h: the Pis, x86 with AVX-VNNI) and codes fit 8 bits, stored as int8
-// c - offset, the offset terms added back exactly, and each head's keys and
-// V^T are packed as the GEMM's columns; elsewhere as int16 c - zero. Then one
-// task per (batch, head, block of query rows) does, 8 query rows at a time,
-// the scores (GEMM tiles, or 4x4 int16 dot-product tiles), the softmax, the
-// probability codes and A.V: for uniform codes dense products with V^T (the
-// same tiles), for log codes double sums over the V rows, four query rows at a
-// time (log_weighted_rows).
+// probability codes, as int16 rows [B, H, tk, D] for log codes (tk: T padded
+// to whole key groups with zero rows). Where our int8 GEMM runs (qs8_gemm.h:
+// the Pis, x86 with AVX-VNNI) and codes fit 8 bits, stored as int8 c - offset,
+// the offset terms added back exactly, and each head's keys and V^T are
+// packed as the GEMM's columns; elsewhere as int16 c - zero. Then one task per
+// (batch, head, block of query rows) does, 8 query rows at a time, the dot
+// products (GEMM tiles, or 4x4 int16 dot-product tiles), and then for uniform
+// codes the softmax, the codes and dense products with V^T (the same tiles);
+// for log codes the codes and their levels, four query rows at a time
+// interleaved by key, and A.V by lane over the V rows (log_weighted_rows).
 // Every integer sum is exact in int32; nothing of size T x T is stored.
 #include <algorithm>
 #include <cmath>
@@ -250,8 +258,8 @@ VITQ_INLINE void code_column(const float* __restrict x, size_t n, const Uniform&
 // What coding the q, k and v of the token rows needs (attention_out, step 1).
 struct CodingJob {
   const float* src;  // qkv [B * T][3C]
-  size_t t, heads, d, dq, tv;
-  bool v_transposed;
+  size_t t, heads, d, dq, tv, tk, dv;
+  bool v_rows;
   const Uniform* quant[3];
   float offset[3];
   bool int8[3];
@@ -277,8 +285,8 @@ VITQ_HOT_LOOPS void code_token_rows(const CodingJob& job, size_t first, size_t l
           if (which == 0) job.q_sums[head_row] = sum;
         } else if (which < 2) {
           code_row(x, d, u, offset, static_cast<int16_t*>(stored) + head_row * dq, dq);
-        } else if (!job.v_transposed) {
-          code_row(x, d, u, offset, static_cast<int16_t*>(stored) + head_row * d, d);
+        } else if (job.v_rows) {  // V: row i
+          code_row(x, d, u, offset, static_cast<int16_t*>(stored) + ((b * heads + h) * job.tk + i) * job.dv, job.dv);
         } else {  // V^T: column i
           const size_t first_code = (b * heads + h) * d * job.tv + i;
           if (job.int8[2])
@@ -294,6 +302,10 @@ VITQ_HOT_LOOPS void code_token_rows(const CodingJob& job, size_t first, size_t l
 // Query rows per pass: one tile of our int8 GEMM on the Pi 5 (8 rows), two on
 // the Pi 4 and of the int16 dot_tile (4 rows).
 constexpr size_t kRowTile = 8;
+// Log probability codes: query rows per A.V pass, and keys per group of levels
+// (the keys are padded to whole groups with zero levels and zero V rows).
+constexpr size_t kLogRows = 4;
+constexpr size_t kKeyGroup = 4;
 // int8 storage: the offset corrections stay within int32 up to this length.
 constexpr size_t kMaxInt8Length = 16384;
 
@@ -315,18 +327,22 @@ struct Operand {
 
 struct AttentionJob {
   size_t batch, t, heads, d;
-  // q, k: [B, H, T, padded(D)] rows; V: [B, H, D, padded(T)] (V^T, uniform
-  // probability codes) or int16 [B, H, T, D] (log probability codes).
+  // q, k: [B, H, T, padded(D)] rows; V^T: [B, H, D, padded(T)] (uniform
+  // probability codes), or int16 V rows [B, H, tk, dv] (log codes).
   Operand q, k, v;
+  size_t tk, dv;
   float alpha;       // q_scale * k_scale * scale
   Uniform p;         // uniform probability codes (log_bits == 0)
   int log_bits;
-  const LogCoder* coder;  // log codes (log_bits > 0)
-  float log_table[256];
+  // Log codes (log_bits > 0): u = min(round(f32(m - dot) * log_factor), zero_code).
+  float log_factor;
+  uint32_t zero_code;
+  int16_t levels[256];    // their integer levels L by code
 #if defined(__aarch64__)
-  LogLevelsX4 levels_x4;  // the coder and log_table four lanes at a time, where usable
+  LogLevelsX4 levels_x4;  // the levels (as floats, 2^P times the ladder's) four lanes at a time, where usable
 #endif
-  float out_scale;   // p_scale * v_scale (uniform) or v_scale (log)
+  float out_scale;   // p_scale * v_scale (uniform)
+  float v_scale;     // (log: the rows' factors v_scale / sum of L)
   float* out;        // [B, T, H * D]
   size_t row_blocks, rows_per_block;  // rows_per_block: a multiple of kRowTile
 };
@@ -374,7 +390,145 @@ VITQ_INLINE void score_rows(const AttentionJob& job, size_t bh, size_t i0, size_
   }
 }
 
-// A.V of uniform probability codes for `rows` rows of probabilities:
+// The dot products of rows [i0, i0 + rows) of head bh with all keys, into
+// dots [rows][T], but for a term constant along each row (which log codes,
+// differences within a row, do not see) and, for int8 codes, the keys' term
+// key_terms[j] (the row term and the keys' term of scale_int8_sums).
+VITQ_INLINE void row_dots(const AttentionJob& job, size_t bh, size_t i0, size_t rows, int32_t* dots) {
+  const size_t t = job.t, d = job.d;
+  if (job.q.int8) {
+    const size_t width = padded<int8_t>(d);
+    qs8_gemm_sums(job.k.packed[bh], job.q.rows<int8_t>(bh * t + i0, width), width, rows, dots, t);
+  } else {
+    const size_t width = padded<int16_t>(d);
+    dot_rows(job.q.rows<int16_t>(bh * t + i0, width), width, rows, job.k.rows<int16_t>(bh * t, width), width, t,
+             width, dots, t);
+  }
+}
+
+// Steps 3 and 4 for kLogRows query rows: with s_j = dots[j] + key_terms[j] and
+// m = max_j s_j, the codes u_j = min(round(f32(m - s_j) * log_factor), Z) and
+// their integer levels, interleaved by key: lk[j * kLogRows + r] (0 for the
+// padding keys t .. tk); sums[r] = the row's sum of levels (>= 2^P: its
+// largest score's level). rows[r]: the rows' dot products, T each.
+VITQ_INLINE void level_rows(const AttentionJob& job, const int32_t* const rows[kLogRows], const int32_t* key_terms,
+                            int16_t* lk, int32_t sums[kLogRows]) {
+  const size_t t = job.t;
+  int32_t m[kLogRows];
+  for (size_t r = 0; r < kLogRows; ++r) {
+    const int32_t* row = rows[r];
+    int32_t best = row[0] + key_terms[0];
+    for (size_t j = 1; j < t; ++j) best = std::max(best, row[j] + key_terms[j]);  // vectorizes
+    m[r] = best;
+    sums[r] = 0;
+  }
+  size_t j = 0;
+#if defined(__aarch64__)
+  if (job.levels_x4.usable()) {
+    // fcvtns rounds half to even, as torch.round, and saturates; the levels are
+    // 2^P times the ladder's floats, exact, and rounded the same way.
+    const LogLevelsX4::Prepared c = job.levels_x4.prepare();
+    const float32x4_t factor = vdupq_n_f32(job.log_factor);
+    const uint32x4_t zero_code = vdupq_n_u32(job.zero_code);
+    int32x4_t acc[kLogRows];
+    for (size_t r = 0; r < kLogRows; ++r) acc[r] = vdupq_n_s32(0);
+    for (; j + kKeyGroup <= t; j += kKeyGroup) {
+      const int32x4_t terms = vld1q_s32(key_terms + j);
+      int16x4x4_t levels;
+      for (size_t r = 0; r < kLogRows; ++r) {
+        const int32x4_t diff = vsubq_s32(vdupq_n_s32(m[r]), vaddq_s32(vld1q_s32(rows[r] + j), terms));
+        const float32x4_t y = vmulq_f32(vcvtq_f32_s32(diff), factor);
+        const uint32x4_t u = vminq_u32(vreinterpretq_u32_s32(vcvtnq_s32_f32(y)), zero_code);
+        const int32x4_t level = vcvtnq_s32_f32(LogLevelsX4::levels(c, u));
+        acc[r] = vaddq_s32(acc[r], level);
+        levels.val[r] = vmovn_s32(level);
+      }
+      vst4_s16(lk + j * kLogRows, levels);  // interleaved by key
+    }
+    for (size_t r = 0; r < kLogRows; ++r) sums[r] = vaddvq_s32(acc[r]);
+  }
+#endif
+  const float zero_code = static_cast<float>(job.zero_code);
+  for (; j < t; ++j) {
+    for (size_t r = 0; r < kLogRows; ++r) {
+      const float y = static_cast<float>(m[r] - (rows[r][j] + key_terms[j])) * job.log_factor;
+      const float u = y < zero_code ? std::nearbyint(y) : zero_code;  // y >= 0: round half to even, clamp to Z
+      const int16_t level = job.levels[static_cast<int>(u)];
+      sums[r] += level;
+      lk[j * kLogRows + r] = level;
+    }
+  }
+  std::fill(lk + t * kLogRows, lk + job.tk * kLogRows, int16_t{0});
+}
+
+// Step 5's sums for kLogRows query rows: acc[r * dv + c] = sum_j lk[j * 4 + r]
+// v[j * dv + c], exact in int32, over tk keys (a multiple of kKeyGroup) and dv
+// columns (a multiple of 8).
+#if defined(__aarch64__)
+// smlal by lane: each key's V row (16 columns per pass) times the four rows'
+// levels of that key, four keys per iteration (their 16 levels in one load).
+template <int Lane>
+inline void add_key(int32x4_t (&sum)[4], int16x8x2_t v, int16x8_t w) {
+  sum[0] = vmlal_laneq_s16(sum[0], vget_low_s16(v.val[0]), w, Lane);
+  sum[1] = vmlal_high_laneq_s16(sum[1], v.val[0], w, Lane);
+  sum[2] = vmlal_laneq_s16(sum[2], vget_low_s16(v.val[1]), w, Lane);
+  sum[3] = vmlal_high_laneq_s16(sum[3], v.val[1], w, Lane);
+}
+
+void log_weighted_rows(const int16_t* lk, size_t tk, const int16_t* v, size_t dv, int32_t* acc) {
+  size_t c0 = 0;
+  for (; c0 + 16 <= dv; c0 += 16) {
+    int32x4_t sum[kLogRows][4];
+    for (size_t r = 0; r < kLogRows; ++r)
+      for (int q = 0; q < 4; ++q) sum[r][q] = vdupq_n_s32(0);
+    const int16_t* vj = v + c0;
+    for (size_t j = 0; j < tk; j += kKeyGroup, vj += kKeyGroup * dv) {
+      const int16x8x2_t w = vld1q_s16_x2(lk + j * kLogRows);  // keys j, j + 1 | j + 2, j + 3
+      const int16x8x2_t v0 = vld1q_s16_x2(vj), v1 = vld1q_s16_x2(vj + dv);
+      const int16x8x2_t v2 = vld1q_s16_x2(vj + 2 * dv), v3 = vld1q_s16_x2(vj + 3 * dv);
+      add_key<0>(sum[0], v0, w.val[0]), add_key<1>(sum[1], v0, w.val[0]);
+      add_key<2>(sum[2], v0, w.val[0]), add_key<3>(sum[3], v0, w.val[0]);
+      add_key<4>(sum[0], v1, w.val[0]), add_key<5>(sum[1], v1, w.val[0]);
+      add_key<6>(sum[2], v1, w.val[0]), add_key<7>(sum[3], v1, w.val[0]);
+      add_key<0>(sum[0], v2, w.val[1]), add_key<1>(sum[1], v2, w.val[1]);
+      add_key<2>(sum[2], v2, w.val[1]), add_key<3>(sum[3], v2, w.val[1]);
+      add_key<4>(sum[0], v3, w.val[1]), add_key<5>(sum[1], v3, w.val[1]);
+      add_key<6>(sum[2], v3, w.val[1]), add_key<7>(sum[3], v3, w.val[1]);
+    }
+    for (size_t r = 0; r < kLogRows; ++r)
+      for (int q = 0; q < 4; ++q) vst1q_s32(acc + r * dv + c0 + 4 * q, sum[r][q]);
+  }
+  for (; c0 < dv; c0 += 8) {  // the last 8 columns
+    for (size_t r = 0; r < kLogRows; ++r) {
+      int32x4_t lo = vdupq_n_s32(0), hi = vdupq_n_s32(0);
+      for (size_t j = 0; j < tk; ++j) {
+        const int16x8_t vr = vld1q_s16(v + j * dv + c0);
+        const int16x4_t w = vdup_n_s16(lk[j * kLogRows + r]);
+        lo = vmlal_s16(lo, vget_low_s16(vr), w);
+        hi = vmlal_high_s16(hi, vr, vcombine_s16(w, w));
+      }
+      vst1q_s32(acc + r * dv + c0, lo);
+      vst1q_s32(acc + r * dv + c0 + 4, hi);
+    }
+  }
+}
+#else
+VITQ_INLINE void log_weighted_rows(const int16_t* lk, size_t tk, const int16_t* v, size_t dv, int32_t* acc) {
+  for (size_t c0 = 0; c0 < dv; c0 += 8) {
+    int32_t sum[kLogRows][8] = {};
+    for (size_t j = 0; j < tk; ++j) {
+      const int16_t* __restrict vj = v + j * dv + c0;
+      for (size_t r = 0; r < kLogRows; ++r) {
+        const int32_t w = lk[j * kLogRows + r];
+        for (size_t c = 0; c < 8; ++c) sum[r][c] += w * vj[c];
+      }
+    }
+    for (size_t r = 0; r < kLogRows; ++r) std::memcpy(acc + r * dv + c0, sum[r], sizeof(sum[r]));
+  }
+}
+#endif
+
+// A.V for `rows` rows of uniform probability codes cp - zp:
 // out[r * ldo + c] = sum_j (cp_j - zp)(cv_j - zv) [exact int32, in iacc] * out_scale.
 VITQ_INLINE void weighted_values(const AttentionJob& job, size_t bh, const float* probs, size_t rows, int32_t* iacc,
                                  float* out, size_t ldo) {
@@ -401,78 +555,40 @@ VITQ_INLINE void weighted_values(const AttentionJob& job, size_t bh, const float
   }
 }
 
-// A.V on log probability codes, four query rows at a time over every key in
-// key order: acc[r][c] = sum_j w[r][j] * vd[j][c] in double (step 5). Each
-// product is exact (a float level times a code of at most 17 bits), so a fused
-// multiply-add rounds where the multiply and the add would, and a zero level
-// adds an exact zero: the same bits as summing only the nonzero levels, at a
-// fraction of the instructions (a fused lane, and each V load used four times).
-// Layouts, for loads in stream order: keys padded to te (a multiple of
-// kKeyGroup, zero weights and zero V rows); the weights interleaved per key
-// pair, w[(j / 2) * 8 + r * 2 + j % 2]; V in chunks of kValueChunk columns,
-// vd[c0 * te + j * 8 + c] for chunk c0. Each chunk's sums stay in registers
-// while its V rows stream past.
-constexpr size_t kValueChunk = 8;
-constexpr size_t kLogRows = 4;
-constexpr size_t kKeyGroup = 4;  // keys per vector of probabilities
-
-inline size_t pair_slot(size_t j, size_t r) { return (j / 2) * 2 * kLogRows + r * 2 + j % 2; }
-
-#if defined(__aarch64__)
-// Two keys per pass: the four rows' weights of both in one load, each used by
-// lane; each key's 8 values in one load.
-void log_weighted_rows(const double* w, size_t te, const double* vd, size_t dv, double* acc) {
-  for (size_t c0 = 0; c0 < dv; c0 += kValueChunk) {
-    float64x2_t sum[kLogRows][4];
-    for (size_t r = 0; r < kLogRows; ++r)
-      for (int q = 0; q < 4; ++q) sum[r][q] = vdupq_n_f64(0.0);
-    const double* vj = vd + c0 * te;
-    for (const double *wj = w, *end = w + te * kLogRows; wj != end; wj += 2 * kLogRows) {
-      const float64x2x4_t v = vld1q_f64_x4(vj);  // key j
-      vj += kValueChunk;
-      const float64x2x4_t u = vld1q_f64_x4(vj);  // key j + 1
-      vj += kValueChunk;
-      const float64x2x4_t wr = vld1q_f64_x4(wj);  // rows 0..3, keys j and j + 1
-      for (size_t r = 0; r < kLogRows; ++r)
-        for (int q = 0; q < 4; ++q) sum[r][q] = vfmaq_laneq_f64(sum[r][q], v.val[q], wr.val[r], 0);
-      for (size_t r = 0; r < kLogRows; ++r)
-        for (int q = 0; q < 4; ++q) sum[r][q] = vfmaq_laneq_f64(sum[r][q], u.val[q], wr.val[r], 1);
-    }
-    for (size_t r = 0; r < kLogRows; ++r)
-      for (int q = 0; q < 4; ++q) vst1q_f64(acc + r * dv + c0 + 2 * q, sum[r][q]);
+// The keys' term of row_dots' sums for head bh (0 for int16 codes).
+void key_terms_of(const AttentionJob& job, size_t bh, int32_t* key_terms) {
+  const size_t t = job.t;
+  if (job.q.int8) {  // scale_int8_sums' keys' term (its row term is constant along a row)
+    const int32_t* k_sums = job.k.packed[bh].weight_sums.data();
+    for (size_t j = 0; j < t; ++j) key_terms[j] = job.q.shift * k_sums[j];
+  } else {
+    std::fill(key_terms, key_terms + t, 0);
   }
 }
-#else
-VITQ_INLINE void log_weighted_rows(const double* w, size_t te, const double* vd, size_t dv, double* acc) {
-  for (size_t c0 = 0; c0 < dv; c0 += kValueChunk) {
-    double sum[kLogRows][kValueChunk] = {};
-    for (size_t j = 0; j < te; ++j) {
-      const double* __restrict vj = vd + c0 * te + j * kValueChunk;
-      for (size_t r = 0; r < kLogRows; ++r) {
-        const double wr = w[pair_slot(j, r)];
-        for (size_t c = 0; c < kValueChunk; ++c) sum[r][c] += wr * vj[c];
-      }
-    }
-    for (size_t r = 0; r < kLogRows; ++r) std::memcpy(acc + r * dv + c0, sum[r], sizeof(sum[r]));
-  }
-}
-#endif
 
-// Row r's weights (the levels of its probabilities' log codes, 0 for the zero
-// code and for the padding keys t .. te) into the interleaved layout.
-void log_weights_row(const AttentionJob& job, const float* probs, size_t t, size_t te, size_t r, double* w,
-                     uint8_t* lcodes) {
-#if defined(__aarch64__)
-  if (job.levels_x4.usable()) {
-    job.levels_x4.for_each_level(probs, t, [w, r](size_t j, float32x4_t level) {
-      vst1q_f64(w + pair_slot(j, r), vcvt_f64_f32(vget_low_f32(level)));
-      vst1q_f64(w + pair_slot(j + 2, r), vcvt_high_f64_f32(level));
-    });
-    return;
+// Steps 3-5 for `rows` query rows of head bh from their dot products (row_dots),
+// kLogRows at a time (a short last group repeats a row and drops it):
+// out[r * ldo + c] = f32(sum_j L_j (cv_j - zv)) * f32(v_scale / sum_j L_j).
+VITQ_INLINE void log_values(const AttentionJob& job, size_t bh, const int32_t* dots, size_t rows,
+                            const int32_t* key_terms, float* out, size_t ldo) {
+  const size_t t = job.t, d = job.d, tk = job.tk, dv = job.dv;
+  thread_local Scratch<int32_t> acc_buf;
+  thread_local Scratch<int16_t> lk_buf;
+  int16_t* lk = lk_buf.get(tk * kLogRows, 0);
+  int32_t* acc = acc_buf.get(kLogRows * dv, 0);
+  const int16_t* v = job.v.rows<int16_t>(bh * tk, dv);
+  for (size_t r0 = 0; r0 < rows; r0 += kLogRows) {
+    const size_t group = std::min(kLogRows, rows - r0);
+    const int32_t* row[kLogRows];
+    for (size_t r = 0; r < kLogRows; ++r) row[r] = dots + (r0 + std::min(r, group - 1)) * t;
+    int32_t sums[kLogRows];
+    level_rows(job, row, key_terms, lk, sums);
+    log_weighted_rows(lk, tk, v, dv, acc);
+    for (size_t r = 0; r < group; ++r) {
+      const float factor = static_cast<float>(static_cast<double>(job.v_scale) / sums[r]);
+      scale_sums(acc + r * dv, dv, 1, d, factor, out + (r0 + r) * ldo, ldo);
+    }
   }
-#endif
-  job.coder->encode(probs, 0.0f, lcodes, t);
-  for (size_t j = 0; j < te; ++j) w[pair_slot(j, r)] = j < t ? job.log_table[lcodes[j]] : 0.0;
 }
 
 VITQ_HOT_LOOPS void attention_task(const AttentionJob& job, size_t task) {
@@ -480,62 +596,41 @@ VITQ_HOT_LOOPS void attention_task(const AttentionJob& job, size_t task) {
   const size_t b = bh / job.heads, h = bh % job.heads;
   const size_t t = job.t, d = job.d;
 
-  thread_local Scratch<int32_t> dots_buf, iacc_buf;
+  thread_local Scratch<int32_t> dots_buf, iacc_buf, key_terms_buf;
   thread_local Scratch<float> probs_buf;
-  thread_local Scratch<double> facc_buf, vd_buf, weights_buf;
-  thread_local Scratch<uint8_t> lcodes_buf;
   int32_t* dots = dots_buf.get(kRowTile * t, 0);
   float* probs = probs_buf.get(kRowTile * t, 0);
   int32_t* iacc = iacc_buf.get(kRowTile * d, 0);
-  const size_t dv = (d + kValueChunk - 1) / kValueChunk * kValueChunk;  // V rows padded to whole chunks
-  const size_t te = (t + kKeyGroup - 1) / kKeyGroup * kKeyGroup;  // keys padded (log codes)
-  double* facc = facc_buf.get(kLogRows * dv, 0);
-  double* weights = weights_buf.get(kLogRows * te, 0);
-  double* vd = nullptr;  // log codes: this head's V rows (c - z) as doubles, converted once per task
-  if (job.log_bits) {
-    vd = vd_buf.get(te * dv, 0);
-    const int16_t* vh = job.v.rows<int16_t>(bh * t, d);
-    for (size_t c0 = 0; c0 < dv; c0 += kValueChunk)
-      for (size_t j = 0; j < te; ++j)
-        for (size_t c = 0; c < kValueChunk; ++c)
-          vd[c0 * te + j * kValueChunk + c] = j < t && c0 + c < d ? static_cast<double>(vh[j * d + c0 + c]) : 0.0;
-  }
-  uint8_t* lcodes = lcodes_buf.get(t, 0);
+  int32_t* key_terms = job.log_bits ? key_terms_buf.get(t, 0) : nullptr;
+  if (key_terms != nullptr) key_terms_of(job, bh, key_terms);
 
   const size_t row_begin = block * job.rows_per_block;
   const size_t row_end = std::min(t, row_begin + job.rows_per_block);
   for (size_t i0 = row_begin; i0 < row_end; i0 += kRowTile) {
     const size_t rows = std::min(kRowTile, row_end - i0);
+    float* out = job.out + (b * t + i0) * job.heads * d + h * d;
+    if (job.log_bits) {
+      row_dots(job, bh, i0, rows, dots);
+      log_values(job, bh, dots, rows, key_terms, out, job.heads * d);
+      continue;
+    }
     // Scores: exact int32 dot products, one float scale; then softmax per row.
     score_rows(job, bh, i0, rows, dots, probs);
     for (size_t r = 0; r < rows; ++r) softmax_row(probs + r * t, t);
-
-    if (job.log_bits == 0) {
-      // Uniform probability codes: dense dot products of the code rows with
-      // the rows of V^T (skipping zero codes only pays when nearly all are 0).
-      weighted_values(job, bh, probs, rows, iacc, job.out + (b * t + i0) * job.heads * d + h * d, job.heads * d);
-      continue;
-    }
-
-    // Log probability codes: their levels (0 for the zero code), then the
-    // weighted sums of V rows (c - z, as doubles) in double, kLogRows rows at a
-    // time (a short last group has zero weights in its missing rows, dropped).
-    for (size_t r0 = 0; r0 < rows; r0 += kLogRows) {
-      const size_t group = std::min(kLogRows, rows - r0);
-      for (size_t r = 0; r < kLogRows; ++r) {
-        if (r < group) {
-          log_weights_row(job, probs + (r0 + r) * t, t, te, r, weights, lcodes);
-        } else {
-          for (size_t j = 0; j < te; ++j) weights[pair_slot(j, r)] = 0.0;
-        }
-      }
-      log_weighted_rows(weights, te, vd, dv, facc);
-      for (size_t r = 0; r < group; ++r) {
-        float* dst = job.out + (b * t + i0 + r0 + r) * job.heads * d + h * d;
-        for (size_t c = 0; c < d; ++c) dst[c] = static_cast<float>(facc[r * dv + c]) * job.out_scale;
-      }
-    }
+    weighted_values(job, bh, probs, rows, iacc, out, job.heads * d);
   }
+}
+
+// arith.level_bits: P of the integer levels of log probability codes, the
+// largest P <= 14 with tokens * v_max_abs * 2^P within int32; -1 if none.
+constexpr int kMaxLevelBits = 14;  // L <= 2^14: int16
+constexpr double kLog2e = 0x1.71547652b82fep+0;  // log2(e) in double (arith.LOG2E_F64)
+
+int level_bits(size_t tokens, int32_t v_max_abs) {
+  const uint64_t bound = std::max<uint64_t>(static_cast<uint64_t>(tokens) * static_cast<uint64_t>(v_max_abs), 1);
+  int p = kMaxLevelBits;
+  while (p >= 0 && (bound << p) > static_cast<uint64_t>(std::numeric_limits<int32_t>::max())) --p;
+  return p;
 }
 
 // The op's scalar arguments (lower/ops/attention.py), gathered for the phases.
@@ -576,28 +671,40 @@ std::string check_attention_args(const Tensor& qkv, const AttentionArgs& a) {
       return "log probability codes need p_scale > 0 and p_steps_per_octave in [1, 64]";
   }
   if (!std::isfinite(a.scale)) return "scale must be finite";
-  // The int32 sums must not overflow: |cq-zq| |ck-zk| D and |cp-zp| |cv-zv| T.
+  if (a.p_log_bits != 0 && !(a.scale > 0.0)) return "log probability codes need scale > 0";
+  // The int32 sums must not overflow: |cq-zq| |ck-zk| D and |cp-zp| |cv-zv| T (for log codes, level_bits
+  // keeps L |cv-zv| T within int32).
   const size_t t = static_cast<size_t>(qkv.size(1)), d = static_cast<size_t>(c3 / (3 * a.num_heads));
   const Uniform uq = make_uniform(a.q_scale, a.q_zero, a.q_qmin, a.q_qmax);
   const Uniform uk = make_uniform(a.k_scale, a.k_zero, a.k_qmin, a.k_qmax);
   const Uniform uv = make_uniform(a.v_scale, a.v_zero, a.v_qmin, a.v_qmax);
   const double qk_bound = static_cast<double>(uq.max_abs) * uk.max_abs * static_cast<double>(d);
-  const double pmax =
-      a.p_log_bits == 0 ? static_cast<double>(make_uniform(a.p_scale, a.p_zero, a.p_qmin, a.p_qmax).max_abs) : 0;
+  const int p_bits = level_bits(t, uv.max_abs);
+  const double pmax = a.p_log_bits == 0
+                          ? static_cast<double>(make_uniform(a.p_scale, a.p_zero, a.p_qmin, a.p_qmax).max_abs)
+                          : std::ldexp(1.0, std::max(p_bits, 0));
   const double pv_bound = pmax * uv.max_abs * static_cast<double>(t);
-  if (!(qk_bound < 2147483647.0 && pv_bound < 2147483647.0))
+  if (a.p_log_bits != 0) {  // the codes' factor k log2(e) alpha (make_attention_job) must be finite
+    const double alpha = static_cast<float>(static_cast<double>(uq.scale) * uk.scale * a.scale);
+    if (!std::isfinite(static_cast<float>(static_cast<double>(a.p_steps_per_octave) * kLog2e * alpha)))
+      return "q_scale * k_scale * scale too large for log probability codes";
+  }
+  // Log codes subtract dot products: twice their bound must fit.
+  const double dot_bound = a.p_log_bits == 0 ? qk_bound : 2.0 * qk_bound;
+  if (!(dot_bound < 2147483647.0 && pv_bound < 2147483647.0 && p_bits >= 0))
     return message("head_dim %zu / tokens %zu too large for int32 sums at these code ranges", d, t);
   return "";
 }
 
 // Plan: how the q, k, v codes are stored (see Operand): int8 where our GEMM
-// runs and the codes fit, else int16; head-major, rows zero padded to whole
-// vectors: q, k as [b][h][t][padded(d)]; V for uniform probability codes
-// transposed, [b][h][d][padded(t)], for the dense A.V dot products, else int16
-// [b][h][t][d]. The buffers are this thread's, reused across calls.
+// runs and the codes fit (for V: uniform probability codes fitting too), else
+// int16; head-major, rows zero padded to whole vectors: q, k as
+// [b][h][t][padded(d)]; V transposed, [b][h][d][padded(t)], for the dense A.V
+// dot products. The buffers are this thread's, reused across calls.
 struct StoredCodes {
   size_t batch, t, heads, d, dq, tv;
-  bool v_transposed;
+  bool v_rows;    // log probability codes: V as int16 rows [b][h][tk][dv] (keys padded to tk with zero rows)
+  size_t tk, dv;
   Uniform quant[3], p;  // q, k, v; the uniform probability codes
   bool int8[3];
   float offset[3];
@@ -614,18 +721,21 @@ StoredCodes plan_codes(const Tensor& qkv, const AttentionArgs& a) {
   sc.quant[0] = make_uniform(a.q_scale, a.q_zero, a.q_qmin, a.q_qmax);
   sc.quant[1] = make_uniform(a.k_scale, a.k_zero, a.k_qmin, a.k_qmax);
   sc.quant[2] = make_uniform(a.v_scale, a.v_zero, a.v_qmin, a.v_qmax);
-  sc.v_transposed = a.p_log_bits == 0;
-  sc.p = sc.v_transposed ? make_uniform(a.p_scale, a.p_zero, a.p_qmin, a.p_qmax) : Uniform{};
+  const bool uniform_p = a.p_log_bits == 0;
+  sc.p = uniform_p ? make_uniform(a.p_scale, a.p_zero, a.p_qmin, a.p_qmax) : Uniform{};
   const bool qk8 = int8_codes() && fits_int8(sc.quant[0]) && fits_int8(sc.quant[1]) && sc.d <= kMaxInt8Length;
   const bool pv8 =
-      int8_codes() && sc.v_transposed && fits_int8(sc.p) && fits_int8(sc.quant[2]) && sc.t <= kMaxInt8Length;
+      int8_codes() && uniform_p && fits_int8(sc.p) && fits_int8(sc.quant[2]) && sc.t <= kMaxInt8Length;
   sc.int8[0] = sc.int8[1] = qk8;
   sc.int8[2] = pv8;
   sc.dq = qk8 ? padded<int8_t>(sc.d) : padded<int16_t>(sc.d);
   sc.tv = pv8 ? padded<int8_t>(sc.t) : padded<int16_t>(sc.t);
+  sc.v_rows = !uniform_p;
+  sc.tk = (sc.t + kKeyGroup - 1) / kKeyGroup * kKeyGroup;
+  sc.dv = padded<int16_t>(sc.d);
   const size_t bh = sc.batch * sc.heads;
   const size_t qk_bytes = bh * sc.t * sc.dq * (qk8 ? 1 : 2);
-  const size_t v_bytes = sc.v_transposed ? bh * sc.d * sc.tv * (pv8 ? 1 : 2) : bh * sc.t * sc.d * 2;
+  const size_t v_bytes = sc.v_rows ? bh * sc.tk * sc.dv * 2 : bh * sc.d * sc.tv * (pv8 ? 1 : 2);
   thread_local Scratch<int16_t> codes_buf;  // q | k | v, each at a 16-byte boundary
   const size_t qk_words = (qk_bytes + 15) / 16 * 8;
   int16_t* codes = codes_buf.get(2 * qk_words + (v_bytes + 1) / 2, 0);
@@ -640,7 +750,7 @@ StoredCodes plan_codes(const Tensor& qkv, const AttentionArgs& a) {
 
 // Run, step 1: the codes of every token row, in parallel; V^T's padding zeroed.
 void code_operands(const Tensor& qkv, const StoredCodes& sc) {
-  CodingJob coding{qkv.const_data_ptr<float>(), sc.t, sc.heads, sc.d, sc.dq, sc.tv, sc.v_transposed,
+  CodingJob coding{qkv.const_data_ptr<float>(), sc.t, sc.heads, sc.d, sc.dq, sc.tv, sc.tk, sc.dv, sc.v_rows,
                    {&sc.quant[0], &sc.quant[1], &sc.quant[2]}, {}, {}, {}, sc.q_sums};
   for (size_t w = 0; w < 3; ++w) {
     coding.offset[w] = sc.offset[w];
@@ -652,8 +762,13 @@ void code_operands(const Tensor& qkv, const StoredCodes& sc) {
   parallel_for(qtasks, [&](size_t task) {
     code_token_rows(coding, rows * task / qtasks, rows * (task + 1) / qtasks);
   });
-  if (!sc.v_transposed) return;
   const size_t t = sc.t, tv = sc.tv;
+  if (sc.v_rows) {  // the padding keys' rows
+    int16_t* v = static_cast<int16_t*>(sc.stored[2]);
+    for (size_t bh = 0; bh < sc.batch * sc.heads; ++bh)
+      std::fill(v + (bh * sc.tk + t) * sc.dv, v + (bh + 1) * sc.tk * sc.dv, int16_t{0});
+    return;
+  }
   for (size_t row = 0; row < sc.batch * sc.heads * sc.d; ++row) {
     if (sc.int8[2])
       std::fill(static_cast<int8_t*>(sc.stored[2]) + row * tv + t, static_cast<int8_t*>(sc.stored[2]) + (row + 1) * tv,
@@ -692,12 +807,14 @@ std::pair<const Qs8Gemm*, const Qs8Gemm*> pack_operands(const StoredCodes& sc) {
 // and how the query rows split into tasks.
 std::unique_ptr<AttentionJob> make_attention_job(const StoredCodes& sc, const AttentionArgs& a,
                                                  std::pair<const Qs8Gemm*, const Qs8Gemm*> packed,
-                                                 const LogCoder* coder, float* out) {
+                                                 float* out) {
   auto job = std::make_unique<AttentionJob>();
   job->batch = sc.batch;
   job->t = sc.t;
   job->heads = sc.heads;
   job->d = sc.d;
+  job->tk = sc.tk;
+  job->dv = sc.dv;
   for (size_t w = 0; w < 3; ++w) {
     Operand& o = w == 0 ? job->q : w == 1 ? job->k : job->v;
     o.int8 = sc.int8[w];
@@ -713,16 +830,24 @@ std::unique_ptr<AttentionJob> make_attention_job(const StoredCodes& sc, const At
     job->p = sc.p;
     job->out_scale = static_cast<float>(static_cast<double>(job->p.scale) * sc.quant[2].scale);
   } else {
-    job->p = Uniform{static_cast<float>(a.p_scale), 0.0f, 0.0f, 0.0f, 0};
+    // arith.integer_log_attention: the codes' factor k log2(e) alpha (in double, rounded once); the
+    // integer levels: the ladder's float levels times 2^P (exact), rounded half to even.
+    const int k = static_cast<int>(a.p_steps_per_octave);
+    job->log_factor = static_cast<float>(k * kLog2e * static_cast<double>(job->alpha));
+    const int p_bits = level_bits(sc.t, sc.quant[2].max_abs);  // >= 0: check_attention_args
+    const float two_p = std::ldexp(1.0f, p_bits);
     const int zero_code = (1 << a.p_log_bits) - 1;
-    for (int code = 0; code < 256; ++code)
-      job->log_table[code] = log_value(code, job->p.scale, static_cast<int>(a.p_steps_per_octave), zero_code);
-    job->out_scale = sc.quant[2].scale;
-  }
-  job->coder = coder;
+    job->zero_code = static_cast<uint32_t>(zero_code);
+    float scaled[256] = {};
+    for (int code = 0; code <= zero_code; ++code) {
+      scaled[code] = log_value(code, two_p, k, zero_code);
+      job->levels[code] = static_cast<int16_t>(std::nearbyint(scaled[code]));
+    }
 #if defined(__aarch64__)
-  if (coder != nullptr) job->levels_x4 = LogLevelsX4(*coder, job->log_table);
+    job->levels_x4 = LogLevelsX4(k, zero_code, scaled);
 #endif
+  }
+  job->v_scale = sc.quant[2].scale;
   job->out = out;
   const size_t heads_total = sc.batch * sc.heads, t = sc.t;
   const size_t want_tasks = task_count(heads_total * t, 2 * t * sc.d);
@@ -758,11 +883,7 @@ Tensor& attention_out(KernelRuntimeContext& ctx, const Tensor& qkv, int64_t num_
   const StoredCodes sc = plan_codes(qkv, a);
   code_operands(qkv, sc);
   const auto packed = pack_operands(sc);
-  std::unique_ptr<LogCoder> coder;
-  if (p_log_bits != 0)
-    coder = std::make_unique<LogCoder>(static_cast<float>(p_scale), static_cast<int>(p_steps_per_octave),
-                                       static_cast<int>(p_log_bits));
-  const auto job = make_attention_job(sc, a, packed, coder.get(), out.mutable_data_ptr<float>());
+  const auto job = make_attention_job(sc, a, packed, out.mutable_data_ptr<float>());
   const AttentionJob& j = *job;
   parallel_for(sc.batch * sc.heads * j.row_blocks, [&j](size_t task) { attention_task(j, task); });
   return out;

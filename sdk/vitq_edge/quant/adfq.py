@@ -9,6 +9,13 @@ Quantizers (as in the ADFQ-ViT code):
                                           bits: uniform_init)
     weights                               per-output-channel asymmetric uniform (MSE), then AdaRound
 
+The program codes the probabilities in integers (quant/arith.py integer_log_attention): log codes
+below each row's largest probability, from the integer q.k sums, normalized by the row's integer
+sum of levels; the calibrated delta shapes the float model's quantizer during reconstruction only.
+On the validation split this matches the float softmax coded below delta (real model, 1,000
+images, the same programs: W8A8 96.0% -> 96.1% agreement with the float model, 22.26 -> 22.39 dB;
+W4A4 73.6% -> 73.7%, 7.06 -> 7.14 dB; docs/validation/integer-log-softmax-adfq-W{8A8,4A4}.md).
+
 Reconstruction, unit by unit in forward order (patch embedding, each attention module,
 each MLP module, head), on the calibration images in batches of `batch_size`:
     input    QDrop-style: each element from the quantized model's input with probability

@@ -316,27 +316,27 @@ def softmax(scores: torch.Tensor) -> torch.Tensor:
 
 # ---- integer products (what the kernels compute) -------------------------------------
 
-def integer_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def integer_matmul(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """a @ b of integer-valued tensors (codes minus zero points), summed exactly.
 
-    The kernels sum in int32 and convert the sum to float32 once; so does this. A float32
-    matmul is exact while every partial sum stays below 2^24 (integers there are
-    representable, whatever order the GEMM adds in), so the reduction is cut into chunks
-    of that length and the chunks' sums added in float64; a plain float32 matmul would
-    round, and move values across the next quantizer's code boundaries.
+    The kernels sum in int32 and convert the sum to float32 once; so does this (dtype float64:
+    the exact sums). A float32 matmul is exact while every partial sum stays below 2^24
+    (integers there are representable, whatever order the GEMM adds in), so the reduction is
+    cut into chunks of that length and the chunks' sums added in float64; a plain float32
+    matmul would round, and move values across the next quantizer's code boundaries.
     """
     bound = float(a.abs().amax()) * float(b.abs().amax()) if a.numel() and b.numel() else 0.0
     k = a.shape[-1]
     chunk = k if bound == 0 else int(2.0**24 // bound)
     if chunk >= k:
-        return a.float() @ b.float()
+        return (a.float() @ b.float()).to(dtype)
     if chunk == 0:  # wider than any kernel's codes: plain float64
-        return (a.double() @ b.double()).float()
+        return (a.double() @ b.double()).to(dtype)
     total = None
     for start in range(0, k, chunk):
         part = (a[..., start:start + chunk].float() @ b[..., start:start + chunk, :].float()).double()
         total = part if total is None else total + part
-    return total.float()
+    return total.to(dtype)
 
 
 def integer_linear(x_codes: torch.Tensor, x_zero: torch.Tensor, x_scale: torch.Tensor, w_int: torch.Tensor,
@@ -396,12 +396,67 @@ def _f32(value: float) -> float:
     return float(torch.tensor(value, dtype=torch.float32))
 
 
+def _score_factor(scale: float, q_params: tuple, k_params: tuple) -> float:
+    """q_scale * k_scale * scale as the kernel forms it: in double, rounded once to float32."""
+    return _f32(_f32(q_params[0]) * _f32(k_params[0]) * scale)
+
+
 def attention_probabilities(q: torch.Tensor, k: torch.Tensor, scale: float, q_params: tuple,
                             k_params: tuple) -> torch.Tensor:
-    """softmax(q k^T * scale) on codes, as vitq::attention computes it before coding the probabilities:
-    the exact integer sums times one float factor (formed in double, rounded once), then `softmax`."""
-    alpha = _f32(_f32(q_params[0]) * _f32(k_params[0]) * scale)
-    return softmax(integer_matmul(_centered(q, q_params), _centered(k, k_params).transpose(-2, -1)) * alpha)
+    """softmax(q k^T * scale) on codes, as vitq::attention computes it before coding uniform
+    probabilities: the exact integer sums times one float factor, then `softmax`."""
+    dots = integer_matmul(_centered(q, q_params), _centered(k, k_params).transpose(-2, -1))
+    return softmax(dots * _score_factor(scale, q_params, k_params))
+
+
+# A.V on log probability codes sums integer levels: L(code) = round(2^P * 2^(-code / k)), held in int16
+# (and in two int8 planes where our int8 GEMM runs), so P <= 14; smaller where T * max|cv - zv| * 2^P
+# would leave int32.
+MAX_LEVEL_BITS = 14
+_INT32_MAX = 2**31 - 1
+
+
+def level_bits(tokens: int, v_max_abs: int) -> int:
+    """P of the integer probability levels: the largest P <= MAX_LEVEL_BITS with tokens * v_max_abs * 2^P
+    within int32 (every A.V sum then is, whatever the probabilities); -1 where even P = 0 is not."""
+    bound = max(tokens * v_max_abs, 1)
+    p = MAX_LEVEL_BITS
+    while p >= 0 and bound << p > _INT32_MAX:
+        p -= 1
+    return p
+
+
+def integer_levels(codes: torch.Tensor, bits: int, steps_per_octave: int, p_bits: int) -> torch.Tensor:
+    """round(2^P * 2^(-code / k)) of log codes (the float32 level times 2^P, exact; half to even), 0 for the
+    zero code: integers held in a float tensor."""
+    return torch.round(log_values(codes, 2.0**p_bits, bits, steps_per_octave))
+
+
+# log2(e) in double: the log probability codes' factor (op_attention.cpp: kLog2e).
+LOG2E_F64 = float.fromhex("0x1.71547652b82fep+0")
+
+
+def integer_log_attention(dots: torch.Tensor, cv: torch.Tensor, alpha: float, v_scale: float, bits: int,
+                          steps_per_octave: int, p_bits: int) -> torch.Tensor:
+    """softmax(alpha dots) (cv) on log probability codes, in integers but for one product per score and
+    one division per row. dots: the exact integer q.k sums (float64) [.., T, T]; cv: v codes - zero.
+
+    Per row, with m its largest dot product: the code u_j = min(round(f32(m - dot_j) * a), Z) with
+    a = f32(k log2(e) alpha), Z the zero code, is round(-k log2(p_j / p_max)) of the softmax
+    probability p_j but for a's rounding: the probabilities' log codes on the ladder below the row's
+    largest one, not below a calibrated delta (so none clips, and a row's small probabilities keep
+    their levels whatever its largest is). Their integer levels L_j (`integer_levels`) weigh the
+    v rows, and the row's sum of levels normalizes exactly:
+        out = f32(sum_j L_j cv_j) * f32(v_scale / sum_j L_j).
+    Replaces the float softmax, its exponentials and the division per probability; chosen on the
+    validation split (docs/validation/integer-log-softmax-*.md).
+    """
+    m = dots.amax(-1, keepdim=True)
+    y = (m - dots).float() * _f32(steps_per_octave * LOG2E_F64 * alpha)
+    codes = torch.round(y).clamp_(max=log_zero_code(bits))
+    levels = integer_levels(codes, bits, steps_per_octave, p_bits).double()
+    # Products below 2^23, sums within int32 (level_bits): exact in double, whatever the order.
+    return (levels @ cv.double()).float() * (v_scale / levels.sum(-1, keepdim=True)).float()
 
 
 def integer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -410,15 +465,20 @@ def integer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     """softmax(q k^T * scale) v on codes, as the vitq::attention kernel computes it: [B, H, T, D] in and out.
 
     *_params = (scale, zero, qmin, qmax) of per-tensor uniform quantizers (floats / ints);
-    probabilities are coded by p_uniform (same form) or p_log = (delta, bits, steps_per_octave). The
-    products sum exactly (log levels times integers: in double); each float scale is
-    formed in double and rounded once.
+    probabilities are coded by p_uniform (same form): float `softmax`, codes, A.V as an exact
+    integer sum times f32(p_scale * v_scale); or by p_log = (delta, bits, steps_per_octave):
+    `integer_log_attention` (delta calibrates the float model's log quantizer; the integer codes
+    take the row's largest probability instead).
     """
-    probs = attention_probabilities(q, k, scale, q_params, k_params)
     cv = _centered(v, v_params)
     if p_uniform is not None:
+        probs = attention_probabilities(q, k, scale, q_params, k_params)
         return integer_matmul(_centered(probs, p_uniform), cv) * _f32(_f32(p_uniform[0]) * _f32(v_params[0]))
-    delta, bits, steps = p_log
-    delta = torch.tensor(delta, dtype=torch.float32)
-    levels = log_values(log_codes(probs, delta, bits, steps), delta, bits, steps)
-    return (levels.double() @ cv.double()).float() * _f32(v_params[0])  # not integers: summed in double
+    _, bits, steps = p_log
+    _, v_zero, v_qmin, v_qmax = v_params
+    p_bits = level_bits(k.shape[-2], max(abs(v_qmin - v_zero), abs(v_qmax - v_zero)))
+    if p_bits < 0 or not scale > 0:
+        raise ValueError("log probability codes need scale > 0 and tokens * max|cv - zv| within int32")
+    dots = integer_matmul(_centered(q, q_params), _centered(k, k_params).transpose(-2, -1), torch.float64)
+    return integer_log_attention(dots, cv, _score_factor(scale, q_params, k_params), _f32(v_params[0]), bits, steps,
+                                 p_bits)

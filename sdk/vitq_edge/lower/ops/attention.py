@@ -9,13 +9,19 @@ qkv float [B, T, 3*H*D] (the qkv linear's output, timm's layout: q | k | v, head
 inside each) -> out float [B, T, H*D] (heads concatenated, ready for proj). Per head:
 
 1. q, k, v codes, uniform per tensor: c = clamp(round(x / s) + z, qmin, qmax);
-2. scores = (sum_d (cq - zq)(ck - zk)) [int32] * q_scale * k_scale * scale;
-3. probabilities = softmax(scores) over keys (float);
-4. probability codes: p_log_bits == 0 -> uniform (p_scale, p_zero, p_qmin, p_qmax);
-   otherwise log codes of p_log_bits bits on delta * 2^(-q/k), delta = p_scale,
-   k = p_steps_per_octave (ADFQ-ViT's log softmax quantizer);
-5. out = sum_j P_j (cv_j - zv) * v_scale: an int32 sum for uniform codes, a float sum of
-   the log levels for log codes.
+2. dot products (sum_d (cq - zq)(ck - zk)) [int32], alpha = q_scale * k_scale * scale;
+uniform probability codes (p_log_bits == 0):
+3. probabilities = softmax(alpha * dots) over keys (float);
+4. probability codes, uniform (p_scale, p_zero, p_qmin, p_qmax);
+5. out = sum_j (cp_j - zp)(cv_j - zv) [int32] * p_scale * v_scale;
+log probability codes of p_log_bits bits, k = p_steps_per_octave (ADFQ-ViT's log softmax
+quantizer; arith.integer_log_attention):
+3. codes below the row's largest dot product m: u = min(round(f32(m - dot) * f32(k log2(e)
+   alpha)), 2^p_log_bits - 1), the softmax's log codes relative to its largest probability;
+4. integer levels L = round(2^P 2^(-u/k)) (arith.integer_levels; P = arith.level_bits: 14
+   unless T * max|cv - zv| needs fewer), 0 for the zero code;
+5. out = f32(sum_j L_j (cv_j - zv)) [int32] * f32(v_scale / sum_j L_j).
+   p_scale (the calibrated delta) shapes the float model's quantizer in reconstruction only.
 """
 
 from __future__ import annotations
