@@ -409,9 +409,8 @@ def attention_probabilities(q: torch.Tensor, k: torch.Tensor, scale: float, q_pa
     return softmax(dots * _score_factor(scale, q_params, k_params))
 
 
-# A.V on log probability codes sums integer levels: L(code) = round(2^P * 2^(-code / k)), held in int16
-# (and in two int8 planes where our int8 GEMM runs), so P <= 14; smaller where T * max|cv - zv| * 2^P
-# would leave int32.
+# A.V on log probability codes sums integer levels: L(code) = round(2^P * 2^(-code / k)), held in int16,
+# so P <= 14; smaller where T * max|cv - zv| * 2^P would leave int32.
 MAX_LEVEL_BITS = 14
 _INT32_MAX = 2**31 - 1
 
@@ -455,7 +454,7 @@ def integer_log_attention(dots: torch.Tensor, cv: torch.Tensor, alpha: float, v_
     y = (m - dots).float() * _f32(steps_per_octave * LOG2E_F64 * alpha)
     codes = torch.round(y).clamp_(max=log_zero_code(bits))
     levels = integer_levels(codes, bits, steps_per_octave, p_bits).double()
-    # Products below 2^23, sums within int32 (level_bits): exact in double, whatever the order.
+    # Integer products, sums within int32 (level_bits): exact in double, whatever the order.
     return (levels @ cv.double()).float() * (v_scale / levels.sum(-1, keepdim=True)).float()
 
 
