@@ -367,10 +367,10 @@ def scale_halving_log_factor(steps: int) -> float:
     is exactly 0.5: then every odd difference of dot products is a tie of the codes' rounding."""
     want = torch.tensor(0.5 / (steps * arith.LOG2E_F64), dtype=torch.float32)
     for _ in range(64):
-        if arith._f32(steps * arith.LOG2E_F64 * float(want)) == 0.5:
+        factor = arith._f32(steps * arith.LOG2E_F64 * float(want))
+        if factor == 0.5:
             return float(want)
-        above = arith._f32(steps * arith.LOG2E_F64 * float(want)) > 0.5
-        want = torch.nextafter(want, torch.tensor(0.0 if above else 1.0))
+        want = torch.nextafter(want, torch.tensor(0.0 if factor > 0.5 else 1.0))
     raise AssertionError(f"no float scale gives the factor 0.5 at k = {steps}")
 
 

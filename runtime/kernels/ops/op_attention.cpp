@@ -371,25 +371,6 @@ VITQ_INLINE void scale_sums(const int32_t* sums, size_t lds, size_t rows, size_t
     for (size_t c = 0; c < cols; ++c) out[r * ldo + c] = static_cast<float>(sums[r * lds + c]) * factor;
 }
 
-// Scores of rows [i0, i0 + rows) of head bh against all keys: the exact int32
-// dot products (in dots) times alpha, into scores [rows][T].
-VITQ_INLINE void score_rows(const AttentionJob& job, size_t bh, size_t i0, size_t rows, int32_t* dots,
-                            float* scores) {
-  const size_t t = job.t, d = job.d;
-  if (job.q.int8) {
-    const size_t width = padded<int8_t>(d);
-    const Qs8Gemm& keys = job.k.packed[bh];
-    qs8_gemm_sums(keys, job.q.rows<int8_t>(bh * t + i0, width), width, rows, dots, t);
-    scale_int8_sums(dots, t, job.q.sums + bh * t + i0, job.q.shift, rows, keys.weight_sums.data(), job.k.shift, t, d,
-                    job.alpha, scores, t);
-  } else {
-    const size_t width = padded<int16_t>(d);
-    dot_rows(job.q.rows<int16_t>(bh * t + i0, width), width, rows, job.k.rows<int16_t>(bh * t, width), width, t,
-             width, dots, t);
-    scale_sums(dots, t, rows, t, job.alpha, scores, t);
-  }
-}
-
 // The dot products of rows [i0, i0 + rows) of head bh with all keys, into
 // dots [rows][T], but for a term constant along each row (which log codes,
 // differences within a row, do not see) and, for int8 codes, the keys' term
@@ -404,6 +385,19 @@ VITQ_INLINE void row_dots(const AttentionJob& job, size_t bh, size_t i0, size_t 
     dot_rows(job.q.rows<int16_t>(bh * t + i0, width), width, rows, job.k.rows<int16_t>(bh * t, width), width, t,
              width, dots, t);
   }
+}
+
+// Scores of rows [i0, i0 + rows) of head bh against all keys: the exact int32
+// dot products (in dots) times alpha, into scores [rows][T].
+VITQ_INLINE void score_rows(const AttentionJob& job, size_t bh, size_t i0, size_t rows, int32_t* dots,
+                            float* scores) {
+  row_dots(job, bh, i0, rows, dots);
+  const size_t t = job.t;
+  if (job.q.int8)  // the offsets' terms added back, then the scale
+    scale_int8_sums(dots, t, job.q.sums + bh * t + i0, job.q.shift, rows, job.k.packed[bh].weight_sums.data(),
+                    job.k.shift, t, job.d, job.alpha, scores, t);
+  else
+    scale_sums(dots, t, rows, t, job.alpha, scores, t);
 }
 
 // Steps 3 and 4 for kLogRows query rows: with s_j = dots[j] + key_terms[j] and
