@@ -18,17 +18,20 @@
 //   5. out[i] = f32(sum_j L_j (cv_j - zv)) [int32] * f32(v_scale / sum_j L_j).
 //
 // How: the codes are stored once in a head-major layout, rows zero padded to
-// whole vectors: q, k as [B, H, T, D]; V as V^T [B, H, D, T] for uniform
-// probability codes, as int16 rows [B, H, tk, D] for log codes (tk: T padded
-// to whole key groups with zero rows). Where our int8 GEMM runs (qs8_gemm.h:
-// the Pis, x86 with AVX-VNNI) and codes fit 8 bits, stored as int8 c - offset,
-// the offset terms added back exactly, and each head's keys and V^T are
-// packed as the GEMM's columns; elsewhere as int16 c - zero. Then one task per
-// (batch, head, block of query rows) does, 8 query rows at a time, the dot
-// products (GEMM tiles, or 4x4 int16 dot-product tiles), and then for uniform
+// whole vectors: q, k as [B, H, T, D]; V as V^T [B, H, D, T], but for log
+// codes without a dot-product GEMM (the Pi 4; int16 codes) as int16 rows [B,
+// H, tk, D] (tk: T padded to whole key groups with zero rows). Where our int8
+// GEMM runs (qs8_gemm.h: the Pis, x86 with AVX-VNNI) and codes fit 8 bits,
+// stored as int8 c - offset, the offset terms added back exactly, and each
+// head's keys and V^T are packed as the GEMM's columns; elsewhere as int16 c -
+// zero. Then one task per (batch, head, block of query rows) does, 8 query
+// rows at a time, the dot products (GEMM tiles, or 4x4 int16 dot-product
+// tiles), and then for uniform
 // codes the softmax, the codes and dense products with V^T (the same tiles);
-// for log codes the codes and their levels, four query rows at a time
-// interleaved by key, and A.V by lane over the V rows (log_weighted_rows).
+// for log codes the codes and their levels, and A.V either as two int8
+// products of the levels' byte planes with V^T (plane_values: where the GEMM
+// has dot products, the Pi 5 and AVX-VNNI) or by lane over int16 V rows, four
+// query rows at a time interleaved by key (log_values).
 // Every integer sum is exact in int32; nothing of size T x T is stored.
 #include <algorithm>
 #include <cmath>
@@ -99,6 +102,16 @@ float int8_offset(const Uniform& u) { return u.qmax - u.qmin <= 254.0f ? u.qmin 
 // tiles on the Pi 5, 4x16 vpdpbusd tiles on x86 with AVX-VNNI; VITQ_GEMM
 // forces a packing, for the tests). Elsewhere int16 codes and dot_tile below.
 bool int8_codes() { return qs8_gemm_layout() != Qs8Layout::kNone; }
+
+// Whether log probability codes' A.V runs as two int8 products of byte
+// planes of the levels (level_planes) with the packed V^T: where the GEMM has
+// a dot-product instruction (16 multiply-adds per sdot against 4 per smlal by
+// lane: the two planes still halve the work). Without one (the Pi 4's pairs
+// packing: ~4.3 per instruction) the planes would double it: int16 V rows.
+bool level_planes_pay() {
+  const Qs8Layout layout = qs8_gemm_layout();
+  return layout == Qs8Layout::kDot || layout == Qs8Layout::kVnni;
+}
 
 // The dot products of 4 rows of A with 4 rows of B (n long, a multiple of 8),
 // int16 codes: out[r][c] = sum_i a[r][i] * b[c][i], exact in int32
@@ -327,8 +340,8 @@ struct Operand {
 
 struct AttentionJob {
   size_t batch, t, heads, d;
-  // q, k: [B, H, T, padded(D)] rows; V^T: [B, H, D, padded(T)] (uniform
-  // probability codes), or int16 V rows [B, H, tk, dv] (log codes).
+  // q, k: [B, H, T, padded(D)] rows; V^T: [B, H, D, padded(T)], or int16 V
+  // rows [B, H, tk, dv] (log codes without level planes: v.int8 false).
   Operand q, k, v;
   size_t tk, dv;
   float alpha;       // q_scale * k_scale * scale
@@ -549,6 +562,90 @@ VITQ_INLINE void weighted_values(const AttentionJob& job, size_t bh, const float
   }
 }
 
+// Steps 3 and 4 for one query row (dots: its dot products, T) into two byte
+// planes of its levels, L_j = 256 hi_j + lo_j with lo_j in [-128, 127] (L's
+// low byte, signed) and hi_j in [0, 64] (L <= 2^14): int8 rows `width` long,
+// zero padded, for our int8 GEMM. Returns the row's sum of levels.
+VITQ_INLINE int32_t level_planes(const AttentionJob& job, const int32_t* dots, const int32_t* key_terms, int8_t* hi,
+                                 int8_t* lo, size_t width) {
+  const size_t t = job.t;
+  int32_t m = dots[0] + key_terms[0];
+  for (size_t j = 1; j < t; ++j) m = std::max(m, dots[j] + key_terms[j]);  // vectorizes
+  int32_t sum = 0;
+  size_t j = 0;
+#if defined(__aarch64__)
+  if (job.levels_x4.usable()) {  // as level_rows, 16 keys per pass
+    const LogLevelsX4::Prepared c = job.levels_x4.prepare();
+    const float32x4_t factor = vdupq_n_f32(job.log_factor);
+    const uint32x4_t zero_code = vdupq_n_u32(job.zero_code);
+    const int32x4_t best = vdupq_n_s32(m);
+    int32x4_t acc = vdupq_n_s32(0);
+    for (; j + 16 <= t; j += 16) {
+      int32x4_t level[4];
+      for (size_t q = 0; q < 4; ++q) {
+        const int32x4_t diff = vsubq_s32(best, vaddq_s32(vld1q_s32(dots + j + 4 * q), vld1q_s32(key_terms + j + 4 * q)));
+        const float32x4_t y = vmulq_f32(vcvtq_f32_s32(diff), factor);
+        const uint32x4_t u = vminq_u32(vreinterpretq_u32_s32(vcvtnq_s32_f32(y)), zero_code);
+        level[q] = vcvtnq_s32_f32(LogLevelsX4::levels(c, u));
+        acc = vaddq_s32(acc, level[q]);
+      }
+      const int8x16_t l01 = vreinterpretq_s8_s16(vmovn_high_s32(vmovn_s32(level[0]), level[1]));
+      const int8x16_t l23 = vreinterpretq_s8_s16(vmovn_high_s32(vmovn_s32(level[2]), level[3]));
+      const int8x16_t low = vuzp1q_s8(l01, l23), high = vuzp2q_s8(l01, l23);  // bytes of 16 int16 levels
+      vst1q_s8(lo + j, low);
+      vst1q_s8(hi + j, vsubq_s8(high, vshrq_n_s8(low, 7)));  // + 1 where the low byte is negative
+    }
+    sum = vaddvq_s32(acc);
+  }
+#endif
+  const float zero_code = static_cast<float>(job.zero_code);
+  for (; j < t; ++j) {
+    const float y = static_cast<float>(m - (dots[j] + key_terms[j])) * job.log_factor;
+    const float u = y < zero_code ? std::nearbyint(y) : zero_code;  // y >= 0: round half to even, clamp to Z
+    const int32_t level = job.levels[static_cast<int>(u)];
+    const int8_t low = static_cast<int8_t>(level & 0xff);
+    sum += level;
+    lo[j] = low;
+    hi[j] = static_cast<int8_t>((level - low) >> 8);
+  }
+  std::fill(lo + t, lo + width, int8_t{0});
+  std::fill(hi + t, hi + width, int8_t{0});
+  return sum;
+}
+
+// Steps 3-5 for `rows` (<= kRowTile) query rows of head bh from their dot
+// products, with int8 V^T packed as our GEMM's columns (level_planes_pay):
+// sum_j L_j (cv_j - zv) = 256 (hi . a) + lo . a + shift sum_j L_j for the
+// stored codes a = cv - offset, two int8 products; the result is exact in
+// int32 (level_bits), so its parts may wrap (unsigned arithmetic).
+VITQ_INLINE void plane_values(const AttentionJob& job, size_t bh, const int32_t* dots, size_t rows,
+                              const int32_t* key_terms, float* out, size_t ldo) {
+  const size_t t = job.t, d = job.d, width = padded<int8_t>(t);
+  thread_local Scratch<int8_t> planes_buf;
+  thread_local Scratch<int32_t> acc_buf;
+  int8_t* hi = planes_buf.get(2 * kRowTile * width, 0);
+  int8_t* lo = hi + kRowTile * width;
+  int32_t* acc_hi = acc_buf.get(2 * kRowTile * d, 0);
+  int32_t* acc_lo = acc_hi + kRowTile * d;
+  int32_t level_sums[kRowTile];
+  for (size_t r = 0; r < rows; ++r)
+    level_sums[r] = level_planes(job, dots + r * t, key_terms, hi + r * width, lo + r * width, width);
+  const Qs8Gemm& values = job.v.packed[bh];
+  qs8_gemm_sums(values, hi, width, rows, acc_hi, d);
+  qs8_gemm_sums(values, lo, width, rows, acc_lo, d);
+  for (size_t r = 0; r < rows; ++r) {
+    const float factor = static_cast<float>(static_cast<double>(job.v_scale) / level_sums[r]);
+    const uint32_t shift_term = static_cast<uint32_t>(job.v.shift) * static_cast<uint32_t>(level_sums[r]);
+    const int32_t* h = acc_hi + r * d;
+    const int32_t* l = acc_lo + r * d;
+    float* dst = out + r * ldo;
+    for (size_t c = 0; c < d; ++c) {  // vectorizes
+      const uint32_t s = (static_cast<uint32_t>(h[c]) << 8) + static_cast<uint32_t>(l[c]) + shift_term;
+      dst[c] = static_cast<float>(static_cast<int32_t>(s)) * factor;
+    }
+  }
+}
+
 // The keys' term of row_dots' sums for head bh (0 for int16 codes).
 void key_terms_of(const AttentionJob& job, size_t bh, int32_t* key_terms) {
   const size_t t = job.t;
@@ -605,7 +702,10 @@ VITQ_HOT_LOOPS void attention_task(const AttentionJob& job, size_t task) {
     float* out = job.out + (b * t + i0) * job.heads * d + h * d;
     if (job.log_bits) {
       row_dots(job, bh, i0, rows, dots);
-      log_values(job, bh, dots, rows, key_terms, out, job.heads * d);
+      if (job.v.int8)
+        plane_values(job, bh, dots, rows, key_terms, out, job.heads * d);
+      else
+        log_values(job, bh, dots, rows, key_terms, out, job.heads * d);
       continue;
     }
     // Scores: exact int32 dot products, one float scale; then softmax per row.
@@ -691,13 +791,14 @@ std::string check_attention_args(const Tensor& qkv, const AttentionArgs& a) {
 }
 
 // Plan: how the q, k, v codes are stored (see Operand): int8 where our GEMM
-// runs and the codes fit (for V: uniform probability codes fitting too), else
-// int16; head-major, rows zero padded to whole vectors: q, k as
-// [b][h][t][padded(d)]; V transposed, [b][h][d][padded(t)], for the dense A.V
-// dot products. The buffers are this thread's, reused across calls.
+// runs and the codes fit (for V: uniform probability codes fitting too, or
+// log codes where level_planes_pay), else int16; head-major, rows zero padded
+// to whole vectors: q, k as [b][h][t][padded(d)]; V transposed,
+// [b][h][d][padded(t)], for the dense A.V dot products, or as int16 rows (log
+// codes otherwise). The buffers are this thread's, reused across calls.
 struct StoredCodes {
   size_t batch, t, heads, d, dq, tv;
-  bool v_rows;    // log probability codes: V as int16 rows [b][h][tk][dv] (keys padded to tk with zero rows)
+  bool v_rows;    // log codes, int16 V: rows [b][h][tk][dv] (keys padded to tk with zero rows)
   size_t tk, dv;
   Uniform quant[3], p;  // q, k, v; the uniform probability codes
   bool int8[3];
@@ -718,13 +819,13 @@ StoredCodes plan_codes(const Tensor& qkv, const AttentionArgs& a) {
   const bool uniform_p = a.p_log_bits == 0;
   sc.p = uniform_p ? make_uniform(a.p_scale, a.p_zero, a.p_qmin, a.p_qmax) : Uniform{};
   const bool qk8 = int8_codes() && fits_int8(sc.quant[0]) && fits_int8(sc.quant[1]) && sc.d <= kMaxInt8Length;
-  const bool pv8 =
-      int8_codes() && uniform_p && fits_int8(sc.p) && fits_int8(sc.quant[2]) && sc.t <= kMaxInt8Length;
+  const bool pv8 = int8_codes() && fits_int8(sc.quant[2]) && sc.t <= kMaxInt8Length &&
+                  (uniform_p ? fits_int8(sc.p) : level_planes_pay());
   sc.int8[0] = sc.int8[1] = qk8;
   sc.int8[2] = pv8;
   sc.dq = qk8 ? padded<int8_t>(sc.d) : padded<int16_t>(sc.d);
   sc.tv = pv8 ? padded<int8_t>(sc.t) : padded<int16_t>(sc.t);
-  sc.v_rows = !uniform_p;
+  sc.v_rows = !uniform_p && !pv8;
   sc.tk = (sc.t + kKeyGroup - 1) / kKeyGroup * kKeyGroup;
   sc.dv = padded<int16_t>(sc.d);
   const size_t bh = sc.batch * sc.heads;
