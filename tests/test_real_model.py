@@ -22,11 +22,10 @@ from .conftest import run_cli
 
 
 def _cifar_test_images(n: int):
-    from vitq_edge.data.cifar10 import cifar10_split
-    from vitq_edge.data.datasets import image_folder
+    from vitq_edge.data.cifar10 import cifar10_images
 
     try:
-        return image_folder(cifar10_split("test")).interleaved().limit(n)
+        return cifar10_images("test").limit(n)
     except VitqError as exc:
         pytest.skip(str(exc))
 
@@ -134,6 +133,21 @@ def test_cifar10_archive_with_a_wrong_checksum_is_refused(tmp_path, monkeypatch)
     with pytest.raises(VitqError, match="SHA256SUMS"):
         cifar10_split("test")
     assert not (tmp_path / "cache" / "cifar10" / "test").exists()
+
+
+def test_validation_split_is_balanced_and_never_calibrated_on():
+    from vitq_edge.data.cifar10 import CLASSES, VALIDATION_START, cifar10_validation
+    from vitq_edge.models.source import default_data
+
+    try:
+        val = cifar10_validation(50)
+    except VitqError as exc:
+        pytest.skip(str(exc))
+    calib, calib_limit = default_data(dinov2.MODEL_NAME, "calib")
+    assert calib_limit <= VALIDATION_START
+    calibrated = set(calib.limit(VALIDATION_START)._paths)  # every position a build could calibrate on
+    assert not calibrated & set(val._paths)
+    assert np.bincount(val.labels, minlength=len(CLASSES)).tolist() == [5] * len(CLASSES)
 
 
 def test_interleaved_sets_are_balanced_prefixes(tmp_path):

@@ -6,7 +6,7 @@ reconstruction lengths, measured on a validation split carved from the training 
 
 Each point is one `vitq-edge compare` run (model dinov2-s14-cifar10, calibration on the build's
 default 1,024 training images) evaluated on `--val-images` other training images (interleaved
-positions from 5,000 on: validation_compare.validation_set), never the test split. Points are
+positions from 5,000 on: vitq_edge.data.cifar10.cifar10_validation), never the test split. Points are
 written to OUT.{md,json} as they finish; a rerun skips the finished ones (their compare
 folders under build/adfq-curve/).
 """
@@ -20,10 +20,10 @@ import sys
 from pathlib import Path
 
 import vitq_edge  # noqa: F401  (torchvision shim before timm)
-from validation_compare import validation_set  # tools/: the same validation split
 from vitq_edge.artifacts import write_atomic
 from vitq_edge.build_options import BuildOptions
 from vitq_edge.compare import CompareOptions, compare
+from vitq_edge.data.cifar10 import cifar10_validation
 from vitq_edge.lifetime import run_script
 from vitq_edge.models.dinov2 import MODEL_NAME
 from vitq_edge.recipes import parse_options
@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--work", default=str(REPO / "build" / "adfq-curve"))
     args = ap.parse_args()
     command = "python tools/adfq_curve.py" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
-    val = validation_set(args.val_images)
+    val = cifar10_validation(args.val_images)
     options = parse_options(args.option)
     points = []
     for iters in [int(n) for n in args.iters.split(",")]:

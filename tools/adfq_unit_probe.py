@@ -10,7 +10,7 @@ model on the build's 1,024 calibration images) and reconstructs each unit alone 
 with --iters iterations of the paper's 32 images at the paper's learning rates (scale_lr=false)
 unless the setting says otherwise. Score: the unit's output error against the float unit (squared error summed over
 channels, mean per token, the reconstruction loss's definition) on `--val-images` held-out training
-images (validation_compare.validation_set), after the rounding is hardened as the build does.
+images (vitq_edge.data.cifar10.cifar10_validation), after the rounding is hardened as the build does.
 Writes docs/validation/unit-probe-NAME.{md,json} as settings finish.
 """
 
@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 import vitq_edge  # noqa: F401  (torchvision shim before timm)
-from validation_compare import validation_set  # tools/: the same validation split
 from vitq_edge.artifacts import write_atomic
+from vitq_edge.data.cifar10 import cifar10_validation
 from vitq_edge.lifetime import run_script
 from vitq_edge.models.dinov2 import MODEL_NAME
 from vitq_edge.models.source import default_data, load_model
@@ -80,7 +80,7 @@ def main() -> None:
     loaded = load_model(MODEL_NAME)
     calib, limit = default_data(MODEL_NAME, "calib")
     x_cal = _images(calib.limit(args.calib_images or limit), loaded.preprocess)
-    x_val = _images(validation_set(args.val_images), loaded.preprocess)
+    x_val = _images(cifar10_validation(args.val_images), loaded.preprocess)
     # The paper's batch and learning rates as they are; settings change them explicitly.
     base = replace(recipe_config("adfq", args.bits), iters=args.iters, batch_size=adfq.PAPER_BATCH, scale_lr=False)
     qmodel = vit.quantize_vit(loaded.model, adfq.adfq_factory(base))

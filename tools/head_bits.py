@@ -23,10 +23,9 @@ from pathlib import Path
 
 import torch
 import vitq_edge  # noqa: F401  (torchvision shim before timm)
-from validation_compare import VAL_START, validation_set  # tools/: the same validation split
 from vitq_edge.artifacts import write_atomic
-from vitq_edge.data.cifar10 import cifar10_split
-from vitq_edge.data.datasets import ImageSet, image_folder
+from vitq_edge.data.cifar10 import VALIDATION_START, cifar10_images, cifar10_validation
+from vitq_edge.data.datasets import ImageSet
 from vitq_edge.lifetime import run_script
 from vitq_edge.metrics import accuracy_summary
 from vitq_edge.models.dinov2 import MODEL_NAME
@@ -83,8 +82,8 @@ def main() -> None:
     widths = [int(w) for w in args.widths.split(",")]
     loaded = load_model(MODEL_NAME)
     model = loaded.model
-    train = image_folder(cifar10_split("train")).interleaved()
-    calib_set, val_set = train.subset(range(args.calib_images)), validation_set(args.val_images)
+    train = cifar10_images("train")
+    calib_set, val_set = train.subset(range(args.calib_images)), cifar10_validation(args.val_images)
     labels = torch.from_numpy(val_set.labels)
     if args.layer == "head":
         op, layer = HEAD_OP, model.head
@@ -127,7 +126,8 @@ def main() -> None:
     text = json.dumps(result, indent=2) + "\n"
     write_atomic(out.with_suffix(".json"), lambda f: f.write(text.encode()))
     lines = [f"# {op} quantized alone (real model, validation split)", "", f"    {command}", "",
-             f"dinov2-s14-cifar10: {what.format(n=args.val_images, start=VAL_START)}, quantized by each recipe's "
+             f"dinov2-s14-cifar10: {what.format(n=args.val_images, start=VALIDATION_START)}, "
+             "quantized by each recipe's "
              f"quantizers for that op (ranges from {args.calib_images} calibration images; the fake-quant forward). "
              f"Float top-1 {fp32_top1:.2f}%; {op} holds {layer.weight.numel()} weights.", "",
              "| recipe | bits | top-1 % | agreement % | SQNR dB |", "|---|---|---:|---:|---:|"]

@@ -22,8 +22,7 @@ from pathlib import Path
 import torch
 import vitq_edge  # noqa: F401  (torchvision shim before timm)
 from vitq_edge.artifacts import write_atomic
-from vitq_edge.data.cifar10 import cifar10_split
-from vitq_edge.data.datasets import image_folder
+from vitq_edge.data.cifar10 import cifar10_images
 from vitq_edge.lifetime import run_script
 from vitq_edge.models.dinov2 import MODEL_NAME
 from vitq_edge.models.source import load_model
@@ -46,7 +45,7 @@ def main() -> None:
     command = "python tools/liu_search_check.py" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
     torch.manual_seed(0)
     loaded = load_model(MODEL_NAME)
-    train = image_folder(cifar10_split("train")).interleaved()
+    train = cifar10_images("train")
     x = torch.cat([b for b, _ in train.subset(range(args.images)).batches(loaded.preprocess, 32)])
     w_bits, a_bits = parse_bits(args.bits)
     ours = recipe_config("liu2021", args.bits)

@@ -31,10 +31,8 @@ from pathlib import Path
 
 import torch
 import vitq_edge  # noqa: F401  (torchvision shim before timm)
-from validation_compare import VAL_START, validation_set  # tools/: the same validation split
 from vitq_edge.artifacts import write_atomic
-from vitq_edge.data.cifar10 import cifar10_split
-from vitq_edge.data.datasets import image_folder
+from vitq_edge.data.cifar10 import VALIDATION_START, cifar10_images, cifar10_validation
 from vitq_edge.errors import VitqError
 from vitq_edge.lifetime import run_script
 from vitq_edge.metrics import accuracy_summary
@@ -147,9 +145,9 @@ def main() -> None:
     out = Path(args.out or REPO / "docs" / "ablation" / tag)
     torch.manual_seed(0)
     loaded = load_model(MODEL_NAME)
-    train = image_folder(cifar10_split("train")).interleaved()
+    train = cifar10_images("train")
     calib = [x for x, _ in train.subset(range(args.calib_images)).batches(loaded.preprocess, 32)]
-    val_set = validation_set(args.val_images)
+    val_set = cifar10_validation(args.val_images)
     val = [x for x, _ in val_set.batches(loaded.preprocess, 32)]
     labels = torch.from_numpy(val_set.labels)
     with torch.no_grad():
@@ -189,7 +187,7 @@ def main() -> None:
     lines = [f"# {args.recipe} {args.bits}{ladders}: "
              "which quantizers cost accuracy (real model, validation split)", "", f"    {command}", "",
              f"dinov2-s14-cifar10; calibration on {args.calib_images} training images; {args.val_images} validation "
-             f"images (training positions {VAL_START}+); float top-1 {fp32_top1:.2f}%; fake-quant forward, "
+             f"images (training positions {VALIDATION_START}+); float top-1 {fp32_top1:.2f}%; fake-quant forward, "
              + ("ranges from liu2021's interval search (its bias corrections in every row)." if args.search
                 else "no reconstruction or search."), "",
              "| quantized | top-1 % | agreement % | SQNR dB |", "|---|---:|---:|---:|"]

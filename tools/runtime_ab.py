@@ -7,7 +7,7 @@ accuracy tables are rebuilt on it.
 
 Each runtime folder's host libvitq_kernels.so (as VITQ_RUNTIME_DIR selects it) runs the program in
 ExecuTorch's Python runtime here, in a child process each (a process loads the library once), on
-`--val-images` CIFAR-10 training images from the validation positions (tools/validation_compare.py);
+`--val-images` CIFAR-10 training images from the validation positions (vitq_edge.data.cifar10.cifar10_validation);
 the float model runs on the same images. The program's quantizers stay as built, so only the
 kernels' arithmetic differs. Writes docs/validation/NAME.{md,json}: top-1, agreement with the float
 model and logit SQNR under each runtime, and how far the two differ.
@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import vitq_edge  # noqa: F401  (torchvision shim before timm)
-from validation_compare import validation_set
 from vitq_edge import __version__
 from vitq_edge.artifacts import resolve_build, write_atomic
+from vitq_edge.data.cifar10 import cifar10_validation
 from vitq_edge.data.preprocess import Preprocess
 from vitq_edge.device.host_runtime import HostProgram
 from vitq_edge.lifetime import run_script
@@ -50,7 +50,7 @@ def program_logits(build: Path, images: int, save: Path) -> None:
     program = HostProgram(pte)
     logits = []
     with torch.no_grad():
-        for x, _ in validation_set(images).batches(preprocess, BATCH):
+        for x, _ in cifar10_validation(images).batches(preprocess, BATCH):
             logits.append(program(x).numpy())
     np.save(save, np.concatenate(logits))
 
@@ -100,7 +100,7 @@ def main() -> None:
             logits[name] = np.load(save)
     print("runtime_ab: the float model", file=sys.stderr, flush=True)
     loaded = load_model(MODEL_NAME)
-    images = validation_set(args.val_images)
+    images = cifar10_validation(args.val_images)
     fp32, labels = [], []
     with torch.no_grad():
         for x, y in images.batches(loaded.preprocess, BATCH):

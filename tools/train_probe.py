@@ -92,15 +92,14 @@ def main() -> int:
     args = parser.parse_args()
 
     from vitq_edge.cache import cache_dir
-    from vitq_edge.data.cifar10 import CLASSES, cifar10_split
-    from vitq_edge.data.datasets import image_folder
+    from vitq_edge.data.cifar10 import CLASSES, cifar10_images
     from vitq_edge.models import dinov2
 
     t_start = time.monotonic()
     model = dinov2.create_backbone()
     preprocess = dinov2.preprocess()
-    train = image_folder(cifar10_split("train")).interleaved().limit(args.per_class * len(CLASSES))
-    test = image_folder(cifar10_split("test")).interleaved().limit(args.test_limit)
+    train = cifar10_images("train").limit(args.per_class * len(CLASSES))
+    test = cifar10_images("test").limit(args.test_limit)
     assert train.class_names == list(CLASSES) and test.class_names == list(CLASSES)
     cache = cache_dir("dinov2-s14", "features")
     print(f"features of {len(train)} training and {len(test)} test images ...", flush=True)

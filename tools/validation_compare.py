@@ -18,27 +18,17 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import vitq_edge  # noqa: F401  (torchvision shim before timm)
 from vitq_edge.build_options import BuildOptions
 from vitq_edge.compare import CompareOptions, compare
-from vitq_edge.data.cifar10 import cifar10_split
-from vitq_edge.data.datasets import ImageSet, image_folder
+from vitq_edge.data.cifar10 import cifar10_validation
 from vitq_edge.lifetime import run_script
 from vitq_edge.models.dinov2 import MODEL_NAME
 from vitq_edge.recipes import parse_options
 
 REPO = Path(__file__).resolve().parents[1]
-VAL_START = 5000  # interleaved training positions below this hold the calibration images (first 1,024)
-
-
-def validation_set(n: int) -> ImageSet:
-    """n CIFAR-10 training images (classes interleaved, so balanced) that no build calibrates on."""
-    train = image_folder(cifar10_split("train")).interleaved()
-    return replace(train.subset(range(VAL_START, VAL_START + n)),
-                   name=f"cifar10-train positions {VAL_START}+ (validation)")
 
 
 def main() -> None:
@@ -52,7 +42,8 @@ def main() -> None:
     command = "python tools/validation_compare.py" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
     shared = BuildOptions(model=MODEL_NAME, iters=args.iters, recipe_options=parse_options(args.option))
     compare(CompareOptions(build=shared, programs=args.programs.split(","), devices=[],
-                           eval_set=validation_set(args.val_images), out=str(REPO / "build" / "validation" / args.name),
+                           eval_set=cifar10_validation(args.val_images),
+                           out=str(REPO / "build" / "validation" / args.name),
                            table=str(REPO / "docs" / "validation" / args.name), command=command))
 
 

@@ -12,14 +12,19 @@ import os
 import shutil
 import tarfile
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from vitq_edge.artifacts import file_sha256
 from vitq_edge.cache import cache_dir
+from vitq_edge.data.datasets import ImageSet, image_folder
 from vitq_edge.errors import VitqError
 
 CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 SPLIT_SIZES = {"train": 50_000, "test": 10_000}
+# The validation split: interleaved training positions from here on. Builds calibrate on the
+# first positions (1,024 by default, default_data), so no build has seen these images.
+VALIDATION_START = 5000
 _REPO = Path(__file__).resolve().parents[3]
 
 
@@ -66,3 +71,16 @@ def _unpack(archive: Path, target: Path, expected_sha256: str | None) -> Path:
             raise VitqError(f"{archive} holds no {target.name}/ folder; is it the CIFAR-10 archive?")
         shutil.move(str(unpacked), target)
     return target
+
+
+def cifar10_images(split: str) -> ImageSet:
+    """CIFAR-10's `split` with the classes interleaved, so that any first N images are balanced."""
+    images = image_folder(cifar10_split(split)).interleaved()
+    return replace(images, name=f"cifar10-{split} (classes interleaved)")
+
+
+def cifar10_validation(n: int) -> ImageSet:
+    """n training images from VALIDATION_START on (balanced, never calibrated on, never the test split):
+    where the tools choose settings and arithmetic."""
+    images = cifar10_images("train").subset(range(VALIDATION_START, VALIDATION_START + n))
+    return replace(images, name=f"cifar10-train positions {VALIDATION_START}+ (validation)")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pickle
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import timm
@@ -16,7 +16,7 @@ import torch
 from timm.models.vision_transformer import VisionTransformer
 
 from vitq_edge.artifacts import check_checkpoint_path, file_sha256
-from vitq_edge.data.datasets import ImageSet, bundled_set, image_folder
+from vitq_edge.data.datasets import ImageSet, bundled_set
 from vitq_edge.data.preprocess import Preprocess
 from vitq_edge.errors import VitqError
 from vitq_edge.models import dinov2
@@ -167,12 +167,9 @@ def default_data(model_name: str, kind: str) -> tuple[ImageSet, int | None]:
     image and program here). Every other model: the bundled Fashion-MNIST sets.
     """
     if model_name == dinov2.MODEL_NAME:
-        from vitq_edge.data.cifar10 import cifar10_split
+        from vitq_edge.data.cifar10 import cifar10_images
 
-        split = "train" if kind == "calib" else "test"
-        images = image_folder(cifar10_split(split)).interleaved()
-        images = replace(images, name=f"cifar10-{split} (classes interleaved)")
-        return images, 1024 if kind == "calib" else 1000
+        return cifar10_images("train" if kind == "calib" else "test"), 1024 if kind == "calib" else 1000
     return bundled_set(kind), None
 
 
