@@ -10,6 +10,7 @@ AddressSanitizer build of the library.
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -372,6 +373,32 @@ def scale_halving_log_factor(steps: int) -> float:
             return float(want)
         want = torch.nextafter(want, torch.tensor(0.0 if factor > 0.5 else 1.0))
     raise AssertionError(f"no float scale gives the factor 0.5 at k = {steps}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("weights", ["asymmetric", "symmetric"])  # with and without the inputs' row sums
+@pytest.mark.parametrize("device", ["host", "emulated-rpi4", "emulated-rpi5"])
+def test_linear_gelu_codes_near_every_rounding_boundary(tmp_path, device, weights):
+    """The GELU prologue's codes: on aarch64 from a piecewise cubic where it cannot round otherwise
+    (runtime/kernels/gelu_codes.h), the definition (arith.gelu) elsewhere. A dense grid of inputs
+    per token, each token at its own scale (0.002 .. 0.05), puts thousands of values within the
+    cubic's error of a rounding boundary: any code rounded from the cubic there changes the sums
+    (without the margin most outputs differ); an infinity, and values beyond the cubic's range
+    whose conversion saturates (zero point 200: a wrapping addition there fails it)."""
+    if device != "host" and not _emulated_pis_ready():
+        pytest.skip("no aarch64 bundle or qemu (bash tools/setup.sh)")
+    tokens, k, n = 16, 4096, 24
+    args = linear_args(k, n, tokens, per_token=True, prologue=PROLOGUE_GELU, seed=21)
+    scales = torch.logspace(math.log10(0.002), math.log10(0.05), tokens)
+    zeros = torch.tensor([100.0, 200.0]).repeat(tokens // 2)  # codes 0..255 cover gelu in [-z s, (255 - z) s]
+    args[4], args[5] = scales, zeros
+    if weights == "symmetric":
+        args[2] = torch.zeros_like(args[2])
+    x = torch.stack([torch.linspace(-6.0, (255 - float(z)) * float(s) + 1.0, k)
+                     for s, z in zip(scales, zeros, strict=True)]).unsqueeze(0)
+    x[0, :2, :3] = torch.tensor([math.inf, 1e30, -1e30])  # (gelu(-inf) is NaN: no code)
+    got = run_on_device(device, torch.ops.vitq.linear, x, args, tmp_path).reshape(1, tokens, n)
+    assert_same(got, linear.reference(x, *args))
 
 
 @pytest.mark.slow

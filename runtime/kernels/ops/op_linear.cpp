@@ -1,7 +1,9 @@
 // vitq::linear.out -- quantized linear layer with a fused prologue
 // (definition: sdk/vitq_edge/lower/ops/linear.py).
 //
-//   1. prologue (none / LayerNorm / GELU) per row, as arith.layer_norm / arith.gelu;
+//   1. prologue (none / LayerNorm / GELU) per row, as arith.layer_norm / arith.gelu
+//      (on aarch64 the GELU prologue's 8-bit codes come from gelu_codes.h: the
+//      same codes from a cheaper approximation where it cannot round otherwise);
 //   2. input codes c = clamp(round(x / s) + z, qmin, qmax), (s, z) per tensor or
 //      per token position; outliers (|x| > threshold) get code z (value 0);
 //   3. out = sum_k (c - z) s * (w' - wz) ws + bias: int8 x int8 products, int32
@@ -33,6 +35,7 @@
 #endif
 
 #include "common.h"
+#include "gelu_codes.h"
 #include "op_cache.h"
 #include "gemm/qs8_gemm.h"
 #include "quant_math.h"
@@ -265,6 +268,12 @@ VITQ_HOT_LOOPS void quantize_rows(const QuantizeJob& job, size_t task) {
     const float lo = job.qmin, hi = job.qmax;
     const int32_t off = job.offset;
     int32_t row_sum;
+#if defined(__aarch64__)
+    if (job.prologue == kPrologueGelu)  // fused_gelu_codes: no outliers
+      row_sum = job.want_row_sums ? GeluCodes::get().code_row<true>(src, job.k, s, z, lo, hi, off, dst)
+                                  : GeluCodes::get().code_row<false>(src, job.k, s, z, lo, hi, off, dst);
+    else
+#endif
     if (outliers)
       row_sum = job.want_row_sums ? quantize_row<true, true>(src, job.k, s, z, lo, hi, threshold, off, dst)
                                   : quantize_row<true, false>(src, job.k, s, z, lo, hi, threshold, off, dst);
@@ -334,6 +343,24 @@ std::string check_linear_args(const LinearArgs& a, Weights* w) {
   return "";
 }
 
+// Whether the GELU prologue's codes come from GeluCodes (gelu_codes.h: the
+// same codes, fewer instructions) inside quantize_rows: on aarch64, without
+// outliers, where every scale leaves it a margin.
+bool fused_gelu_codes(const LinearArgs& a) {
+#if defined(__aarch64__)
+  if (a.outlier_threshold > 0.0) return false;
+  const float qmin = static_cast<float>(a.input_qmin), qmax = static_cast<float>(a.input_qmax);
+  const int32_t offset = a.input_qmin >= 0 ? 128 : 0;  // as quantize_input
+  const float* scale = a.input_scale.const_data_ptr<float>();
+  for (ssize_t i = 0; i < a.input_scale.numel(); ++i)
+    if (!GeluCodes::usable(scale[i], qmin, qmax, offset)) return false;
+  return true;
+#else
+  (void)a;
+  return false;
+#endif
+}
+
 // Run, step 1: prologue and input codes of `m` rows, in parallel; the outliers
 // found go to `outliers` (one list per task, rows in order).
 QuantizeJob quantize_input(const LinearArgs& a, const LinearOp& op, size_t m, size_t k,
@@ -343,7 +370,8 @@ QuantizeJob quantize_input(const LinearArgs& a, const LinearOp& op, size_t m, si
   thread_local Scratch<int32_t> row_sums_buf;
   QuantizeJob job{};
   job.x = a.x.const_data_ptr<float>();
-  if (a.prologue == kPrologueGelu) {  // GELU of the whole input at once (common.h)
+  const bool fused_gelu = a.prologue == kPrologueGelu && fused_gelu_codes(a);
+  if (a.prologue == kPrologueGelu && !fused_gelu) {  // GELU of the whole input at once (common.h)
     thread_local Scratch<float> gelu_buf;
     float* g = gelu_buf.get(m * k, 0);
     gelu_f32(job.x, g, m * k);
@@ -351,7 +379,7 @@ QuantizeJob quantize_input(const LinearArgs& a, const LinearOp& op, size_t m, si
   }
   job.rows = m;
   job.k = k;
-  job.prologue = a.prologue == kPrologueGelu ? kPrologueNone : a.prologue;  // GELU done above
+  job.prologue = a.prologue == kPrologueGelu && !fused_gelu ? kPrologueNone : a.prologue;  // GELU done above
   if (a.prologue == kPrologueLayerNorm) {
     job.norm_weight = a.norm_weight.const_data_ptr<float>();
     job.norm_bias = a.norm_bias.const_data_ptr<float>();

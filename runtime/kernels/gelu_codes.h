@@ -1,0 +1,159 @@
+// Uniform codes of GELU, fast and exact: c = clamp(round(gelu(x) / s) + z,
+// qmin, qmax) with gelu = arith.gelu (quant_math.h) and the rounding of
+// uniform_code, as vitq::linear's GELU prologue defines them, but from a
+// cheap approximation g ~ gelu wherever g cannot round differently.
+//
+// g: gelu(x) = gelu(|x|) + min(x, 0) (gelu(-a) = gelu(a) - a), with gelu(a)
+// a cubic on each of 8 segments of [0, 4.5] (interpolating gelu at the
+// segment's Chebyshev nodes; coefficients looked up four lanes at a time with
+// tbl, two registers a table) and a itself beyond 4.5. Its distance from
+// arith.gelu's float values is at most 4.6e-5 (a float32 model of g against
+// arith.gelu on 4 M points of [-8, 8]); kMaxError allows twice that.
+// Where g / s lies further than kMaxError / s (plus the roundings of the
+// product, 2e-4 of a code) from a rounding boundary, the definition's
+// gelu(x) / s rounds to the same integer, so the code is g's; the other lanes
+// (a few percent, and every NaN or infinity) take the definition itself.
+// About half the instructions of gelu then uniform_code on aarch64; elsewhere
+// the callers use those.
+#pragma once
+
+#if defined(__aarch64__)
+#include <arm_neon.h>
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+#include "quant_math.h"
+
+namespace vitq {
+
+class GeluCodes {
+ public:
+  static constexpr float kRange = 4.5f;
+  static constexpr int kSegments = 8;
+  static constexpr float kMaxError = 1e-4f;
+  static constexpr float kTop = 7.99999f;  // below kSegments: floor(t) <= 7
+
+  // The tables (built once).
+  static const GeluCodes& get() {
+    static const GeluCodes table;
+    return table;
+  }
+
+  // Whether code_row applies: 8-bit codes stored as int8 c - offset (its
+  // saturation is then the clamp to [qmin, qmax]) and a scale leaving a
+  // margin (a tiny one would send every value to the definition).
+  static bool usable(float scale, float qmin, float qmax, int32_t offset) {
+    return qmax - qmin == 255.0f && qmin - static_cast<float>(offset) == -128.0f && margin(scale) > 0.25f;
+  }
+
+  // Codes minus `offset` of n values into dst; returns sum (c - z) when
+  // kRowSum (else 0). 8-bit code ranges only (qmax - qmin = 255: the
+  // narrowing's saturation is the clamp); `usable` says.
+  template <bool kRowSum>
+  int32_t code_row(const float* __restrict x, size_t n, float s, float z, float qmin, float qmax, int32_t offset,
+                   int8_t* __restrict dst) const {
+    const uint8x16x2_t c0 = coef_[0], c1 = coef_[1], c2 = coef_[2], c3 = coef_[3];
+    const float32x4_t inv_h = vdupq_n_f32(kSegments / kRange), top = vdupq_n_f32(kTop);
+    const float32x4_t range = vdupq_n_f32(kRange), zero = vdupq_n_f32(0.0f);
+    const float32x4_t inv_s = vdupq_n_f32(1.0f / s), limit = vdupq_n_f32(margin(s));
+    const uint32x4_t byte_lanes = vdupq_n_u32(0x03020100u);
+    const int32x4_t shift = vdupq_n_s32(static_cast<int32_t>(z) - offset);  // code - offset = round + shift
+    int32x4_t sums = vdupq_n_s32(0);
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      int32x4_t code[2];
+      uint32x4_t safe[2];
+      for (int h = 0; h < 2; ++h) {
+        const float32x4_t v = vld1q_f32(x + i + 4 * h);
+        const float32x4_t a = vabsq_f32(v);
+        // t = |x| / h in [0, 8): segment floor(t), position w in it
+        const float32x4_t t = vminnmq_f32(vmulq_f32(a, inv_h), top);
+        const float32x4_t f = vrndmq_f32(t);
+        const float32x4_t w = vsubq_f32(t, f);
+        const uint8x16_t bytes = vreinterpretq_u8_u32(vmlaq_n_u32(byte_lanes, vcvtq_u32_f32(f), 0x04040404u));
+        float32x4_t g = vfmaq_f32(lookup(c2, bytes), lookup(c3, bytes), w);
+        g = vfmaq_f32(lookup(c1, bytes), g, w);
+        g = vfmaq_f32(lookup(c0, bytes), g, w);
+        // beyond R: |x| (a NaN stays NaN); then gelu(x) = gelu(|x|) + min(x, 0): NaN for -inf too
+        g = vaddq_f32(vbslq_f32(vcleq_f32(a, range), g, a), vminq_f32(v, zero));
+        const float32x4_t q = vmulq_f32(g, inv_s);
+        const float32x4_t r = vrndnq_f32(q);
+        safe[h] = vcltq_f32(vabdq_f32(q, r), limit);  // false for NaN
+        code[h] = vqaddq_s32(vcvtq_s32_f32(r), shift);  // saturating: |r| may pass 2^31
+      }
+      if (vminvq_u32(vandq_u32(safe[0], safe[1])) == 0) {  // a lane near a boundary: the definition there
+        int32_t c[8];
+        uint32_t ok[8];
+        vst1q_s32(c, code[0]);
+        vst1q_s32(c + 4, code[1]);
+        vst1q_u32(ok, safe[0]);
+        vst1q_u32(ok + 4, safe[1]);
+        for (int l = 0; l < 8; ++l)
+          if (ok[l] == 0) c[l] = static_cast<int32_t>(uniform_code(gelu(x[i + l]), s, z, qmin, qmax)) - offset;
+        code[0] = vld1q_s32(c);
+        code[1] = vld1q_s32(c + 4);
+      }
+      const int8x8_t stored = vqmovn_s16(vcombine_s16(vqmovn_s32(code[0]), vqmovn_s32(code[1])));
+      vst1_s8(dst + i, stored);
+      if (kRowSum) sums = vpadalq_s16(sums, vmovl_s8(stored));
+    }
+    int32_t sum = kRowSum ? vaddvq_s32(sums) + static_cast<int32_t>(i) * (offset - static_cast<int32_t>(z)) : 0;
+    for (; i < n; ++i) {
+      const float c = uniform_code(gelu(x[i]), s, z, qmin, qmax);
+      dst[i] = static_cast<int8_t>(static_cast<int32_t>(c) - offset);
+      if (kRowSum) sum += static_cast<int32_t>(c - z);
+    }
+    return sum;
+  }
+
+ private:
+  // The largest distance from a rounding boundary's other side at which g's
+  // code is certainly the definition's: 0.5 less the error bound in codes.
+  static float margin(float scale) { return 0.5f - (kMaxError / scale + 2e-4f); }
+
+  static float32x4_t lookup(const uint8x16x2_t& table, uint8x16_t bytes) {
+    return vreinterpretq_f32_u8(vqtbl2q_u8(table, bytes));
+  }
+
+  static double gelu_exact(double x) { return 0.5 * x * (1.0 + std::erf(x * 0.70710678118654752440)); }
+
+  // Per segment of [0, R], the cubic in w (the position in the segment,
+  // [0, 1]) through gelu at the segment's 4 Chebyshev nodes: Newton's
+  // divided differences, expanded into powers of w.
+  GeluCodes() {
+    const double h = kRange / kSegments, pi = 3.14159265358979323846;
+    float c[4][kSegments];
+    for (int s = 0; s < kSegments; ++s) {
+      double w[4], d[4];
+      for (int k = 0; k < 4; ++k) {
+        w[k] = 0.5 + 0.5 * std::cos((2 * k + 1) * pi / 8);
+        d[k] = gelu_exact((s + w[k]) * h);
+      }
+      for (int j = 1; j < 4; ++j)
+        for (int k = 3; k >= j; --k) d[k] = (d[k] - d[k - 1]) / (w[k] - w[k - j]);
+      // p(w) = d0 + (w - w0)(d1 + (w - w1)(d2 + (w - w2) d3)): p[e] is the coefficient of w^e
+      double p[4] = {d[3], 0.0, 0.0, 0.0};
+      for (int k = 2, degree = 0; k >= 0; --k, ++degree) {  // p = p * (w - w[k]) + d[k]
+        double next[4] = {d[k], 0.0, 0.0, 0.0};
+        for (int e = 0; e <= degree; ++e) {
+          next[e + 1] += p[e];
+          next[e] -= w[k] * p[e];
+        }
+        std::memcpy(p, next, sizeof p);
+      }
+      for (int e = 0; e < 4; ++e) c[e][s] = static_cast<float>(p[e]);
+    }
+    for (int e = 0; e < 4; ++e) {
+      const uint8_t* bytes = reinterpret_cast<const uint8_t*>(c[e]);
+      coef_[e] = uint8x16x2_t{{vld1q_u8(bytes), vld1q_u8(bytes + 16)}};
+    }
+  }
+
+  uint8x16x2_t coef_[4];  // the coefficient of w^e, by segment
+};
+
+}  // namespace vitq
+#endif
