@@ -26,13 +26,22 @@ using qs8::TileParams;
 // A 4x4 tile: 16-deep dot products with smull + smlal2 (two products per int16
 // lane) + sadalp; pairwise reductions at the end.
 struct PairsTile {
-  static constexpr size_t mr = 4, nr = 4;
+  static constexpr size_t nr = 4;
   static constexpr bool kUnsignedInput = false;
 
-  // One block of 16 k: 4 rows and 4 columns in one 4-register load each.
-  template <bool kFirst>
+  // mr <= 4 rows of 16 k: 4 in one 4-register load.
+  template <size_t mr>
+  static inline int8x16x4_t load_rows(const int8_t* a) {
+    if constexpr (mr == 4) return vld1q_s8_x4(a);
+    int8x16x4_t va{};
+    for (size_t r = 0; r < mr; ++r) va.val[r] = vld1q_s8(a + r * kKc);
+    return va;
+  }
+
+  // One block of 16 k: mr rows and 4 columns (one 4-register load).
+  template <bool kFirst, size_t mr>
   static inline void block(int32x4_t (&acc)[mr][nr], const int8_t* a, const int8_t* b) {
-    const int8x16x4_t va = vld1q_s8_x4(a), vb = vld1q_s8_x4(b);
+    const int8x16x4_t va = load_rows<mr>(a), vb = vld1q_s8_x4(b);
     for (size_t r = 0; r < mr; ++r) {
       for (size_t c = 0; c < nr; ++c) {
         // lane j: a[j] b[j] + a[j+8] b[j+8], at most 2 * 128 * 127 in magnitude
@@ -43,17 +52,17 @@ struct PairsTile {
     }
   }
 
-  template <qs8::Output kOut>
+  template <qs8::Output kOut, size_t mr>  // mr <= 4 rows
   static inline void run(const int8_t* const a_tile, const int8_t* b, size_t k_blocks, const TileParams& p,
                          qs8::OutT<kOut>* out, size_t ldo) {
     // The first block sets the accumulators (saddlp), the others add (sadalp).
     int32x4_t acc[mr][nr];
-    block<true>(acc, a_tile, b);
+    block<true, mr>(acc, a_tile, b);
     const int8_t* a = a_tile + mr * kKc;
     b += nr * kKc;
 #pragma GCC unroll 2
     for (size_t kb = 1; kb < k_blocks; ++kb) {
-      block<false>(acc, a, b);
+      block<false, mr>(acc, a, b);
       a += mr * kKc;
       b += nr * kKc;
     }
@@ -77,10 +86,10 @@ struct PairsTile {
 template <Qs8Layout kLayout>
 struct PortableTile {
   static constexpr bool kUnsignedInput = false;
-  template <qs8::Output kOut>
+  template <qs8::Output kOut, size_t mr>  // mr <= tile_rows(kLayout)
   static void run(const int8_t* a, const int8_t* b, size_t k_blocks, const TileParams& p,
                   qs8::OutT<kOut>* out, size_t ldo) {
-    constexpr size_t mr = tile_rows(kLayout), nr = tile_cols(kLayout);
+    constexpr size_t nr = tile_cols(kLayout);
     int32_t acc[kMaxMr][kMaxNr] = {};
     for (size_t c = 0; c < nr; ++c) {
       for (size_t k = 0; k < k_blocks * kKc; ++k) {

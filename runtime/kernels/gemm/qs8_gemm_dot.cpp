@@ -19,10 +19,9 @@ namespace {
 // reduction, no overflow: int8 x int8 into int32).
 struct DotTile {
   static constexpr bool kUnsignedInput = false;
-  template <Output kOut>
+  template <Output kOut, size_t mr>  // mr <= 8 rows
   static inline void run(const int8_t* a, const int8_t* b, size_t k_blocks, const TileParams& p,
                          OutT<kOut>* out, size_t ldo) {
-    constexpr size_t mr = 8;
     int32x4_t acc[mr][2];
     for (size_t r = 0; r < mr; ++r) acc[r][0] = acc[r][1] = vdupq_n_s32(0);
 #pragma GCC unroll 2
@@ -70,10 +69,10 @@ namespace {
 // 128 * sum_k w is taken off again: exact int32, as the other tiles.
 struct VnniTile {
   static constexpr bool kUnsignedInput = true;
-  template <Output kOut>
+  template <Output kOut, size_t mr>  // mr <= 4 rows
   VITQ_DOT_TARGET static inline void run(const int8_t* a, const int8_t* b, size_t k_blocks, const TileParams& p,
                                    OutT<kOut>* out, size_t ldo) {
-    constexpr size_t mr = 4, halves = 2;  // 16 columns = 2 x 8 int32 lanes
+    constexpr size_t halves = 2;  // 16 columns = 2 x 8 int32 lanes
     __m256i acc[mr][halves];
     for (size_t r = 0; r < mr; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
     for (size_t kb = 0; kb < k_blocks; ++kb) {

@@ -124,27 +124,30 @@ inline void store_tile(const int32x4_t (&sums)[kMr][kQuads], const TileParams& p
 }
 #endif
 
-// Rows [row_begin, row_end) of y, all columns; Tile::template run<kOut>(a, b,
-// k_blocks, p, out, ldo) computes one tile (a: its rows, see a_at) into out
-// (rows ldo apart). `rows` (the rows' zero points and scales) only for
-// Output::kFloat. Always inlined: into the AVX-VNNI function that calls it
-// too, so it is compiled for that instruction set.
-template <Qs8Layout kLayout, class Tile, Output kOut>
-inline __attribute__((always_inline)) void run_rows(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t m,
-                                                    size_t row_begin, size_t row_end,
-                                                    const xnn_quantization_params* rows, const float* row_terms,
-                                                    OutT<kOut>* y, size_t ldy) {
-  constexpr size_t mr = tile_rows(kLayout), nr = tile_cols(kLayout);
-  const size_t group_bytes = g.k_blocks * nr * kKc;
-  // The row tile's input (see a_at). A plain pointer: every use of the
-  // thread_local itself would look up its address again (a call, in a shared
-  // library).
-  thread_local std::vector<int8_t> tile_buffer;
-  tile_buffer.resize(g.k_blocks * mr * kKc);
-  int8_t* const tile_a = tile_buffer.data();
+// A row tile's code: on aarch64 a function of its own, which keeps the whole
+// tiles' inner loop as tight as before the smaller tiles existed (inlined
+// together, GCC's register allocation gave that loop 4% more instructions on
+// the Pi 4); on x86 inlined into the AVX-VNNI function that calls it, so it is
+// compiled for that instruction set.
+#if defined(__aarch64__)
+#define VITQ_TILE_ROW __attribute__((noinline)) void
+#else
+#define VITQ_TILE_ROW inline __attribute__((always_inline)) void
+#endif
+
+// One row tile: rows [m0, m0 + kMr) of y, all columns. Tile::template
+// run<kOut, kMr>(a, b, k_blocks, p, out, ldo) computes kMr rows x nr columns
+// (a: the rows, see a_at) into out (rows ldo apart). `rows` (the rows' zero
+// points and scales) only for Output::kFloat.
+template <Qs8Layout kLayout, class Tile, Output kOut, size_t kMr>
+VITQ_TILE_ROW run_tile_row(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t m0,
+                                                        int8_t* tile_a, const xnn_quantization_params* rows,
+                                                        const float* row_terms, OutT<kOut>* y, size_t ldy) {
+  constexpr size_t nr = tile_cols(kLayout);
   // g's fields as locals: the stores to y may alias them, and GCC would reload
   // them for every column group.
   const size_t n = g.n, n_groups = g.n_groups, k_blocks = g.k_blocks;
+  const size_t group_bytes = k_blocks * nr * kKc;
   const int8_t* const packed_all = g.packed.data();
   const int32_t* const weight_sums = g.weight_sums.data();
   const float* const scale = g.scale.data();
@@ -152,47 +155,77 @@ inline __attribute__((always_inline)) void run_rows(const Qs8Gemm& g, const int8
   const float* const zero_term = kOut == Output::kFloat && !g.zero_term.empty() ? g.zero_term.data() : nullptr;
   const Qs8Gemm::Fix* const fixes = g.fixes.data();
   const size_t* const fix_start = g.fix_start.data();
-  for (size_t m0 = row_begin; m0 < row_end; m0 += mr) {
-    const size_t rows_here = std::min(mr, row_end - m0);
-    TileParams p{};
-    // Rows past the end repeat the last one; their results are dropped.
-    for (size_t r = 0; r < mr; ++r) {
-      const size_t row = std::min(m0 + r, m - 1);
-      const int8_t* src = a + row * lda;
-      for (size_t kb = 0; kb < k_blocks; ++kb) {
-        int8_t* dst = tile_a + (kb * mr + r) * kKc;
-        std::memcpy(dst, src + kb * kKc, kKc);
-        if constexpr (Tile::kUnsignedInput)  // a + 128 as an unsigned byte
-          for (size_t i = 0; i < kKc; ++i) dst[i] = static_cast<int8_t>(dst[i] ^ 0x80);
-      }
-      if constexpr (kOut == Output::kFloat) {
-        p.zero_point[r] = rows[row].zero_point;
-        p.input_scale[r] = rows[row].scale;
-        p.row_term[r] = zero_term != nullptr ? row_terms[row] : 0.0f;
-      }
+  TileParams p{};
+  for (size_t r = 0; r < kMr; ++r) {
+    const size_t row = m0 + r;
+    const int8_t* src = a + row * lda;
+    for (size_t kb = 0; kb < k_blocks; ++kb) {
+      int8_t* dst = tile_a + (kb * kMr + r) * kKc;
+      std::memcpy(dst, src + kb * kKc, kKc);
+      if constexpr (Tile::kUnsignedInput)  // a + 128 as an unsigned byte
+        for (size_t i = 0; i < kKc; ++i) dst[i] = static_cast<int8_t>(dst[i] ^ 0x80);
     }
-    for (size_t grp = 0; grp < n_groups; ++grp) {
-      const size_t n0 = grp * nr, cols = std::min(nr, n - n0);
-      p.weight_sums = weight_sums + n0;
-      if constexpr (kOut == Output::kFloat) {
-        p.scale = scale + n0;
-        p.bias = bias + n0;
-        p.zero_term = zero_term != nullptr ? zero_term + n0 : nullptr;
-      }
-      p.fixes = fixes + fix_start[grp];
-      p.fix_count = fix_start[grp + 1] - fix_start[grp];
-      const int8_t* packed = packed_all + grp * group_bytes;
-      OutT<kOut>* dst = y + m0 * ldy + n0;
-      if (rows_here == mr && cols == nr) {
-        Tile::template run<kOut>(tile_a, packed, k_blocks, p, dst, ldy);
-      } else {  // an edge tile: computed whole, then its valid part copied
-        OutT<kOut> out[kMaxMr * kMaxNr];
-        Tile::template run<kOut>(tile_a, packed, k_blocks, p, out, kMaxNr);
-        for (size_t r = 0; r < rows_here; ++r)
-          std::memcpy(dst + r * ldy, out + r * kMaxNr, cols * sizeof(OutT<kOut>));
-      }
+    if constexpr (kOut == Output::kFloat) {
+      p.zero_point[r] = rows[row].zero_point;
+      p.input_scale[r] = rows[row].scale;
+      p.row_term[r] = zero_term != nullptr ? row_terms[row] : 0.0f;
     }
   }
+  for (size_t grp = 0; grp < n_groups; ++grp) {
+    const size_t n0 = grp * nr, cols = std::min(nr, n - n0);
+    p.weight_sums = weight_sums + n0;
+    if constexpr (kOut == Output::kFloat) {
+      p.scale = scale + n0;
+      p.bias = bias + n0;
+      p.zero_term = zero_term != nullptr ? zero_term + n0 : nullptr;
+    }
+    p.fixes = fixes + fix_start[grp];
+    p.fix_count = fix_start[grp + 1] - fix_start[grp];
+    const int8_t* packed = packed_all + grp * group_bytes;
+    OutT<kOut>* dst = y + m0 * ldy + n0;
+    if (cols == nr) {
+      Tile::template run<kOut, kMr>(tile_a, packed, k_blocks, p, dst, ldy);
+    } else {  // the last column group: computed whole, then its valid part copied
+      OutT<kOut> out[kMaxMr * kMaxNr];
+      Tile::template run<kOut, kMr>(tile_a, packed, k_blocks, p, out, kMaxNr);
+      for (size_t r = 0; r < kMr; ++r) std::memcpy(dst + r * ldy, out + r * kMaxNr, cols * sizeof(OutT<kOut>));
+    }
+  }
+}
+
+// Rows [row_begin, row_end) of y, all columns: whole tiles of mr rows, then
+// the rows left in tiles of 4, 2 and 1 (a tile's instructions shrink with its
+// rows, the columns' loads apart: 257 rows on the Pi 5's 8-row tiles, one
+// row left, no longer cost 33 whole tiles but 32 and a sixth). Always
+// inlined: into the AVX-VNNI function that calls it too, so it is compiled for
+// that instruction set.
+template <Qs8Layout kLayout, class Tile, Output kOut>
+inline __attribute__((always_inline)) void run_rows(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t m,
+                                                    size_t row_begin, size_t row_end,
+                                                    const xnn_quantization_params* rows, const float* row_terms,
+                                                    OutT<kOut>* y, size_t ldy) {
+  (void)m;
+  constexpr size_t mr = tile_rows(kLayout);
+  // The row tile's input (see a_at). A plain pointer: every use of the
+  // thread_local itself would look up its address again (a call, in a shared
+  // library).
+  thread_local std::vector<int8_t> tile_buffer;
+  tile_buffer.resize(g.k_blocks * mr * kKc);
+  int8_t* const tile_a = tile_buffer.data();
+  size_t m0 = row_begin;
+  for (; m0 + mr <= row_end; m0 += mr)
+    run_tile_row<kLayout, Tile, kOut, mr>(g, a, lda, m0, tile_a, rows, row_terms, y, ldy);
+  if constexpr (mr > 4) {
+    if (m0 + 4 <= row_end) {
+      run_tile_row<kLayout, Tile, kOut, 4>(g, a, lda, m0, tile_a, rows, row_terms, y, ldy);
+      m0 += 4;
+    }
+  }
+  if (m0 + 2 <= row_end) {
+    run_tile_row<kLayout, Tile, kOut, 2>(g, a, lda, m0, tile_a, rows, row_terms, y, ldy);
+    m0 += 2;
+  }
+  if (m0 < row_end) run_tile_row<kLayout, Tile, kOut, 1>(g, a, lda, m0, tile_a, rows, row_terms, y, ldy);
 }
 
 // qs8_gemm_dot.cpp: run_rows with the dot-product tiles, kDot (aarch64: sdot)
