@@ -13,8 +13,8 @@
 // product, 2e-4 of a code) from a rounding boundary, the definition's
 // gelu(x) / s rounds to the same integer, so the code is g's; the other lanes
 // (a few percent, and every NaN or infinity) take the definition itself.
-// About half the instructions of gelu then uniform_code on aarch64; elsewhere
-// the callers use those.
+// On aarch64 ~40% fewer instructions than gelu then uniform_code (DeiT-Tiny's
+// GELU codes on the Pi 5: 2.6 -> 1.6 M); elsewhere the callers use those.
 #pragma once
 
 #if defined(__aarch64__)
