@@ -379,7 +379,8 @@ QuantizeJob quantize_input(const LinearArgs& a, const LinearOp& op, size_t m, si
   }
   job.rows = m;
   job.k = k;
-  job.prologue = a.prologue == kPrologueGelu && !fused_gelu ? kPrologueNone : a.prologue;  // GELU done above
+  // GELU done above, or left to quantize_rows (fused into the codes)
+  job.prologue = a.prologue == kPrologueGelu && !fused_gelu ? kPrologueNone : a.prologue;
   if (a.prologue == kPrologueLayerNorm) {
     job.norm_weight = a.norm_weight.const_data_ptr<float>();
     job.norm_bias = a.norm_bias.const_data_ptr<float>();
