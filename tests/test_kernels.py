@@ -382,12 +382,12 @@ def scale_halving_log_factor(steps: int) -> float:
 @pytest.mark.parametrize("weights", ["asymmetric", "symmetric"])  # with and without the inputs' row sums
 @pytest.mark.parametrize("device", ["host", "emulated-rpi4", "emulated-rpi5"])
 def test_linear_gelu_codes_near_every_rounding_boundary(tmp_path, device, weights):
-    """The GELU prologue's codes: on aarch64 from a piecewise cubic where it cannot round otherwise
-    (runtime/kernels/gelu_codes.h), the definition (arith.gelu) elsewhere. A dense grid of inputs
-    per token, each token at its own scale (0.002 .. 0.05), puts thousands of values within the
-    cubic's error of a rounding boundary: any code rounded from the cubic there changes the sums
-    (without the margin most outputs differ); an infinity, and values beyond the cubic's range
-    whose conversion saturates (zero point 200: a wrapping addition there fails it)."""
+    """The GELU prologue's codes: on aarch64 from a piecewise quartic where it cannot round
+    otherwise (runtime/kernels/gelu_codes.h), the definition (arith.gelu) elsewhere. A dense grid of
+    inputs per token, each token at its own scale (0.002 .. 0.05), puts values within the
+    polynomial's error of a rounding boundary: any code rounded from it there changes the sums
+    (without the margin a quarter of the outputs differ); an infinity, and values beyond the
+    polynomial's range whose conversion saturates (zero point 200: a wrapping addition fails)."""
     if device != "host" and not _emulated_pis_ready():
         pytest.skip("no aarch64 bundle or qemu (bash tools/setup.sh)")
     tokens, k, n = 16, 4096, 24
