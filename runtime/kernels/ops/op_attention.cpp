@@ -413,6 +413,34 @@ VITQ_INLINE void score_rows(const AttentionJob& job, size_t bh, size_t i0, size_
     scale_sums(dots, t, rows, t, job.alpha, scores, t);
 }
 
+// A row's largest score s_j = dots[j] + key_terms[j] (the reference of its codes).
+inline int32_t row_max(const int32_t* dots, const int32_t* key_terms, size_t t) {
+  int32_t m = dots[0] + key_terms[0];
+  for (size_t j = 1; j < t; ++j) m = std::max(m, dots[j] + key_terms[j]);  // vectorizes
+  return m;
+}
+
+// Steps 3 and 4 for one score s below its row's largest m: the code u =
+// min(round(f32(m - s) * log_factor), Z) (half to even) and its integer level.
+inline int32_t level_of(const AttentionJob& job, int32_t m, int32_t s) {
+  const float zero_code = static_cast<float>(job.zero_code);
+  const float y = static_cast<float>(m - s) * job.log_factor;
+  const float u = y < zero_code ? std::nearbyint(y) : zero_code;  // y >= 0: round half to even, clamp to Z
+  return job.levels[static_cast<int>(u)];
+}
+
+#if defined(__aarch64__)
+// The same for four scores: fcvtns rounds half to even, as torch.round, and
+// saturates; the levels are 2^P times the ladder's floats, exact, and rounded
+// the same way.
+inline int32x4_t levels_of(const LogLevelsX4::Prepared& c, float32x4_t factor, uint32x4_t zero_code, int32x4_t m,
+                           int32x4_t s) {
+  const float32x4_t y = vmulq_f32(vcvtq_f32_s32(vsubq_s32(m, s)), factor);
+  const uint32x4_t u = vminq_u32(vreinterpretq_u32_s32(vcvtnq_s32_f32(y)), zero_code);
+  return vcvtnq_s32_f32(LogLevelsX4::levels(c, u));
+}
+#endif
+
 // Steps 3 and 4 for kLogRows query rows: with s_j = dots[j] + key_terms[j] and
 // m = max_j s_j, the codes u_j = min(round(f32(m - s_j) * log_factor), Z) and
 // their integer levels, interleaved by key: lk[j * kLogRows + r] (0 for the
@@ -423,17 +451,12 @@ VITQ_INLINE void level_rows(const AttentionJob& job, const int32_t* const rows[k
   const size_t t = job.t;
   int32_t m[kLogRows];
   for (size_t r = 0; r < kLogRows; ++r) {
-    const int32_t* row = rows[r];
-    int32_t best = row[0] + key_terms[0];
-    for (size_t j = 1; j < t; ++j) best = std::max(best, row[j] + key_terms[j]);  // vectorizes
-    m[r] = best;
+    m[r] = row_max(rows[r], key_terms, t);
     sums[r] = 0;
   }
   size_t j = 0;
 #if defined(__aarch64__)
   if (job.levels_x4.usable()) {
-    // fcvtns rounds half to even, as torch.round, and saturates; the levels are
-    // 2^P times the ladder's floats, exact, and rounded the same way.
     const LogLevelsX4::Prepared c = job.levels_x4.prepare();
     const float32x4_t factor = vdupq_n_f32(job.log_factor);
     const uint32x4_t zero_code = vdupq_n_u32(job.zero_code);
@@ -443,10 +466,8 @@ VITQ_INLINE void level_rows(const AttentionJob& job, const int32_t* const rows[k
       const int32x4_t terms = vld1q_s32(key_terms + j);
       int16x4x4_t levels;
       for (size_t r = 0; r < kLogRows; ++r) {
-        const int32x4_t diff = vsubq_s32(vdupq_n_s32(m[r]), vaddq_s32(vld1q_s32(rows[r] + j), terms));
-        const float32x4_t y = vmulq_f32(vcvtq_f32_s32(diff), factor);
-        const uint32x4_t u = vminq_u32(vreinterpretq_u32_s32(vcvtnq_s32_f32(y)), zero_code);
-        const int32x4_t level = vcvtnq_s32_f32(LogLevelsX4::levels(c, u));
+        const int32x4_t s = vaddq_s32(vld1q_s32(rows[r] + j), terms);
+        const int32x4_t level = levels_of(c, factor, zero_code, vdupq_n_s32(m[r]), s);
         acc[r] = vaddq_s32(acc[r], level);
         levels.val[r] = vmovn_s32(level);
       }
@@ -455,12 +476,9 @@ VITQ_INLINE void level_rows(const AttentionJob& job, const int32_t* const rows[k
     for (size_t r = 0; r < kLogRows; ++r) sums[r] = vaddvq_s32(acc[r]);
   }
 #endif
-  const float zero_code = static_cast<float>(job.zero_code);
   for (; j < t; ++j) {
     for (size_t r = 0; r < kLogRows; ++r) {
-      const float y = static_cast<float>(m[r] - (rows[r][j] + key_terms[j])) * job.log_factor;
-      const float u = y < zero_code ? std::nearbyint(y) : zero_code;  // y >= 0: round half to even, clamp to Z
-      const int16_t level = job.levels[static_cast<int>(u)];
+      const int16_t level = static_cast<int16_t>(level_of(job, m[r], rows[r][j] + key_terms[j]));
       sums[r] += level;
       lk[j * kLogRows + r] = level;
     }
@@ -569,8 +587,7 @@ VITQ_INLINE void weighted_values(const AttentionJob& job, size_t bh, const float
 VITQ_INLINE int32_t level_planes(const AttentionJob& job, const int32_t* dots, const int32_t* key_terms, int8_t* hi,
                                  int8_t* lo, size_t width) {
   const size_t t = job.t;
-  int32_t m = dots[0] + key_terms[0];
-  for (size_t j = 1; j < t; ++j) m = std::max(m, dots[j] + key_terms[j]);  // vectorizes
+  const int32_t m = row_max(dots, key_terms, t);
   int32_t sum = 0;
   size_t j = 0;
 #if defined(__aarch64__)
@@ -583,10 +600,8 @@ VITQ_INLINE int32_t level_planes(const AttentionJob& job, const int32_t* dots, c
     for (; j + 16 <= t; j += 16) {
       int32x4_t level[4];
       for (size_t q = 0; q < 4; ++q) {
-        const int32x4_t diff = vsubq_s32(best, vaddq_s32(vld1q_s32(dots + j + 4 * q), vld1q_s32(key_terms + j + 4 * q)));
-        const float32x4_t y = vmulq_f32(vcvtq_f32_s32(diff), factor);
-        const uint32x4_t u = vminq_u32(vreinterpretq_u32_s32(vcvtnq_s32_f32(y)), zero_code);
-        level[q] = vcvtnq_s32_f32(LogLevelsX4::levels(c, u));
+        const int32x4_t s = vaddq_s32(vld1q_s32(dots + j + 4 * q), vld1q_s32(key_terms + j + 4 * q));
+        level[q] = levels_of(c, factor, zero_code, best, s);
         acc = vaddq_s32(acc, level[q]);
       }
       const int8x16_t l01 = vreinterpretq_s8_s16(vmovn_high_s32(vmovn_s32(level[0]), level[1]));
@@ -598,11 +613,8 @@ VITQ_INLINE int32_t level_planes(const AttentionJob& job, const int32_t* dots, c
     sum = vaddvq_s32(acc);
   }
 #endif
-  const float zero_code = static_cast<float>(job.zero_code);
   for (; j < t; ++j) {
-    const float y = static_cast<float>(m - (dots[j] + key_terms[j])) * job.log_factor;
-    const float u = y < zero_code ? std::nearbyint(y) : zero_code;  // y >= 0: round half to even, clamp to Z
-    const int32_t level = job.levels[static_cast<int>(u)];
+    const int32_t level = level_of(job, m, dots[j] + key_terms[j]);
     const int8_t low = static_cast<int8_t>(level & 0xff);
     sum += level;
     lo[j] = low;
