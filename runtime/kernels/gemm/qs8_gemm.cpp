@@ -114,27 +114,27 @@ struct PortableTile {
 };
 
 template <qs8::Output kOut>
-void run_rows(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t m, size_t row_begin, size_t row_end,
+void run_rows(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t row_begin, size_t row_end,
               const xnn_quantization_params* rows, const float* row_terms, qs8::OutT<kOut>* y, size_t ldy) {
   switch (g.layout) {
     case Qs8Layout::kPairs:
 #if defined(__aarch64__)
-      qs8::run_rows<Qs8Layout::kPairs, PairsTile, kOut>(g, a, lda, m, row_begin, row_end, rows, row_terms, y, ldy);
+      qs8::run_rows<Qs8Layout::kPairs, PairsTile, kOut>(g, a, lda, row_begin, row_end, rows, row_terms, y, ldy);
 #else
-      qs8::run_rows<Qs8Layout::kPairs, PortableTile<Qs8Layout::kPairs>, kOut>(g, a, lda, m, row_begin, row_end,
+      qs8::run_rows<Qs8Layout::kPairs, PortableTile<Qs8Layout::kPairs>, kOut>(g, a, lda, row_begin, row_end,
                                                                                 rows, row_terms, y, ldy);
 #endif
       return;
     case Qs8Layout::kDot:
 #if defined(__aarch64__)
-      qs8::run_rows_dot<kOut>(g, a, lda, m, row_begin, row_end, rows, row_terms, y, ldy);
+      qs8::run_rows_dot<kOut>(g, a, lda, row_begin, row_end, rows, row_terms, y, ldy);
 #else
-      qs8::run_rows<Qs8Layout::kDot, PortableTile<Qs8Layout::kDot>, kOut>(g, a, lda, m, row_begin, row_end, rows,
+      qs8::run_rows<Qs8Layout::kDot, PortableTile<Qs8Layout::kDot>, kOut>(g, a, lda, row_begin, row_end, rows,
                                                                             row_terms, y, ldy);
 #endif
       return;
     case Qs8Layout::kVnni:  // chosen only on x86-64 CPUs with AVX-VNNI
-      qs8::run_rows_dot<kOut>(g, a, lda, m, row_begin, row_end, rows, row_terms, y, ldy);
+      qs8::run_rows_dot<kOut>(g, a, lda, row_begin, row_end, rows, row_terms, y, ldy);
       return;
     case Qs8Layout::kNone:
       return;
@@ -215,13 +215,13 @@ void qs8_gemm_run(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t m, const
   const size_t tasks = task_count(tiles, g.n * g.k * mr);
   parallel_for(tasks, [&](size_t task) {
     const size_t begin = tiles * task / tasks * mr, end = std::min(m, tiles * (task + 1) / tasks * mr);
-    run_rows<qs8::Output::kFloat>(g, a, lda, m, begin, end, rows, row_terms, y, g.n);
+    run_rows<qs8::Output::kFloat>(g, a, lda, begin, end, rows, row_terms, y, g.n);
   });
 }
 
 void qs8_gemm_sums(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t m, int32_t* y, size_t ldy) {
   if (m == 0) return;
-  run_rows<qs8::Output::kInt32>(g, a, lda, m, 0, m, nullptr, nullptr, y, ldy);
+  run_rows<qs8::Output::kInt32>(g, a, lda, 0, m, nullptr, nullptr, y, ldy);
 }
 
 }  // namespace vitq

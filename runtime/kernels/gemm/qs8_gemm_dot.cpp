@@ -124,15 +124,15 @@ constexpr Qs8Layout kDotProductLayout = Qs8Layout::kVnni;
 namespace vitq::qs8 {
 
 template <Output kOut>
-VITQ_DOT_TARGET void run_rows_dot(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t m, size_t row_begin,
+VITQ_DOT_TARGET void run_rows_dot(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t row_begin,
                                   size_t row_end, const xnn_quantization_params* rows, const float* row_terms,
                                   OutT<kOut>* y, size_t ldy) {
-  run_rows<kDotProductLayout, DotProductTile, kOut>(g, a, lda, m, row_begin, row_end, rows, row_terms, y, ldy);
+  run_rows<kDotProductLayout, DotProductTile, kOut>(g, a, lda, row_begin, row_end, rows, row_terms, y, ldy);
 }
 
-template void run_rows_dot<Output::kFloat>(const Qs8Gemm&, const int8_t*, size_t, size_t, size_t, size_t,
+template void run_rows_dot<Output::kFloat>(const Qs8Gemm&, const int8_t*, size_t, size_t, size_t,
                                            const xnn_quantization_params*, const float*, float*, size_t);
-template void run_rows_dot<Output::kInt32>(const Qs8Gemm&, const int8_t*, size_t, size_t, size_t, size_t,
+template void run_rows_dot<Output::kInt32>(const Qs8Gemm&, const int8_t*, size_t, size_t, size_t,
                                            const xnn_quantization_params*, const float*, int32_t*, size_t);
 
 }  // namespace vitq::qs8

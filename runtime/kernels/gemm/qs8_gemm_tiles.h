@@ -140,9 +140,8 @@ inline void store_tile(const int32x4_t (&sums)[kMr][kQuads], const TileParams& p
 // (a: the rows, see a_at) into out (rows ldo apart). `rows` (the rows' zero
 // points and scales) only for Output::kFloat.
 template <Qs8Layout kLayout, class Tile, Output kOut, size_t kMr>
-VITQ_TILE_ROW run_tile_row(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t m0,
-                                                        int8_t* tile_a, const xnn_quantization_params* rows,
-                                                        const float* row_terms, OutT<kOut>* y, size_t ldy) {
+VITQ_TILE_ROW run_tile_row(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t m0, int8_t* tile_a,
+                           const xnn_quantization_params* rows, const float* row_terms, OutT<kOut>* y, size_t ldy) {
   constexpr size_t nr = tile_cols(kLayout);
   // g's fields as locals: the stores to y may alias them, and GCC would reload
   // them for every column group.
@@ -200,11 +199,10 @@ VITQ_TILE_ROW run_tile_row(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t
 // inlined: into the AVX-VNNI function that calls it too, so it is compiled for
 // that instruction set.
 template <Qs8Layout kLayout, class Tile, Output kOut>
-inline __attribute__((always_inline)) void run_rows(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t m,
+inline __attribute__((always_inline)) void run_rows(const Qs8Gemm& g, const int8_t* a, size_t lda,
                                                     size_t row_begin, size_t row_end,
                                                     const xnn_quantization_params* rows, const float* row_terms,
                                                     OutT<kOut>* y, size_t ldy) {
-  (void)m;
   constexpr size_t mr = tile_rows(kLayout);
   // The row tile's input (see a_at). A plain pointer: every use of the
   // thread_local itself would look up its address again (a call, in a shared
@@ -231,7 +229,7 @@ inline __attribute__((always_inline)) void run_rows(const Qs8Gemm& g, const int8
 // qs8_gemm_dot.cpp: run_rows with the dot-product tiles, kDot (aarch64: sdot)
 // or kVnni (x86-64: AVX-VNNI).
 template <Output kOut>
-void run_rows_dot(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t m, size_t row_begin, size_t row_end,
+void run_rows_dot(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t row_begin, size_t row_end,
                   const xnn_quantization_params* rows, const float* row_terms, OutT<kOut>* y, size_t ldy);
 
 }  // namespace vitq::qs8
