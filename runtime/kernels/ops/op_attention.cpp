@@ -192,14 +192,16 @@ VITQ_INLINE void dot_rows(const int16_t* a, size_t lda, size_t rows_a, const int
 }
 
 // Stored codes c - offset of a row of n values (vectorizes), zero padded to
-// `width`; returns their sum.
-template <class Code>
+// `width`; returns their sum. kScaled: the codes of f32(x * factor) (softmax's
+// probabilities: the exponentials times f32(1 / sum), softmax_exp_row).
+template <class Code, bool kScaled = false>
 VITQ_INLINE int32_t code_row(const float* __restrict x, size_t n, const Uniform& u, float offset, Code* __restrict dst,
-                        size_t width) {
+                        size_t width, float factor = 1.0f) {
   const float s = u.scale, z = u.zero, lo = u.qmin, hi = u.qmax;
   int32_t sum = 0;
   for (size_t i = 0; i < n; ++i) {
-    const int32_t a = static_cast<int32_t>(uniform_code(x[i], s, z, lo, hi) - offset);
+    const float v = kScaled ? x[i] * factor : x[i];
+    const int32_t a = static_cast<int32_t>(uniform_code(v, s, z, lo, hi) - offset);
     dst[i] = static_cast<Code>(a);
     sum += a;
   }
@@ -208,13 +210,16 @@ VITQ_INLINE int32_t code_row(const float* __restrict x, size_t n, const Uniform&
 }
 
 // max(m, x) for a running maximum m (never a NaN): a NaN x is skipped, as
-// aarch64's fmaxnm does (softmax_row); a zero's sign may differ between the
+// aarch64's fmaxnm does (softmax_exp_row); a zero's sign may differ between the
 // two, which exp(s - max) does not see.
 inline float running_max(float m, float x) { return x > m ? x : m; }
 
-// arith.softmax of one row of scores, in place: exp(s - max) * f32(1 / sum),
-// the sum in double (any order gives the same float reciprocal but for ~1e-16).
-VITQ_INLINE void softmax_row(float* __restrict p, size_t n) {
+// arith.softmax of one row of scores but for the last product: the
+// exponentials exp(s - max) in place, and f32(1 / sum) returned (the sum in
+// double; any order gives the same float reciprocal but for ~1e-16). The
+// probabilities, exponential times reciprocal, are formed while coding them
+// (code_row<.., true>): one pass over the row fewer.
+VITQ_INLINE float softmax_exp_row(float* __restrict p, size_t n) {
   constexpr size_t kMaxLanes = 8;
   // The maximum over kMaxLanes interleaved running maxima (vectorizes; any
   // order gives the same maximum).
@@ -237,15 +242,38 @@ VITQ_INLINE void softmax_row(float* __restrict p, size_t n) {
   float max_score = lane_max[0];
   for (size_t l = 1; l < kMaxLanes; ++l) max_score = lane_max[l] > max_score ? lane_max[l] : max_score;
   for (; j < n; ++j) max_score = p[j] > max_score ? p[j] : max_score;
-  for (j = 0; j < n; ++j) p[j] = exp_nonpositive(p[j] - max_score);
-  constexpr size_t kSums = 4;  // interleaved partial sums: vector lanes
+  // The exponentials and their sum in one pass: kSums interleaved partial
+  // sums (vector lanes), then the rest.
+  constexpr size_t kSums = 4;
+  j = 0;
+#if defined(__aarch64__)
+  // By hand: the exponential and the double sums together left GCC's loop scalar.
+  const float32x4_t m = vdupq_n_f32(max_score);
+  float64x2_t sum_lo = vdupq_n_f64(0.0), sum_hi = sum_lo;  // lanes 0, 1 and 2, 3
+  for (; j + kSums <= n; j += kSums) {
+    const float32x4_t e = exp_nonpositive_x4(vsubq_f32(vld1q_f32(p + j), m));
+    vst1q_f32(p + j, e);
+    sum_lo = vaddq_f64(sum_lo, vcvt_f64_f32(vget_low_f32(e)));
+    sum_hi = vaddq_f64(sum_hi, vcvt_high_f64_f32(e));
+  }
+  double sum = (vgetq_lane_f64(sum_lo, 0) + vgetq_lane_f64(sum_lo, 1)) +
+               (vgetq_lane_f64(sum_hi, 0) + vgetq_lane_f64(sum_hi, 1));
+#else
   double lane_sum[kSums] = {0.0, 0.0, 0.0, 0.0};
-  for (j = 0; j + kSums <= n; j += kSums)
-    for (size_t l = 0; l < kSums; ++l) lane_sum[l] += p[j + l];
+  for (; j + kSums <= n; j += kSums) {
+    for (size_t l = 0; l < kSums; ++l) {
+      const float e = exp_nonpositive(p[j + l] - max_score);
+      p[j + l] = e;
+      lane_sum[l] += e;
+    }
+  }
   double sum = (lane_sum[0] + lane_sum[1]) + (lane_sum[2] + lane_sum[3]);
-  for (; j < n; ++j) sum += p[j];
-  const float inv_sum = static_cast<float>(1.0 / sum);
-  for (size_t j = 0; j < n; ++j) p[j] *= inv_sum;
+#endif
+  for (; j < n; ++j) {
+    p[j] = exp_nonpositive(p[j] - max_score);
+    sum += p[j];
+  }
+  return static_cast<float>(1.0 / sum);
 }
 
 // The same codes written down a column: dst[e * stride], for V^T.
@@ -492,37 +520,60 @@ VITQ_INLINE void level_rows(const AttentionJob& job, const int32_t* const rows[k
 #if defined(__aarch64__)
 // smlal by lane: each key's V row (16 columns per pass) times the four rows'
 // levels of that key, four keys per iteration (their 16 levels in one load).
-template <int Lane>
-inline void add_key(int32x4_t (&sum)[4], int16x8x2_t v, int16x8_t w) {
-  sum[0] = vmlal_laneq_s16(sum[0], vget_low_s16(v.val[0]), w, Lane);
-  sum[1] = vmlal_high_laneq_s16(sum[1], v.val[0], w, Lane);
-  sum[2] = vmlal_laneq_s16(sum[2], vget_low_s16(v.val[1]), w, Lane);
-  sum[3] = vmlal_high_laneq_s16(sum[3], v.val[1], w, Lane);
+// In assembly: smlal by a 16-bit lane takes its lane register from v0-v15
+// only, which with 16 accumulators left GCC copying registers (75 to 85
+// instructions per iteration, varying with the code around it); here the
+// accumulators are v16-v31 (row r's columns 4q .. 4q + 3 in v(16 + 4r + q)),
+// the levels v0-v1 and the four V rows v2-v9: 71 per iteration.
+#define VITQ_SMLAL_ROW(a0, a1, a2, a3, vlo, vhi, w, lane)                                    \
+  "smlal  " a0 ".4s, " vlo ".4h, " w ".h[" lane "]\n"                                        \
+  "smlal2 " a1 ".4s, " vlo ".8h, " w ".h[" lane "]\n"                                        \
+  "smlal  " a2 ".4s, " vhi ".4h, " w ".h[" lane "]\n"                                        \
+  "smlal2 " a3 ".4s, " vhi ".8h, " w ".h[" lane "]\n"
+// One key's V row (vlo, vhi) times the four rows' levels, lanes l0 .. l0 + 3 of w.
+#define VITQ_SMLAL_KEY(vlo, vhi, w, l0, l1, l2, l3)                                          \
+  VITQ_SMLAL_ROW("v16", "v17", "v18", "v19", vlo, vhi, w, l0)                                \
+  VITQ_SMLAL_ROW("v20", "v21", "v22", "v23", vlo, vhi, w, l1)                                \
+  VITQ_SMLAL_ROW("v24", "v25", "v26", "v27", vlo, vhi, w, l2)                                \
+  VITQ_SMLAL_ROW("v28", "v29", "v30", "v31", vlo, vhi, w, l3)
+
+// acc[r * dv + c] for the 16 columns of vj (V rows dv apart), over tk keys
+// (tk > 0, a multiple of kKeyGroup).
+inline void log_weighted_16(const int16_t* lk, size_t tk, const int16_t* vj, size_t dv, int32_t* acc) {
+  const size_t v_stride = dv * sizeof(int16_t), acc_stride = dv * sizeof(int32_t);
+  size_t groups = tk / kKeyGroup;
+  asm volatile(
+      "movi v16.4s, #0\n movi v17.4s, #0\n movi v18.4s, #0\n movi v19.4s, #0\n"
+      "movi v20.4s, #0\n movi v21.4s, #0\n movi v22.4s, #0\n movi v23.4s, #0\n"
+      "movi v24.4s, #0\n movi v25.4s, #0\n movi v26.4s, #0\n movi v27.4s, #0\n"
+      "movi v28.4s, #0\n movi v29.4s, #0\n movi v30.4s, #0\n movi v31.4s, #0\n"
+      "1:\n"
+      "ld1 {v0.8h, v1.8h}, [%[lk]], #32\n"
+      "ld1 {v2.8h, v3.8h}, [%[v]], %[vs]\n"
+      "ld1 {v4.8h, v5.8h}, [%[v]], %[vs]\n"
+      "ld1 {v6.8h, v7.8h}, [%[v]], %[vs]\n"
+      "ld1 {v8.8h, v9.8h}, [%[v]], %[vs]\n"
+      VITQ_SMLAL_KEY("v2", "v3", "v0", "0", "1", "2", "3")
+      VITQ_SMLAL_KEY("v4", "v5", "v0", "4", "5", "6", "7")
+      VITQ_SMLAL_KEY("v6", "v7", "v1", "0", "1", "2", "3")
+      VITQ_SMLAL_KEY("v8", "v9", "v1", "4", "5", "6", "7")
+      "subs %[n], %[n], #1\n"
+      "b.ne 1b\n"
+      "st1 {v16.4s, v17.4s, v18.4s, v19.4s}, [%[acc]], %[as]\n"
+      "st1 {v20.4s, v21.4s, v22.4s, v23.4s}, [%[acc]], %[as]\n"
+      "st1 {v24.4s, v25.4s, v26.4s, v27.4s}, [%[acc]], %[as]\n"
+      "st1 {v28.4s, v29.4s, v30.4s, v31.4s}, [%[acc]]\n"
+      : [lk] "+r"(lk), [v] "+r"(vj), [n] "+r"(groups), [acc] "+r"(acc)
+      : [vs] "r"(v_stride), [as] "r"(acc_stride)
+      : "cc", "memory", "v0", "v1", "v2", "v3", "v4", "v5", "v6", "v7", "v8", "v9", "v16", "v17", "v18", "v19",
+        "v20", "v21", "v22", "v23", "v24", "v25", "v26", "v27", "v28", "v29", "v30", "v31");
 }
+#undef VITQ_SMLAL_KEY
+#undef VITQ_SMLAL_ROW
 
 void log_weighted_rows(const int16_t* lk, size_t tk, const int16_t* v, size_t dv, int32_t* acc) {
   size_t c0 = 0;
-  for (; c0 + 16 <= dv; c0 += 16) {
-    int32x4_t sum[kLogRows][4];
-    for (size_t r = 0; r < kLogRows; ++r)
-      for (int q = 0; q < 4; ++q) sum[r][q] = vdupq_n_s32(0);
-    const int16_t* vj = v + c0;
-    for (size_t j = 0; j < tk; j += kKeyGroup, vj += kKeyGroup * dv) {
-      const int16x8x2_t w = vld1q_s16_x2(lk + j * kLogRows);  // keys j, j + 1 | j + 2, j + 3
-      const int16x8x2_t v0 = vld1q_s16_x2(vj), v1 = vld1q_s16_x2(vj + dv);
-      const int16x8x2_t v2 = vld1q_s16_x2(vj + 2 * dv), v3 = vld1q_s16_x2(vj + 3 * dv);
-      add_key<0>(sum[0], v0, w.val[0]), add_key<1>(sum[1], v0, w.val[0]);
-      add_key<2>(sum[2], v0, w.val[0]), add_key<3>(sum[3], v0, w.val[0]);
-      add_key<4>(sum[0], v1, w.val[0]), add_key<5>(sum[1], v1, w.val[0]);
-      add_key<6>(sum[2], v1, w.val[0]), add_key<7>(sum[3], v1, w.val[0]);
-      add_key<0>(sum[0], v2, w.val[1]), add_key<1>(sum[1], v2, w.val[1]);
-      add_key<2>(sum[2], v2, w.val[1]), add_key<3>(sum[3], v2, w.val[1]);
-      add_key<4>(sum[0], v3, w.val[1]), add_key<5>(sum[1], v3, w.val[1]);
-      add_key<6>(sum[2], v3, w.val[1]), add_key<7>(sum[3], v3, w.val[1]);
-    }
-    for (size_t r = 0; r < kLogRows; ++r)
-      for (int q = 0; q < 4; ++q) vst1q_s32(acc + r * dv + c0 + 4 * q, sum[r][q]);
-  }
+  for (; c0 + 16 <= dv; c0 += 16) log_weighted_16(lk, tk, v + c0, dv, acc + c0);
   for (; c0 < dv; c0 += 8) {  // the last 8 columns
     for (size_t r = 0; r < kLogRows; ++r) {
       int32x4_t lo = vdupq_n_s32(0), hi = vdupq_n_s32(0);
@@ -553,10 +604,11 @@ VITQ_INLINE void log_weighted_rows(const int16_t* lk, size_t tk, const int16_t* 
 }
 #endif
 
-// A.V for `rows` rows of uniform probability codes cp - zp:
+// A.V for `rows` rows of uniform probability codes cp - zp, the codes of the
+// probabilities exps[r][j] * inv_sums[r] (softmax_exp_row):
 // out[r * ldo + c] = sum_j (cp_j - zp)(cv_j - zv) [exact int32, in iacc] * out_scale.
-VITQ_INLINE void weighted_values(const AttentionJob& job, size_t bh, const float* probs, size_t rows, int32_t* iacc,
-                                 float* out, size_t ldo) {
+VITQ_INLINE void weighted_values(const AttentionJob& job, size_t bh, const float* exps, const float* inv_sums,
+                                 size_t rows, int32_t* iacc, float* out, size_t ldo) {
   const size_t t = job.t, d = job.d;
   if (job.v.int8) {
     const size_t width = padded<int8_t>(t);
@@ -565,7 +617,7 @@ VITQ_INLINE void weighted_values(const AttentionJob& job, size_t bh, const float
     const float offset = int8_offset(job.p);
     int32_t p_sums[kRowTile];
     for (size_t r = 0; r < rows; ++r)
-      p_sums[r] = code_row(probs + r * t, t, job.p, offset, pcodes + r * width, width);
+      p_sums[r] = code_row<int8_t, true>(exps + r * t, t, job.p, offset, pcodes + r * width, width, inv_sums[r]);
     const Qs8Gemm& values = job.v.packed[bh];
     qs8_gemm_sums(values, pcodes, width, rows, iacc, d);
     scale_int8_sums(iacc, d, p_sums, static_cast<int32_t>(offset - job.p.zero), rows, values.weight_sums.data(),
@@ -574,7 +626,8 @@ VITQ_INLINE void weighted_values(const AttentionJob& job, size_t bh, const float
     const size_t width = padded<int16_t>(t);
     thread_local Scratch<int16_t> pcodes_buf;
     int16_t* pcodes = pcodes_buf.get(kRowTile * width, 0);
-    for (size_t r = 0; r < rows; ++r) code_row(probs + r * t, t, job.p, job.p.zero, pcodes + r * width, width);
+    for (size_t r = 0; r < rows; ++r)
+      code_row<int16_t, true>(exps + r * t, t, job.p, job.p.zero, pcodes + r * width, width, inv_sums[r]);
     dot_rows(pcodes, width, rows, job.v.rows<int16_t>(bh * d, width), width, d, width, iacc, d);
     scale_sums(iacc, d, rows, d, job.out_scale, out, ldo);
   }
@@ -694,6 +747,27 @@ VITQ_INLINE void log_values(const AttentionJob& job, size_t bh, const int32_t* d
   }
 }
 
+// One tile of query rows [i0, i0 + rows) of head bh, log probability codes:
+// the dot products, then A.V on the levels.
+VITQ_HOT_LOOPS __attribute__((noinline)) void log_tile(const AttentionJob& job, size_t bh, size_t i0, size_t rows,
+                                                       const int32_t* key_terms, int32_t* dots, float* out) {
+  row_dots(job, bh, i0, rows, dots);
+  if (job.v.int8)
+    plane_values(job, bh, dots, rows, key_terms, out, job.heads * job.d);
+  else
+    log_values(job, bh, dots, rows, key_terms, out, job.heads * job.d);
+}
+
+// The same for uniform probability codes: the scores (exact int32 dot
+// products, one float scale), softmax per row, its codes and A.V.
+VITQ_HOT_LOOPS __attribute__((noinline)) void uniform_tile(const AttentionJob& job, size_t bh, size_t i0, size_t rows,
+                                                           int32_t* dots, float* probs, int32_t* iacc, float* out) {
+  score_rows(job, bh, i0, rows, dots, probs);
+  float inv_sums[kRowTile];
+  for (size_t r = 0; r < rows; ++r) inv_sums[r] = softmax_exp_row(probs + r * job.t, job.t);
+  weighted_values(job, bh, probs, inv_sums, rows, iacc, out, job.heads * job.d);
+}
+
 VITQ_HOT_LOOPS void attention_task(const AttentionJob& job, size_t task) {
   const size_t block = task % job.row_blocks, bh = task / job.row_blocks;
   const size_t b = bh / job.heads, h = bh % job.heads;
@@ -712,18 +786,10 @@ VITQ_HOT_LOOPS void attention_task(const AttentionJob& job, size_t task) {
   for (size_t i0 = row_begin; i0 < row_end; i0 += kRowTile) {
     const size_t rows = std::min(kRowTile, row_end - i0);
     float* out = job.out + (b * t + i0) * job.heads * d + h * d;
-    if (job.log_bits) {
-      row_dots(job, bh, i0, rows, dots);
-      if (job.v.int8)
-        plane_values(job, bh, dots, rows, key_terms, out, job.heads * d);
-      else
-        log_values(job, bh, dots, rows, key_terms, out, job.heads * d);
-      continue;
-    }
-    // Scores: exact int32 dot products, one float scale; then softmax per row.
-    score_rows(job, bh, i0, rows, dots, probs);
-    for (size_t r = 0; r < rows; ++r) softmax_row(probs + r * t, t);
-    weighted_values(job, bh, probs, rows, iacc, out, job.heads * d);
+    if (job.log_bits)
+      log_tile(job, bh, i0, rows, key_terms, dots, out);
+    else
+      uniform_tile(job, bh, i0, rows, dots, probs, iacc, out);
   }
 }
 
