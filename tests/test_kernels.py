@@ -313,7 +313,8 @@ def run_on_device(device: str, op, x: torch.Tensor, args: list, tmp_path) -> tor
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _emulated_pis_ready(), reason="no aarch64 bundle or qemu (bash tools/setup.sh)")
-@pytest.mark.parametrize("case", ["random", "random, 15 tokens", "-128 pairs, saturated", "PPOQ outliers"])
+@pytest.mark.parametrize("case", ["random", "random, 15 tokens", "-128 pairs, saturated", "PPOQ outliers",
+                                  "LayerNorm", "LayerNorm, PPOQ outliers, symmetric weights"])
 @pytest.mark.parametrize("device", ["emulated-rpi4", "emulated-rpi5"])
 def test_linear_on_emulated_pi_matches_reference(tmp_path, device, case):
     """vitq::linear on the emulated Pis, where our NEON GEMMs run (Cortex-A72: smull/smlal2 pairs in
@@ -321,17 +322,24 @@ def test_linear_on_emulated_pi_matches_reference(tmp_path, device, case):
     weight pair at k and k + 8 meeting inputs of code -128 would overflow an int16 lane (XNNPACK's
     neon_mlal kernels get this case wrong): our GEMM packs the one at k + 8 as -127 and corrects the
     sums. PPOQ outliers: the sparse float correction in groups of four and singly (one token almost
-    all outliers, others with a few)."""
+    all outliers, others with a few). LayerNorm: the aarch64 pass that normalizes and codes at once
+    (K 203: its rest of 3 values; symmetric weights: no row sums; outliers: LayerNorm's output
+    above 2 kept in float)."""
     # K not a multiple of 16, N of 4, tokens of 4: every tail of the tiles (15 tokens: the rows left
     # after whole row tiles in tiles of 4, 2 and 1 rows on the Pi 5, of 2 and 1 on the Pi 4)
-    k, n, tokens = 200, 43, 15 if case == "random, 15 tokens" else 17
-    outliers = case == "PPOQ outliers"
-    args = linear_args(k, n, tokens, seed=5, per_token=outliers, threshold=5.0 if outliers else 0.0)
+    norm = case.startswith("LayerNorm")
+    k, n, tokens = 203 if norm else 200, 43, 15 if case == "random, 15 tokens" else 17
+    outliers = "PPOQ outliers" in case
+    threshold = (2.0 if norm else 5.0) if outliers else 0.0
+    args = linear_args(k, n, tokens, seed=5, per_token=outliers, threshold=threshold,
+                       prologue=PROLOGUE_LAYER_NORM if norm else PROLOGUE_NONE)
+    if "symmetric" in case:
+        args[2] = torch.zeros_like(args[2])
     x = torch.randn(1, 1, tokens, k, generator=torch.Generator().manual_seed(6)) * 2
     if outliers:
         x[0, 0, 4] *= 30
         x[0, 0, 9, ::37] = 12.0
-    elif not case.startswith("random"):
+    elif case == "-128 pairs, saturated":
         w = args[0].clone()
         w[0, 0] = w[0, 8] = w[n - 1, 16] = w[n - 1, 24] = -128
         args[0] = w

@@ -3,7 +3,8 @@
 //
 //   1. prologue (none / LayerNorm / GELU) per row, as arith.layer_norm / arith.gelu
 //      (on aarch64 the GELU prologue's 8-bit codes come from gelu_codes.h: the
-//      same codes from a cheaper approximation where it cannot round otherwise);
+//      same codes from a cheaper approximation where it cannot round otherwise;
+//      LayerNorm and the codes of step 2 run in one pass, layer_norm_codes);
 //   2. input codes c = clamp(round(x / s) + z, qmin, qmax), (s, z) per tensor or
 //      per token position; outliers (|x| > threshold) get code z (value 0);
 //   3. out = sum_k (c - z) s * (w' - wz) ws + bias: int8 x int8 products, int32
@@ -115,6 +116,8 @@ struct QuantizeJob {
   int64_t prologue;
   const float* norm_weight;
   const float* norm_bias;
+  const double* norm_weight_f64;  // the same in double (aarch64: layer_norm_codes)
+  const double* norm_bias_f64;
   double norm_eps;
   const float* scale;  // input_scale
   const float* zero;   // input_zero
@@ -130,6 +133,103 @@ struct QuantizeJob {
   size_t tasks;
 };
 
+#if defined(__aarch64__)
+// arith.layer_norm of one row and its codes in one pass (layer_norm_codes),
+// by hand: GCC's layer_norm_row wrote the row and quantize_row read it back,
+// with g and b converted to double for every row. The mean and 1 / std come
+// from the sums layer_norm_row forms: four interleaved partial sums (lanes 0,
+// 1 and 2, 3 of two registers), added (0 + 1) + (2 + 3), then the rest one by
+// one.
+struct RowMoments {
+  double mean, rstd;
+};
+inline double sum_halves(float64x2_t lo, float64x2_t hi) {
+  return (vgetq_lane_f64(lo, 0) + vgetq_lane_f64(lo, 1)) + (vgetq_lane_f64(hi, 0) + vgetq_lane_f64(hi, 1));
+}
+inline RowMoments layer_norm_moments(const float* __restrict x, size_t k, double eps) {
+  float64x2_t lo = vdupq_n_f64(0.0), hi = lo;
+  size_t i = 0;
+  for (; i + 4 <= k; i += 4) {
+    const float32x4_t v = vld1q_f32(x + i);
+    lo = vaddq_f64(lo, vcvt_f64_f32(vget_low_f32(v)));
+    hi = vaddq_f64(hi, vcvt_high_f64_f32(v));
+  }
+  double sum = sum_halves(lo, hi);
+  for (; i < k; ++i) sum += x[i];
+  const double mean = sum / static_cast<double>(k);
+  const float64x2_t m = vdupq_n_f64(mean);
+  lo = hi = vdupq_n_f64(0.0);
+  for (i = 0; i + 4 <= k; i += 4) {
+    const float32x4_t v = vld1q_f32(x + i);
+    const float64x2_t d0 = vsubq_f64(vcvt_f64_f32(vget_low_f32(v)), m);
+    const float64x2_t d1 = vsubq_f64(vcvt_high_f64_f32(v), m);
+    lo = vaddq_f64(lo, vmulq_f64(d0, d0));
+    hi = vaddq_f64(hi, vmulq_f64(d1, d1));
+  }
+  double sq = sum_halves(lo, hi);
+  for (; i < k; ++i) {
+    const double d = x[i] - mean;
+    sq += d * d;
+  }
+  return {mean, 1.0 / std::sqrt(sq / static_cast<double>(k) + eps)};
+}
+
+// The constants of layer_norm_codes' vector steps.
+struct NormCoding {
+  float64x2_t mean, rstd;
+  float32x4_t scale, zero, qmin, qmax, threshold;
+};
+
+// Four values of layer_norm_codes: the codes as int32 (c - offset added by
+// the caller), y into `y` when kOutliers.
+template <bool kOutliers>
+inline int32x4_t norm_codes4(const NormCoding& nc, const float* x, const double* g, const double* b, float* y) {
+  const float32x4_t v = vld1q_f32(x);
+  float64x2_t d0 = vmulq_f64(vsubq_f64(vcvt_f64_f32(vget_low_f32(v)), nc.mean), nc.rstd);
+  float64x2_t d1 = vmulq_f64(vsubq_f64(vcvt_high_f64_f32(v), nc.mean), nc.rstd);
+  d0 = vaddq_f64(vmulq_f64(d0, vld1q_f64(g)), vld1q_f64(b));
+  d1 = vaddq_f64(vmulq_f64(d1, vld1q_f64(g + 2)), vld1q_f64(b + 2));
+  float32x4_t yv = vcvt_high_f32_f64(vcvt_f32_f64(d0), d1);
+  if (kOutliers) {  // outliers get the code of 0
+    vst1q_f32(y, yv);
+    yv = vreinterpretq_f32_u32(vbicq_u32(vreinterpretq_u32_f32(yv), vcagtq_f32(yv, nc.threshold)));
+  }
+  const float32x4_t c = vaddq_f32(vrndnq_f32(vdivq_f32(yv, nc.scale)), nc.zero);
+  return vcvtq_s32_f32(vminnmq_f32(vmaxnmq_f32(c, nc.qmin), nc.qmax));  // exact: an integer in [qmin, qmax]
+}
+
+// LayerNorm's output y = f32(((x - mean) * rstd) * g + b) as layer_norm_row
+// (g, b in double), and quantize_row's codes of y into dst (with kOutliers,
+// y itself into `y`, for collect_outliers). Returns sum (c - z) when kRowSum.
+template <bool kOutliers, bool kRowSum>
+int32_t layer_norm_codes(const float* __restrict x, size_t k, RowMoments mo, const double* __restrict g,
+                         const double* __restrict b, float s, float z, float qmin, float qmax, float threshold,
+                         int32_t offset, float* __restrict y, int8_t* __restrict dst) {
+  const NormCoding nc{vdupq_n_f64(mo.mean), vdupq_n_f64(mo.rstd), vdupq_n_f32(s),       vdupq_n_f32(z),
+                      vdupq_n_f32(qmin),    vdupq_n_f32(qmax),   vdupq_n_f32(threshold)};
+  const int32x4_t off = vdupq_n_s32(offset);
+  int32x4_t sums = vdupq_n_s32(0);
+  size_t i = 0;
+  for (; i + 8 <= k; i += 8) {
+    const int32x4_t a0 = vsubq_s32(norm_codes4<kOutliers>(nc, x + i, g + i, b + i, y + i), off);
+    const int32x4_t a1 = vsubq_s32(norm_codes4<kOutliers>(nc, x + i + 4, g + i + 4, b + i + 4, y + i + 4), off);
+    if (kRowSum) sums = vaddq_s32(sums, vaddq_s32(a0, a1));
+    vst1_s8(dst + i, vmovn_s16(vcombine_s16(vmovn_s32(a0), vmovn_s32(a1))));
+  }
+  int32_t sum = kRowSum ? vaddvq_s32(sums) + static_cast<int32_t>(i) * (offset - static_cast<int32_t>(z)) : 0;
+  for (; i < k; ++i) {
+    float v = static_cast<float>(((x[i] - mo.mean) * mo.rstd) * g[i] + b[i]);
+    if (kOutliers) {
+      y[i] = v;
+      if (std::fabs(v) > threshold) v = 0.0f;
+    }
+    const float c = uniform_code(v, s, z, qmin, qmax);
+    dst[i] = static_cast<int8_t>(static_cast<int32_t>(c) - offset);
+    if (kRowSum) sum += static_cast<int32_t>(c - z);
+  }
+  return sum;
+}
+#else
 // arith.layer_norm of one row: everything in double (biased variance), each
 // output rounded once to float, so the summation order does not show (the
 // sums run as kSums interleaved partial sums, which vectorize).
@@ -159,6 +259,7 @@ VITQ_HOT_LOOPS void layer_norm_row(const float* __restrict x, size_t k, const fl
   for (i = 0; i < k; ++i)
     y[i] = static_cast<float>(((x[i] - mean) * rstd) * static_cast<double>(g[i]) + static_cast<double>(b[i]));
 }
+#endif
 
 // Codes of one row, shifted into int8 by `offset`; with kOutliers, values with
 // |v| > threshold get the code of 0, i.e. z. Returns sum (c - z) when kRowSum
@@ -286,6 +387,18 @@ inline void collect_outliers(const float* src, size_t k, float threshold, size_t
     if (std::fabs(src[i]) > threshold) out.push_back({m, static_cast<int64_t>(i), src[i]});
 }
 
+// quantize_row's variant for the job: outliers or not, row sums or not.
+VITQ_INLINE int32_t quantize_row_of(const QuantizeJob& job, const float* src, float s, float z, float threshold,
+                                    int8_t* dst) {
+  const float lo = job.qmin, hi = job.qmax;
+  const int32_t off = job.offset;
+  if (job.threshold > 0.0f)
+    return job.want_row_sums ? quantize_row<true, true>(src, job.k, s, z, lo, hi, threshold, off, dst)
+                             : quantize_row<true, false>(src, job.k, s, z, lo, hi, threshold, off, dst);
+  return job.want_row_sums ? quantize_row<false, true>(src, job.k, s, z, lo, hi, threshold, off, dst)
+                           : quantize_row<false, false>(src, job.k, s, z, lo, hi, threshold, off, dst);
+}
+
 VITQ_HOT_LOOPS void quantize_rows(const QuantizeJob& job, size_t task) {
   const size_t begin = job.rows * task / job.tasks, end = job.rows * (task + 1) / job.tasks;
   thread_local Scratch<float> row_buffer;
@@ -294,28 +407,40 @@ VITQ_HOT_LOOPS void quantize_rows(const QuantizeJob& job, size_t task) {
   const float threshold = outliers ? job.threshold : INFINITY;
   for (size_t m = begin; m < end; ++m) {
     const float* src = job.x + m * job.k;
+    const size_t p = job.params == 1 ? 0 : m % job.params;
+    const float s = job.scale[p], z = job.zero[p];
+    int8_t* dst = job.codes + m * job.k;
+    int32_t row_sum;
+#if defined(__aarch64__)
+    const float lo = job.qmin, hi = job.qmax;
+    const int32_t off = job.offset;
+    if (job.prologue == kPrologueLayerNorm) {  // the codes, and y (the values) where outliers are looked for
+      const RowMoments mo = layer_norm_moments(src, job.k, job.norm_eps);
+      const double* g = job.norm_weight_f64;
+      const double* b = job.norm_bias_f64;
+      const size_t k = job.k;
+      if (outliers)
+        row_sum = job.want_row_sums
+                      ? layer_norm_codes<true, true>(src, k, mo, g, b, s, z, lo, hi, threshold, off, y, dst)
+                      : layer_norm_codes<true, false>(src, k, mo, g, b, s, z, lo, hi, threshold, off, y, dst);
+      else
+        row_sum = job.want_row_sums
+                      ? layer_norm_codes<false, true>(src, k, mo, g, b, s, z, lo, hi, threshold, off, y, dst)
+                      : layer_norm_codes<false, false>(src, k, mo, g, b, s, z, lo, hi, threshold, off, y, dst);
+      src = y;
+    } else if (job.prologue == kPrologueGelu) {  // fused_gelu_codes: no outliers
+      row_sum = job.want_row_sums ? GeluCodes::get().code_row<true>(src, job.k, s, z, lo, hi, off, dst)
+                                  : GeluCodes::get().code_row<false>(src, job.k, s, z, lo, hi, off, dst);
+    } else {
+      row_sum = quantize_row_of(job, src, s, z, threshold, dst);
+    }
+#else
     if (job.prologue == kPrologueLayerNorm) {
       layer_norm_row(src, job.k, job.norm_weight, job.norm_bias, job.norm_eps, y);
       src = y;
     }
-    const size_t p = job.params == 1 ? 0 : m % job.params;
-    const float s = job.scale[p], z = job.zero[p];
-    int8_t* dst = job.codes + m * job.k;
-    const float lo = job.qmin, hi = job.qmax;
-    const int32_t off = job.offset;
-    int32_t row_sum;
-#if defined(__aarch64__)
-    if (job.prologue == kPrologueGelu)  // fused_gelu_codes: no outliers
-      row_sum = job.want_row_sums ? GeluCodes::get().code_row<true>(src, job.k, s, z, lo, hi, off, dst)
-                                  : GeluCodes::get().code_row<false>(src, job.k, s, z, lo, hi, off, dst);
-    else
+    row_sum = quantize_row_of(job, src, s, z, threshold, dst);
 #endif
-    if (outliers)
-      row_sum = job.want_row_sums ? quantize_row<true, true>(src, job.k, s, z, lo, hi, threshold, off, dst)
-                                  : quantize_row<true, false>(src, job.k, s, z, lo, hi, threshold, off, dst);
-    else
-      row_sum = job.want_row_sums ? quantize_row<false, true>(src, job.k, s, z, lo, hi, threshold, off, dst)
-                                  : quantize_row<false, false>(src, job.k, s, z, lo, hi, threshold, off, dst);
     if (outliers) collect_outliers(src, job.k, threshold, m, (*job.outliers)[task]);
     if (job.want_row_sums) job.row_sums[m] = row_sum;
     job.qparams[m].zero_point = static_cast<int32_t>(z) - job.offset;
@@ -420,6 +545,14 @@ QuantizeJob quantize_input(const LinearArgs& a, const LinearOp& op, size_t m, si
   if (a.prologue == kPrologueLayerNorm) {
     job.norm_weight = a.norm_weight.const_data_ptr<float>();
     job.norm_bias = a.norm_bias.const_data_ptr<float>();
+    thread_local Scratch<double> norm_f64_buf;
+    double* f64 = norm_f64_buf.get(2 * k, 0);
+    for (size_t i = 0; i < k; ++i) {
+      f64[i] = job.norm_weight[i];
+      f64[k + i] = job.norm_bias[i];
+    }
+    job.norm_weight_f64 = f64;
+    job.norm_bias_f64 = f64 + k;
   }
   job.norm_eps = a.norm_eps;
   job.scale = a.input_scale.const_data_ptr<float>();
