@@ -242,8 +242,8 @@ VITQ_INLINE float softmax_exp_row(float* __restrict p, size_t n) {
   float max_score = lane_max[0];
   for (size_t l = 1; l < kMaxLanes; ++l) max_score = lane_max[l] > max_score ? lane_max[l] : max_score;
   for (; j < n; ++j) max_score = p[j] > max_score ? p[j] : max_score;
-  // The exponentials and their sum in one pass: kSums interleaved partial
-  // sums (vector lanes), then the rest.
+  // The exponentials and their sum: kSums interleaved partial sums (vector
+  // lanes), then the rest.
   constexpr size_t kSums = 4;
   j = 0;
 #if defined(__aarch64__)
@@ -258,21 +258,21 @@ VITQ_INLINE float softmax_exp_row(float* __restrict p, size_t n) {
   }
   double sum = (vgetq_lane_f64(sum_lo, 0) + vgetq_lane_f64(sum_lo, 1)) +
                (vgetq_lane_f64(sum_hi, 0) + vgetq_lane_f64(sum_hi, 1));
-#else
-  double lane_sum[kSums] = {0.0, 0.0, 0.0, 0.0};
-  for (; j + kSums <= n; j += kSums) {
-    for (size_t l = 0; l < kSums; ++l) {
-      const float e = exp_nonpositive(p[j + l] - max_score);
-      p[j + l] = e;
-      lane_sum[l] += e;
-    }
-  }
-  double sum = (lane_sum[0] + lane_sum[1]) + (lane_sum[2] + lane_sum[3]);
-#endif
   for (; j < n; ++j) {
     p[j] = exp_nonpositive(p[j] - max_score);
     sum += p[j];
   }
+#else
+  // Two passes: fused, GCC vectorizes the exponentials four lanes wide
+  // instead of eight (AVX2): DeiT-Tiny's attention op took 0.49 ms on this
+  // 2-core host against 0.40 ms in two passes.
+  for (j = 0; j < n; ++j) p[j] = exp_nonpositive(p[j] - max_score);
+  double lane_sum[kSums] = {0.0, 0.0, 0.0, 0.0};
+  for (j = 0; j + kSums <= n; j += kSums)
+    for (size_t l = 0; l < kSums; ++l) lane_sum[l] += p[j + l];
+  double sum = (lane_sum[0] + lane_sum[1]) + (lane_sum[2] + lane_sum[3]);
+  for (; j < n; ++j) sum += p[j];
+#endif
   return static_cast<float>(1.0 / sum);
 }
 
