@@ -195,3 +195,13 @@ def test_a_setting_newer_than_the_table_counts_as_unset(tmp_path):
         _check_resumable(table, {"model": "m", "eval_limit": 10, "recipe_options": {"seed": "1"}}, tmp_path / "t.json")
     with pytest.raises(VitqError, match="eval_limit: 10 then, 20 now"):
         _check_resumable(table, {"model": "m", "eval_limit": 20}, tmp_path / "t.json")
+
+
+def test_cost_columns_keep_each_devices_threads_together():
+    """A row benched on more devices than the rows before it (a rebuilt row first in the table)
+    must not split a device's thread counts apart."""
+    from vitq_edge.compare import _cost_columns
+
+    rows = [{"bench": {"host@1": {}, "emulated-rpi4@4": {}, "emulated-rpi4@1": {}}},
+            {"bench": {"host@1": {}, "host@2": {}, "emulated-rpi4@1": {}}}, {}]
+    assert _cost_columns(rows) == ["host@1", "host@2", "emulated-rpi4@1", "emulated-rpi4@4"]

@@ -303,7 +303,16 @@ def write_table(stem: Path, table: dict, sections: Callable[[dict], list[str]] |
 
 
 def _cost_columns(rows: list[dict]) -> list[str]:
-    return list(dict.fromkeys(k for r in rows for k in r.get("bench", {})))
+    """The table's device@threads columns: devices in the order they first appear, each one's
+    thread counts together and ascending (whichever row was benched first)."""
+    keys = list(dict.fromkeys(k for r in rows for k in r.get("bench", {})))
+    devices = list(dict.fromkeys(k.rsplit("@", 1)[0] for k in keys))
+
+    def order(key: str) -> tuple[int, int]:
+        device, threads = key.rsplit("@", 1)
+        return devices.index(device), int(threads)
+
+    return sorted(keys, key=order)
 
 
 def _cost(entry: dict | None) -> str:
