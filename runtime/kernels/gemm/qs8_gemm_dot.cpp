@@ -85,8 +85,8 @@ struct DotTile {
         acc[r][0] = vld1q_s32(sums[r]);
         acc[r][1] = vld1q_s32(sums[r] + 4);
       }
-    } else {
-      for (size_t r = 0; r < mr; ++r) acc[r][0] = acc[r][1] = vdupq_n_s32(0);  // the rows left after whole tiles (qs8_gemm_tiles.h: run_rows)
+    } else {  // the rows left after whole tiles (qs8_gemm_tiles.h: run_rows)
+      for (size_t r = 0; r < mr; ++r) acc[r][0] = acc[r][1] = vdupq_n_s32(0);
 #pragma GCC unroll 2
       for (size_t kb = 0; kb < k_blocks; ++kb) {
         // The tile's mr rows x 16 k, then the group's 128 bytes of this
