@@ -247,7 +247,8 @@ VITQ_INLINE float softmax_exp_row(float* __restrict p, size_t n) {
   constexpr size_t kSums = 4;
   j = 0;
 #if defined(__aarch64__)
-  // By hand: the exponential and the double sums together left GCC's loop scalar.
+  // By hand, as the maximum above: four exponentials per step, their double
+  // sums in two registers.
   const float32x4_t m = vdupq_n_f32(max_score);
   float64x2_t sum_lo = vdupq_n_f64(0.0), sum_hi = sum_lo;  // lanes 0, 1 and 2, 3
   for (; j + kSums <= n; j += kSums) {
@@ -748,7 +749,9 @@ VITQ_INLINE void log_values(const AttentionJob& job, size_t bh, const int32_t* d
 }
 
 // One tile of query rows [i0, i0 + rows) of head bh, log probability codes:
-// the dot products, then A.V on the levels.
+// the dot products, then A.V on the levels. This and uniform_tile are
+// functions of their own so that instruction profiles name each path
+// (tools/insn_profile.py; tests/test_devices.py reads it).
 VITQ_HOT_LOOPS __attribute__((noinline)) void log_tile(const AttentionJob& job, size_t bh, size_t i0, size_t rows,
                                                        const int32_t* key_terms, int32_t* dots, float* out) {
   row_dots(job, bh, i0, rows, dots);

@@ -545,6 +545,7 @@ QuantizeJob quantize_input(const LinearArgs& a, const LinearOp& op, size_t m, si
   if (a.prologue == kPrologueLayerNorm) {
     job.norm_weight = a.norm_weight.const_data_ptr<float>();
     job.norm_bias = a.norm_bias.const_data_ptr<float>();
+#if defined(__aarch64__)  // for layer_norm_codes
     thread_local Scratch<double> norm_f64_buf;
     double* f64 = norm_f64_buf.get(2 * k, 0);
     for (size_t i = 0; i < k; ++i) {
@@ -553,6 +554,7 @@ QuantizeJob quantize_input(const LinearArgs& a, const LinearOp& op, size_t m, si
     }
     job.norm_weight_f64 = f64;
     job.norm_bias_f64 = f64 + k;
+#endif
   }
   job.norm_eps = a.norm_eps;
   job.scale = a.input_scale.const_data_ptr<float>();
