@@ -390,12 +390,11 @@ def scale_halving_log_factor(steps: int) -> float:
 @pytest.mark.parametrize("weights", ["asymmetric", "symmetric"])  # with and without the inputs' row sums
 @pytest.mark.parametrize("device", ["host", "emulated-rpi4", "emulated-rpi5"])
 def test_linear_gelu_codes_near_every_rounding_boundary(tmp_path, device, weights):
-    """The GELU prologue's codes: on aarch64 from a piecewise quartic where it cannot round
-    otherwise (runtime/kernels/gelu_codes.h), the definition (arith.gelu) elsewhere. A dense grid of
-    inputs per token, each token at its own scale (0.002 .. 0.05), puts values within the
-    polynomial's error of a rounding boundary: any code rounded from it there changes the sums
-    (without the margin a quarter of the outputs differ); an infinity, and values beyond the
-    polynomial's range whose conversion saturates (zero point 200: a wrapping addition fails)."""
+    """The GELU prologue's codes at codes per token position (on aarch64 a table of the grid points'
+    codes made for each row, runtime/kernels/gelu_codes.h): a dense grid of inputs per token, each
+    token at its own scale (0.002 .. 0.05), crosses every code's rounding boundary; an infinity,
+    and values above the grid whose conversion saturates (zero point 200: a wrapping addition
+    fails)."""
     if device != "host" and not _emulated_pis_ready():
         pytest.skip("no aarch64 bundle or qemu (bash tools/setup.sh)")
     tokens, k, n = 16, 4096, 24
@@ -410,6 +409,54 @@ def test_linear_gelu_codes_near_every_rounding_boundary(tmp_path, device, weight
     x[0, :2, :3] = torch.tensor([math.inf, 1e30, -1e30])  # (gelu(-inf) is NaN: no code)
     got = run_on_device(device, torch.ops.vitq.linear, x, args, tmp_path).reshape(1, tokens, n)
     assert_same(got, linear.reference(x, *args))
+
+
+def gelu_table_edges(k: int, seed: int) -> torch.Tensor:
+    """k inputs of arith.gelu_table's edge cases, shuffled, random values after them: every midpoint
+    between grid points (ties, to even) and the floats either side of it, the grid's top edge 127.5 / 32
+    (above it: x itself) and bottom, huge values, infinities, a NaN (coded as gelu(0)), signed zeros."""
+    mids = (torch.arange(-131, 131) + 0.5) / arith.GELU_GRID_STEPS
+    top = torch.tensor(127.5 / arith.GELU_GRID_STEPS)
+    special = torch.tensor([-4.0, -4.015625, -4.03125, -1e30, 1e30, math.inf, -math.inf, math.nan, 0.0, -0.0, top,
+                            torch.nextafter(top, torch.tensor(0.0)), torch.nextafter(top, torch.tensor(9.0))])
+    edges = torch.cat([mids, torch.nextafter(mids, mids + 1), torch.nextafter(mids, mids - 1), special])
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.cat([edges, torch.randn(max(k - edges.numel(), 0), generator=gen) * 3])[:k]
+    return x[torch.randperm(k, generator=gen)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bits", [8, 4])  # 8: the table of codes on aarch64; 4: GELU by table, then coded
+@pytest.mark.parametrize("device", ["host", "emulated-rpi4", "emulated-rpi5"])
+def test_linear_gelu_table_edges(tmp_path, device, bits):
+    """GELU by table (arith.gelu_table) into codes per tensor at its edges: ties between grid points,
+    the top edge (x itself above it, coded in the groups of 16 that hold such a lane), the bottom, a
+    NaN, infinities; K = 16 x 60 + 7 leaves a scalar tail. Each token shuffled differently; symmetric
+    weights at 4 bits (no row sums)."""
+    if device != "host" and not _emulated_pis_ready():
+        pytest.skip("no aarch64 bundle or qemu (bash tools/setup.sh)")
+    tokens, k, n = 6, 16 * 60 + 7, 24
+    args = linear_args(k, n, tokens, prologue=PROLOGUE_GELU, w_bits=bits, a_bits=bits, seed=23)
+    args[4], args[5] = torch.tensor([0.02 if bits == 8 else 0.3]), torch.tensor([20.0 if bits == 8 else 1.0])
+    if bits == 4:
+        args[2] = torch.zeros_like(args[2])
+    x = torch.stack([gelu_table_edges(k, seed) for seed in range(tokens)]).unsqueeze(0)
+    got = run_on_device(device, torch.ops.vitq.linear, x, args, tmp_path).reshape(1, tokens, n)
+    want = linear.reference(x, *args)
+    assert torch.isfinite(want).all()
+    assert_same(got, want)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("device", ["host", "emulated-rpi4"])
+def test_gelu_shift_log2_table_edges(tmp_path, device):
+    """The Shift-Log2 path's GELU by table at its edges (gelu_table_edges), on the 4-bit log-sqrt2 ladder."""
+    if device != "host" and not _emulated_pis_ready():
+        pytest.skip("no aarch64 bundle or qemu (bash tools/setup.sh)")
+    x = gelu_table_edges(1031, seed=5).reshape(1, 1, -1)
+    args = [0.17, 4.0, 4, 2]
+    got = run_on_device(device, torch.ops.vitq.gelu_shift_log2, x, args, tmp_path)
+    assert_same(got, gelu_shift_log2.reference(x, *args).flatten())
 
 
 @pytest.mark.slow

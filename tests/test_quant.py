@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 
 import numpy as np
 import pytest
@@ -228,6 +229,25 @@ def test_float_steps_approximate_the_true_functions():
     assert float((arith.layer_norm(x, w, b, 1e-6).double() - want).abs().max()) < 1e-6
     s = torch.randn(3, 17, 17) * 10
     assert float((arith.softmax(s).double() - s.double().softmax(-1)).abs().max()) < 1e-7
+
+
+def test_gelu_table_is_gelu_on_its_grid_and_x_above_it():
+    """arith.gelu_table, the integer programs' GELU: arith.gelu at the nearest grid point (ties to the
+    even one), x itself from 127.5 / 32 up, gelu(-4) below the grid, a NaN as gelu(0) = 0."""
+    grid = (torch.arange(256) - 128).float() / 32
+    assert torch.equal(arith.gelu_table(grid), arith.gelu(grid))
+    x = torch.linspace(-12, 12, 200001)
+    err = (arith.gelu_table(x).double() - torch.nn.functional.gelu(x.double())).abs()
+    assert 0.015 < float(err.max()) < 0.018  # half a step of 1/32 times GELU's largest slope, 1.13
+    ties = torch.tensor([1.5, 2.5, -1.5, -2.5]) / 32
+    assert torch.equal(arith.gelu_table(ties), arith.gelu(torch.tensor([2.0, 2.0, -2.0, -2.0]) / 32))
+    top = torch.tensor(127.5 / 32)
+    below_top = torch.nextafter(top, torch.tensor(0.0))
+    assert float(arith.gelu_table(top)) == float(top)
+    assert float(arith.gelu_table(below_top)) == float(arith.gelu(torch.tensor(127 / 32)))
+    edges = arith.gelu_table(torch.tensor([-4.015625, -1e30, -math.inf, math.inf, math.nan]))
+    gelu_low = float(arith.gelu(torch.tensor(-4.0)))
+    assert edges.tolist() == [gelu_low, gelu_low, gelu_low, math.inf, 0.0]
 
 
 # ---- PPOQ -----------------------------------------------------------------------------

@@ -57,10 +57,14 @@ bool cpu_has_dot_product();
 // Alder Lake and later, AMD Zen 4 and later), read once. False elsewhere.
 bool cpu_has_vnni();
 
-// y = GELU(x) for n floats as arith.gelu computes it (quant_math.h: gelu),
+// gelu at the GELU table's grid points (i - 128) / 32 (arith.gelu_table_values),
+// kGeluTableSize floats, computed once.
+const float* gelu_table_values();
+
+// y = GELU by table of x (arith.gelu_table; quant_math.h) for n floats,
 // chunks on the thread pool. (XNNPACK's GELU is a different approximation:
 // its last bits differ from the simulation's.)
-void gelu_f32(const float* x, float* y, size_t n);
+void gelu_table_f32(const float* x, float* y, size_t n);
 
 // Runs fn(i) for i in [0, n) on the thread pool. fn must not throw.
 template <class Fn>

@@ -296,6 +296,31 @@ inline float gelu(float x) {
   return x >= 0.0f ? half * (2.0f - tail) : half * tail;
 }
 
+// arith.gelu_table: gelu at the nearest point (i - 128) / 32 of a 256-point
+// grid on [-4, 4) (round half to even), x itself above the grid, gelu(-4)
+// below it, a NaN as 0. The callers hold the grid's values
+// (gelu_table_values, common.h) or their codes.
+constexpr int kGeluGridSteps = 32;  // points per unit: x * 32 is exact
+constexpr int kGeluTableSize = 256;
+
+// Whether x is above the grid (gelu_table gives x): 32 x rounds above 127.
+inline bool gelu_above_grid(float x) {
+  return x * static_cast<float>(kGeluGridSteps) >= kGeluTableSize / 2 - 0.5f;
+}
+
+// x's grid point as an index 0 .. 255: round(32 x) clamped to [-128, 127],
+// + 128; a NaN gives 128 (gelu(0)).
+inline int gelu_grid_index(float x) {
+  constexpr float kHalf = kGeluTableSize / 2;
+  const float v = x * static_cast<float>(kGeluGridSteps);
+  return static_cast<int>(round_half_even_small(v == v ? clamp_code(v, -kHalf, kHalf - 1.0f) : 0.0f)) +
+         kGeluTableSize / 2;
+}
+
+inline float gelu_table(const float* values, float x) {
+  return gelu_above_grid(x) ? x : values[gelu_grid_index(x)];
+}
+
 // arith.log_values for one code: delta * 2^(-code / k), the power in double
 // rounded once to float; exactly 0 for the zero code.
 inline float log_value(int code, float delta, int k, int zero_code) {

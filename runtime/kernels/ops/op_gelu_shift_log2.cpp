@@ -4,9 +4,9 @@
 //   v = gelu(x) + shift;  code = log code of v on delta * 2^(-q/k), q = 0 .. 2^b - 2,
 //   2^b - 1 for v <= 0 or below the smallest level.
 //
-// GELU and the log code are arith.gelu and arith.log_codes bit for bit
-// (quant_math.h: gelu, LogCoder: exponent/mantissa thresholds instead of
-// log2); only the uint8 codes are written (what vitq::log_linear reads).
+// GELU and the log code are arith.gelu_table and arith.log_codes bit for bit
+// (quant_math.h: gelu_table, LogCoder: exponent/mantissa thresholds instead
+// of log2); only the uint8 codes are written (what vitq::log_linear reads).
 #include <algorithm>
 
 #include "common.h"
@@ -43,10 +43,10 @@ Tensor& gelu_shift_log2_out(KernelRuntimeContext& ctx, const Tensor& x, double s
 
   const size_t numel = static_cast<size_t>(x.numel());
   if (numel == 0) return out;
-  // 1. GELU (arith.gelu) into scratch.
+  // 1. GELU by table (arith.gelu_table) into scratch.
   thread_local Scratch<float> gelu_buf;
   float* g = gelu_buf.get(numel, 0);
-  gelu_f32(x.const_data_ptr<float>(), g, numel);
+  gelu_table_f32(x.const_data_ptr<float>(), g, numel);
   // 2. Shift and log codes, chunks in parallel.
   uint8_t* dst = out.mutable_data_ptr<uint8_t>();
   constexpr size_t kChunk = 4096;

@@ -1,10 +1,10 @@
 // vitq::linear.out -- quantized linear layer with a fused prologue
 // (definition: sdk/vitq_edge/lower/ops/linear.py).
 //
-//   1. prologue (none / LayerNorm / GELU) per row, as arith.layer_norm / arith.gelu
-//      (on aarch64 the GELU prologue's 8-bit codes come from gelu_codes.h: the
-//      same codes from a cheaper approximation where it cannot round otherwise;
-//      LayerNorm and the codes of step 2 run in one pass, layer_norm_codes);
+//   1. prologue (none / LayerNorm / GELU) per row, as arith.layer_norm /
+//      arith.gelu_table (on aarch64 the GELU prologue's 8-bit codes come from
+//      gelu_codes.h: a table of the grid points' codes; LayerNorm and the codes
+//      of step 2 run in one pass, layer_norm_codes);
 //   2. input codes c = clamp(round(x / s) + z, qmin, qmax), (s, z) per tensor or
 //      per token position; outliers (|x| > threshold) get code z (value 0);
 //   3. out = sum_k (c - z) s * (w' - wz) ws + bias: int8 x int8 products, int32
@@ -30,6 +30,7 @@
 #include <cmath>
 #include <memory>
 #include <mutex>
+#include <optional>
 
 #if defined(__aarch64__)
 #include <arm_neon.h>
@@ -131,6 +132,7 @@ struct QuantizeJob {
   int32_t* row_sums;                   // [rows], sum_k (c - z), when want_row_sums
   std::vector<std::vector<Outlier>>* outliers;  // one list per task
   size_t tasks;
+  const GeluTableCodes* gelu_codes;  // the GELU prologue's code table (aarch64, per-tensor codes), or null
 };
 
 #if defined(__aarch64__)
@@ -429,8 +431,9 @@ VITQ_HOT_LOOPS void quantize_rows(const QuantizeJob& job, size_t task) {
                       : layer_norm_codes<false, false>(src, k, mo, g, b, s, z, lo, hi, threshold, off, y, dst);
       src = y;
     } else if (job.prologue == kPrologueGelu) {  // fused_gelu_codes: no outliers
-      row_sum = job.want_row_sums ? GeluCodes::get().code_row<true>(src, job.k, s, z, lo, hi, off, dst)
-                                  : GeluCodes::get().code_row<false>(src, job.k, s, z, lo, hi, off, dst);
+      std::optional<GeluTableCodes> own;  // codes per token position: this row's table
+      const GeluTableCodes* codes = job.gelu_codes != nullptr ? job.gelu_codes : &own.emplace(s, z, lo, hi, off);
+      row_sum = job.want_row_sums ? codes->code_row<true>(src, job.k, dst) : codes->code_row<false>(src, job.k, dst);
     } else {
       row_sum = quantize_row_of(job, src, s, z, threshold, dst);
     }
@@ -504,18 +507,15 @@ std::string check_linear_args(const LinearArgs& a, Weights* w) {
   return "";
 }
 
-// Whether the GELU prologue's codes come from GeluCodes (gelu_codes.h: the
-// same codes, fewer instructions) inside quantize_rows: on aarch64, without
-// outliers, where every scale leaves it a margin.
+// Whether the GELU prologue's codes come from GeluTableCodes (gelu_codes.h: a
+// table of the grid points' codes) inside quantize_rows: on aarch64, 8-bit
+// codes without outliers.
 bool fused_gelu_codes(const LinearArgs& a) {
 #if defined(__aarch64__)
   if (a.outlier_threshold > 0.0) return false;
   const float qmin = static_cast<float>(a.input_qmin), qmax = static_cast<float>(a.input_qmax);
   const int32_t offset = a.input_qmin >= 0 ? 128 : 0;  // as quantize_input
-  const float* scale = a.input_scale.const_data_ptr<float>();
-  for (ssize_t i = 0; i < a.input_scale.numel(); ++i)
-    if (!GeluCodes::usable(scale[i], qmin, qmax, offset)) return false;
-  return true;
+  return GeluTableCodes::usable(qmin, qmax, offset);
 #else
   (void)a;
   return false;
@@ -535,9 +535,18 @@ QuantizeJob quantize_input(const LinearArgs& a, const LinearOp& op, size_t m, si
   if (a.prologue == kPrologueGelu && !fused_gelu) {  // GELU of the whole input at once (common.h)
     thread_local Scratch<float> gelu_buf;
     float* g = gelu_buf.get(m * k, 0);
-    gelu_f32(job.x, g, m * k);
+    gelu_table_f32(job.x, g, m * k);
     job.x = g;
   }
+#if defined(__aarch64__)
+  thread_local std::optional<GeluTableCodes> gelu_codes;  // the table for per-tensor codes
+  if (fused_gelu && a.input_scale.numel() == 1) {
+    const float qmin = static_cast<float>(a.input_qmin), qmax = static_cast<float>(a.input_qmax);
+    job.gelu_codes = &gelu_codes.emplace(a.input_scale.const_data_ptr<float>()[0],
+                                         a.input_zero.const_data_ptr<float>()[0], qmin, qmax,
+                                         a.input_qmin >= 0 ? 128 : 0);
+  }
+#endif
   job.rows = m;
   job.k = k;
   // GELU done above, or left to quantize_rows (fused into the codes)

@@ -300,6 +300,30 @@ def gelu(x: torch.Tensor) -> torch.Tensor:
     return torch.where(x >= 0, half * (2.0 - tail), half * tail)
 
 
+# GELU by table, what every GELU of the integer programs computes: the GELU above at the nearest
+# point of a grid of step 1/32 on [-4, 4) (256 points: one byte indexes them, so the kernels code
+# GELU's output by one table lookup per value), x itself above the grid (x - GELU(x) = x Phi(-x) <
+# 1.3e-4 there) and GELU(-4) below it (|GELU(x)| < 1.3e-4 there). At most 0.018 from GELU (half a
+# step times GELU's largest slope, 1.13).
+GELU_GRID_STEPS = 32  # grid points per unit: x * 32 is exact in float32
+GELU_TABLE_SIZE = 256
+
+
+@functools.cache
+def gelu_table_values() -> torch.Tensor:
+    """GELU at the grid points (i - 128) / 32, i = 0 .. 255 (the kernels' table, runtime/kernels/quant_math.h)."""
+    grid = (torch.arange(GELU_TABLE_SIZE, dtype=torch.float32) - GELU_TABLE_SIZE // 2) / GELU_GRID_STEPS
+    return gelu(grid)
+
+
+def gelu_table(x: torch.Tensor) -> torch.Tensor:
+    """GELU by table: gelu(round(32 x) / 32) on the grid (round half to even), x above it; a NaN gives gelu(0)."""
+    half = GELU_TABLE_SIZE // 2
+    r = torch.round(x * GELU_GRID_STEPS)
+    index = torch.nan_to_num(r, nan=0.0).clamp(-half, half - 1).long() + half
+    return torch.where(r > half - 1, x, gelu_table_values().to(x.device)[index])
+
+
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     """LayerNorm over the last dimension (biased variance) in double, rounded once to float32."""
     xd = x.double()

@@ -116,10 +116,10 @@ class KernelLayerNorm(nn.LayerNorm):
 
 
 class KernelGELU(nn.GELU):
-    """Exact (erf) GELU computed as the kernels compute it (arith.gelu) when kernel_arithmetic()."""
+    """Exact (erf) GELU; GELU by table as the kernels compute it (arith.gelu_table) when kernel_arithmetic()."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return arith.gelu(x) if kernel_arithmetic() and not _exporting() else super().forward(x)
+        return arith.gelu_table(x) if kernel_arithmetic() and not _exporting() else super().forward(x)
 
 
 def _exporting() -> bool:

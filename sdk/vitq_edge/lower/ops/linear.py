@@ -7,8 +7,9 @@
 x float [..., K] -> out float [..., N]. Step by step (the C++ kernel does the same):
 
 1. prologue: 0 none, 1 LayerNorm over K (norm_weight, norm_bias [K], norm_eps),
-   2 GELU (erf form), both as quant/arith.py defines them (layer_norm, gelu). Fusing
-   them is what keeps LayerNorm's output from ever being written in float.
+   2 GELU (by table, its exact erf form on a grid), both as quant/arith.py defines them
+   (layer_norm, gelu_table). Fusing them is what keeps LayerNorm's output from ever
+   being written in float.
 2. input codes, uniform: c = clamp(round(x / s) + z, qmin, qmax) with (s, z) from
    input_scale / input_zero, shape [1] (per tensor) or [T] (per token position, the
    PPOQ quantizer: T = x.shape[-2]).
@@ -59,7 +60,7 @@ def apply_prologue(x: torch.Tensor, prologue: int, norm_weight: torch.Tensor, no
     if prologue == PROLOGUE_LAYER_NORM:
         return arith.layer_norm(x, norm_weight, norm_bias, norm_eps)
     if prologue == PROLOGUE_GELU:
-        return arith.gelu(x)
+        return arith.gelu_table(x)
     return x
 
 
