@@ -46,21 +46,27 @@ inline float clamp_code(float c, float lo, float hi) {
 }
 #endif
 
+// clamp(round(v) + zero, qmin, qmax): uniform_code of v = x / scale (and
+// arith.integer_softmax_codes' probability codes, v = f32(E) * factor).
+inline float uniform_code_of_ratio(float v, float zero, float qmin, float qmax) {
+#if defined(__aarch64__)
+  // Without the first clamp: frintn rounds any float, and a NaN, an infinity
+  // or a value beyond the bounds reaches the same code through the last clamp
+  // (fmaxnm takes qmin over a NaN). Two instructions fewer per vector coded.
+  return clamp_code(round_half_even_small(v) + zero, qmin, qmax);
+#else
+  v = clamp_code(v, qmin - zero - 1.0f, qmax - zero + 1.0f);
+  return clamp_code(round_half_even_small(v) + zero, qmin, qmax);
+#endif
+}
+
 // arith.uniform_codes: clamp(round(x / scale) + zero, qmin, qmax). A true
 // division (not a multiply by 1/scale): torch divides. x / scale is first
 // clamped to [qmin - zero - 1, qmax - zero + 1], which changes no code (those
 // bounds are integers, rounding is monotonic) but lets the rounding assume a
 // small value (and a NaN still becomes qmin).
 inline float uniform_code(float x, float scale, float zero, float qmin, float qmax) {
-#if defined(__aarch64__)
-  // Without the first clamp: frintn rounds any float, and a NaN, an infinity
-  // or a value beyond the bounds reaches the same code through the last clamp
-  // (fmaxnm takes qmin over a NaN). Two instructions fewer per vector coded.
-  return clamp_code(round_half_even_small(x / scale) + zero, qmin, qmax);
-#else
-  const float v = clamp_code(x / scale, qmin - zero - 1.0f, qmax - zero + 1.0f);
-  return clamp_code(round_half_even_small(v) + zero, qmin, qmax);
-#endif
+  return uniform_code_of_ratio(x / scale, zero, qmin, qmax);
 }
 
 // arith.log_codes: levels delta * 2^(-q/k), q = 0 .. 2^b - 2; zero_code =
@@ -320,6 +326,35 @@ inline int gelu_grid_index(float x) {
 inline float gelu_table(const float* values, float x) {
   return gelu_above_grid(x) ? x : values[gelu_grid_index(x)];
 }
+
+// arith.exp2_fixed: ~2^20 2^(-y/256) for integers 0 <= y <= kSoftmaxExpCap,
+// a cubic in integers on y mod 256 (arithmetic shifts floor, as Python's >>),
+// shifted right by y / 256 octaves. Every product stays within int32.
+constexpr int32_t kSoftmaxExpSteps = 256;
+constexpr int32_t kSoftmaxExpCap = 20 * kSoftmaxExpSteps;
+constexpr int32_t kExp2Cubic[4] = {1048500, -724617, 241328, -40966};  // c0 .. c3
+
+inline int32_t exp2_fixed(int32_t y) {
+  const int32_t f = y & (kSoftmaxExpSteps - 1);
+  int32_t p = kExp2Cubic[3];
+  p = kExp2Cubic[2] + ((p * f) >> 8);
+  p = kExp2Cubic[1] + ((p * f) >> 8);
+  p = kExp2Cubic[0] + ((p * f) >> 8);
+  return p >> (y >> 8);
+}
+
+#if defined(__aarch64__)
+// (p f) >> 8 as sqdmulh(p, f 2^23) = (2 p f 2^23) >> 32, the same floor in one
+// instruction, and the constants added by a three-operand add (an
+// accumulating shift overwrote them: GCC copied a register for each).
+inline int32x4_t exp2_fixed_x4(int32x4_t y) {
+  const int32x4_t f = vshlq_n_s32(vandq_s32(y, vdupq_n_s32(kSoftmaxExpSteps - 1)), 23);
+  int32x4_t p = vaddq_s32(vqdmulhq_s32(vdupq_n_s32(kExp2Cubic[3]), f), vdupq_n_s32(kExp2Cubic[2]));
+  p = vaddq_s32(vqdmulhq_s32(p, f), vdupq_n_s32(kExp2Cubic[1]));
+  p = vaddq_s32(vqdmulhq_s32(p, f), vdupq_n_s32(kExp2Cubic[0]));
+  return vshlq_s32(p, vnegq_s32(vshrq_n_s32(y, 8)));  // a negative shift: arithmetic right
+}
+#endif
 
 // arith.log_values for one code: delta * 2^(-code / k), the power in double
 // rounded once to float; exactly 0 for the zero code.

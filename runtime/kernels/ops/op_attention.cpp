@@ -3,10 +3,13 @@
 //
 //   qkv float [B, T, 3C] (q | k | v, heads inside each, C = H * D) -> out float [B, T, C]
 //   1. q, k, v codes per tensor, c = clamp(round(x / s) + z, qmin, qmax);
-//   2. scores[i][j] = (sum_d (cq - zq)(ck - zk)) [int32] * q_scale * k_scale * scale;
-//   uniform probability codes (p_log_bits == 0):
-//   3. softmax over j (arith.softmax: exp_nonpositive, the sum in double);
-//   4. probability codes (p_scale, p_zero, p_qmin, p_qmax);
+//   2. dot[i][j] = sum_d (cq - zq)(ck - zk) [int32]; alpha = q_scale * k_scale * scale;
+//   uniform probability codes (p_log_bits == 0; arith.integer_softmax_codes), in
+//   integers but for one product per score and per code and one division per row:
+//   3. Y_j = min(round(f32(m - dot_j) * f32(256 log2(e) alpha)), 5120) below the
+//      row's largest dot product m; E_j = exp2_fixed(Y_j) ~ 2^20 exp(-alpha (m - dot_j));
+//   4. codes c_j = clamp(round(f32(E_j) * f32(1 / (sum_j E_j * p_scale))) + p_zero,
+//      p_qmin, p_qmax), the sum in int64;
 //   5. out[i] = sum_j (cp_j - zp)(cv_j - zv) [int32] * p_scale * v_scale;
 //   log probability codes (arith.integer_log_attention), in integers but for one
 //   product per score and one division per row:
@@ -192,16 +195,14 @@ VITQ_INLINE void dot_rows(const int16_t* a, size_t lda, size_t rows_a, const int
 }
 
 // Stored codes c - offset of a row of n values (vectorizes), zero padded to
-// `width`; returns their sum. kScaled: the codes of f32(x * factor) (softmax's
-// probabilities: the exponentials times f32(1 / sum), softmax_exp_row).
-template <class Code, bool kScaled = false>
+// `width`; returns their sum.
+template <class Code>
 VITQ_INLINE int32_t code_row(const float* __restrict x, size_t n, const Uniform& u, float offset, Code* __restrict dst,
-                        size_t width, float factor = 1.0f) {
+                             size_t width) {
   const float s = u.scale, z = u.zero, lo = u.qmin, hi = u.qmax;
   int32_t sum = 0;
   for (size_t i = 0; i < n; ++i) {
-    const float v = kScaled ? x[i] * factor : x[i];
-    const int32_t a = static_cast<int32_t>(uniform_code(v, s, z, lo, hi) - offset);
+    const int32_t a = static_cast<int32_t>(uniform_code(x[i], s, z, lo, hi) - offset);
     dst[i] = static_cast<Code>(a);
     sum += a;
   }
@@ -209,72 +210,20 @@ VITQ_INLINE int32_t code_row(const float* __restrict x, size_t n, const Uniform&
   return sum;
 }
 
-// max(m, x) for a running maximum m (never a NaN): a NaN x is skipped, as
-// aarch64's fmaxnm does (softmax_exp_row); a zero's sign may differ between the
-// two, which exp(s - max) does not see.
-inline float running_max(float m, float x) { return x > m ? x : m; }
-
-// arith.softmax of one row of scores but for the last product: the
-// exponentials exp(s - max) in place, and f32(1 / sum) returned (the sum in
-// double; any order gives the same float reciprocal but for ~1e-16). The
-// probabilities, exponential times reciprocal, are formed while coding them
-// (code_row<.., true>): one pass over the row fewer.
-VITQ_INLINE float softmax_exp_row(float* __restrict p, size_t n) {
-  constexpr size_t kMaxLanes = 8;
-  // The maximum over kMaxLanes interleaved running maxima (vectorizes; any
-  // order gives the same maximum).
-  float lane_max[kMaxLanes];
-  size_t j = 0;
-#if defined(__aarch64__)
-  // By hand: GCC's vectorizer left this loop scalar in some inlining contexts.
-  float32x4_t max_lo = vdupq_n_f32(-std::numeric_limits<float>::infinity()), max_hi = max_lo;
-  for (; j + kMaxLanes <= n; j += kMaxLanes) {
-    max_lo = vmaxnmq_f32(max_lo, vld1q_f32(p + j));
-    max_hi = vmaxnmq_f32(max_hi, vld1q_f32(p + j + 4));
+// The same for a row of uniform probability codes from the exponentials E
+// (softmax_exp_row): round(f32(E) * factor) + zero, clamped (vectorizes).
+template <class Code>
+VITQ_INLINE int32_t probability_code_row(const int32_t* __restrict e, size_t n, const Uniform& u, float offset,
+                                         float factor, Code* __restrict dst, size_t width) {
+  const float z = u.zero, lo = u.qmin, hi = u.qmax;
+  int32_t sum = 0;
+  for (size_t i = 0; i < n; ++i) {
+    const int32_t a = static_cast<int32_t>(uniform_code_of_ratio(static_cast<float>(e[i]) * factor, z, lo, hi) - offset);
+    dst[i] = static_cast<Code>(a);
+    sum += a;
   }
-  vst1q_f32(lane_max, max_lo);
-  vst1q_f32(lane_max + 4, max_hi);
-#else
-  for (size_t l = 0; l < kMaxLanes; ++l) lane_max[l] = -std::numeric_limits<float>::infinity();
-  for (; j + kMaxLanes <= n; j += kMaxLanes)
-    for (size_t l = 0; l < kMaxLanes; ++l) lane_max[l] = running_max(lane_max[l], p[j + l]);
-#endif
-  float max_score = lane_max[0];
-  for (size_t l = 1; l < kMaxLanes; ++l) max_score = lane_max[l] > max_score ? lane_max[l] : max_score;
-  for (; j < n; ++j) max_score = p[j] > max_score ? p[j] : max_score;
-  // The exponentials and their sum: kSums interleaved partial sums (vector
-  // lanes), then the rest.
-  constexpr size_t kSums = 4;
-  j = 0;
-#if defined(__aarch64__)
-  // By hand, as the maximum above: four exponentials per step, their double
-  // sums in two registers.
-  const float32x4_t m = vdupq_n_f32(max_score);
-  float64x2_t sum_lo = vdupq_n_f64(0.0), sum_hi = sum_lo;  // lanes 0, 1 and 2, 3
-  for (; j + kSums <= n; j += kSums) {
-    const float32x4_t e = exp_nonpositive_x4(vsubq_f32(vld1q_f32(p + j), m));
-    vst1q_f32(p + j, e);
-    sum_lo = vaddq_f64(sum_lo, vcvt_f64_f32(vget_low_f32(e)));
-    sum_hi = vaddq_f64(sum_hi, vcvt_high_f64_f32(e));
-  }
-  double sum = (vgetq_lane_f64(sum_lo, 0) + vgetq_lane_f64(sum_lo, 1)) +
-               (vgetq_lane_f64(sum_hi, 0) + vgetq_lane_f64(sum_hi, 1));
-  for (; j < n; ++j) {
-    p[j] = exp_nonpositive(p[j] - max_score);
-    sum += p[j];
-  }
-#else
-  // Two passes: fused, GCC vectorizes the exponentials four lanes wide
-  // instead of eight (AVX2): DeiT-Tiny's attention op took 0.49 ms on this
-  // 2-core host against 0.40 ms in two passes.
-  for (j = 0; j < n; ++j) p[j] = exp_nonpositive(p[j] - max_score);
-  double lane_sum[kSums] = {0.0, 0.0, 0.0, 0.0};
-  for (j = 0; j + kSums <= n; j += kSums)
-    for (size_t l = 0; l < kSums; ++l) lane_sum[l] += p[j + l];
-  double sum = (lane_sum[0] + lane_sum[1]) + (lane_sum[2] + lane_sum[3]);
-  for (; j < n; ++j) sum += p[j];
-#endif
-  return static_cast<float>(1.0 / sum);
+  std::fill(dst + n, dst + width, Code{0});
+  return sum;
 }
 
 // The same codes written down a column: dst[e * stride], for V^T.
@@ -375,6 +324,7 @@ struct AttentionJob {
   size_t tk, dv;
   float alpha;       // q_scale * k_scale * scale
   Uniform p;         // uniform probability codes (log_bits == 0)
+  float exp_factor;  // their exponentials' factor, f32(256 log2(e) alpha)
   int log_bits;
   // Log codes (log_bits > 0): u = min(round(f32(m - dot) * log_factor), zero_code).
   float log_factor;
@@ -429,24 +379,41 @@ VITQ_INLINE void row_dots(const AttentionJob& job, size_t bh, size_t i0, size_t 
   }
 }
 
-// Scores of rows [i0, i0 + rows) of head bh against all keys: the exact int32
-// dot products (in dots) times alpha, into scores [rows][T].
-VITQ_INLINE void score_rows(const AttentionJob& job, size_t bh, size_t i0, size_t rows, int32_t* dots,
-                            float* scores) {
-  row_dots(job, bh, i0, rows, dots);
-  const size_t t = job.t;
-  if (job.q.int8)  // the offsets' terms added back, then the scale
-    scale_int8_sums(dots, t, job.q.sums + bh * t + i0, job.q.shift, rows, job.k.packed[bh].weight_sums.data(),
-                    job.k.shift, t, job.d, job.alpha, scores, t);
-  else
-    scale_sums(dots, t, rows, t, job.alpha, scores, t);
-}
-
 // A row's largest score s_j = dots[j] + key_terms[j] (the reference of its codes).
 inline int32_t row_max(const int32_t* dots, const int32_t* key_terms, size_t t) {
   int32_t m = dots[0] + key_terms[0];
   for (size_t j = 1; j < t; ++j) m = std::max(m, dots[j] + key_terms[j]);  // vectorizes
   return m;
+}
+
+// Step 3 for uniform probability codes, one row: the exponentials E_j of its
+// scores s_j = dots[j] + key_terms[j], in place over dots; returns the codes'
+// factor f32(1 / (sum E * p_scale)) (the sum exact, in int64).
+VITQ_INLINE float softmax_exp_row(const AttentionJob& job, int32_t* __restrict dots,
+                                  const int32_t* __restrict key_terms, size_t n) {
+  const int32_t m = row_max(dots, key_terms, n);
+  const float factor = job.exp_factor, cap = static_cast<float>(kSoftmaxExpCap);
+  int64_t sum = 0;
+  size_t j = 0;
+#if defined(__aarch64__)
+  const int32x4_t mv = vdupq_n_s32(m), cap_v = vdupq_n_s32(kSoftmaxExpCap);
+  const float32x4_t factor_v = vdupq_n_f32(factor);
+  int64x2_t sums = vdupq_n_s64(0);
+  for (; j + 4 <= n; j += 4) {
+    const int32x4_t s = vaddq_s32(vld1q_s32(dots + j), vld1q_s32(key_terms + j));
+    const float32x4_t y = vmulq_f32(vcvtq_f32_s32(vsubq_s32(mv, s)), factor_v);
+    const int32x4_t e = exp2_fixed_x4(vminq_s32(vcvtnq_s32_f32(y), cap_v));  // saturating: then the cap
+    vst1q_s32(dots + j, e);
+    sums = vpadalq_s32(sums, e);
+  }
+  sum = vaddvq_s64(sums);
+#endif
+  for (; j < n; ++j) {  // the cap first: the rounding then sees a small value
+    const float y = std::min(static_cast<float>(m - (dots[j] + key_terms[j])) * factor, cap);
+    dots[j] = exp2_fixed(static_cast<int32_t>(round_half_even_small(y)));
+    sum += dots[j];
+  }
+  return static_cast<float>(1.0 / (static_cast<double>(sum) * static_cast<double>(job.p.scale)));
 }
 
 // Steps 3 and 4 for one score s below its row's largest m: the code u =
@@ -605,10 +572,10 @@ VITQ_INLINE void log_weighted_rows(const int16_t* lk, size_t tk, const int16_t* 
 }
 #endif
 
-// A.V for `rows` rows of uniform probability codes cp - zp, the codes of the
-// probabilities exps[r][j] * inv_sums[r] (softmax_exp_row):
+// Steps 4 and 5 for `rows` rows: uniform probability codes cp - zp of the
+// exponentials exps[r][j] (softmax_exp_row) times factors[r], then
 // out[r * ldo + c] = sum_j (cp_j - zp)(cv_j - zv) [exact int32, in iacc] * out_scale.
-VITQ_INLINE void weighted_values(const AttentionJob& job, size_t bh, const float* exps, const float* inv_sums,
+VITQ_INLINE void weighted_values(const AttentionJob& job, size_t bh, const int32_t* exps, const float* factors,
                                  size_t rows, int32_t* iacc, float* out, size_t ldo) {
   const size_t t = job.t, d = job.d;
   if (job.v.int8) {
@@ -618,7 +585,7 @@ VITQ_INLINE void weighted_values(const AttentionJob& job, size_t bh, const float
     const float offset = int8_offset(job.p);
     int32_t p_sums[kRowTile];
     for (size_t r = 0; r < rows; ++r)
-      p_sums[r] = code_row<int8_t, true>(exps + r * t, t, job.p, offset, pcodes + r * width, width, inv_sums[r]);
+      p_sums[r] = probability_code_row(exps + r * t, t, job.p, offset, factors[r], pcodes + r * width, width);
     const Qs8Gemm& values = job.v.packed[bh];
     qs8_gemm_sums(values, pcodes, width, rows, iacc, d);
     scale_int8_sums(iacc, d, p_sums, static_cast<int32_t>(offset - job.p.zero), rows, values.weight_sums.data(),
@@ -628,7 +595,7 @@ VITQ_INLINE void weighted_values(const AttentionJob& job, size_t bh, const float
     thread_local Scratch<int16_t> pcodes_buf;
     int16_t* pcodes = pcodes_buf.get(kRowTile * width, 0);
     for (size_t r = 0; r < rows; ++r)
-      code_row<int16_t, true>(exps + r * t, t, job.p, job.p.zero, pcodes + r * width, width, inv_sums[r]);
+      probability_code_row(exps + r * t, t, job.p, job.p.zero, factors[r], pcodes + r * width, width);
     dot_rows(pcodes, width, rows, job.v.rows<int16_t>(bh * d, width), width, d, width, iacc, d);
     scale_sums(iacc, d, rows, d, job.out_scale, out, ldo);
   }
@@ -761,14 +728,15 @@ VITQ_HOT_LOOPS __attribute__((noinline)) void log_tile(const AttentionJob& job, 
     log_values(job, bh, dots, rows, key_terms, out, job.heads * job.d);
 }
 
-// The same for uniform probability codes: the scores (exact int32 dot
-// products, one float scale), softmax per row, its codes and A.V.
+// The same for uniform probability codes: the dot products, the integer
+// exponentials per row, their codes and A.V.
 VITQ_HOT_LOOPS __attribute__((noinline)) void uniform_tile(const AttentionJob& job, size_t bh, size_t i0, size_t rows,
-                                                           int32_t* dots, float* probs, int32_t* iacc, float* out) {
-  score_rows(job, bh, i0, rows, dots, probs);
-  float inv_sums[kRowTile];
-  for (size_t r = 0; r < rows; ++r) inv_sums[r] = softmax_exp_row(probs + r * job.t, job.t);
-  weighted_values(job, bh, probs, inv_sums, rows, iacc, out, job.heads * job.d);
+                                                           const int32_t* key_terms, int32_t* dots, int32_t* iacc,
+                                                           float* out) {
+  row_dots(job, bh, i0, rows, dots);
+  float factors[kRowTile];
+  for (size_t r = 0; r < rows; ++r) factors[r] = softmax_exp_row(job, dots + r * job.t, key_terms, job.t);
+  weighted_values(job, bh, dots, factors, rows, iacc, out, job.heads * job.d);
 }
 
 VITQ_HOT_LOOPS void attention_task(const AttentionJob& job, size_t task) {
@@ -777,12 +745,10 @@ VITQ_HOT_LOOPS void attention_task(const AttentionJob& job, size_t task) {
   const size_t t = job.t, d = job.d;
 
   thread_local Scratch<int32_t> dots_buf, iacc_buf, key_terms_buf;
-  thread_local Scratch<float> probs_buf;
   int32_t* dots = dots_buf.get(kRowTile * t, 0);
-  float* probs = probs_buf.get(kRowTile * t, 0);
   int32_t* iacc = iacc_buf.get(kRowTile * d, 0);
-  int32_t* key_terms = job.log_bits ? key_terms_buf.get(t, 0) : nullptr;
-  if (key_terms != nullptr) key_terms_of(job, bh, key_terms);
+  int32_t* key_terms = key_terms_buf.get(t, 0);
+  key_terms_of(job, bh, key_terms);
 
   const size_t row_begin = block * job.rows_per_block;
   const size_t row_end = std::min(t, row_begin + job.rows_per_block);
@@ -792,7 +758,7 @@ VITQ_HOT_LOOPS void attention_task(const AttentionJob& job, size_t task) {
     if (job.log_bits)
       log_tile(job, bh, i0, rows, key_terms, dots, out);
     else
-      uniform_tile(job, bh, i0, rows, dots, probs, iacc, out);
+      uniform_tile(job, bh, i0, rows, key_terms, dots, iacc, out);
   }
 }
 
@@ -846,7 +812,7 @@ std::string check_attention_args(const Tensor& qkv, const AttentionArgs& a) {
       return "log probability codes need p_scale > 0 and p_steps_per_octave in [1, 64]";
   }
   if (!std::isfinite(a.scale)) return "scale must be finite";
-  if (a.p_log_bits != 0 && !(a.scale > 0.0)) return "log probability codes need scale > 0";
+  if (!(a.scale > 0.0)) return "scale must be > 0 (the probability codes are below each row's largest score)";
   // The int32 sums must not overflow: |cq-zq| |ck-zk| D and |cp-zp| |cv-zv| T (for log codes, level_bits
   // keeps L |cv-zv| T within int32).
   const size_t t = static_cast<size_t>(qkv.size(1)), d = static_cast<size_t>(c3 / (3 * a.num_heads));
@@ -859,13 +825,13 @@ std::string check_attention_args(const Tensor& qkv, const AttentionArgs& a) {
                           ? static_cast<double>(make_uniform(a.p_scale, a.p_zero, a.p_qmin, a.p_qmax).max_abs)
                           : std::ldexp(1.0, std::max(p_bits, 0));
   const double pv_bound = pmax * uv.max_abs * static_cast<double>(t);
-  if (a.p_log_bits != 0) {  // the codes' factor k log2(e) alpha (make_attention_job) must be finite
-    const double alpha = static_cast<float>(static_cast<double>(uq.scale) * uk.scale * a.scale);
-    if (!std::isfinite(static_cast<float>(static_cast<double>(a.p_steps_per_octave) * kLog2e * alpha)))
-      return "q_scale * k_scale * scale too large for log probability codes";
-  }
-  // Log codes subtract dot products: twice their bound must fit.
-  const double dot_bound = a.p_log_bits == 0 ? qk_bound : 2.0 * qk_bound;
+  // The codes' factor, k log2(e) alpha or 256 log2(e) alpha (make_attention_job), must be finite.
+  const double alpha = static_cast<float>(static_cast<double>(uq.scale) * uk.scale * a.scale);
+  const double steps = a.p_log_bits == 0 ? kSoftmaxExpSteps : static_cast<double>(a.p_steps_per_octave);
+  if (!std::isfinite(static_cast<float>(steps * kLog2e * alpha)))
+    return "q_scale * k_scale * scale too large for the probability codes";
+  // The codes subtract dot products from the row's largest: twice their bound must fit.
+  const double dot_bound = 2.0 * qk_bound;
   if (!(dot_bound < 2147483647.0 && pv_bound < 2147483647.0 && p_bits >= 0))
     return message("head_dim %zu / tokens %zu too large for int32 sums at these code ranges", d, t);
   return "";
@@ -1004,6 +970,8 @@ std::unique_ptr<AttentionJob> make_attention_job(const StoredCodes& sc, const At
   job->log_bits = static_cast<int>(a.p_log_bits);
   if (a.p_log_bits == 0) {
     job->p = sc.p;
+    // arith.integer_softmax_codes: the exponentials' factor 256 log2(e) alpha (in double, rounded once).
+    job->exp_factor = static_cast<float>(kSoftmaxExpSteps * kLog2e * static_cast<double>(job->alpha));
     job->out_scale = static_cast<float>(static_cast<double>(job->p.scale) * sc.quant[2].scale);
   } else {
     // arith.integer_log_attention: the codes' factor k log2(e) alpha (in double, rounded once); the

@@ -249,7 +249,7 @@ def fake_shift_log(x: torch.Tensor, shift: torch.Tensor | float, delta: torch.Te
 
 # ---- float steps the kernels compute bit for bit ------------------------------------
 #
-# LayerNorm, GELU, exp and softmax sit between the integer ops; a 1-ulp difference in
+# LayerNorm and GELU (with its exp) sit between the integer ops; a 1-ulp difference in
 # any of them moves a value across the next quantizer's code boundary now and then.
 # So each has one definition here and in runtime/kernels/quant_math.h: either float32
 # operations in a fixed order (no fused multiply-add: the kernels build with
@@ -330,12 +330,6 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
     centered = xd - xd.mean(-1, keepdim=True)
     rstd = 1.0 / torch.sqrt((centered * centered).mean(-1, keepdim=True) + eps)
     return ((centered * rstd) * weight.double() + bias.double()).float()
-
-
-def softmax(scores: torch.Tensor) -> torch.Tensor:
-    """softmax over the last dimension: exp_nonpositive(s - max) * f32(1 / sum), the sum in double."""
-    e = exp_nonpositive(scores - scores.amax(-1, keepdim=True))
-    return e * (1.0 / e.double().sum(-1, keepdim=True)).float()
 
 
 # ---- integer products (what the kernels compute) -------------------------------------
@@ -425,14 +419,6 @@ def _score_factor(scale: float, q_params: tuple, k_params: tuple) -> float:
     return _f32(_f32(q_params[0]) * _f32(k_params[0]) * scale)
 
 
-def attention_probabilities(q: torch.Tensor, k: torch.Tensor, scale: float, q_params: tuple,
-                            k_params: tuple) -> torch.Tensor:
-    """softmax(q k^T * scale) on codes, as vitq::attention computes it before coding uniform
-    probabilities: the exact integer sums times one float factor, then `softmax`."""
-    dots = integer_matmul(_centered(q, q_params), _centered(k, k_params).transpose(-2, -1))
-    return softmax(dots * _score_factor(scale, q_params, k_params))
-
-
 # A.V on log probability codes sums integer levels: L(code) = round(2^P * 2^(-code / k)), held in int16,
 # so P <= 14; smaller where T * max|cv - zv| * 2^P would leave int32.
 MAX_LEVEL_BITS = 14
@@ -482,26 +468,65 @@ def integer_log_attention(dots: torch.Tensor, cv: torch.Tensor, alpha: float, v_
     return (levels @ cv.double()).float() * (v_scale / levels.sum(-1, keepdim=True)).float()
 
 
+# Uniform probability codes from the integer dot products: the softmax's exponentials exp(-alpha (m - dot))
+# = 2^-y, y = log2(e) alpha (m - dot) >= 0, in steps of 1/256 octave, as integers: 2^20 2^(-Y/256) ~
+# exp2_fixed(Y), a cubic in integers on the step within the octave (relative error < 7.5e-5), shifted right
+# by the octaves (0 from 20 octaves below the row's largest on).
+SOFTMAX_EXP_STEPS = 256
+SOFTMAX_EXP_CAP = 20 * SOFTMAX_EXP_STEPS
+_EXP2_CUBIC = (1048500, -724617, 241328, -40966)  # c0 .. c3 (fitted to 2^20 2^(-f/256) on f = 0 .. 255)
+
+
+def exp2_fixed(y: torch.Tensor) -> torch.Tensor:
+    """E(Y) = P(Y mod 256) >> (Y div 256), P(f) = c0 + (f (c1 + (f (c2 + (f c3 >> 8)) >> 8)) >> 8)
+    (shifts floor): ~2^20 2^(-Y/256) for integers 0 <= Y <= SOFTMAX_EXP_CAP (int64 in and out)."""
+    f, octaves = y & (SOFTMAX_EXP_STEPS - 1), y >> 8
+    p = torch.full_like(y, _EXP2_CUBIC[3])
+    for c in _EXP2_CUBIC[2::-1]:
+        p = c + ((p * f) >> 8)
+    return p >> octaves
+
+
+def integer_softmax_codes(dots: torch.Tensor, alpha: float, p_params: tuple) -> torch.Tensor:
+    """Uniform codes of softmax(alpha dots) over the last dimension, in integers but for one product per
+    score and per code and one division per row. dots: the exact integer q.k sums (float64).
+
+    Per row, with m its largest dot product: Y_j = min(round(f32(m - dot_j) * f32(256 log2(e) alpha)), cap),
+    E_j = exp2_fixed(Y_j), and the code of the probability E_j / sum E:
+        c_j = clamp(round(f32(E_j) * f32(1 / (sum_j E_j * p_scale))) + p_zero, qmin, qmax).
+    Replaces the float softmax (its exponentials, the sum in double, a division per code); chosen on
+    the validation split (docs/validation/integer-softmax-*.md).
+    """
+    s, z, qmin, qmax = p_params
+    m = dots.amax(-1, keepdim=True)
+    y = torch.round((m - dots).float() * _f32(SOFTMAX_EXP_STEPS * LOG2E_F64 * alpha)).clamp_(max=SOFTMAX_EXP_CAP)
+    e = exp2_fixed(y.long())
+    factor = (1.0 / (e.sum(-1, keepdim=True).double() * _f32(s))).float()
+    return torch.clamp(torch.round(e.float() * factor) + z, qmin, qmax)
+
+
 def integer_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                       q_params: tuple, k_params: tuple, v_params: tuple, p_uniform: tuple | None,
                       p_log: tuple | None) -> torch.Tensor:
     """softmax(q k^T * scale) v on codes, as the vitq::attention kernel computes it: [B, H, T, D] in and out.
 
     *_params = (scale, zero, qmin, qmax) of per-tensor uniform quantizers (floats / ints);
-    probabilities are coded by p_uniform (same form): float `softmax`, codes, A.V as an exact
+    probabilities are coded by p_uniform (same form): `integer_softmax_codes`, A.V as an exact
     integer sum times f32(p_scale * v_scale); or by p_log = (delta, bits, steps_per_octave):
     `integer_log_attention` (delta calibrates the float model's log quantizer; the integer codes
-    take the row's largest probability instead).
+    take the row's largest probability instead). Both need scale > 0.
     """
+    if not scale > 0:
+        raise ValueError("integer attention needs scale > 0")
     cv = _centered(v, v_params)
+    dots = integer_matmul(_centered(q, q_params), _centered(k, k_params).transpose(-2, -1), torch.float64)
+    alpha = _score_factor(scale, q_params, k_params)
     if p_uniform is not None:
-        probs = attention_probabilities(q, k, scale, q_params, k_params)
-        return integer_matmul(_centered(probs, p_uniform), cv) * _f32(_f32(p_uniform[0]) * _f32(v_params[0]))
+        codes = integer_softmax_codes(dots, alpha, p_uniform)
+        return integer_matmul(codes - p_uniform[1], cv) * _f32(_f32(p_uniform[0]) * _f32(v_params[0]))
     _, bits, steps = p_log
     _, v_zero, v_qmin, v_qmax = v_params
     p_bits = level_bits(k.shape[-2], max(abs(v_qmin - v_zero), abs(v_qmax - v_zero)))
-    if p_bits < 0 or not scale > 0:
-        raise ValueError("log probability codes need scale > 0 and tokens * max|cv - zv| within int32")
-    dots = integer_matmul(_centered(q, q_params), _centered(k, k_params).transpose(-2, -1), torch.float64)
-    return integer_log_attention(dots, cv, _score_factor(scale, q_params, k_params), _f32(v_params[0]), bits, steps,
-                                 p_bits)
+    if p_bits < 0:
+        raise ValueError("log probability codes need tokens * max|cv - zv| within int32")
+    return integer_log_attention(dots, cv, alpha, _f32(v_params[0]), bits, steps, p_bits)

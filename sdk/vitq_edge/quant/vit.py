@@ -16,7 +16,7 @@ transformation serves every recipe. What stays in float is listed in `FLOAT_OPS`
 the one place the build's manifest reads it from.
 
 By default (`arithmetic("kernel")`) the quantized model runs the kernels' arithmetic:
-integer sums scaled once, and LayerNorm, GELU, softmax and log codes as `arith` defines
+integer sums scaled once, and LayerNorm, GELU, the probability codes as `arith` defines
 them, so the lowered program (lower/integer_vit.py) computes the same floats, bit for
 bit, in every layer `why_not_integer` admits (the rule lowering uses too). Calibration and
 reconstruction run inside `arithmetic("fake-quant")`: the differentiable fake-quant
@@ -48,10 +48,12 @@ from vitq_edge.quant.quantizers import (
     UniformQuantizer,
 )
 
-# The arithmetic that stays float in every paper recipe (as in both papers' simulations).
+# The arithmetic that stays float in every paper recipe (as in both papers' simulations, but for the
+# softmax: the integer programs code its probabilities from the integer dot products, arith's
+# integer_softmax_codes and integer_log_attention; a program lowered as its float simulation, which the
+# manifest's program_arithmetic names, keeps torch's).
 FLOAT_OPS = [
     "layer_norm",
-    "softmax",
     "gelu",
     "residual add",
     "attention scale 1/sqrt(head_dim)",

@@ -10,9 +10,10 @@ inside each) -> out float [B, T, H*D] (heads concatenated, ready for proj). Per 
 
 1. q, k, v codes, uniform per tensor: c = clamp(round(x / s) + z, qmin, qmax);
 2. dot products (sum_d (cq - zq)(ck - zk)) [int32], alpha = q_scale * k_scale * scale;
-uniform probability codes (p_log_bits == 0):
-3. probabilities = softmax(alpha * dots) over keys (float);
-4. probability codes, uniform (p_scale, p_zero, p_qmin, p_qmax);
+uniform probability codes (p_log_bits == 0; arith.integer_softmax_codes), in integers:
+3. below the row's largest dot product m, Y = min(round(f32(m - dot) * f32(256 log2(e)
+   alpha)), 5120) and the exponential E = arith.exp2_fixed(Y) ~ 2^20 exp(-alpha (m - dot));
+4. probability codes c = clamp(round(f32(E) * f32(1 / (sum E * p_scale))) + p_zero, p_qmin, p_qmax);
 5. out = sum_j (cp_j - zp)(cv_j - zv) [int32] * p_scale * v_scale;
 log probability codes of p_log_bits bits, k = p_steps_per_octave (ADFQ-ViT's log softmax
 quantizer; arith.integer_log_attention):
