@@ -873,9 +873,11 @@ def test_kernel_arithmetic_is_the_default_whatever_the_grad_mode(tiny):
         assert vit.current_arithmetic() == "fake-quant"
         fake = qmodel(x)
     assert vit.current_arithmetic() == "kernel"
-    # Fake quantization computes the same values up to float rounding, by another path.
+    # Fake quantization computes nearly the same values by another path (torch's GELU and softmax where
+    # the kernels take GELU by table and integer exponentials): as far from the float model, within 0.5 dB.
     assert not torch.equal(fake.detach(), inference)
-    assert torch.allclose(fake.detach(), inference, atol=1e-3 * float(inference.abs().max()))
+    y = tiny[2]
+    assert abs(_sqnr(y, fake.detach()) - _sqnr(y, inference)) < 0.5
 
 
 def test_fake_quant_arithmetic_is_differentiable_and_kernel_arithmetic_is_not(tiny):
