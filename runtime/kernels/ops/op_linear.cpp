@@ -117,8 +117,7 @@ struct QuantizeJob {
   int64_t prologue;
   const float* norm_weight;
   const float* norm_bias;
-  const double* norm_weight_f64;  // the same in double (aarch64: layer_norm_codes)
-  const double* norm_bias_f64;
+  bool norm_finite;  // every norm_weight and norm_bias value finite
   double norm_eps;
   const float* scale;  // input_scale
   const float* zero;   // input_zero
@@ -135,92 +134,119 @@ struct QuantizeJob {
   const GeluTableCodes* gelu_codes;  // the GELU prologue's code table (aarch64, per-tensor codes), or null
 };
 
-#if defined(__aarch64__)
-// arith.layer_norm of one row and its codes in one pass (layer_norm_codes),
-// by hand: GCC's layer_norm_row wrote the row and quantize_row read it back,
-// with g and b converted to double for every row. The mean and 1 / std come
-// from the sums layer_norm_row forms: four interleaved partial sums (lanes 0,
-// 1 and 2, 3 of two registers), added (0 + 1) + (2 + 3), then the rest one by
-// one.
-struct RowMoments {
-  double mean, rstd;
-};
-inline double sum_halves(float64x2_t lo, float64x2_t hi) {
-  return (vgetq_lane_f64(lo, 0) + vgetq_lane_f64(lo, 1)) + (vgetq_lane_f64(hi, 0) + vgetq_lane_f64(hi, 1));
-}
-inline RowMoments layer_norm_moments(const float* __restrict x, size_t k, double eps) {
-  float64x2_t lo = vdupq_n_f64(0.0), hi = lo;
+// arith.layer_norm's sums of a row: kNormLanes interleaved float32 partial
+// sums, added ((0 + 1) + (2 + 3)) + ((4 + 5) + (6 + 7)), then the rest one by
+// one; of x itself (mean = 0) or of (x - mean)^2.
+constexpr size_t kNormLanes = 8;  // arith.LAYER_NORM_LANES
+
+template <bool kSquares>
+VITQ_INLINE float norm_row_sum(const float* __restrict x, size_t k, float mean) {
+  float part[kNormLanes];
   size_t i = 0;
-  for (; i + 4 <= k; i += 4) {
-    const float32x4_t v = vld1q_f32(x + i);
-    lo = vaddq_f64(lo, vcvt_f64_f32(vget_low_f32(v)));
-    hi = vaddq_f64(hi, vcvt_high_f64_f32(v));
+#if defined(__aarch64__)
+  // By hand: two registers, lanes 0-3 and 4-7.
+  float32x4_t lo = vdupq_n_f32(0.0f), hi = lo;
+  const float32x4_t m = vdupq_n_f32(mean);
+  for (; i + kNormLanes <= k; i += kNormLanes) {
+    float32x4_t a = vld1q_f32(x + i), b = vld1q_f32(x + i + 4);
+    if (kSquares) {
+      a = vsubq_f32(a, m);
+      b = vsubq_f32(b, m);
+      a = vmulq_f32(a, a);
+      b = vmulq_f32(b, b);
+    }
+    lo = vaddq_f32(lo, a);
+    hi = vaddq_f32(hi, b);
   }
-  double sum = sum_halves(lo, hi);
-  for (; i < k; ++i) sum += x[i];
-  const double mean = sum / static_cast<double>(k);
-  const float64x2_t m = vdupq_n_f64(mean);
-  lo = hi = vdupq_n_f64(0.0);
-  for (i = 0; i + 4 <= k; i += 4) {
-    const float32x4_t v = vld1q_f32(x + i);
-    const float64x2_t d0 = vsubq_f64(vcvt_f64_f32(vget_low_f32(v)), m);
-    const float64x2_t d1 = vsubq_f64(vcvt_high_f64_f32(v), m);
-    lo = vaddq_f64(lo, vmulq_f64(d0, d0));
-    hi = vaddq_f64(hi, vmulq_f64(d1, d1));
-  }
-  double sq = sum_halves(lo, hi);
+  vst1q_f32(part, lo);
+  vst1q_f32(part + 4, hi);
+#else
+  for (size_t l = 0; l < kNormLanes; ++l) part[l] = 0.0f;
+  for (; i + kNormLanes <= k; i += kNormLanes)
+    for (size_t l = 0; l < kNormLanes; ++l) {
+      const float d = kSquares ? x[i + l] - mean : x[i + l];
+      part[l] += kSquares ? d * d : d;
+    }
+#endif
+  float sum = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
   for (; i < k; ++i) {
-    const double d = x[i] - mean;
-    sq += d * d;
+    const float d = kSquares ? x[i] - mean : x[i];
+    sum += kSquares ? d * d : d;
   }
-  return {mean, 1.0 / std::sqrt(sq / static_cast<double>(k) + eps)};
+  return sum;
 }
 
+// arith.layer_norm's mean and 1 / std of a row (rstd: in double, rounded once).
+struct RowMoments {
+  float mean, rstd;
+};
+VITQ_INLINE RowMoments layer_norm_moments(const float* __restrict x, size_t k, double eps) {
+  const float n = static_cast<float>(k);
+  const float mean = norm_row_sum<false>(x, k, 0.0f) / n;
+  const float var = norm_row_sum<true>(x, k, mean) / n;
+  return {mean, static_cast<float>(1.0 / std::sqrt(static_cast<double>(var) + eps))};
+}
+
+#if defined(__aarch64__)
 // The constants of layer_norm_codes' vector steps.
 struct NormCoding {
-  float64x2_t mean, rstd;
-  float32x4_t scale, zero, qmin, qmax, threshold;
+  float32x4_t mean, rstd, scale, zero, qmin, qmax, threshold;
+  int32x4_t shift;  // z - offset
 };
 
 // Four values of layer_norm_codes: the codes as int32 (c - offset added by
-// the caller), y into `y` when kOutliers.
-template <bool kOutliers>
-inline int32x4_t norm_codes4(const NormCoding& nc, const float* x, const double* g, const double* b, float* y) {
-  const float32x4_t v = vld1q_f32(x);
-  float64x2_t d0 = vmulq_f64(vsubq_f64(vcvt_f64_f32(vget_low_f32(v)), nc.mean), nc.rstd);
-  float64x2_t d1 = vmulq_f64(vsubq_f64(vcvt_high_f64_f32(v), nc.mean), nc.rstd);
-  d0 = vaddq_f64(vmulq_f64(d0, vld1q_f64(g)), vld1q_f64(b));
-  d1 = vaddq_f64(vmulq_f64(d1, vld1q_f64(g + 2)), vld1q_f64(b + 2));
-  float32x4_t yv = vcvt_high_f32_f64(vcvt_f32_f64(d0), d1);
+// the caller), y into `y` when kOutliers. kNarrowClamps: round(y / s) + z -
+// offset unclamped (saturating; fcvtns rounds half to even), for 8-bit codes
+// whose saturating narrowing is the clamp, and finite y (a NaN would get z).
+template <bool kOutliers, bool kNarrowClamps>
+inline int32x4_t norm_codes4(const NormCoding& nc, const float* x, const float* g, const float* b, float* y) {
+  float32x4_t yv = vmulq_f32(vsubq_f32(vld1q_f32(x), nc.mean), nc.rstd);
+  yv = vaddq_f32(vmulq_f32(yv, vld1q_f32(g)), vld1q_f32(b));
   if (kOutliers) {  // outliers get the code of 0
     vst1q_f32(y, yv);
     yv = vreinterpretq_f32_u32(vbicq_u32(vreinterpretq_u32_f32(yv), vcagtq_f32(yv, nc.threshold)));
   }
+  if (kNarrowClamps) return vqaddq_s32(vcvtnq_s32_f32(vdivq_f32(yv, nc.scale)), nc.shift);
   const float32x4_t c = vaddq_f32(vrndnq_f32(vdivq_f32(yv, nc.scale)), nc.zero);
   return vcvtq_s32_f32(vminnmq_f32(vmaxnmq_f32(c, nc.qmin), nc.qmax));  // exact: an integer in [qmin, qmax]
 }
 
-// LayerNorm's output y = f32(((x - mean) * rstd) * g + b) as layer_norm_row
-// (g, b in double), and quantize_row's codes of y into dst (with kOutliers,
-// y itself into `y`, for collect_outliers). Returns sum (c - z) when kRowSum.
+// arith.layer_norm of one row and quantize_row's codes of it in one pass
+// (GCC's layer_norm_row wrote the row and quantize_row read it back): y =
+// ((x - mean) * rstd) * g + b, its codes into dst (with kOutliers, y itself
+// into `y`, for collect_outliers). Returns sum (c - z) when kRowSum.
+// finite_weights: g and b all finite (then y is finite wherever the row's
+// moments are: every x - mean was squared into a finite variance).
 template <bool kOutliers, bool kRowSum>
-int32_t layer_norm_codes(const float* __restrict x, size_t k, RowMoments mo, const double* __restrict g,
-                         const double* __restrict b, float s, float z, float qmin, float qmax, float threshold,
-                         int32_t offset, float* __restrict y, int8_t* __restrict dst) {
-  const NormCoding nc{vdupq_n_f64(mo.mean), vdupq_n_f64(mo.rstd), vdupq_n_f32(s),       vdupq_n_f32(z),
-                      vdupq_n_f32(qmin),    vdupq_n_f32(qmax),   vdupq_n_f32(threshold)};
+int32_t layer_norm_codes(const float* __restrict x, size_t k, RowMoments mo, const float* __restrict g,
+                         const float* __restrict b, bool finite_weights, float s, float z, float qmin, float qmax,
+                         float threshold, int32_t offset, float* __restrict y, int8_t* __restrict dst) {
+  const NormCoding nc{vdupq_n_f32(mo.mean), vdupq_n_f32(mo.rstd), vdupq_n_f32(s),
+                      vdupq_n_f32(z),       vdupq_n_f32(qmin),    vdupq_n_f32(qmax),
+                      vdupq_n_f32(threshold), vdupq_n_s32(static_cast<int32_t>(z) - offset)};
   const int32x4_t off = vdupq_n_s32(offset);
   int32x4_t sums = vdupq_n_s32(0);
   size_t i = 0;
+  if (finite_weights && std::isfinite(mo.mean) && std::isfinite(mo.rstd) && qmin - offset == -128.0f &&
+      qmax - qmin == 255.0f) {
+    // 8-bit codes, y finite: the saturating narrowing clamps (7 instructions per 4 codes fewer).
+    for (; i + 8 <= k; i += 8) {
+      const int32x4_t a0 = norm_codes4<kOutliers, true>(nc, x + i, g + i, b + i, y + i);
+      const int32x4_t a1 = norm_codes4<kOutliers, true>(nc, x + i + 4, g + i + 4, b + i + 4, y + i + 4);
+      const int8x8_t codes = vqmovn_s16(vcombine_s16(vqmovn_s32(a0), vqmovn_s32(a1)));
+      if (kRowSum) sums = vpadalq_s16(sums, vmovl_s8(codes));
+      vst1_s8(dst + i, codes);
+    }
+  }
   for (; i + 8 <= k; i += 8) {
-    const int32x4_t a0 = vsubq_s32(norm_codes4<kOutliers>(nc, x + i, g + i, b + i, y + i), off);
-    const int32x4_t a1 = vsubq_s32(norm_codes4<kOutliers>(nc, x + i + 4, g + i + 4, b + i + 4, y + i + 4), off);
+    const int32x4_t a0 = vsubq_s32(norm_codes4<kOutliers, false>(nc, x + i, g + i, b + i, y + i), off);
+    const int32x4_t a1 = vsubq_s32(norm_codes4<kOutliers, false>(nc, x + i + 4, g + i + 4, b + i + 4, y + i + 4), off);
     if (kRowSum) sums = vaddq_s32(sums, vaddq_s32(a0, a1));
     vst1_s8(dst + i, vmovn_s16(vcombine_s16(vmovn_s32(a0), vmovn_s32(a1))));
   }
   int32_t sum = kRowSum ? vaddvq_s32(sums) + static_cast<int32_t>(i) * (offset - static_cast<int32_t>(z)) : 0;
   for (; i < k; ++i) {
-    float v = static_cast<float>(((x[i] - mo.mean) * mo.rstd) * g[i] + b[i]);
+    float v = ((x[i] - mo.mean) * mo.rstd) * g[i] + b[i];
     if (kOutliers) {
       y[i] = v;
       if (std::fabs(v) > threshold) v = 0.0f;
@@ -232,34 +258,11 @@ int32_t layer_norm_codes(const float* __restrict x, size_t k, RowMoments mo, con
   return sum;
 }
 #else
-// arith.layer_norm of one row: everything in double (biased variance), each
-// output rounded once to float, so the summation order does not show (the
-// sums run as kSums interleaved partial sums, which vectorize).
+// arith.layer_norm of one row into y.
 VITQ_HOT_LOOPS void layer_norm_row(const float* __restrict x, size_t k, const float* __restrict g,
                                    const float* __restrict b, double eps, float* __restrict y) {
-  constexpr size_t kSums = 4;
-  double part[kSums] = {0.0, 0.0, 0.0, 0.0};
-  size_t i = 0;
-  for (; i + kSums <= k; i += kSums)
-    for (size_t l = 0; l < kSums; ++l) part[l] += x[i + l];
-  double sum = (part[0] + part[1]) + (part[2] + part[3]);
-  for (; i < k; ++i) sum += x[i];
-  const double mean = sum / static_cast<double>(k);
-  for (size_t l = 0; l < kSums; ++l) part[l] = 0.0;
-  for (i = 0; i + kSums <= k; i += kSums) {
-    for (size_t l = 0; l < kSums; ++l) {
-      const double d = x[i + l] - mean;
-      part[l] += d * d;
-    }
-  }
-  double sq = (part[0] + part[1]) + (part[2] + part[3]);
-  for (; i < k; ++i) {
-    const double d = x[i] - mean;
-    sq += d * d;
-  }
-  const double rstd = 1.0 / std::sqrt(sq / static_cast<double>(k) + eps);
-  for (i = 0; i < k; ++i)
-    y[i] = static_cast<float>(((x[i] - mean) * rstd) * static_cast<double>(g[i]) + static_cast<double>(b[i]));
+  const RowMoments mo = layer_norm_moments(x, k, eps);
+  for (size_t i = 0; i < k; ++i) y[i] = ((x[i] - mo.mean) * mo.rstd) * g[i] + b[i];
 }
 #endif
 
@@ -418,17 +421,18 @@ VITQ_HOT_LOOPS void quantize_rows(const QuantizeJob& job, size_t task) {
     const int32_t off = job.offset;
     if (job.prologue == kPrologueLayerNorm) {  // the codes, and y (the values) where outliers are looked for
       const RowMoments mo = layer_norm_moments(src, job.k, job.norm_eps);
-      const double* g = job.norm_weight_f64;
-      const double* b = job.norm_bias_f64;
+      const float* g = job.norm_weight;
+      const float* b = job.norm_bias;
+      const bool fin = job.norm_finite;
       const size_t k = job.k;
       if (outliers)
         row_sum = job.want_row_sums
-                      ? layer_norm_codes<true, true>(src, k, mo, g, b, s, z, lo, hi, threshold, off, y, dst)
-                      : layer_norm_codes<true, false>(src, k, mo, g, b, s, z, lo, hi, threshold, off, y, dst);
+                      ? layer_norm_codes<true, true>(src, k, mo, g, b, fin, s, z, lo, hi, threshold, off, y, dst)
+                      : layer_norm_codes<true, false>(src, k, mo, g, b, fin, s, z, lo, hi, threshold, off, y, dst);
       else
         row_sum = job.want_row_sums
-                      ? layer_norm_codes<false, true>(src, k, mo, g, b, s, z, lo, hi, threshold, off, y, dst)
-                      : layer_norm_codes<false, false>(src, k, mo, g, b, s, z, lo, hi, threshold, off, y, dst);
+                      ? layer_norm_codes<false, true>(src, k, mo, g, b, fin, s, z, lo, hi, threshold, off, y, dst)
+                      : layer_norm_codes<false, false>(src, k, mo, g, b, fin, s, z, lo, hi, threshold, off, y, dst);
       src = y;
     } else if (job.prologue == kPrologueGelu) {  // fused_gelu_codes: no outliers
       std::optional<GeluTableCodes> own;  // codes per token position: this row's table
@@ -554,16 +558,8 @@ QuantizeJob quantize_input(const LinearArgs& a, const LinearOp& op, size_t m, si
   if (a.prologue == kPrologueLayerNorm) {
     job.norm_weight = a.norm_weight.const_data_ptr<float>();
     job.norm_bias = a.norm_bias.const_data_ptr<float>();
-#if defined(__aarch64__)  // for layer_norm_codes
-    thread_local Scratch<double> norm_f64_buf;
-    double* f64 = norm_f64_buf.get(2 * k, 0);
-    for (size_t i = 0; i < k; ++i) {
-      f64[i] = job.norm_weight[i];
-      f64[k + i] = job.norm_bias[i];
-    }
-    job.norm_weight_f64 = f64;
-    job.norm_bias_f64 = f64 + k;
-#endif
+    job.norm_finite = std::all_of(job.norm_weight, job.norm_weight + k, [](float v) { return std::isfinite(v); }) &&
+                      std::all_of(job.norm_bias, job.norm_bias + k, [](float v) { return std::isfinite(v); });
   }
   job.norm_eps = a.norm_eps;
   job.scale = a.input_scale.const_data_ptr<float>();

@@ -328,12 +328,38 @@ def gelu_table(x: torch.Tensor) -> torch.Tensor:
     return torch.where(r > half - 1, x, gelu_table_values().to(x.device)[index])
 
 
+# LayerNorm's sums: LANES interleaved float32 partial sums (lane l takes elements l, l + 8, ...: two
+# NEON registers, one AVX register), added ((0 + 1) + (2 + 3)) + ((4 + 5) + (6 + 7)), then the rest of
+# the row one by one.
+LAYER_NORM_LANES = 8
+
+
+def _row_sums(v: torch.Tensor) -> torch.Tensor:
+    """Sums over the last dimension of float32 v in LayerNorm's fixed order (keepdim)."""
+    k = v.shape[-1]
+    whole = k - k % LAYER_NORM_LANES
+    part = torch.zeros((*v.shape[:-1], LAYER_NORM_LANES), dtype=torch.float32, device=v.device)
+    for i in range(0, whole, LAYER_NORM_LANES):
+        part = part + v[..., i:i + LAYER_NORM_LANES]
+    p = part.unbind(-1)
+    total = ((p[0] + p[1]) + (p[2] + p[3])) + ((p[4] + p[5]) + (p[6] + p[7]))
+    for i in range(whole, k):
+        total = total + v[..., i]
+    return total.unsqueeze(-1)
+
+
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    """LayerNorm over the last dimension (biased variance) in double, rounded once to float32."""
-    xd = x.double()
-    centered = xd - xd.mean(-1, keepdim=True)
-    rstd = 1.0 / torch.sqrt((centered * centered).mean(-1, keepdim=True) + eps)
-    return ((centered * rstd) * weight.double() + bias.double()).float()
+    """LayerNorm over the last dimension (biased variance) in float32, as torch's own, its sums in a
+    fixed order (_row_sums): mean = sum / K, var = sum((x - mean)^2) / K, rstd = f32(1 / sqrt(var + eps))
+    (in double), y = ((x - mean) * rstd) * weight + bias. (It was all in double: twice the kernels'
+    instructions for the same codes, nearly always; chosen on the validation split,
+    docs/validation/layer-norm-f32-*.md.)"""
+    k = x.shape[-1]
+    x = x.float()
+    centered = x - _row_sums(x) / k
+    var = _row_sums(centered * centered) / k
+    rstd = (1.0 / torch.sqrt(var.double() + eps)).float()
+    return (centered * rstd) * weight.float() + bias.float()
 
 
 # ---- integer products (what the kernels compute) -------------------------------------
