@@ -459,7 +459,7 @@ def test_gelu_shift_log2_table_edges(tmp_path, device):
     assert_same(got, gelu_shift_log2.reference(x, *args).flatten())
 
 
-@pytest.mark.parametrize("case", ["ties", "octaves"])
+@pytest.mark.parametrize("case", ["ties", "octaves", "clamped"])
 @pytest.mark.parametrize("device", ["host", pytest.param("emulated-rpi4", marks=pytest.mark.slow),
                                     pytest.param("emulated-rpi5", marks=pytest.mark.slow)])
 def test_attention_integer_softmax_ties_and_octaves(tmp_path, device, case):
@@ -468,7 +468,8 @@ def test_attention_integer_softmax_ties_and_octaves(tmp_path, device, case):
     f32(256 log2(e) alpha) exactly 0.5, so every odd difference is a tie of Y's rounding (half to even)
     and Y runs over 0 .. 254 (every step within the first octave); "octaves": q = 2 and the factor 8, Y
     in steps of 16 over all 20 octaves and past the cap (E = 0). A probability scale of 2^-15 or 2^-11
-    puts the largest codes near 90: an exponential one step off moves codes."""
+    puts the largest codes near 90: an exponential one step off moves codes; "clamped": the octaves with
+    2^-13 and zero point 100, the largest codes past 255 (the Pis' saturating narrowing is the clamp)."""
     if device != "host" and not _emulated_pis_ready():
         pytest.skip("no aarch64 bundle or qemu (bash tools/setup.sh)")
     diffs = torch.arange(0, 509)
@@ -482,8 +483,8 @@ def test_attention_integer_softmax_ties_and_octaves(tmp_path, device, case):
     qkv[0, :, head_dim + 1] = (key_sums - torch.clamp(key_sums, max=127)).float()
     qkv[0, :, 2 * head_dim:] = torch.randn(tokens, head_dim, generator=torch.Generator().manual_seed(14)) * 3
     unit = [1.0, 0, -127, 127]
-    p_scale = 2.0**-15 if case == "ties" else 2.0**-11
-    args = [1, scale, *unit, *unit, 0.05, 0, -127, 127, p_scale, 0, 0, 255, 0, 0]
+    p_scale, p_zero = {"ties": (2.0**-15, 0), "octaves": (2.0**-11, 0), "clamped": (2.0**-13, 100)}[case]
+    args = [1, scale, *unit, *unit, 0.05, 0, -127, 127, p_scale, p_zero, 0, 255, 0, 0]
     got = run_on_device(device, torch.ops.vitq.attention, qkv, args, tmp_path)
     want = attention.reference(qkv, *args).flatten()
     assert_same(got, want)

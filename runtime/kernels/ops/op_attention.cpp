@@ -217,7 +217,29 @@ VITQ_INLINE int32_t probability_code_row(const int32_t* __restrict e, size_t n, 
                                          float factor, Code* __restrict dst, size_t width) {
   const float z = u.zero, lo = u.qmin, hi = u.qmax;
   int32_t sum = 0;
-  for (size_t i = 0; i < n; ++i) {
+  size_t i = 0;
+#if defined(__aarch64__)
+  // 8-bit codes stored as c - offset: round(v) + z - offset in int32 (fcvtns
+  // rounds half to even; both saturate), the saturating narrowing to int8 the
+  // clamp to [qmin, qmax]. The same codes in 29 instructions per 16 instead
+  // of 45 (a NaN, from an infinite factor, is left to the definition below).
+  if (sizeof(Code) == 1 && lo - offset == -128.0f && hi - lo == 255.0f && std::isfinite(factor)) {
+    const float32x4_t f = vdupq_n_f32(factor);
+    const int32x4_t shift = vdupq_n_s32(static_cast<int32_t>(z - offset));
+    int32x4_t sums = vdupq_n_s32(0);
+    for (; i + 16 <= n; i += 16) {
+      int32x4_t c[4];
+      for (size_t q = 0; q < 4; ++q)
+        c[q] = vqaddq_s32(vcvtnq_s32_f32(vmulq_f32(vcvtq_f32_s32(vld1q_s32(e + i + 4 * q)), f)), shift);
+      const int8x16_t codes = vqmovn_high_s16(vqmovn_s16(vqmovn_high_s32(vqmovn_s32(c[0]), c[1])),
+                                              vqmovn_high_s32(vqmovn_s32(c[2]), c[3]));
+      vst1q_s8(reinterpret_cast<int8_t*>(dst + i), codes);
+      sums = vpadalq_s16(sums, vpaddlq_s8(codes));
+    }
+    sum = vaddvq_s32(sums);
+  }
+#endif
+  for (; i < n; ++i) {
     const int32_t a = static_cast<int32_t>(uniform_code_of_ratio(static_cast<float>(e[i]) * factor, z, lo, hi) - offset);
     dst[i] = static_cast<Code>(a);
     sum += a;
@@ -391,7 +413,12 @@ inline int32_t row_max(const int32_t* dots, const int32_t* key_terms, size_t t) 
 // factor f32(1 / (sum E * p_scale)) (the sum exact, in int64).
 VITQ_INLINE float softmax_exp_row(const AttentionJob& job, int32_t* __restrict dots,
                                   const int32_t* __restrict key_terms, size_t n) {
-  const int32_t m = row_max(dots, key_terms, n);
+  // The scores in place, with their maximum (one pass; vectorizes).
+  int32_t m = std::numeric_limits<int32_t>::min();
+  for (size_t j = 0; j < n; ++j) {
+    dots[j] += key_terms[j];
+    m = std::max(m, dots[j]);
+  }
   const float factor = job.exp_factor, cap = static_cast<float>(kSoftmaxExpCap);
   int64_t sum = 0;
   size_t j = 0;
@@ -400,8 +427,7 @@ VITQ_INLINE float softmax_exp_row(const AttentionJob& job, int32_t* __restrict d
   const float32x4_t factor_v = vdupq_n_f32(factor);
   int64x2_t sums = vdupq_n_s64(0);
   for (; j + 4 <= n; j += 4) {
-    const int32x4_t s = vaddq_s32(vld1q_s32(dots + j), vld1q_s32(key_terms + j));
-    const float32x4_t y = vmulq_f32(vcvtq_f32_s32(vsubq_s32(mv, s)), factor_v);
+    const float32x4_t y = vmulq_f32(vcvtq_f32_s32(vsubq_s32(mv, vld1q_s32(dots + j))), factor_v);
     const int32x4_t e = exp2_fixed_x4(vminq_s32(vcvtnq_s32_f32(y), cap_v));  // saturating: then the cap
     vst1q_s32(dots + j, e);
     sums = vpadalq_s32(sums, e);
@@ -409,7 +435,7 @@ VITQ_INLINE float softmax_exp_row(const AttentionJob& job, int32_t* __restrict d
   sum = vaddvq_s64(sums);
 #endif
   for (; j < n; ++j) {  // the cap first: the rounding then sees a small value
-    const float y = std::min(static_cast<float>(m - (dots[j] + key_terms[j])) * factor, cap);
+    const float y = std::min(static_cast<float>(m - dots[j]) * factor, cap);
     dots[j] = exp2_fixed(static_cast<int32_t>(round_half_even_small(y)));
     sum += dots[j];
   }
