@@ -6,12 +6,12 @@
 // gelu_table_values()). A value's grid index is round(32 x) narrowed with
 // saturation to int8 (that is the clamp below the grid) plus 128; tbl looks up
 // 16 codes at a time in the four 64-byte quarters of the table. Values above
-// the grid (x itself, x > 3.98: a few percent) are coded by uniform_code, in
-// the groups of 16 that hold one.
+// the grid (x itself, x > 3.98) are coded by uniform_code, in the groups of
+// 16 that hold one.
 #pragma once
 
 namespace vitq {
-class GeluTableCodes;  // defined on aarch64 only (the callers hold a pointer elsewhere)
+class GeluTableCodes;  // defined on aarch64 only (elsewhere a job's pointer to it stays null)
 }
 
 #if defined(__aarch64__)

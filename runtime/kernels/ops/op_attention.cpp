@@ -221,7 +221,7 @@ VITQ_INLINE int32_t probability_code_row(const int32_t* __restrict e, size_t n, 
 #if defined(__aarch64__)
   // 8-bit codes stored as c - offset: round(v) + z - offset in int32 (fcvtns
   // rounds half to even; both saturate), the saturating narrowing to int8 the
-  // clamp to [qmin, qmax]. The same codes in 29 instructions per 16 instead
+  // clamp to [qmin, qmax]. The same codes in 30 instructions per 16 instead
   // of 45 (a NaN, from an infinite factor, is left to the definition below).
   if (sizeof(Code) == 1 && lo - offset == -128.0f && hi - lo == 255.0f && std::isfinite(factor)) {
     const float32x4_t f = vdupq_n_f32(factor);

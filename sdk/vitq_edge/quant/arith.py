@@ -351,8 +351,8 @@ def _row_sums(v: torch.Tensor) -> torch.Tensor:
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
     """LayerNorm over the last dimension (biased variance) in float32, as torch's own, its sums in a
     fixed order (_row_sums): mean = sum / K, var = sum((x - mean)^2) / K, rstd = f32(1 / sqrt(var + eps))
-    (in double), y = ((x - mean) * rstd) * weight + bias. (It was all in double: twice the kernels'
-    instructions for the same codes, nearly always; chosen on the validation split,
+    (in double), y = ((x - mean) * rstd) * weight + bias. (It was all in double, two lanes per NEON
+    instruction instead of four; the change was chosen on the validation split,
     docs/validation/layer-norm-f32-*.md.)"""
     k = x.shape[-1]
     x = x.float()
