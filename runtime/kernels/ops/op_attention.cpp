@@ -48,6 +48,9 @@
 #if defined(__aarch64__)
 #include <arm_neon.h>
 #endif
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 
 #include "common.h"
 #include "gemm/qs8_gemm.h"
@@ -408,6 +411,39 @@ inline int32_t row_max(const int32_t* dots, const int32_t* key_terms, size_t t) 
   return m;
 }
 
+#if defined(__x86_64__) && defined(__GNUC__)
+// softmax_exp_row's exponentials of the scores dots[0, n) below m, in place,
+// 8 at a time with AVX2 (GCC left the loop scalar): the cap first, cvtps2dq
+// rounding half to even (as round_half_even_small on these small values),
+// exp2_fixed's cubic with vpmulld and arithmetic shifts, its octaves by
+// vpsravd; their sum added to *sum. Returns how many it did (whole vectors).
+__attribute__((target("avx2"), noinline)) size_t softmax_exp_avx2(int32_t* __restrict dots, size_t n, int32_t m,
+                                                                   float factor, int64_t* sum) {
+  const __m256i mv = _mm256_set1_epi32(m), steps_mask = _mm256_set1_epi32(kSoftmaxExpSteps - 1);
+  const __m256 factor_v = _mm256_set1_ps(factor), cap = _mm256_set1_ps(static_cast<float>(kSoftmaxExpCap));
+  const __m256i c0 = _mm256_set1_epi32(kExp2Cubic[0]), c1 = _mm256_set1_epi32(kExp2Cubic[1]),
+                c2 = _mm256_set1_epi32(kExp2Cubic[2]), c3 = _mm256_set1_epi32(kExp2Cubic[3]);
+  __m256i sums = _mm256_setzero_si256();  // four int64 lanes
+  size_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256i d = _mm256_sub_epi32(mv, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(dots + j)));
+    const __m256i y = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(d), factor_v), cap));
+    const __m256i f = _mm256_and_si256(y, steps_mask);
+    __m256i p = _mm256_add_epi32(c2, _mm256_srai_epi32(_mm256_mullo_epi32(c3, f), 8));
+    p = _mm256_add_epi32(c1, _mm256_srai_epi32(_mm256_mullo_epi32(p, f), 8));
+    p = _mm256_add_epi32(c0, _mm256_srai_epi32(_mm256_mullo_epi32(p, f), 8));
+    const __m256i e = _mm256_srav_epi32(p, _mm256_srai_epi32(y, 8));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dots + j), e);
+    sums = _mm256_add_epi64(sums, _mm256_cvtepi32_epi64(_mm256_castsi256_si128(e)));
+    sums = _mm256_add_epi64(sums, _mm256_cvtepi32_epi64(_mm256_extracti128_si256(e, 1)));
+  }
+  alignas(32) int64_t lanes[4];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), sums);
+  *sum += (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+  return j;
+}
+#endif
+
 // Step 3 for uniform probability codes, one row: the exponentials E_j of its
 // scores s_j = dots[j] + key_terms[j], in place over dots; returns the codes'
 // factor f32(1 / (sum E * p_scale)) (the sum exact, in int64).
@@ -433,6 +469,9 @@ VITQ_INLINE float softmax_exp_row(const AttentionJob& job, int32_t* __restrict d
     sums = vpadalq_s32(sums, e);
   }
   sum = vaddvq_s64(sums);
+#elif defined(__x86_64__) && defined(__GNUC__)
+  static const bool avx2 = __builtin_cpu_supports("avx2") != 0;
+  if (avx2) j = softmax_exp_avx2(dots, n, m, factor, &sum);
 #endif
   for (; j < n; ++j) {  // the cap first: the rounding then sees a small value
     const float y = std::min(static_cast<float>(m - dots[j]) * factor, cap);
