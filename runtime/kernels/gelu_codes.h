@@ -4,18 +4,18 @@
 //
 // The codes of the 256 grid points are made once per scale (uniform_code of
 // gelu_table_values()). A value's grid index is round(32 x) narrowed with
-// saturation to int8 (that is the clamp below the grid) plus 128; tbl looks up
-// 16 codes at a time in the four 64-byte quarters of the table. Values above
-// the grid (x itself, x > 3.98) are coded by uniform_code, in the groups of
-// 16 that hold one.
+// saturation to int8 (that is the clamp below the grid) plus 128; on
+// aarch64 tbl looks up 16 codes at a time in the four 64-byte quarters of the
+// table, on x86 with AVX2 a gather 8 (of the codes as int32), elsewhere one by
+// one. Values above the grid (x itself, x > 3.98) are coded by uniform_code,
+// in the groups that hold one.
 #pragma once
-
-namespace vitq {
-class GeluTableCodes;  // defined on aarch64 only (elsewhere a job's pointer to it stays null)
-}
 
 #if defined(__aarch64__)
 #include <arm_neon.h>
+#elif defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
 
 #include <cstddef>
 #include <cstdint>
@@ -36,14 +36,40 @@ class GeluTableCodes {
   GeluTableCodes(float s, float z, float qmin, float qmax, int32_t offset)
       : s_(s), z_(z), qmin_(qmin), qmax_(qmax), offset_(offset) {
     const float* values = gelu_table_values();
-    for (int i = 0; i < kGeluTableSize; ++i)
+    for (int i = 0; i < kGeluTableSize; ++i) {
       codes_[i] = static_cast<int8_t>(static_cast<int32_t>(uniform_code(values[i], s, z, qmin, qmax)) - offset);
+      codes32_[i] = codes_[i];
+    }
   }
 
   // Codes minus offset of n values into dst; returns sum (c - z) when
   // kRowSum (else 0).
   template <bool kRowSum>
   int32_t code_row(const float* __restrict x, size_t n, int8_t* __restrict dst) const {
+    size_t i = 0;
+    int32_t stored = 0;  // the sum of the stored codes c - offset of [0, i)
+#if defined(__aarch64__)
+    i = code_row_neon<kRowSum>(x, n, dst, &stored);
+#elif defined(__x86_64__) && defined(__GNUC__)
+    static const bool avx2 = __builtin_cpu_supports("avx2") != 0;
+    if (avx2) i = code_row_avx2<kRowSum>(x, n, dst, &stored);
+#endif
+    int32_t sum = kRowSum ? stored + static_cast<int32_t>(i) * (offset_ - static_cast<int32_t>(z_)) : 0;
+    for (; i < n; ++i) {
+      const float c = gelu_above_grid(x[i]) ? uniform_code(x[i], s_, z_, qmin_, qmax_)
+                                            : static_cast<float>(codes_[gelu_grid_index(x[i])] + offset_);
+      dst[i] = static_cast<int8_t>(static_cast<int32_t>(c) - offset_);
+      if (kRowSum) sum += static_cast<int32_t>(c - z_);
+    }
+    return sum;
+  }
+
+ private:
+#if defined(__aarch64__)
+  // The codes of whole groups of 16 into dst, their sum into *stored (when
+  // kRowSum); returns how many values it coded.
+  template <bool kRowSum>
+  size_t code_row_neon(const float* __restrict x, size_t n, int8_t* __restrict dst, int32_t* stored) const {
     static_assert(kGeluTableSize == 256 && kGeluGridSteps == 32, "the loop below indexes 256 codes by 32 x + 128");
     const int8x16x4_t t0 = vld1q_s8_x4(codes_), t1 = vld1q_s8_x4(codes_ + 64), t2 = vld1q_s8_x4(codes_ + 128),
                       t3 = vld1q_s8_x4(codes_ + 192);
@@ -70,17 +96,10 @@ class GeluTableCodes {
       vst1q_s8(dst + i, c);
       if (kRowSum) sums = vpadalq_s16(sums, vpaddlq_s8(c));
     }
-    int32_t sum = kRowSum ? vaddvq_s32(sums) + static_cast<int32_t>(i) * (offset_ - static_cast<int32_t>(z_)) : 0;
-    for (; i < n; ++i) {
-      const float c = gelu_above_grid(x[i]) ? uniform_code(x[i], s_, z_, qmin_, qmax_)
-                                            : static_cast<float>(codes_[gelu_grid_index(x[i])] + offset_);
-      dst[i] = static_cast<int8_t>(static_cast<int32_t>(c) - offset_);
-      if (kRowSum) sum += static_cast<int32_t>(c - z_);
-    }
-    return sum;
+    *stored = vaddvq_s32(sums);
+    return i;
   }
 
- private:
   // uniform_code of the 16 values themselves, minus offset: round(x / s) + z
   // - offset, saturating (the clamp; the values are > 3.98, never NaN).
   int8x16_t codes_of_values(const float32x4x4_t& v) const {
@@ -91,11 +110,52 @@ class GeluTableCodes {
     return vqmovn_high_s16(vqmovn_s16(vqmovn_high_s32(vqmovn_s32(c[0]), c[1])),
                            vqmovn_high_s32(vqmovn_s32(c[2]), c[3]));
   }
+#elif defined(__x86_64__) && defined(__GNUC__)
+  // The same 8 at a time with AVX2: the grid index as gelu_grid_index (the
+  // clamp first, max_ps taking -128 over a NaN and the ordered mask then 0;
+  // cvtps rounding half to even), a gather of the int32 codes; the lanes from
+  // 32 x >= 127.5 up coded as uniform_code does on x86 (x / s clamped to
+  // [qmin - z - 1, qmax - z + 1], rounded, + z, clamped).
+  template <bool kRowSum>
+  __attribute__((target("avx2"), noinline)) size_t code_row_avx2(const float* __restrict x, size_t n,
+                                                                int8_t* __restrict dst, int32_t* stored) const {
+    constexpr float kHalf = kGeluTableSize / 2;
+    const __m256 steps = _mm256_set1_ps(static_cast<float>(kGeluGridSteps)), lo = _mm256_set1_ps(-kHalf),
+                 hi = _mm256_set1_ps(kHalf - 1.0f), edge = _mm256_set1_ps(kHalf - 0.5f), s = _mm256_set1_ps(s_),
+                 q_lo = _mm256_set1_ps(qmin_ - z_ - 1.0f), q_hi = _mm256_set1_ps(qmax_ - z_ + 1.0f);
+    const __m256i middle = _mm256_set1_epi32(kGeluTableSize / 2),
+                  shift = _mm256_set1_epi32(static_cast<int32_t>(z_) - offset_),
+                  c_lo = _mm256_set1_epi32(static_cast<int32_t>(qmin_) - offset_),
+                  c_hi = _mm256_set1_epi32(static_cast<int32_t>(qmax_) - offset_);
+    __m256i sums = _mm256_setzero_si256();
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      const __m256 v = _mm256_loadu_ps(x + i);
+      const __m256 scaled = _mm256_mul_ps(v, steps);
+      const __m256 grid = _mm256_and_ps(_mm256_min_ps(_mm256_max_ps(scaled, lo), hi),
+                                        _mm256_cmp_ps(scaled, scaled, _CMP_ORD_Q));
+      __m256i c = _mm256_i32gather_epi32(codes32_, _mm256_add_epi32(_mm256_cvtps_epi32(grid), middle), 4);
+      const __m256 above = _mm256_cmp_ps(scaled, edge, _CMP_GE_OQ);
+      if (_mm256_movemask_ps(above) != 0) {
+        const __m256 q = _mm256_min_ps(_mm256_max_ps(_mm256_div_ps(v, s), q_lo), q_hi);
+        const __m256i u = _mm256_min_epi32(_mm256_max_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(q), shift), c_lo), c_hi);
+        c = _mm256_blendv_epi8(c, u, _mm256_castps_si256(above));
+      }
+      if (kRowSum) sums = _mm256_add_epi32(sums, c);
+      const __m128i c16 = _mm_packs_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + i), _mm_packs_epi16(c16, c16));  // codes fit int8
+    }
+    alignas(32) int32_t lanes[8];
+    _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), sums);
+    *stored = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+    return i;
+  }
+#endif
 
   float s_, z_, qmin_, qmax_;
   int32_t offset_;
-  alignas(16) int8_t codes_[kGeluTableSize];  // the grid points' codes minus offset
+  alignas(16) int8_t codes_[kGeluTableSize];     // the grid points' codes minus offset
+  alignas(32) int32_t codes32_[kGeluTableSize];  // the same as int32 (x86's gather)
 };
 
 }  // namespace vitq
-#endif

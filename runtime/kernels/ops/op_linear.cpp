@@ -2,9 +2,9 @@
 // (definition: sdk/vitq_edge/lower/ops/linear.py).
 //
 //   1. prologue (none / LayerNorm / GELU) per row, as arith.layer_norm /
-//      arith.gelu_table (on aarch64 the GELU prologue's 8-bit codes come from
-//      gelu_codes.h: a table of the grid points' codes; LayerNorm and the codes
-//      of step 2 run in one pass, layer_norm_codes);
+//      arith.gelu_table (the GELU prologue's 8-bit codes come from
+//      gelu_codes.h: a table of the grid points' codes; on aarch64 LayerNorm
+//      and the codes of step 2 run in one pass, layer_norm_codes);
 //   2. input codes c = clamp(round(x / s) + z, qmin, qmax), (s, z) per tensor or
 //      per token position; outliers (|x| > threshold) get code z (value 0);
 //   3. out = sum_k (c - z) s * (w' - wz) ws + bias: int8 x int8 products, int32
@@ -131,7 +131,7 @@ struct QuantizeJob {
   int32_t* row_sums;                   // [rows], sum_k (c - z), when want_row_sums
   std::vector<std::vector<Outlier>>* outliers;  // one list per task
   size_t tasks;
-  const GeluTableCodes* gelu_codes;  // the GELU prologue's code table (aarch64, per-tensor codes), or null
+  const GeluTableCodes* gelu_codes;  // the GELU prologue's code table (per-tensor codes), or null
 };
 
 // arith.layer_norm's sums of a row: kNormLanes interleaved float32 partial
@@ -404,6 +404,16 @@ VITQ_INLINE int32_t quantize_row_of(const QuantizeJob& job, const float* src, fl
                            : quantize_row<false, false>(src, job.k, s, z, lo, hi, threshold, off, dst);
 }
 
+// The GELU prologue's codes of one row (fused_gelu_codes: 8-bit, no
+// outliers) from the table of its grid points' codes: the job's, or this
+// row's for codes per token position.
+inline int32_t gelu_row_codes(const QuantizeJob& job, const float* src, float s, float z, int8_t* dst) {
+  std::optional<GeluTableCodes> own;
+  const GeluTableCodes* codes =
+      job.gelu_codes != nullptr ? job.gelu_codes : &own.emplace(s, z, job.qmin, job.qmax, job.offset);
+  return job.want_row_sums ? codes->code_row<true>(src, job.k, dst) : codes->code_row<false>(src, job.k, dst);
+}
+
 VITQ_HOT_LOOPS void quantize_rows(const QuantizeJob& job, size_t task) {
   const size_t begin = job.rows * task / job.tasks, end = job.rows * (task + 1) / job.tasks;
   thread_local Scratch<float> row_buffer;
@@ -434,10 +444,8 @@ VITQ_HOT_LOOPS void quantize_rows(const QuantizeJob& job, size_t task) {
                       ? layer_norm_codes<false, true>(src, k, mo, g, b, fin, s, z, lo, hi, threshold, off, y, dst)
                       : layer_norm_codes<false, false>(src, k, mo, g, b, fin, s, z, lo, hi, threshold, off, y, dst);
       src = y;
-    } else if (job.prologue == kPrologueGelu) {  // fused_gelu_codes: no outliers
-      std::optional<GeluTableCodes> own;  // codes per token position: this row's table
-      const GeluTableCodes* codes = job.gelu_codes != nullptr ? job.gelu_codes : &own.emplace(s, z, lo, hi, off);
-      row_sum = job.want_row_sums ? codes->code_row<true>(src, job.k, dst) : codes->code_row<false>(src, job.k, dst);
+    } else if (job.prologue == kPrologueGelu) {
+      row_sum = gelu_row_codes(job, src, s, z, dst);
     } else {
       row_sum = quantize_row_of(job, src, s, z, threshold, dst);
     }
@@ -446,7 +454,8 @@ VITQ_HOT_LOOPS void quantize_rows(const QuantizeJob& job, size_t task) {
       layer_norm_row(src, job.k, job.norm_weight, job.norm_bias, job.norm_eps, y);
       src = y;
     }
-    row_sum = quantize_row_of(job, src, s, z, threshold, dst);
+    row_sum = job.prologue == kPrologueGelu ? gelu_row_codes(job, src, s, z, dst)
+                                            : quantize_row_of(job, src, s, z, threshold, dst);
 #endif
     if (outliers) collect_outliers(src, job.k, threshold, m, (*job.outliers)[task]);
     if (job.want_row_sums) job.row_sums[m] = row_sum;
@@ -512,18 +521,13 @@ std::string check_linear_args(const LinearArgs& a, Weights* w) {
 }
 
 // Whether the GELU prologue's codes come from GeluTableCodes (gelu_codes.h: a
-// table of the grid points' codes) inside quantize_rows: on aarch64, 8-bit
-// codes without outliers.
+// table of the grid points' codes) inside quantize_rows: 8-bit codes without
+// outliers.
 bool fused_gelu_codes(const LinearArgs& a) {
-#if defined(__aarch64__)
   if (a.outlier_threshold > 0.0) return false;
   const float qmin = static_cast<float>(a.input_qmin), qmax = static_cast<float>(a.input_qmax);
   const int32_t offset = a.input_qmin >= 0 ? 128 : 0;  // as quantize_input
   return GeluTableCodes::usable(qmin, qmax, offset);
-#else
-  (void)a;
-  return false;
-#endif
 }
 
 // Run, step 1: prologue and input codes of `m` rows, in parallel; the outliers
@@ -542,7 +546,6 @@ QuantizeJob quantize_input(const LinearArgs& a, const LinearOp& op, size_t m, si
     gelu_table_f32(job.x, g, m * k);
     job.x = g;
   }
-#if defined(__aarch64__)
   thread_local std::optional<GeluTableCodes> gelu_codes;  // the table for per-tensor codes
   if (fused_gelu && a.input_scale.numel() == 1) {
     const float qmin = static_cast<float>(a.input_qmin), qmax = static_cast<float>(a.input_qmax);
@@ -550,7 +553,6 @@ QuantizeJob quantize_input(const LinearArgs& a, const LinearOp& op, size_t m, si
                                          a.input_zero.const_data_ptr<float>()[0], qmin, qmax,
                                          a.input_qmin >= 0 ? 128 : 0);
   }
-#endif
   job.rows = m;
   job.k = k;
   // GELU done above, or left to quantize_rows (fused into the codes)
