@@ -66,24 +66,19 @@ bool cpu_has_vnni() {
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-// gelu_table of 8 values at a time, the same steps: the grid point round(32 x)
-// clamped to [-128, 127] (max_ps takes -128 over a NaN, the ordered mask then
-// 0), cvtps rounding half to even, a gather from the values, x itself from
-// 32 x >= 127.5 up. Returns how many values it did (whole vectors).
+// gelu_table of 8 values at a time, the same steps: the grid point
+// (gelu_grid_index_x8), a gather from the values, x itself from 32 x >= 127.5
+// up. Returns how many values it did (whole vectors).
 __attribute__((target("avx2"), noinline)) static size_t gelu_table_span_avx2(const float* __restrict x,
                                                                             float* __restrict y, size_t n,
                                                                             const float* __restrict values) {
-  constexpr float kHalf = kGeluTableSize / 2;
-  const __m256 steps = _mm256_set1_ps(static_cast<float>(kGeluGridSteps)), lo = _mm256_set1_ps(-kHalf),
-               hi = _mm256_set1_ps(kHalf - 1.0f), edge = _mm256_set1_ps(kHalf - 0.5f);
-  const __m256i middle = _mm256_set1_epi32(kGeluTableSize / 2);
+  const __m256 steps = _mm256_set1_ps(static_cast<float>(kGeluGridSteps)),
+               edge = _mm256_set1_ps(kGeluTableSize / 2 - 0.5f);
   size_t i = 0;
   for (; i + 8 <= n; i += 8) {
     const __m256 v = _mm256_loadu_ps(x + i);
     const __m256 scaled = _mm256_mul_ps(v, steps);
-    const __m256 c = _mm256_and_ps(_mm256_min_ps(_mm256_max_ps(scaled, lo), hi),
-                                   _mm256_cmp_ps(scaled, scaled, _CMP_ORD_Q));
-    const __m256 t = _mm256_i32gather_ps(values, _mm256_add_epi32(_mm256_cvtps_epi32(c), middle), 4);
+    const __m256 t = _mm256_i32gather_ps(values, gelu_grid_index_x8(scaled), 4);
     _mm256_storeu_ps(y + i, _mm256_blendv_ps(t, v, _mm256_cmp_ps(scaled, edge, _CMP_GE_OQ)));
   }
   return i;

@@ -111,20 +111,17 @@ class GeluTableCodes {
                            vqmovn_high_s32(vqmovn_s32(c[2]), c[3]));
   }
 #elif defined(__x86_64__) && defined(__GNUC__)
-  // The same 8 at a time with AVX2: the grid index as gelu_grid_index (the
-  // clamp first, max_ps taking -128 over a NaN and the ordered mask then 0;
-  // cvtps rounding half to even), a gather of the int32 codes; the lanes from
+  // The same 8 at a time with AVX2: the grid index (gelu_grid_index_x8), a
+  // gather of the int32 codes; the lanes from
   // 32 x >= 127.5 up coded as uniform_code does on x86 (x / s clamped to
   // [qmin - z - 1, qmax - z + 1], rounded, + z, clamped).
   template <bool kRowSum>
   __attribute__((target("avx2"), noinline)) size_t code_row_avx2(const float* __restrict x, size_t n,
                                                                 int8_t* __restrict dst, int32_t* stored) const {
-    constexpr float kHalf = kGeluTableSize / 2;
-    const __m256 steps = _mm256_set1_ps(static_cast<float>(kGeluGridSteps)), lo = _mm256_set1_ps(-kHalf),
-                 hi = _mm256_set1_ps(kHalf - 1.0f), edge = _mm256_set1_ps(kHalf - 0.5f), s = _mm256_set1_ps(s_),
+    const __m256 steps = _mm256_set1_ps(static_cast<float>(kGeluGridSteps)),
+                 edge = _mm256_set1_ps(kGeluTableSize / 2 - 0.5f), s = _mm256_set1_ps(s_),
                  q_lo = _mm256_set1_ps(qmin_ - z_ - 1.0f), q_hi = _mm256_set1_ps(qmax_ - z_ + 1.0f);
-    const __m256i middle = _mm256_set1_epi32(kGeluTableSize / 2),
-                  shift = _mm256_set1_epi32(static_cast<int32_t>(z_) - offset_),
+    const __m256i shift = _mm256_set1_epi32(static_cast<int32_t>(z_) - offset_),
                   c_lo = _mm256_set1_epi32(static_cast<int32_t>(qmin_) - offset_),
                   c_hi = _mm256_set1_epi32(static_cast<int32_t>(qmax_) - offset_);
     __m256i sums = _mm256_setzero_si256();
@@ -132,9 +129,7 @@ class GeluTableCodes {
     for (; i + 8 <= n; i += 8) {
       const __m256 v = _mm256_loadu_ps(x + i);
       const __m256 scaled = _mm256_mul_ps(v, steps);
-      const __m256 grid = _mm256_and_ps(_mm256_min_ps(_mm256_max_ps(scaled, lo), hi),
-                                        _mm256_cmp_ps(scaled, scaled, _CMP_ORD_Q));
-      __m256i c = _mm256_i32gather_epi32(codes32_, _mm256_add_epi32(_mm256_cvtps_epi32(grid), middle), 4);
+      __m256i c = _mm256_i32gather_epi32(codes32_, gelu_grid_index_x8(scaled), 4);
       const __m256 above = _mm256_cmp_ps(scaled, edge, _CMP_GE_OQ);
       if (_mm256_movemask_ps(above) != 0) {
         const __m256 q = _mm256_min_ps(_mm256_max_ps(_mm256_div_ps(v, s), q_lo), q_hi);
