@@ -390,8 +390,8 @@ def scale_halving_log_factor(steps: int) -> float:
 @pytest.mark.parametrize("weights", ["asymmetric", "symmetric"])  # with and without the inputs' row sums
 @pytest.mark.parametrize("device", ["host", "emulated-rpi4", "emulated-rpi5"])
 def test_linear_gelu_codes_near_every_rounding_boundary(tmp_path, device, weights):
-    """The GELU prologue's codes at codes per token position (on aarch64 a table of the grid points'
-    codes made for each row, runtime/kernels/gelu_codes.h): a dense grid of inputs per token, each
+    """The GELU prologue's codes at codes per token position (a table of the grid points' codes made
+    for each row, runtime/kernels/gelu_codes.h): a dense grid of inputs per token, each
     token at its own scale (0.002 .. 0.05), crosses every code's rounding boundary; an infinity,
     and values above the grid whose conversion saturates (zero point 200: a wrapping addition
     fails)."""
@@ -426,7 +426,7 @@ def gelu_table_edges(k: int, seed: int) -> torch.Tensor:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("bits", [8, 4])  # 8: the table of codes on aarch64; 4: GELU by table, then coded
+@pytest.mark.parametrize("bits", [8, 4])  # 8: the table of codes; 4: GELU by table's values, then coded
 @pytest.mark.parametrize("device", ["host", "emulated-rpi4", "emulated-rpi5"])
 def test_linear_gelu_table_edges(tmp_path, device, bits):
     """GELU by table (arith.gelu_table) into codes per tensor at its edges: ties between grid points,
