@@ -271,22 +271,6 @@ inline float exp_nonpositive(float x) {
   return x >= -87.0f ? p * scale : 0.0f;
 }
 
-#if defined(__aarch64__)
-// exp_nonpositive of four lanes: the same operations in the same order. The
-// clamp at -87 shows only in the final select (a lane below it is 0 whatever
-// was computed for it, a NaN too), as in GCC's vectorization of the scalar.
-inline float32x4_t exp_nonpositive_x4(float32x4_t x) {
-  const float32x4_t n = vrndnq_f32(vmulq_n_f32(x, 0x1.715476p+0f));
-  const float32x4_t r = vsubq_f32(vsubq_f32(x, vmulq_n_f32(n, 0x1.62e4p-1f)), vmulq_n_f32(n, 0x1.7f7d1cp-20f));
-  float32x4_t p = vdupq_n_f32(0x1.a01a02p-13f);
-  for (const float c : {0x1.6c16c2p-10f, 0x1.111112p-7f, 0x1.555556p-5f, 0x1.555556p-3f, 0.5f, 1.0f, 1.0f})
-    p = vaddq_f32(vmulq_f32(p, r), vdupq_n_f32(c));
-  const int32x4_t bits = vshlq_n_s32(vaddq_s32(vcvtq_s32_f32(n), vdupq_n_s32(127)), 23);
-  const float32x4_t e = vmulq_f32(p, vreinterpretq_f32_s32(bits));
-  return vreinterpretq_f32_u32(vandq_u32(vcgeq_f32(x, vdupq_n_f32(-87.0f)), vreinterpretq_u32_f32(e)));
-}
-#endif
-
 // arith.gelu: x/2 (1 + erf(x / sqrt 2)) through erfc(|x| / sqrt 2) ~ t (a1 +
 // t (a2 + ... + t a5)) exp(-x^2 / 2), t = 1 / (1 + p |x| / sqrt 2)
 // (Abramowitz & Stegun 7.1.26, |error| <= 1.5e-7), so the negative side has no
