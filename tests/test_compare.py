@@ -7,6 +7,7 @@ programs, real benches on the host runner); the bundled model's case is slow.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,19 @@ def test_compare_builds_measures_and_benches_a_users_model(folders, tmp_path):
     rebenched = {r["program"]: r for r in json.loads((out / "compare.json").read_text())["rows"]}
     assert [rebenched[k]["bench"]["host@1"]["runs"] for k in ("fp32", "minmax@W8A8", "minmax@W4A4")] == [3, 3, 2]
     assert {k: (out / f"programs/{k.replace('@', '-')}/model.pte").stat().st_mtime_ns for k in before} == before
+
+    # A row whose program folder is gone (a committed table on a fresh checkout) is built again when it is
+    # to be benched, the same program from the same settings; without a bench to run it is left alone.
+    shutil.rmtree(out / "programs" / "minmax-W4A4")
+    result = tiny_compare(folders, out, "fp32,minmax@W4A4")
+    assert result.exit_code == 0, result.stderr[-3000:]
+    assert not (out / "programs" / "minmax-W4A4").exists()
+    result = tiny_compare(folders, out, "fp32,minmax@W4A4", "--rebench")
+    assert result.exit_code == 0, result.stderr[-3000:]
+    rebuilt = {r["program"]: r for r in json.loads((out / "compare.json").read_text())["rows"]}
+    assert rebuilt["minmax@W4A4"]["accuracy"] == rebenched["minmax@W4A4"]["accuracy"]
+    assert (out / "programs" / "minmax-W4A4" / "model.pte").stat().st_size == w4["pte_size_bytes"]
+    assert (out / "programs" / "fp32" / "model.pte").stat().st_mtime_ns == before["fp32"]
 
     # Other settings do not mix into the same table.
     line = error_line(tiny_compare(folders, out, "fp32", "--eval-limit", "5"))

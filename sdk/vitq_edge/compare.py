@@ -9,7 +9,8 @@ program is benched on every device and thread count asked for.
 
 OUT/compare.json (or --table STEM: STEM.json) is rewritten (atomically) after each finished
 build and each finished bench, with .md and .png beside it rendered from it. Run the same command again and it
-resumes: rows already measured with the same settings are kept, only the missing work runs.
+resumes: rows already measured with the same settings are kept, only the missing work runs (a row
+whose program folder is gone is built again where it is to be benched).
 """
 
 from __future__ import annotations
@@ -185,7 +186,14 @@ def compare(opts: CompareOptions) -> dict:
         table["updated"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         write_table(stem, table, opts.sections)
 
-    todo = [(k, specs[k]) for k in keys if k not in rows]
+    def bench_jobs_of(key: str) -> list[tuple[str, int]]:
+        done = rows[key].get("bench", {}) if key in rows else {}
+        return [(d, t) for d in opts.devices for t in opts.threads if opts.rebench or _bench_key(d, t) not in done]
+
+    # A measured row whose program folder is gone (e.g. a fresh checkout of a committed table) is built
+    # again only where it is to be benched: the same settings make the same program.
+    todo = [(k, specs[k]) for k in keys
+            if k not in rows or (bench_jobs_of(k) and not (out / rows[k]["folder"] / "model.pte").is_file())]
     loaded, images = None, None
     for key, (recipe, bits) in progress(todo, "compare: building", unit="program"):
         if loaded is None:
@@ -196,8 +204,7 @@ def compare(opts: CompareOptions) -> dict:
         rows[key] = _build_row(opts, key, recipe, bits, out, loaded, images)
         save()
 
-    bench_jobs = [(k, d, t) for k in keys for d in opts.devices for t in opts.threads
-                  if opts.rebench or _bench_key(d, t) not in rows[k].get("bench", {})]
+    bench_jobs = [(k, d, t) for k in keys for d, t in bench_jobs_of(k)]
     for key, device, threads in progress(bench_jobs, "compare: benching", unit="run"):
         status(f"compare: benching {key} on {device}, {threads} thread{'s' if threads != 1 else ''}")
         r = benchmark(out / rows[key]["folder"], device=device, runs=opts.runs, threads=threads,
