@@ -104,6 +104,22 @@ def test_compare_builds_measures_and_benches_a_users_model(folders, tmp_path):
     assert (out / "programs" / "minmax-W4A4" / "model.pte").stat().st_size == w4["pte_size_bytes"]
     assert (out / "programs" / "fp32" / "model.pte").stat().st_mtime_ns == before["fp32"]
 
+    # A row measured on an older integer arithmetic (here: a table from before the version was recorded)
+    # is built again by the same command, and says so; the rows on this arithmetic stay.
+    from vitq_edge.runtime import ARITHMETIC_VERSION
+
+    stale = json.loads((out / "compare.json").read_text())
+    del next(r for r in stale["rows"] if r["program"] == "minmax@W8A8")["arithmetic_version"]
+    (out / "compare.json").write_text(json.dumps(stale))
+    w8_pte = (out / "programs" / "minmax-W8A8" / "model.pte").stat().st_mtime_ns
+    result = tiny_compare(folders, out, "fp32,minmax@W8A8")
+    assert result.exit_code == 0, result.stderr[-3000:]
+    assert "minmax@W8A8 was measured on integer arithmetic 1" in result.stderr
+    current = {r["program"]: r for r in json.loads((out / "compare.json").read_text())["rows"]}
+    assert current["minmax@W8A8"]["arithmetic_version"] == ARITHMETIC_VERSION
+    assert (out / "programs" / "minmax-W8A8" / "model.pte").stat().st_mtime_ns != w8_pte
+    assert (out / "programs" / "fp32" / "model.pte").stat().st_mtime_ns == before["fp32"]
+
     # Other settings do not mix into the same table.
     line = error_line(tiny_compare(folders, out, "fp32", "--eval-limit", "5"))
     assert "other settings" in line and "eval_limit" in line and "--out" in line
@@ -209,6 +225,19 @@ def test_a_setting_newer_than_the_table_counts_as_unset(tmp_path):
         _check_resumable(table, {"model": "m", "eval_limit": 10, "recipe_options": {"seed": "1"}}, tmp_path / "t.json")
     with pytest.raises(VitqError, match="eval_limit: 10 then, 20 now"):
         _check_resumable(table, {"model": "m", "eval_limit": 20}, tmp_path / "t.json")
+
+
+def test_rows_of_another_integer_arithmetic_are_stale_and_marked():
+    from vitq_edge.compare import _current, _notes
+    from vitq_edge.runtime import ARITHMETIC_VERSION
+
+    now = {"recipe": "adfq", "arithmetic_version": ARITHMETIC_VERSION}
+    assert _current(now) and "arithmetic" not in _notes(now)
+    for old in ({"recipe": "adfq", "arithmetic_version": ARITHMETIC_VERSION - 1}, {"recipe": "minmax"}):
+        assert not _current(old)
+        assert f"integer arithmetic {ARITHMETIC_VERSION - 1} (now {ARITHMETIC_VERSION})" in _notes(old)
+    # Stock programs do not run our arithmetic: always current.
+    assert _current({"recipe": "fp32"}) and _current({"recipe": "xnnpack-int8", "arithmetic_version": None})
 
 
 def test_cost_columns_keep_each_devices_threads_together():

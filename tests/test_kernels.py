@@ -23,7 +23,7 @@ from vitq_edge.lower.ops import attention, gelu_shift_log2, linear, log_linear
 from vitq_edge.lower.ops.linear import PROLOGUE_GELU, PROLOGUE_LAYER_NORM, PROLOGUE_NONE, pack_int4
 from vitq_edge.lower.ops.log_linear import gelu_then_log_linear
 from vitq_edge.quant import arith
-from vitq_edge.runtime import kernels_path, load_kernels, runtime_dir
+from vitq_edge.runtime import ARITHMETIC_VERSION, kernels_path, load_kernels, runtime_dir
 
 from tests.conftest import REPO
 
@@ -243,6 +243,14 @@ def test_inconsistent_arguments_fail_cleanly():
     args = linear_args(32, 8, 5, per_token=True)
     with pytest.raises(RuntimeError):
         run_program(torch.ops.vitq.linear, x, *args)
+
+
+def test_kernels_report_the_arithmetic_they_compute():
+    """CMake reads ARITHMETIC_VERSION from runtime.py into the library; load_kernels refuses another."""
+    import ctypes
+
+    load_kernels()
+    assert ctypes.CDLL(str(kernels_path())).vitq_arithmetic_version() == ARITHMETIC_VERSION
 
 
 def test_missing_kernels_library_is_a_clear_error(tmp_path):

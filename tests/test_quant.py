@@ -25,7 +25,7 @@ from vitq_edge.quant.quantizers import (
     ShiftLog2Quantizer,
     UniformQuantizer,
 )
-from vitq_edge.runtime import KERNELS_VERSION
+from vitq_edge.runtime import ARITHMETIC_VERSION, KERNELS_VERSION
 
 from .conftest import assert_user_error, invoke_cli, run_cli
 
@@ -781,8 +781,34 @@ def test_build_with_a_paper_recipe_writes_its_quantization_into_the_manifest(tmp
     assert quant["program_arithmetic"] == "integer"
     assert manifest["custom_ops"] == ["vitq::attention", "vitq::linear"]
     assert manifest["kernels"] == {"library": "libvitq_kernels.so", "version": KERNELS_VERSION}
+    assert quant["arithmetic_version"] == ARITHMETIC_VERSION
     acc = manifest["accuracy"]
     assert acc["pte_agrees_with_simulated"] >= 99.0 and abs(acc["pte_host"] - acc["simulated"]) <= 1.0
+
+    # The same program claiming another integer arithmetic is refused where it would run: it would
+    # compute other bits than its build measured.
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "model.pte").write_bytes((out / "model.pte").read_bytes())
+    quant["arithmetic_version"] = ARITHMETIC_VERSION - 1
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    for command in (["bench", str(old), "--runs", "1", "--no-record"], ["eval", str(old), "--limit", "8"]):
+        assert_user_error(invoke_cli(*command), f"built for integer arithmetic {ARITHMETIC_VERSION - 1}",
+                          "run `vitq-edge build --recipe minmax")
+
+
+def test_a_program_is_run_only_on_the_arithmetic_it_was_built_for():
+    from vitq_edge.artifacts import check_arithmetic
+
+    kernels = {"library": "libvitq_kernels.so", "version": KERNELS_VERSION}
+    now = {"kernels": kernels, "quantization": {"arithmetic_version": ARITHMETIC_VERSION}, "command": "c"}
+    check_arithmetic(now, "b")
+    # Built before the version was recorded: the first arithmetic.
+    with pytest.raises(VitqError, match="b was built for integer arithmetic 1 .*; run `vitq-edge build x` again"):
+        check_arithmetic({"kernels": kernels, "quantization": {}, "command": "vitq-edge build x"}, "b")
+    # A quantized program lowered as float runs no kernels; stock programs have no quantization.
+    check_arithmetic({"kernels": None, "quantization": {"arithmetic_version": 1}}, "b")
+    check_arithmetic({"kernels": None, "quantization": None}, "b")
 
 
 @pytest.mark.parametrize("args,fragment", [

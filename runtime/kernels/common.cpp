@@ -21,9 +21,19 @@
 #define VITQ_KERNELS_VERSION "dev"
 #endif
 
+#ifndef VITQ_ARITHMETIC_VERSION
+#define VITQ_ARITHMETIC_VERSION 0
+#endif
+
 // The project version, so a caller can tell which build it loaded.
 extern "C" __attribute__((visibility("default"))) const char* vitq_kernels_version() {
   return VITQ_KERNELS_VERSION;
+}
+
+// The integer arithmetic these kernels compute (vitq_edge.runtime.ARITHMETIC_VERSION, which
+// CMake reads): a change to the bits any kernel here computes raises it.
+extern "C" __attribute__((visibility("default"))) int vitq_arithmetic_version() {
+  return VITQ_ARITHMETIC_VERSION;
 }
 
 namespace vitq {

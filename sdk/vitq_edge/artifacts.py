@@ -15,6 +15,7 @@ from typing import BinaryIO
 from vitq_edge.data.preprocess import Preprocess
 from vitq_edge.errors import VitqError
 from vitq_edge.lifetime import OwnedDir, sweep
+from vitq_edge.runtime import ARITHMETIC_VERSION, UNRECORDED_ARITHMETIC
 
 MANIFEST = "manifest.json"
 PROGRAM = "model.pte"
@@ -235,6 +236,26 @@ def resolve_build(path: str | Path) -> tuple[Path, dict]:
         raise VitqError(f"{manifest_path} is missing; a .pte needs the manifest.json written beside it by "
                         "`vitq-edge build`")
     return pte, read_manifest(manifest_path)
+
+
+def program_arithmetic_version(manifest: dict) -> int | None:
+    """The integer arithmetic a quantized build was made for; None for a stock program (fp32,
+    XNNPACK's int8), whose bits do not depend on it."""
+    quantization = manifest.get("quantization")
+    if not isinstance(quantization, dict):
+        return None
+    return quantization.get("arithmetic_version", UNRECORDED_ARITHMETIC)
+
+
+def check_arithmetic(manifest: dict, where: str | Path) -> None:
+    """Refuse to run a program built for another integer arithmetic than this runtime computes:
+    it would run, but give other results than its build measured and reported."""
+    version = program_arithmetic_version(manifest)
+    if manifest.get("kernels") and version != ARITHMETIC_VERSION:
+        command = manifest.get("command")
+        how = f"run `{command}` again" if isinstance(command, str) and command else "build it again"
+        raise VitqError(f"{where} was built for integer arithmetic {version} and this vitq-edge computes "
+                        f"{ARITHMETIC_VERSION}, so it would not give the results its build measured; {how}")
 
 
 def append_to_manifest(manifest_path: Path, key: str, record: dict) -> int:

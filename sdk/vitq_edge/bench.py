@@ -18,7 +18,14 @@ import json
 import platform
 from pathlib import Path
 
-from vitq_edge.artifacts import append_to_manifest, file_sha256, is_build_manifest, locate_program, read_manifest
+from vitq_edge.artifacts import (
+    append_to_manifest,
+    check_arithmetic,
+    file_sha256,
+    is_build_manifest,
+    locate_program,
+    read_manifest,
+)
 from vitq_edge.device import RunRequest, get_device
 from vitq_edge.errors import VitqError
 from vitq_edge.progress import steps
@@ -55,7 +62,7 @@ def resolve_program(path: str | Path) -> tuple[Path, Path | None]:
     # anything is appended to it.
     if not isinstance(found, dict) or not is_build_manifest(found) or found.get("program") != pte.name:
         return pte, None
-    read_manifest(manifest_path)
+    check_arithmetic(read_manifest(manifest_path), path)
     return pte, manifest_path
 
 

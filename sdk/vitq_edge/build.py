@@ -37,7 +37,7 @@ from vitq_edge.progress import progress
 from vitq_edge.quant import QuantizedModel, quantize
 from vitq_edge.recipes import PaperRecipeConfig
 from vitq_edge.report import render_report
-from vitq_edge.runtime import KERNELS_VERSION
+from vitq_edge.runtime import ARITHMETIC_VERSION, KERNELS_VERSION
 from vitq_edge.runtime import LIBRARY as KERNELS_LIBRARY
 
 
@@ -104,6 +104,7 @@ def _quantization_summary(quantized: QuantizedModel, lowered: LoweredProgram) ->
     return {
         "packed_size_bytes": quantized.size_bytes,
         "program_arithmetic": lowered.arithmetic,
+        "arithmetic_version": ARITHMETIC_VERSION,
         **quantized.details,
     }
 

@@ -279,10 +279,10 @@ def _check_eval_inputs(path: str, data: str | None, device: str | None) -> None:
     """The program, its manifest, the image folder and the device exist (their contents are read later)."""
     from pathlib import Path
 
-    from vitq_edge.artifacts import resolve_build
+    from vitq_edge.artifacts import check_arithmetic, resolve_build
     from vitq_edge.data.options import check_data_folder
 
-    resolve_build(path)
+    check_arithmetic(resolve_build(path)[1], path)
     if data:
         check_data_folder(Path(data))
     if device is not None:

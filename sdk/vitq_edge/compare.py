@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import vitq_edge
-from vitq_edge.artifacts import write_atomic
+from vitq_edge.artifacts import program_arithmetic_version, write_atomic
 from vitq_edge.bench import benchmark
 from vitq_edge.build import build, eval_images, load_for_build
 from vitq_edge.build_options import DEFAULT_PROGRAMS, BuildOptions, check_programs
@@ -39,6 +39,7 @@ from vitq_edge.metrics import accuracy_summary
 from vitq_edge.models.source import LoadedModel
 from vitq_edge.progress import progress, status
 from vitq_edge.recipes import PAPER_RECIPES, options_for_recipe
+from vitq_edge.runtime import ARITHMETIC_VERSION, UNRECORDED_ARITHMETIC
 
 COMPARE_FORMAT = "vitq-edge-compare/1"
 TABLE_STEM = "compare"  # OUT/compare.{json,md,png} unless --table says where
@@ -191,15 +192,20 @@ def compare(opts: CompareOptions) -> dict:
         return [(d, t) for d in opts.devices for t in opts.threads if opts.rebench or _bench_key(d, t) not in done]
 
     # A measured row whose program folder is gone (e.g. a fresh checkout of a committed table) is built
-    # again only where it is to be benched: the same settings make the same program.
+    # again only where it is to be benched: the same settings make the same program. A row measured on
+    # another integer arithmetic is built again: its figures are not what this version's programs give.
     todo = [(k, specs[k]) for k in keys
-            if k not in rows or (bench_jobs_of(k) and not (out / rows[k]["folder"] / "model.pte").is_file())]
+            if k not in rows or not _current(rows[k])
+            or (bench_jobs_of(k) and not (out / rows[k]["folder"] / "model.pte").is_file())]
     loaded, images = None, None
     for key, (recipe, bits) in progress(todo, "compare: building", unit="program"):
         if loaded is None:
             torch.manual_seed(0)  # a model without a checkpoint gets the same random weights when resumed
             loaded = load_for_build(_build_options(opts, "fp32", None, None))
             images = None if opts.build.skip_eval else _prepare_images(opts, loaded)
+        if key in rows and not _current(rows[key]):
+            status(f"compare: {key} was measured on integer arithmetic {_row_arithmetic(rows[key])}, this vitq-edge "
+                   f"computes {ARITHMETIC_VERSION}: building it again")
         status(f"compare: building {key}")
         rows[key] = _build_row(opts, key, recipe, bits, out, loaded, images)
         save()
@@ -216,6 +222,17 @@ def compare(opts: CompareOptions) -> dict:
         save()
     save()
     return table
+
+
+def _row_arithmetic(row: dict) -> int | None:
+    """The integer arithmetic a row was measured on; None for stock rows (fp32, XNNPACK's int8)."""
+    if row["recipe"] in ("fp32", "xnnpack-int8"):
+        return None
+    return row.get("arithmetic_version", UNRECORDED_ARITHMETIC)
+
+
+def _current(row: dict) -> bool:
+    return _row_arithmetic(row) in (None, ARITHMETIC_VERSION)
 
 
 def _bench_key(device: str, threads: int) -> str:
@@ -286,6 +303,7 @@ def _build_row(opts: CompareOptions, key: str, recipe: str, bits: str | None, ou
         "packed_size_bytes": quant.get("packed_size_bytes"),
         "pte_size_bytes": m["size_bytes"],
         "program_arithmetic": quant.get("program_arithmetic", "float" if recipe == "fp32" else "xnnpack"),
+        "arithmetic_version": program_arithmetic_version(m),
         "xnnpack_partitions": m["xnnpack_partitions"],
         "custom_ops": m["custom_ops"],
         "calibration_seconds": m["timings_seconds"]["calibration"],
@@ -332,6 +350,8 @@ def _cost(entry: dict | None) -> str:
 
 def _notes(row: dict) -> str:
     notes = []
+    if not _current(row):
+        notes.append(f"integer arithmetic {_row_arithmetic(row)} (now {ARITHMETIC_VERSION}): rerun to rebuild")
     if row["recipe"] not in ("fp32", "xnnpack-int8") and row.get("program_arithmetic") not in (None, "integer"):
         notes.append(f".pte {row['program_arithmetic']}")
     if row.get("outlier_fraction_max") is not None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from vitq_edge.artifacts import resolve_build
+from vitq_edge.artifacts import check_arithmetic, resolve_build
 from vitq_edge.data.datasets import DEFAULT_MAX_IMAGE_PIXELS, ImageSet, image_folder
 from vitq_edge.data.preprocess import Preprocess
 from vitq_edge.device.host_runtime import HostProgram
@@ -23,6 +23,7 @@ def eval_inputs(path: str | Path, data: str | Path | None, limit: int | None,
                 max_pixels: int) -> tuple[Path, Preprocess, ImageSet]:
     """The program, its manifest's preprocessing, and the labelled images to score it on."""
     pte, manifest = resolve_build(path)
+    check_arithmetic(manifest, path)
     preprocess = Preprocess.from_manifest(manifest["input"])
     labels = manifest.get("labels")
     if data:

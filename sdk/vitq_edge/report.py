@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from vitq_edge.artifacts import program_arithmetic_version
+
 
 def _row(*cells: object) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
@@ -20,7 +22,8 @@ def render_report(m: dict) -> str:
         f"- arithmetic left in float: {', '.join(m['float_ops']) or 'none'}",
         f"- custom ops: {', '.join(m['custom_ops']) or 'none'}"
         + (f" ({m['kernels']['library']} {m['kernels']['version']})" if m.get("kernels") else ""),
-        *([f"- quantized arithmetic: {m['quantization']['program_arithmetic']}"] if m.get("quantization") else []),
+        *([f"- quantized arithmetic: {m['quantization']['program_arithmetic']} (integer arithmetic version "
+            f"{program_arithmetic_version(m)})"] if m.get("quantization") else []),
         f"- ExecuTorch {m['executorch_version']}, torch {m['torch_version']}, vitq-edge {m['vitq_edge_version']}",
         f"- model checkpoint: {m['model']['checkpoint']} (sha256 {m['model']['checkpoint_sha256']})",
     ]

@@ -108,6 +108,15 @@ def find_bundle(name: str) -> Bundle:
 LIBRARY = "libvitq_kernels.so"
 # The library must be built from this version's runtime/ (CMake reads the same string).
 KERNELS_VERSION = __version__
+# The version of the integer arithmetic (quant/arith.py and the kernels that mirror it): which
+# bits a quantized program computes. A build records it, and a program built for another one is
+# refused where it is run (artifacts.check_arithmetic): it would run, but compute other bits than
+# its build measured. Raise it with any change to what a program computes. CMake reads this line.
+#   1: GELU and the softmax exponentials in float, LayerNorm in double
+#   2: GELU by a table of codes, the integer softmax, LayerNorm in float32 (2026-12-05)
+ARITHMETIC_VERSION = 2
+# What a quantized build's manifest (or a compare row) without the field was made with.
+UNRECORDED_ARITHMETIC = 1
 
 
 def kernels_path() -> Path:
@@ -134,6 +143,10 @@ def load_kernels() -> str:
     version = lib.vitq_kernels_version().decode()
     if version != KERNELS_VERSION:
         raise VitqError(f"{path} is version {version}, this vitq-edge needs {KERNELS_VERSION}; "
+                        f"rebuild it: {build_hint('host')}")
+    arithmetic = lib.vitq_arithmetic_version()
+    if arithmetic != ARITHMETIC_VERSION:
+        raise VitqError(f"{path} computes integer arithmetic {arithmetic}, this vitq-edge {ARITHMETIC_VERSION}; "
                         f"rebuild it: {build_hint('host')}")
     return version
 

@@ -16,6 +16,9 @@ carry no gradient: fake_log writes its straight-through one out).
                   the rest is uniform with one (scale, zero point) per token position
     shift-log2:   x' = x + shift (> 0 for every post-GELU value), log-coded;
                   the consumer subtracts `shift` (folded into fc2's bias)
+
+A change to what any of these computes changes the bits of every program built before it:
+raise vitq_edge.runtime.ARITHMETIC_VERSION with it.
 """
 
 from __future__ import annotations
