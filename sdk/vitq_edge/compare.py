@@ -226,7 +226,7 @@ def compare(opts: CompareOptions) -> dict:
 
 def _row_arithmetic(row: dict) -> int | None:
     """The integer arithmetic a row was measured on; None for stock rows (fp32, XNNPACK's int8)."""
-    if row["recipe"] in ("fp32", "xnnpack-int8"):
+    if row["recipe"] not in PAPER_RECIPES:
         return None
     return row.get("arithmetic_version", UNRECORDED_ARITHMETIC)
 
