@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 from vitq_edge.cli import main
 
-from .conftest import make_image_folder
+from .conftest import REPO, make_image_folder
 
 TINY = ["--model", "deit_tiny_patch16_224", "--model-kwargs", "img_size=32,patch_size=8,num_classes=3,depth=2",
         "--mean", "0.5", "--std", "0.25"]
@@ -228,16 +228,34 @@ def test_a_setting_newer_than_the_table_counts_as_unset(tmp_path):
 
 
 def test_rows_of_another_integer_arithmetic_are_stale_and_marked():
-    from vitq_edge.compare import _current, _notes
+    from vitq_edge.compare import _notes, row_is_current
     from vitq_edge.runtime import ARITHMETIC_VERSION
 
     now = {"recipe": "adfq", "arithmetic_version": ARITHMETIC_VERSION}
-    assert _current(now) and "arithmetic" not in _notes(now)
+    assert row_is_current(now) and "arithmetic" not in _notes(now)
     for old in ({"recipe": "adfq", "arithmetic_version": ARITHMETIC_VERSION - 1}, {"recipe": "minmax"}):
-        assert not _current(old)
+        assert not row_is_current(old)
         assert f"integer arithmetic {ARITHMETIC_VERSION - 1} (now {ARITHMETIC_VERSION})" in _notes(old)
     # Stock programs do not run our arithmetic: always current.
-    assert _current({"recipe": "fp32"}) and _current({"recipe": "xnnpack-int8", "arithmetic_version": None})
+    assert row_is_current({"recipe": "fp32"}) and row_is_current({"recipe": "xnnpack-int8", "arithmetic_version": None})
+
+
+def test_targets_count_rows_of_an_older_arithmetic_as_missing():
+    """tools/accuracy_table.py's Targets: a row built on an older arithmetic meets nothing."""
+    import importlib.util
+
+    from vitq_edge.runtime import ARITHMETIC_VERSION
+
+    spec = importlib.util.spec_from_file_location("accuracy_table", REPO / "tools" / "accuracy_table.py")
+    accuracy_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(accuracy_table)
+    accuracy = {"simulated": 74.0, "pte_host": 74.0, "drop": 1.0, "agreement": 95.0, "sqnr_db": 20.0}
+    row = {"program": "adfq@W6A6", "recipe": "adfq", "accuracy": accuracy, "calibration_seconds": 60.0,
+           "arithmetic_version": ARITHMETIC_VERSION}
+    table = {"settings": {"model": "dinov2-s14-cifar10"}, "rows": [row]}
+    assert "| W6A6 adfq: drop <= 1.5 | met |" in accuracy_table.targets(table)
+    del row["arithmetic_version"]
+    assert "| W6A6 adfq: drop <= 1.5 | row missing or built on an older arithmetic |" in accuracy_table.targets(table)
 
 
 def test_cost_columns_keep_each_devices_threads_together():

@@ -195,7 +195,7 @@ def compare(opts: CompareOptions) -> dict:
     # again only where it is to be benched: the same settings make the same program. A row measured on
     # another integer arithmetic is built again: its figures are not what this version's programs give.
     todo = [(k, specs[k]) for k in keys
-            if k not in rows or not _current(rows[k])
+            if k not in rows or not row_is_current(rows[k])
             or (bench_jobs_of(k) and not (out / rows[k]["folder"] / "model.pte").is_file())]
     loaded, images = None, None
     for key, (recipe, bits) in progress(todo, "compare: building", unit="program"):
@@ -203,7 +203,7 @@ def compare(opts: CompareOptions) -> dict:
             torch.manual_seed(0)  # a model without a checkpoint gets the same random weights when resumed
             loaded = load_for_build(_build_options(opts, "fp32", None, None))
             images = None if opts.build.skip_eval else _prepare_images(opts, loaded)
-        if key in rows and not _current(rows[key]):
+        if key in rows and not row_is_current(rows[key]):
             status(f"compare: {key} was measured on integer arithmetic {_row_arithmetic(rows[key])}, this vitq-edge "
                    f"computes {ARITHMETIC_VERSION}: building it again")
         status(f"compare: building {key}")
@@ -231,7 +231,8 @@ def _row_arithmetic(row: dict) -> int | None:
     return row.get("arithmetic_version", UNRECORDED_ARITHMETIC)
 
 
-def _current(row: dict) -> bool:
+def row_is_current(row: dict) -> bool:
+    """Whether a row's figures are what this version's program of it gives (its arithmetic is this one)."""
     return _row_arithmetic(row) in (None, ARITHMETIC_VERSION)
 
 
@@ -350,7 +351,7 @@ def _cost(entry: dict | None) -> str:
 
 def _notes(row: dict) -> str:
     notes = []
-    if not _current(row):
+    if not row_is_current(row):
         notes.append(f"integer arithmetic {_row_arithmetic(row)} (now {ARITHMETIC_VERSION}): rerun to rebuild")
     if row["recipe"] not in ("fp32", "xnnpack-int8") and row.get("program_arithmetic") not in (None, "integer"):
         notes.append(f".pte {row['program_arithmetic']}")
