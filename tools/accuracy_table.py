@@ -16,7 +16,6 @@ the issues' done-when criteria against the rows (a missing row says so).
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -24,9 +23,10 @@ from pathlib import Path
 import numpy as np
 import vitq_edge  # noqa: F401  (torchvision shim before timm)
 from vitq_edge.build_options import BuildOptions
-from vitq_edge.compare import CompareOptions, compare, row_is_current, write_table
+from vitq_edge.compare import CompareOptions, compare, read_table, row_is_current, write_table
 from vitq_edge.data.datasets import ImageSet
 from vitq_edge.data.fashion_mnist import load_split
+from vitq_edge.errors import VitqError
 from vitq_edge.lifetime import run_script
 from vitq_edge.models.dinov2 import MODEL_NAME as REAL_MODEL
 from vitq_edge.models.dinov2 import probe_meta
@@ -148,7 +148,10 @@ def main() -> None:
     command = "python tools/accuracy_table.py" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
     stem = Path(args.out or REPO / OUT[(args.model, args.split)])
     if args.render:
-        write_table(stem, json.loads(stem.with_suffix(".json").read_text()), targets)
+        table = read_table(stem)  # a table compare wrote, or one error line
+        if table is None:
+            raise VitqError(f"{stem.with_suffix('.json')} does not exist; run this without --render to build it")
+        write_table(stem, table, targets)
         return
     shared = BuildOptions(target="rpi4", model=None if args.model == "reference" else args.model,
                           eval_limit=args.eval_limit or (None if args.model == "reference" else 2000))

@@ -130,7 +130,7 @@ def _check_out(out: Path, stem: Path) -> None:
                         "folder")
 
 
-def _read_table(stem: Path) -> dict | None:
+def read_table(stem: Path) -> dict | None:
     """The table an earlier compare run wrote at STEM.json, None where there is none."""
     path = stem.with_suffix(".json")
     if not path.is_file():
@@ -166,7 +166,7 @@ def compare(opts: CompareOptions) -> dict:
     stem = Path(opts.table) if opts.table else out / TABLE_STEM
     _check_out(out, stem)
     settings = _settings(opts)
-    table = _read_table(stem)
+    table = read_table(stem)
     if table is not None:
         _check_resumable(table, settings, stem.with_suffix(".json"))
     else:
