@@ -353,7 +353,7 @@ def _notes(row: dict) -> str:
     notes = []
     if not row_is_current(row):
         notes.append(f"integer arithmetic {_row_arithmetic(row)} (now {ARITHMETIC_VERSION}): rerun to rebuild")
-    if row["recipe"] not in ("fp32", "xnnpack-int8") and row.get("program_arithmetic") not in (None, "integer"):
+    if row["recipe"] in PAPER_RECIPES and row.get("program_arithmetic") not in (None, "integer"):
         notes.append(f".pte {row['program_arithmetic']}")
     if row.get("outlier_fraction_max") is not None:
         notes.append(f"PPOQ outliers kept: max {100 * row['outlier_fraction_max']:.4f}% of values")
