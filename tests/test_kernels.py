@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -572,3 +573,32 @@ def test_runner_without_the_kernels_library_names_it(tmp_path):
                              timeout=120)
     assert missing.returncode != 0 and "Segmentation" not in missing.stderr
     assert "libvitq_kernels.so" in missing.stderr, missing.stderr[-2000:]
+
+
+def test_runner_reports_its_kernels_arithmetic_and_a_stale_bundle_is_refused(tmp_path):
+    """The runner reports the arithmetic of the kernels it loaded; the SDK refuses a runner of another
+    one for a program that calls vitq:: ops (it would compute other bits), and only for such a program."""
+    from vitq_edge.device.base import parse_report, program_uses_kernels
+    from vitq_edge.errors import VitqError
+    from vitq_edge.runtime import find_bundle
+
+    runner = find_bundle("host").runner
+    x = torch.randn(1, 5, 64)
+    pte = tmp_path / "linear.pte"
+    pte.write_bytes(one_op_program(torch.ops.vitq.linear, x, linear_args(64, 8, 5)))
+    assert program_uses_kernels(pte)
+    ran = subprocess.run([str(runner), str(pte)], capture_output=True, text=True, timeout=120)
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    report = parse_report(ran.stdout, ran.stderr, 0, "host", str(pte), bundle="host", uses_kernels=True)
+    assert report["arithmetic_version"] == ARITHMETIC_VERSION
+
+    field = f'"arithmetic_version": {ARITHMETIC_VERSION}'
+    assert field in ran.stdout
+    for stale, says in ((ran.stdout.replace(field, f'"arithmetic_version": {ARITHMETIC_VERSION - 1}'),
+                         f"integer arithmetic {ARITHMETIC_VERSION - 1}"),
+                        (ran.stdout.replace(field, '"arithmetic_version": null'), "(it predates versions)")):
+        with pytest.raises(VitqError, match=re.escape(f"{says} and this vitq-edge {ARITHMETIC_VERSION}; rebuild the "
+                                                      "bundle")):
+            parse_report(stale, "", 0, "host", str(pte), bundle="host", uses_kernels=True)
+        # A stock program computes no arithmetic of ours: the same runner may run it.
+        assert parse_report(stale, "", 0, "host", str(pte), bundle="host", uses_kernels=False)["latency_ms"]

@@ -654,6 +654,16 @@ std::vector<std::string> load_kernel_libraries(const Options& opt) {
   return kernels;
 }
 
+// The integer arithmetic of the kernels loaded (libvitq_kernels.so's vitq_arithmetic_version)
+// as a JSON value, null when none exports it (no kernels, or a library from before versions).
+// The SDK compares it with the arithmetic a program was built for: an old bundle would run the
+// program but compute other bits than its build measured.
+std::string kernels_arithmetic_json() {
+  using VersionFn = int (*)();
+  auto fn = reinterpret_cast<VersionFn>(dlsym(RTLD_DEFAULT, "vitq_arithmetic_version"));
+  return fn != nullptr ? std::to_string(fn()) : "null";
+}
+
 // Step 3: the thread pool's size (--threads). XNNPACK takes the pool when a
 // method is loaded, so this has to happen before load_method. Returns the size.
 size_t size_thread_pool(int threads) {
@@ -941,6 +951,7 @@ std::string report_json(const Options& opt, const Inferences& done, const RunFac
      << ", \"synthetic_input\": " << (opt.inputs.empty() ? "true" : "false")
      << ", \"warmup\": " << opt.warmup << ", \"runs_per_image\": " << opt.runs
      << ", \"threads\": " << facts.threads
+     << ", \"arithmetic_version\": " << kernels_arithmetic_json()
      << ", \"load_ms\": " << json_num(facts.load_ms)
      << ", \"latency_ms\": " << latency_json(done.latencies)
      << ", \"total_ms\": " << json_num(facts.total_ms)

@@ -25,7 +25,7 @@ import numpy as np
 
 from vitq_edge.errors import VitqError
 from vitq_edge.lifetime import guarded, owned_temp_dir
-from vitq_edge.runtime import RUNNER, Bundle, build_hint, find_bundle
+from vitq_edge.runtime import ARITHMETIC_VERSION, RUNNER, Bundle, build_hint, find_bundle, program_custom_ops
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,15 @@ def raise_runner_failure(stderr: str, code: int, where: str, pte_label: str) -> 
     raise VitqError(f"the runner failed on {where}: {detail}")
 
 
-def parse_report(stdout: str, stderr: str, code: int, where: str, pte_label: str) -> dict:
+def program_uses_kernels(pte: Path) -> bool:
+    """Whether a program calls vitq:: ops, i.e. computes our integer arithmetic on the device."""
+    return bool(program_custom_ops(Path(pte).read_bytes()))
+
+
+def parse_report(stdout: str, stderr: str, code: int, where: str, pte_label: str, *,
+                 bundle: str, uses_kernels: bool) -> dict:
+    """The runner's report; a runner whose kernels compute another integer arithmetic than this
+    vitq-edge is refused for a program that uses them (it would run, with other bits)."""
     if code != 0:
         raise_runner_failure(stderr, code, where, pte_label)
     try:
@@ -101,6 +109,12 @@ def parse_report(stdout: str, stderr: str, code: int, where: str, pte_label: str
     except (IndexError, ValueError, KeyError, TypeError):
         raise VitqError(f"the runner on {where} printed no report ({last_line(stderr) or 'no output'}); "
                         f"is the bundle a vitq-runner? {build_hint()}") from None
+    arithmetic = report.get("arithmetic_version")
+    if uses_kernels and arithmetic != ARITHMETIC_VERSION:
+        computes = "an unknown integer arithmetic (it predates versions)" if arithmetic is None else \
+            f"integer arithmetic {arithmetic}"
+        raise VitqError(f"the runner bundle on {where} computes {computes} and this vitq-edge "
+                        f"{ARITHMETIC_VERSION}; rebuild the bundle: {build_hint(bundle)}")
     return report
 
 
@@ -253,6 +267,7 @@ class LocalDevice(Device):
 class _LocalSession(Session):
     def __init__(self, device: LocalDevice, bundle: Bundle, pte: Path):
         self.device, self.bundle, self.pte = device, bundle, pte
+        self.uses_kernels = program_uses_kernels(pte)
 
     def run(self, req: RunRequest) -> RunResult:
         with owned_temp_dir("vitq-run-") as tmp:
@@ -267,7 +282,8 @@ class _LocalSession(Session):
                 message = self.device.explain_failure(proc.stderr)
                 if message:
                     raise VitqError(message)
-            report = parse_report(proc.stdout, proc.stderr, proc.returncode, self.device.name, str(self.pte))
+            report = parse_report(proc.stdout, proc.stderr, proc.returncode, self.device.name, str(self.pte),
+                                  bundle=self.bundle.name, uses_kernels=self.uses_kernels)
             result = RunResult(report, output=None if out is None else load_output(out, self.device.name),
                                etdump=None if etdump is None else load_etdump(etdump, self.device.name))
             self.device.read_counts(counts, req, result)

@@ -41,6 +41,7 @@ from vitq_edge.device.base import (
     load_etdump,
     load_output,
     parse_report,
+    program_uses_kernels,
     run_local,
     runner_args,
     runner_error_line,
@@ -251,7 +252,8 @@ class SshDevice(Device):
 class _SshSession(Session):
     def __init__(self, device: SshDevice, bundle: Bundle, pte: Path, remote_dir: str):
         self.device, self.dir = device, remote_dir
-        self.pte_label = str(pte)
+        self.pte_label, self.bundle_name = str(pte), bundle.name
+        self.uses_kernels = program_uses_kernels(pte)
         device.scp([str(bundle.root / "bin"), str(bundle.lib)], device.remote(remote_dir + "/"),
                    "copying the runner bundle")
         device.scp([str(pte)], device.remote(remote_dir + "/model.pte"), "copying the program")
@@ -280,7 +282,8 @@ class _SshSession(Session):
                            "stopped; raise --timeout or use fewer --runs/--limit")
             if proc.returncode != 0 and runner_error_line(proc.stderr) is None:
                 raise VitqError(self._launch_failure(proc))
-            report = parse_report(proc.stdout, proc.stderr, proc.returncode, dev.where, self.pte_label)
+            report = parse_report(proc.stdout, proc.stderr, proc.returncode, dev.where, self.pte_label,
+                                  bundle=self.bundle_name, uses_kernels=self.uses_kernels)
             result = RunResult(report, notes=[] if not req.count_instructions else
                                [f"instruction counts are measured on emulated devices only, not on {dev.name}"])
             if out is not None:
