@@ -266,3 +266,27 @@ def test_cost_columns_keep_each_devices_threads_together():
     rows = [{"bench": {"host@1": {}, "emulated-rpi4@4": {}, "emulated-rpi4@1": {}}},
             {"bench": {"host@1": {}, "host@2": {}, "emulated-rpi4@1": {}}}, {}]
     assert _cost_columns(rows) == ["host@1", "host@2", "emulated-rpi4@1", "emulated-rpi4@4"]
+
+
+@pytest.mark.slow
+def test_compare_flows_builds_each_program_once_for_all_its_devices(tmp_path):
+    """tools/compare_flows.py benches the host and the emulated devices in two passes (other runs and
+    thread counts): the second pass benches the first pass's programs, it does not build them again."""
+    import subprocess
+    import sys
+
+    docs = tmp_path / "docs"
+    proc = subprocess.run([sys.executable, str(REPO / "tools" / "compare_flows.py"), "--models", "reference",
+                           "--devices", "host,emulated-rpi4", "--threads", "1", "--host-runs", "2",
+                           "--calib-limit", "32", "--work", str(tmp_path / "work"), "--docs", str(docs)],
+                          capture_output=True, text=True, cwd=REPO, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    programs = ("fp32", "xnnpack-int8", "minmax@W8A8", "minmax@W4A4")
+    built = [line.removeprefix("compare: building ") for line in proc.stderr.splitlines()
+             if line.startswith("compare: building ") and not line.startswith("compare: building: ")]
+    assert sorted(built) == sorted(programs)
+    rows = json.loads((docs / "performance.json").read_text())
+    assert sorted((r["program"], r["device"]) for r in rows) == sorted(
+        (p, d) for p in programs for d in ("host", "emulated-rpi4"))
+    assert all(r["instructions"] > 0 for r in rows if r["device"] == "emulated-rpi4")
+    assert (docs / "performance.md").is_file() and (docs / "performance.png").is_file()

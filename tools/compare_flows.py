@@ -112,12 +112,14 @@ def main() -> None:
         for name, (group, group_threads, runs) in groups.items():
             if not group:
                 continue
+            # One table per model for both groups: the second group finds the first's programs and benches
+            # them, instead of building them again.
             shared = BuildOptions(target="rpi4", model=None if model == "reference" else model,
                                   calib_limit=None if spec.table else args.calib_limit,
                                   eval_limit=spec.eval_limit, skip_eval=spec.table is None)
             table = compare(CompareOptions(build=shared, programs=spec.programs.split(","), devices=group,
                                            threads=group_threads, runs=runs, rebench=args.rebench, out=str(out),
-                                           table=spec.table or str(Path(args.work) / "tables" / f"{model}-{name}"),
+                                           table=spec.table or str(Path(args.work) / "tables" / model),
                                            command=command))
             wanted = set(spec.programs.split(","))
             rows += [{"model": model, "program": r["program"], "device": b["device"], "threads": b["threads"],
