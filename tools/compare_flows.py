@@ -107,9 +107,9 @@ def main() -> None:
         out = Path(spec.out) if spec.out else Path(args.work) / model
         devices = args.devices.split(",")
         # Host latency takes many runs; emulated devices count instructions exactly in one.
-        groups = {"host": ([d for d in devices if d == "host"], host_threads, args.host_runs),
-                  "devices": ([d for d in devices if d != "host"], threads, args.emulated_runs)}
-        for name, (group, group_threads, runs) in groups.items():
+        groups = [([d for d in devices if d == "host"], host_threads, args.host_runs),
+                  ([d for d in devices if d != "host"], threads, args.emulated_runs)]
+        for group, group_threads, runs in groups:
             if not group:
                 continue
             # One table per model for both groups: the second group finds the first's programs and benches
