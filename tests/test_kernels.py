@@ -10,6 +10,7 @@ AddressSanitizer build of the library.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -266,12 +267,12 @@ def test_missing_kernels_library_is_a_clear_error(tmp_path):
 
 FORCED_PATHS = {
     # Our int8 GEMM (qs8_gemm.h) for the linear layers and the attention's int8 codes runs by
-    # default on the Pis and on x86 CPUs with AVX-VNNI. Forced here in portable C++: the packing of
+    # default on the Pis and on x86 CPUs with VNNI. Forced here in portable C++: the packing of
     # CPUs without dot products (Pi 4), with its -128 fixes ...
     "int8 GEMM, pairs packing": ("VITQ_GEMM", "pairs", "(linear or attention) and not emulated"),
     # ... and of CPUs with them (Pi 5)
     "int8 GEMM, dot packing": ("VITQ_GEMM", "dot", "(linear or attention) and not emulated"),
-    # The path of x86 CPUs without AVX-VNNI: XNNPACK's GEMM for the linear layers, int16
+    # The path of x86 CPUs without VNNI: XNNPACK's GEMM for the linear layers, int16
     # attention codes, log_linear's per-code sums.
     "XNNPACK GEMM, int16 attention": ("VITQ_GEMM", "xnnpack", "(linear or attention) and not emulated"),
     # log_linear's per-code sums where our GEMM runs too (they run anyway for too wide ladders).
@@ -293,6 +294,34 @@ def test_forced_code_paths_match_reference(path):
                            __file__], capture_output=True, text=True, env=env, cwd=REPO, timeout=1800)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     assert " passed" in proc.stdout and " failed" not in proc.stdout
+
+
+def gemm_for_this_cpu() -> str:
+    """The GEMM the kernels should pick here, from the CPU's flags (common.cpp: cpu_vnni; qs8_gemm_layout)."""
+    info = open("/proc/cpuinfo").read()
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines()
+                      if line.startswith(("flags", "Features"))), []))
+    if os.uname().machine == "aarch64":
+        return "dot" if "asimddp" in flags else "pairs"
+    if "avx_vnni" in flags:
+        return "vnni"
+    return "vnni-evex" if {"avx512_vnni", "avx512vl"} <= flags else "xnnpack"
+
+
+def test_runner_reports_the_gemm_this_cpu_runs(tmp_path):
+    """The runner names the int8 GEMM its kernels run: the one this CPU's instructions allow (a detection
+    slip, e.g. missing AVX512-VNNI's EVEX tile, would fall back to XNNPACK's GEMM: the same bits, only
+    slower, so no other test would see it), or what VITQ_GEMM forces."""
+    from vitq_edge.runtime import find_bundle
+
+    pte = tmp_path / "linear.pte"
+    pte.write_bytes(one_op_program(torch.ops.vitq.linear, torch.randn(1, 5, 64), linear_args(64, 8, 5)))
+    env = {k: v for k, v in os.environ.items() if k != "VITQ_GEMM"}
+    for forced, want in ((None, gemm_for_this_cpu()), ("xnnpack", "xnnpack"), ("pairs", "pairs")):
+        ran = subprocess.run([str(find_bundle("host").runner), str(pte)], capture_output=True, text=True,
+                             timeout=120, env=env if forced is None else {**env, "VITQ_GEMM": forced})
+        assert ran.returncode == 0, ran.stderr[-2000:]
+        assert json.loads(ran.stdout)["gemm"] == want, (forced, ran.stdout)
 
 
 def _emulated_pis_ready() -> bool:

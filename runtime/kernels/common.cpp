@@ -63,15 +63,17 @@ bool cpu_has_dot_product() {
 #endif
 }
 
-bool cpu_has_vnni() {
+Vnni cpu_vnni() {
 #if defined(__x86_64__) && defined(__GNUC__)
-  static const bool yes = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avxvnni") != 0;
+  static const Vnni vnni = [] {
+    __builtin_cpu_init();  // (its feature bits include the OS's support of the AVX-512 state)
+    if (__builtin_cpu_supports("avxvnni")) return Vnni::kVex;
+    if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl")) return Vnni::kEvex;
+    return Vnni::kNone;
   }();
-  return yes;
+  return vnni;
 #else
-  return false;
+  return Vnni::kNone;
 #endif
 }
 

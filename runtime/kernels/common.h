@@ -53,9 +53,12 @@ bool xnnpack_ready();
 // Pi 5's Cortex-A76, not the Pi 4's A72), read once from HWCAP. False off aarch64.
 bool cpu_has_dot_product();
 
-// Whether an x86-64 CPU has AVX-VNNI (vpdpbusd on 256-bit vectors: Intel
-// Alder Lake and later, AMD Zen 4 and later), read once. False elsewhere.
-bool cpu_has_vnni();
+// Which encoding of vpdpbusd on 256-bit vectors an x86-64 CPU runs, read
+// once: kVex with AVX-VNNI (Intel Alder Lake and later, AMD Zen 5), else
+// kEvex with AVX512-VNNI and AVX512-VL (Intel Cascade Lake and later servers,
+// AMD Zen 4), else kNone (and elsewhere).
+enum class Vnni { kNone, kVex, kEvex };
+Vnni cpu_vnni();
 
 // gelu at the GELU table's grid points (i - 128) / 32 (arith.gelu_table_values),
 // kGeluTableSize floats, computed once.

@@ -664,6 +664,14 @@ std::string kernels_arithmetic_json() {
   return fn != nullptr ? std::to_string(fn()) : "null";
 }
 
+// The int8 GEMM the kernels loaded run on this CPU (libvitq_kernels.so's vitq_gemm: e.g. "dot"
+// on a Pi 5, "xnnpack" on an x86 CPU without VNNI) as a JSON value, null without kernels.
+std::string kernels_gemm_json() {
+  using NameFn = const char* (*)();
+  auto fn = reinterpret_cast<NameFn>(dlsym(RTLD_DEFAULT, "vitq_gemm"));
+  return fn != nullptr ? "\"" + json_escape(fn()) + "\"" : "null";
+}
+
 // Step 3: the thread pool's size (--threads). XNNPACK takes the pool when a
 // method is loaded, so this has to happen before load_method. Returns the size.
 size_t size_thread_pool(int threads) {
@@ -952,6 +960,7 @@ std::string report_json(const Options& opt, const Inferences& done, const RunFac
      << ", \"warmup\": " << opt.warmup << ", \"runs_per_image\": " << opt.runs
      << ", \"threads\": " << facts.threads
      << ", \"arithmetic_version\": " << kernels_arithmetic_json()
+     << ", \"gemm\": " << kernels_gemm_json()
      << ", \"load_ms\": " << json_num(facts.load_ms)
      << ", \"latency_ms\": " << latency_json(done.latencies)
      << ", \"total_ms\": " << json_num(facts.total_ms)

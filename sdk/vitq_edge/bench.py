@@ -27,6 +27,7 @@ from vitq_edge.artifacts import (
     read_manifest,
 )
 from vitq_edge.device import RunRequest, get_device
+from vitq_edge.device.base import program_uses_kernels
 from vitq_edge.errors import VitqError
 from vitq_edge.progress import steps
 
@@ -36,6 +37,14 @@ EMULATED_RUNS = 3  # every inference costs ~200x its native time under qemu; the
 # --threads value is a typo, not a measurement.
 MAX_THREADS_PER_CORE = 4
 RUNNER_MAX_THREADS = 256  # vitq-runner refuses more
+# The runner's "gemm" (libvitq_kernels.so's vitq_gemm), for people.
+GEMM_NAMES = {
+    "pairs": "ours, pairs packing (NEON smull/smlal2 on aarch64)",
+    "dot": "ours, dot packing (NEON sdot on aarch64)",
+    "vnni": "ours, AVX-VNNI vpdpbusd",
+    "vnni-evex": "ours, AVX512-VNNI vpdpbusd",
+    "xnnpack": "XNNPACK's qd8_f32_qc8w, int16 attention codes",
+}
 
 
 def check_threads(threads: int, cores: int | None, device: str) -> str | None:
@@ -110,6 +119,8 @@ def benchmark(path: str | Path, device: str = "host", runs: int | None = None, w
         "size_bytes": pte.stat().st_size,
         "pte_sha256": file_sha256(pte),
         "detected_cpu": rep.get("cpu"),
+        # The int8 GEMM our kernels ran (runtime/README.md); none for a program without vitq:: ops.
+        "kernels_gemm": rep.get("gemm") if program_uses_kernels(pte) else None,
         "runner_version": rep.get("version"),
         "host": f"{platform.system()} {platform.machine()}",
         "notes": ([oversubscribed] if oversubscribed else []) + result.notes,
@@ -172,6 +183,8 @@ def format_bench(r: dict, top: int | None = None) -> str:
     kind = "emulated wall time, not the board's" if r["latency_is_emulated"] else "wall time"
     lines.append(f"  latency       median {lat['median']:.2f} ms, min {lat['min']:.2f}, p90 {lat['p90']:.2f}, "
                  f"mean {lat['mean']:.2f} ({r['runs']} runs after {r['warmup']} warmup, {threads}; {kind})")
+    if r.get("kernels_gemm"):
+        lines.append(f"  int8 GEMM     {GEMM_NAMES.get(r['kernels_gemm'], r['kernels_gemm'])} (the vitq:: ops')")
     if r.get("load_ms") is not None:
         lines.append(f"  load          {r['load_ms']:.1f} ms")
     if r.get("peak_rss_mb") is not None:

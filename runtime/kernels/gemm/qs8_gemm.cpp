@@ -1,6 +1,6 @@
 // Our int8 GEMM with XNNPACK's qd8 epilogue (qs8_gemm.h): packing, the kPairs
 // tile, the portable tiles and the dispatch. The kDot and kVnni tiles:
-// qs8_gemm_dot.cpp.
+// qs8_gemm_dot.cpp, qs8_gemm_vnni.h.
 #include "qs8_gemm.h"
 
 #include <algorithm>
@@ -133,8 +133,13 @@ void run_rows(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t row_begin, s
                                                                             row_terms, y, ldy);
 #endif
       return;
-    case Qs8Layout::kVnni:  // chosen only on x86-64 CPUs with AVX-VNNI
-      qs8::run_rows_dot<kOut>(g, a, lda, row_begin, row_end, rows, row_terms, y, ldy);
+    case Qs8Layout::kVnni:  // chosen only on x86-64 CPUs with vpdpbusd on 256 bits
+#if defined(__x86_64__) && defined(__GNUC__)
+      if (cpu_vnni() == Vnni::kVex)
+        qs8::run_rows_vnni<kOut>(g, a, lda, row_begin, row_end, rows, row_terms, y, ldy);
+      else
+        qs8::run_rows_vnni_evex<kOut>(g, a, lda, row_begin, row_end, rows, row_terms, y, ldy);
+#endif
       return;
     case Qs8Layout::kNone:
       return;
@@ -153,10 +158,26 @@ Qs8Layout qs8_gemm_layout() {
 #if defined(__aarch64__)
     return cpu_has_dot_product() ? Qs8Layout::kDot : Qs8Layout::kPairs;
 #else
-    return cpu_has_vnni() ? Qs8Layout::kVnni : Qs8Layout::kNone;
+    return cpu_vnni() != Vnni::kNone ? Qs8Layout::kVnni : Qs8Layout::kNone;
 #endif
   }();
   return layout;
+}
+
+// The GEMM this CPU runs, for the runner's report (runtime/README.md):
+// "pairs", "dot", "vnni" (VEX), "vnni-evex" or "xnnpack" (kNone).
+extern "C" __attribute__((visibility("default"))) const char* vitq_gemm() {
+  switch (qs8_gemm_layout()) {
+    case Qs8Layout::kPairs:
+      return "pairs";
+    case Qs8Layout::kDot:
+      return "dot";
+    case Qs8Layout::kVnni:
+      return cpu_vnni() == Vnni::kVex ? "vnni" : "vnni-evex";
+    case Qs8Layout::kNone:
+      break;
+  }
+  return "xnnpack";
 }
 
 void qs8_gemm_pack(Qs8Layout layout, const int8_t* b, size_t ldb, size_t n, size_t k, Qs8Gemm* g) {

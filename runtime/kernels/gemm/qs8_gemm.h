@@ -1,5 +1,5 @@
 // Our int8 GEMM with XNNPACK's qd8 epilogue, for the Raspberry Pis' CPUs and
-// x86-64 CPUs with AVX-VNNI.
+// x86-64 CPUs with VNNI (AVX-VNNI or AVX512-VNNI).
 //
 //   y[m][n] = fma(float(sum_k (a[m][k] - zp[m]) w[n][k]) * s[m], ws[n], bias[n])
 //             [- t[m] * zt[n]]
@@ -19,8 +19,9 @@
 //     [n/8][k/16][4 k-quads][8 columns][4 k]. XNNPACK's dot-product
 //     kernels round the epilogue differently (a Pi 5 would not give the
 //     host's bits); ours do not.
-//   kVnni (x86-64 with AVX-VNNI): 4x16 tiles of vpdpbusd, each broadcast row
-//     code feeding two 8-column products; packed as kDot with 16 columns.
+//   kVnni (x86-64 with VNNI, VEX or EVEX encoded: qs8_gemm_vnni.h): 4x16
+//     tiles of vpdpbusd, each broadcast row code feeding two 8-column
+//     products; packed as kDot with 16 columns.
 //     On other x86 CPUs the linear layers run XNNPACK's GEMM (kNone).
 //
 // kPairs adds two int8 x int8 products in an int16 lane (a[k] w[k] +
@@ -69,7 +70,8 @@ struct Qs8Gemm {
 
 // The packing vitq::linear and vitq::attention use on this CPU: kPairs / kDot
 // on aarch64 without / with dot-product instructions, kVnni on x86-64 with
-// AVX-VNNI, kNone elsewhere (linear: XNNPACK's GEMM; attention: int16 codes).
+// VNNI (AVX-VNNI, or AVX512-VNNI with VL), kNone elsewhere (linear:
+// XNNPACK's GEMM; attention: int16 codes).
 // VITQ_GEMM=pairs, =dot or =xnnpack overrides the choice (tests of the
 // packings' arithmetic on x86, where pairs and dot run in portable C++; A/B
 // measurements).

@@ -1,14 +1,7 @@
-// The dot-product tiles of our int8 GEMM (qs8_gemm.h): kDot on aarch64 (sdot;
-// this file is compiled for Armv8.2-A + dot product, CMakeLists.txt), kVnni
-// on x86-64 (AVX-VNNI's vpdpbusd; functions compiled for it by target
-// attributes: a file-wide -mavxvnni could leak AVX code into inline functions
-// shared with the rest of the library). Only called where the CPU has them
-// (qs8_gemm_layout).
+// The dot-product tile of our int8 GEMM (qs8_gemm.h) on aarch64: kDot (sdot;
+// this file is compiled for Armv8.2-A + dot product, CMakeLists.txt). Only
+// called where the CPU has it (qs8_gemm_layout). x86's kVnni: qs8_gemm_vnni.h.
 #include "qs8_gemm_tiles.h"
-
-#if defined(__x86_64__) && defined(__GNUC__)
-#include <immintrin.h>
-#endif
 
 #if defined(__aarch64__)
 namespace vitq::qs8 {
@@ -112,84 +105,12 @@ struct DotTile {
   }
 };
 
-using DotProductTile = DotTile;
-constexpr Qs8Layout kDotProductLayout = Qs8Layout::kDot;
-#define VITQ_DOT_TARGET  // the whole file is compiled for it (CMakeLists.txt)
-
 }  // namespace
-}  // namespace vitq::qs8
-
-#elif defined(__x86_64__) && defined(__GNUC__)
-#define VITQ_DOT_TARGET __attribute__((target("avx2,fma,avxvnni")))
-namespace vitq::qs8 {
-namespace {
-
-// A 4x16 tile on AVX-VNNI: per k-quad, two loads of the group's 16 columns x
-// 4 k (kVnni packing) and, per row, the row's 4 codes broadcast once for
-// vpdpbusd with both. vpdpbusd multiplies unsigned by signed bytes, so the
-// inputs come as a + 128 (kUnsignedInput: run_rows flips their top bit) and
-// 128 * sum_k w is taken off again: exact int32, as the other tiles.
-struct VnniTile {
-  static constexpr bool kUnsignedInput = true;
-  template <Output kOut, size_t mr>  // mr <= 4 rows
-  VITQ_DOT_TARGET static inline void run(const int8_t* a, const int8_t* b, size_t k_blocks, const TileParams& p,
-                                   OutT<kOut>* out, size_t ldo) {
-    constexpr size_t halves = 2;  // 16 columns = 2 x 8 int32 lanes
-    __m256i acc[mr][halves];
-    for (size_t r = 0; r < mr; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_si256();
-    for (size_t kb = 0; kb < k_blocks; ++kb) {
-      for (size_t q = 0; q < 4; ++q) {
-        const __m256i b0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + q * 64));
-        const __m256i b1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + q * 64 + 32));
-        for (size_t r = 0; r < mr; ++r) {
-          int32_t codes;  // row r's k-quad q
-          std::memcpy(&codes, a + r * kKc + q * 4, sizeof codes);
-          const __m256i va = _mm256_set1_epi32(codes);
-          acc[r][0] = _mm256_dpbusd_avx_epi32(acc[r][0], va, b0);
-          acc[r][1] = _mm256_dpbusd_avx_epi32(acc[r][1], va, b1);
-        }
-      }
-      a += mr * kKc;
-      b += 16 * kKc;
-    }
-    for (size_t h = 0; h < halves; ++h) {
-      const __m256i ws = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p.weight_sums + 8 * h));
-      if constexpr (kOut == Output::kInt32) {
-        const __m256i offset = _mm256_slli_epi32(ws, 7);  // 128 * sum_k w
-        for (size_t r = 0; r < mr; ++r)
-          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + r * ldo + 8 * h), _mm256_sub_epi32(acc[r][h], offset));
-      } else {
-        // sum - (zp + 128) * weight_sums, then XNNPACK's epilogue as the other tiles.
-        const __m256 scale = _mm256_loadu_ps(p.scale + 8 * h), bias = _mm256_loadu_ps(p.bias + 8 * h);
-        for (size_t r = 0; r < mr; ++r) {
-          const __m256i zp = _mm256_set1_epi32(p.zero_point[r] + 128);
-          const __m256i sum = _mm256_sub_epi32(acc[r][h], _mm256_mullo_epi32(ws, zp));
-          const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(sum), _mm256_set1_ps(p.input_scale[r]));
-          __m256 y = _mm256_fmadd_ps(v, scale, bias);
-          if (p.zero_term != nullptr)  // y - t[m] * zt[n] (qs8_gemm.h)
-            y = _mm256_sub_ps(y, _mm256_mul_ps(_mm256_loadu_ps(p.zero_term + 8 * h), _mm256_set1_ps(p.row_term[r])));
-          _mm256_storeu_ps(out + r * ldo + 8 * h, y);
-        }
-      }
-    }
-  }
-};
-
-using DotProductTile = VnniTile;
-constexpr Qs8Layout kDotProductLayout = Qs8Layout::kVnni;
-
-}  // namespace
-}  // namespace vitq::qs8
-#endif
-
-#if defined(__aarch64__) || (defined(__x86_64__) && defined(__GNUC__))
-namespace vitq::qs8 {
 
 template <Output kOut>
-VITQ_DOT_TARGET void run_rows_dot(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t row_begin,
-                                  size_t row_end, const xnn_quantization_params* rows, const float* row_terms,
-                                  OutT<kOut>* y, size_t ldy) {
-  run_rows<kDotProductLayout, DotProductTile, kOut>(g, a, lda, row_begin, row_end, rows, row_terms, y, ldy);
+void run_rows_dot(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t row_begin, size_t row_end,
+                  const xnn_quantization_params* rows, const float* row_terms, OutT<kOut>* y, size_t ldy) {
+  run_rows<Qs8Layout::kDot, DotTile, kOut>(g, a, lda, row_begin, row_end, rows, row_terms, y, ldy);
 }
 
 template void run_rows_dot<Output::kFloat>(const Qs8Gemm&, const int8_t*, size_t, size_t, size_t,

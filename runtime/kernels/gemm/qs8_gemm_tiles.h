@@ -1,7 +1,7 @@
-// The parts of our int8 GEMM (qs8_gemm.h) shared by its two translation
-// units: qs8_gemm.cpp (packing, the kPairs and portable tiles) and
-// qs8_gemm_dot.cpp (the kDot and kVnni tiles, compiled for the dot-product
-// instructions: GCC does not inline a function built for more features into
+// The parts of our int8 GEMM (qs8_gemm.h) shared by its translation units:
+// qs8_gemm.cpp (packing, the kPairs and portable tiles) and those of the
+// dot-product tiles, compiled for their instructions (qs8_gemm_dot.cpp: kDot;
+// qs8_gemm_vnni.h: kVnni, twice): GCC does not inline a function built for more features into
 // one built for fewer, and a called tile spills its accumulators).
 #pragma once
 
@@ -127,7 +127,7 @@ inline void store_tile(const int32x4_t (&sums)[kMr][kQuads], const TileParams& p
 // A row tile's code: on aarch64 a function of its own, which keeps the whole
 // tiles' inner loop as tight as before the smaller tiles existed (inlined
 // together, GCC's register allocation gave that loop 4% more instructions on
-// the Pi 4); on x86 inlined into the AVX-VNNI function that calls it, so it is
+// the Pi 4); on x86 inlined into the VNNI function that calls it, so it is
 // compiled for that instruction set.
 #if defined(__aarch64__)
 #define VITQ_TILE_ROW __attribute__((noinline)) void
@@ -196,7 +196,7 @@ VITQ_TILE_ROW run_tile_row(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t
 // the rows left in tiles of 4, 2 and 1 (a tile's instructions shrink with its
 // rows, the columns' loads apart: 257 rows on the Pi 5's 8-row tiles, one
 // row left, no longer cost 33 whole tiles but 32 and a sixth). Always
-// inlined: into the AVX-VNNI function that calls it too, so it is compiled for
+// inlined: into the VNNI function that calls it too, so it is compiled for
 // that instruction set.
 template <Qs8Layout kLayout, class Tile, Output kOut>
 inline __attribute__((always_inline)) void run_rows(const Qs8Gemm& g, const int8_t* a, size_t lda,
@@ -226,10 +226,16 @@ inline __attribute__((always_inline)) void run_rows(const Qs8Gemm& g, const int8
   if (m0 < row_end) run_tile_row<kLayout, Tile, kOut, 1>(g, a, lda, m0, tile_a, rows, row_terms, y, ldy);
 }
 
-// qs8_gemm_dot.cpp: run_rows with the dot-product tiles, kDot (aarch64: sdot)
-// or kVnni (x86-64: AVX-VNNI).
+// run_rows with the dot-product tiles: kDot (aarch64: sdot; qs8_gemm_dot.cpp)
+// and kVnni (x86-64: vpdpbusd, VEX or EVEX encoded; qs8_gemm_vnni.h).
 template <Output kOut>
 void run_rows_dot(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t row_begin, size_t row_end,
                   const xnn_quantization_params* rows, const float* row_terms, OutT<kOut>* y, size_t ldy);
+template <Output kOut>
+void run_rows_vnni(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t row_begin, size_t row_end,
+                   const xnn_quantization_params* rows, const float* row_terms, OutT<kOut>* y, size_t ldy);
+template <Output kOut>
+void run_rows_vnni_evex(const Qs8Gemm& g, const int8_t* a, size_t lda, size_t row_begin, size_t row_end,
+                        const xnn_quantization_params* rows, const float* row_terms, OutT<kOut>* y, size_t ldy);
 
 }  // namespace vitq::qs8

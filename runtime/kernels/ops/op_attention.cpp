@@ -24,7 +24,7 @@
 // whole vectors: q, k as [B, H, T, D]; V as V^T [B, H, D, T], but for log
 // codes without a dot-product GEMM (the Pi 4; int16 codes) as int16 rows [B,
 // H, tk, D] (tk: T padded to whole key groups with zero rows). Where our int8
-// GEMM runs (qs8_gemm.h: the Pis, x86 with AVX-VNNI) and codes fit 8 bits,
+// GEMM runs (qs8_gemm.h: the Pis, x86 with VNNI) and codes fit 8 bits,
 // stored as int8 c - offset, the offset terms added back exactly, and each
 // head's keys and V^T are packed as the GEMM's columns; elsewhere as int16 c -
 // zero. Then one task per (batch, head, block of query rows) does, 8 query
@@ -33,7 +33,7 @@
 // codes the softmax, the codes and dense products with V^T (the same tiles);
 // for log codes the codes and their levels, and A.V either as two int8
 // products of the levels' byte planes with V^T (plane_values: where the GEMM
-// has dot products, the Pi 5 and AVX-VNNI) or by lane over int16 V rows, four
+// has dot products, the Pi 5 and x86 VNNI) or by lane over int16 V rows, four
 // query rows at a time interleaved by key (log_values).
 // Every integer sum is exact in int32; nothing of size T x T is stored.
 #include <algorithm>
@@ -105,7 +105,7 @@ float int8_offset(const Uniform& u) { return u.qmax - u.qmin <= 254.0f ? u.qmin 
 
 // Whether q/k and p/V codes that fit 8 bits are stored as int8 and multiplied
 // by our int8 GEMM (qs8_gemm.h: 4x4 smull/smlal2 tiles on the Pi 4, 8x8 sdot
-// tiles on the Pi 5, 4x16 vpdpbusd tiles on x86 with AVX-VNNI; VITQ_GEMM
+// tiles on the Pi 5, 4x16 vpdpbusd tiles on x86 with VNNI; VITQ_GEMM
 // forces a packing, for the tests). Elsewhere int16 codes and dot_tile below.
 bool int8_codes() { return qs8_gemm_layout() != Qs8Layout::kNone; }
 

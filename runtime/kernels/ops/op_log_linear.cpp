@@ -21,7 +21,7 @@
 // up to 8 octaves) or the bytes of q (ceil(bits / 8) planes), whichever is
 // fewer: 4 for adfq's W8A8 and W6A6 ladders, 2 for W4A4's.
 //
-// Slots (elsewhere: an x86 CPU without AVX-VNNI, or levels too far apart for
+// Slots (elsewhere: an x86 CPU without VNNI, or levels too far apart for
 // an exact int64 sum): a row of codes takes at most 2^b - 1 distinct nonzero
 // levels, so per row the integer weights are summed per code (int32, exact):
 // S_c[n] = sum_{k: c_k = c} w'[n][k] -- one vector add of a weight row per

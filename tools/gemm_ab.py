@@ -1,0 +1,123 @@
+"""Host latency of programs under two or more of the kernels' GEMM choices, measured in one run.
+
+    python tools/gemm_ab.py build/compare-real/programs/adfq-W6A6 ... \\
+        [--choices default,xnnpack] [--rounds 5] [--runs 10] [--out docs/validation/gemm-ab-host]
+
+A choice is a value of VITQ_GEMM for the runner (`default`: unset, the CPU's own choice;
+`xnnpack`: XNNPACK's GEMM for the linear layers, int16 attention codes and log_linear's
+per-code sums, the path of x86 CPUs without VNNI; runtime/README.md). Every choice computes the
+same bits, so only time differs. Per round each program runs under each choice in turn
+(`vitq-edge bench --device host`, --runs timed calls), so a slow spell of the machine hits all
+of them; the figure is the median of the rounds' medians. Writes OUT.md and OUT.json.
+
+Run it with nothing else on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+from pathlib import Path
+
+from vitq_edge.artifacts import write_atomic
+from vitq_edge.bench import benchmark
+from vitq_edge.errors import VitqError
+from vitq_edge.lifetime import run_script
+from vitq_edge.progress import set_quiet
+
+CHOICES = ("default", "xnnpack", "pairs", "dot")
+
+
+def latency_ms(program: Path, choice: str, runs: int, threads: int) -> float:
+    """One bench's median latency with VITQ_GEMM set to `choice` (the runner inherits the environment)."""
+    saved = os.environ.pop("VITQ_GEMM", None)
+    try:
+        if choice != "default":
+            os.environ["VITQ_GEMM"] = choice
+        return benchmark(program, "host", runs=runs, threads=threads, record=False)["latency_ms"]["median"]
+    finally:
+        os.environ.pop("VITQ_GEMM", None)
+        if saved is not None:
+            os.environ["VITQ_GEMM"] = saved
+
+
+def cpu_flags() -> str:
+    """The CPU's model name and the flags that decide the GEMM (x86: the VNNI encodings)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.machine()
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+                 platform.machine())
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    wanted = [f for f in ("avx2", "avx_vnni", "avx512_vnni", "avx512vl") if f in flags]
+    return f"{model}; {' '.join(wanted) or 'no AVX2/VNNI flags'}"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("programs", nargs="+", help="build folders or .pte files")
+    ap.add_argument("--choices", default="default,xnnpack", help=f"VITQ_GEMM values: any of {', '.join(CHOICES)}")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--runs", type=int, default=10, help="timed calls per bench")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default="docs/validation/gemm-ab-host", help="OUT.md and OUT.json")
+    args = ap.parse_args()
+    choices = args.choices.split(",")
+    unknown = [c for c in choices if c not in CHOICES]
+    if unknown or len(choices) < 2:
+        raise VitqError(f"--choices {args.choices}: give two or more of {', '.join(CHOICES)}")
+    if args.rounds < 1 or args.runs < 1:
+        raise VitqError("--rounds and --runs must be at least 1")
+    set_quiet(True)
+    command = "python tools/gemm_ab.py " + shlex.join(sys.argv[1:])
+    rows = []
+    for program in args.programs:
+        medians: dict[str, list[float]] = {c: [] for c in choices}
+        for r in range(args.rounds):
+            for c in choices:
+                medians[c].append(latency_ms(Path(program), c, args.runs, args.threads))
+            print(f"{program} round {r + 1}/{args.rounds}: "
+                  + ", ".join(f"{c} {medians[c][-1]:.2f} ms" for c in choices), file=sys.stderr)
+        rows.append({"program": program, "median_ms": {c: statistics.median(v) for c, v in medians.items()},
+                     "round_medians_ms": medians})
+    result = {"command": command, "cpu": cpu_flags(), "cores": os.cpu_count(), "threads": args.threads,
+              "rounds": args.rounds, "runs": args.runs, "choices": choices, "rows": rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out.with_suffix(".json"), lambda f: f.write((json.dumps(result, indent=1) + "\n").encode()))
+    write_atomic(out.with_suffix(".md"), lambda f: f.write(render(result).encode()))
+    print(f"wrote {out}.md and {out}.json", file=sys.stderr)
+    return 0
+
+
+def render(result: dict) -> str:
+    first, choices = result["choices"][0], result["choices"]
+    lines = [
+        "# Host latency under the kernels' GEMM choices",
+        "",
+        f"Command: `{result['command']}`.",
+        "",
+        f"CPU: {result['cpu']} ({result['cores']} cores); {result['threads']} runner thread(s). Median latency "
+        f"of one inference in ms: per round each program under each choice (VITQ_GEMM; `default` = unset) in "
+        f"turn, {result['runs']} timed calls each; the median of {result['rounds']} rounds' medians. Every "
+        "choice computes the same bits (runtime/README.md).",
+        "",
+        "| program | " + " | ".join(f"{c} (ms)" for c in choices) + " | "
+        + " | ".join(f"{c} / {first}" for c in choices[1:]) + " |",
+        "|---|" + "---|" * (2 * len(choices) - 1),
+    ]
+    for r in result["rows"]:
+        m = r["median_ms"]
+        lines.append(f"| {r['program']} | " + " | ".join(f"{m[c]:.2f}" for c in choices) + " | "
+                     + " | ".join(f"{m[c] / m[first]:.2f}x" for c in choices[1:]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    run_script(main)
