@@ -141,6 +141,7 @@ def test_bench_host_appends_to_manifest(build_copy):
     # The runner's own peak memory, not that of the Python process that started it.
     assert 0 < report["peak_rss_mb"] < 200
     assert report["instructions_per_inference"] is None
+    assert report["kernels_gemm"] is None  # a stock program: no vitq:: ops, so no GEMM of ours ran
     manifest = json.loads((build_copy / "manifest.json").read_text())
     assert len(manifest["benchmarks"]) == 2 and manifest["benchmarks"][1]["latency_ms"] == report["latency_ms"]
     assert {k: v for k, v in manifest.items() if k != "benchmarks"} == before

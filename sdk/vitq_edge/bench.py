@@ -37,7 +37,7 @@ EMULATED_RUNS = 3  # every inference costs ~200x its native time under qemu; the
 # --threads value is a typo, not a measurement.
 MAX_THREADS_PER_CORE = 4
 RUNNER_MAX_THREADS = 256  # vitq-runner refuses more
-# The runner's "gemm" (libvitq_kernels.so's vitq_gemm), for people.
+# The runner's "gemm" (libvitq_kernels.so's vitq_gemm) as bench prints it, for programs with vitq:: ops.
 GEMM_NAMES = {
     "pairs": "ours, pairs packing (NEON smull/smlal2 on aarch64)",
     "dot": "ours, dot packing (NEON sdot on aarch64)",
@@ -184,7 +184,7 @@ def format_bench(r: dict, top: int | None = None) -> str:
     lines.append(f"  latency       median {lat['median']:.2f} ms, min {lat['min']:.2f}, p90 {lat['p90']:.2f}, "
                  f"mean {lat['mean']:.2f} ({r['runs']} runs after {r['warmup']} warmup, {threads}; {kind})")
     if r.get("kernels_gemm"):
-        lines.append(f"  int8 GEMM     {GEMM_NAMES.get(r['kernels_gemm'], r['kernels_gemm'])} (the vitq:: ops')")
+        lines.append(f"  int8 GEMM     {GEMM_NAMES.get(r['kernels_gemm'], r['kernels_gemm'])}")
     if r.get("load_ms") is not None:
         lines.append(f"  load          {r['load_ms']:.1f} ms")
     if r.get("peak_rss_mb") is not None:
