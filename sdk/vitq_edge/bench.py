@@ -27,7 +27,6 @@ from vitq_edge.artifacts import (
     read_manifest,
 )
 from vitq_edge.device import RunRequest, get_device
-from vitq_edge.device.base import program_uses_kernels
 from vitq_edge.errors import VitqError
 from vitq_edge.progress import steps
 
@@ -93,6 +92,7 @@ def benchmark(path: str | Path, device: str = "host", runs: int | None = None, w
             done("ready")
             oversubscribed = check_threads(threads, dev.cores, dev.name)
             result = session.run(req)
+            uses_kernels = session.uses_kernels
             done("ran")
             if profile:
                 traced = session.run(RunRequest(warmup=warmup, runs=runs, threads=threads, etdump=True,
@@ -120,7 +120,7 @@ def benchmark(path: str | Path, device: str = "host", runs: int | None = None, w
         "pte_sha256": file_sha256(pte),
         "detected_cpu": rep.get("cpu"),
         # The int8 GEMM our kernels ran (runtime/README.md); none for a program without vitq:: ops.
-        "kernels_gemm": rep.get("gemm") if program_uses_kernels(pte) else None,
+        "kernels_gemm": rep.get("gemm") if uses_kernels else None,
         "runner_version": rep.get("version"),
         "host": f"{platform.system()} {platform.machine()}",
         "notes": ([oversubscribed] if oversubscribed else []) + result.notes,

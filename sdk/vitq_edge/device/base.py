@@ -218,6 +218,8 @@ def load_output(path: Path, where: str) -> np.ndarray:
 class Session(abc.ABC):
     """A program made ready on a device; `run` may be called many times."""
 
+    uses_kernels: bool  # whether the program calls vitq:: ops (program_uses_kernels)
+
     @abc.abstractmethod
     def run(self, req: RunRequest) -> RunResult: ...
 
