@@ -33,30 +33,27 @@ from vitq_edge.progress import set_quiet
 CHOICES = ("default", "xnnpack", "pairs", "dot")
 
 
-def latency_ms(program: Path, choice: str, runs: int, threads: int) -> float:
-    """One bench's median latency with VITQ_GEMM set to `choice` (the runner inherits the environment)."""
+def bench(program: Path, choice: str, runs: int, threads: int) -> dict:
+    """One host bench with VITQ_GEMM set to `choice` (the runner inherits the environment)."""
     saved = os.environ.pop("VITQ_GEMM", None)
     try:
         if choice != "default":
             os.environ["VITQ_GEMM"] = choice
-        return benchmark(program, "host", runs=runs, threads=threads, record=False)["latency_ms"]["median"]
+        return benchmark(program, "host", runs=runs, threads=threads, record=False)
     finally:
         os.environ.pop("VITQ_GEMM", None)
         if saved is not None:
             os.environ["VITQ_GEMM"] = saved
 
 
-def cpu_flags() -> str:
-    """The CPU's model name and the flags that decide the GEMM (x86: the VNNI encodings)."""
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else the machine type."""
     try:
-        info = Path("/proc/cpuinfo").read_text()
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return platform.machine()
-    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-                 platform.machine())
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
-    wanted = [f for f in ("avx2", "avx_vnni", "avx512_vnni", "avx512vl") if f in flags]
-    return f"{model}; {' '.join(wanted) or 'no AVX2/VNNI flags'}"
+        lines = []
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                platform.machine())
 
 
 def main() -> int:
@@ -79,14 +76,17 @@ def main() -> int:
     rows = []
     for program in args.programs:
         medians: dict[str, list[float]] = {c: [] for c in choices}
+        gemm: dict[str, str | None] = {}  # what the runner says its kernels ran (None: no vitq:: ops)
         for r in range(args.rounds):
             for c in choices:
-                medians[c].append(latency_ms(Path(program), c, args.runs, args.threads))
+                result = bench(Path(program), c, args.runs, args.threads)
+                medians[c].append(result["latency_ms"]["median"])
+                gemm[c] = result["kernels_gemm"]
             print(f"{program} round {r + 1}/{args.rounds}: "
                   + ", ".join(f"{c} {medians[c][-1]:.2f} ms" for c in choices), file=sys.stderr)
         rows.append({"program": program, "median_ms": {c: statistics.median(v) for c, v in medians.items()},
-                     "round_medians_ms": medians})
-    result = {"command": command, "cpu": cpu_flags(), "cores": os.cpu_count(), "threads": args.threads,
+                     "round_medians_ms": medians, "gemm": gemm})
+    result = {"command": command, "cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.threads,
               "rounds": args.rounds, "runs": args.runs, "choices": choices, "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -108,13 +108,15 @@ def render(result: dict) -> str:
         f"turn, {result['runs']} timed calls each; the median of {result['rounds']} rounds' medians. Every "
         "choice computes the same bits (runtime/README.md).",
         "",
+        "Each cell names the GEMM the runner reported its kernels ran (`none`: the program has no vitq:: ops).",
+        "",
         "| program | " + " | ".join(f"{c} (ms)" for c in choices) + " | "
         + " | ".join(f"{c} / {first}" for c in choices[1:]) + " |",
         "|---|" + "---|" * (2 * len(choices) - 1),
     ]
     for r in result["rows"]:
-        m = r["median_ms"]
-        lines.append(f"| {r['program']} | " + " | ".join(f"{m[c]:.2f}" for c in choices) + " | "
+        m, g = r["median_ms"], r["gemm"]
+        lines.append(f"| {r['program']} | " + " | ".join(f"{m[c]:.2f} ({g[c] or 'none'})" for c in choices) + " | "
                      + " | ".join(f"{m[c] / m[first]:.2f}x" for c in choices[1:]) + " |")
     return "\n".join(lines) + "\n"
 
