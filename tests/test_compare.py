@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from vitq_edge.artifacts import file_sha256
+from vitq_edge.bench import GEMM_NAMES
 from vitq_edge.cli import main
 
 from .conftest import REPO, make_image_folder
@@ -63,6 +65,9 @@ def test_compare_builds_measures_and_benches_a_users_model(folders, tmp_path):
             r["pte_size_bytes"]
         bench = r["bench"]["host@1"]
         assert bench["threads"] == 1 and bench["runs"] == 2 and bench["latency_ms_median"] > 0
+        assert bench["pte_sha256"] == file_sha256(out / r["folder"] / "model.pte")
+        # The GEMM our kernels ran: recorded for the programs that call them, and named in the notes.
+        assert (bench["gemm"] in GEMM_NAMES) == (r["recipe"] != "fp32")
     # The float row is the float model itself; the quantized rows lose signal, W4A4 more than W8A8.
     assert fp32["accuracy"]["sqnr_db"] is None and fp32["accuracy"]["drop"] == 0
     assert w8["accuracy"]["sqnr_db"] > w4["accuracy"]["sqnr_db"] > 0
@@ -72,6 +77,7 @@ def test_compare_builds_measures_and_benches_a_users_model(folders, tmp_path):
         assert r["build_command"].startswith("vitq-edge build --target host --recipe minmax --bits")
     md = (out / "compare.md").read_text()
     assert "| minmax@W4A4 |" in md and "host@1" in md and table["command"] in md
+    assert md.count(f"GEMM host@1: {w8['bench']['host@1']['gemm']}") == 2
     assert (out / "compare.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "minmax@W8A8" in result.stdout
 
@@ -101,7 +107,7 @@ def test_compare_builds_measures_and_benches_a_users_model(folders, tmp_path):
     assert result.exit_code == 0, result.stderr[-3000:]
     rebuilt = {r["program"]: r for r in json.loads((out / "compare.json").read_text())["rows"]}
     assert rebuilt["minmax@W4A4"]["accuracy"] == rebenched["minmax@W4A4"]["accuracy"]
-    assert (out / "programs" / "minmax-W4A4" / "model.pte").stat().st_size == w4["pte_size_bytes"]
+    assert rebuilt["minmax@W4A4"]["bench"]["host@1"]["pte_sha256"] == w4["bench"]["host@1"]["pte_sha256"]
     assert (out / "programs" / "fp32" / "model.pte").stat().st_mtime_ns == before["fp32"]
 
     # A row measured on an older integer arithmetic (here: a table from before the version was recorded)

@@ -218,7 +218,10 @@ def compare(opts: CompareOptions) -> dict:
         rows[key].setdefault("bench", {})[_bench_key(device, threads)] = {
             "device": device, "threads": r["threads"], "instructions": r["instructions_per_inference"],
             "latency_ms_median": r["latency_ms"]["median"], "latency_is_emulated": r["latency_is_emulated"],
-            "runs": r["runs"], "peak_rss_mb": r.get("peak_rss_mb"), "measured": r["created"]}
+            "runs": r["runs"], "peak_rss_mb": r.get("peak_rss_mb"), "measured": r["created"],
+            # which int8 GEMM our kernels ran (it sets the host's latency), and which program: a rebuilt row
+            # can be checked for the same bytes
+            "gemm": r.get("kernels_gemm"), "pte_sha256": r.get("pte_sha256")}
         save()
     save()
     return table
@@ -355,9 +358,20 @@ def _notes(row: dict) -> str:
         notes.append(f"integer arithmetic {_row_arithmetic(row)} (now {ARITHMETIC_VERSION}): rerun to rebuild")
     if row["recipe"] in PAPER_RECIPES and row.get("program_arithmetic") not in (None, "integer"):
         notes.append(f".pte {row['program_arithmetic']}")
+    if row.get("custom_ops") and row.get("bench"):
+        notes.append(_gemm_note(row["bench"]))
     if row.get("outlier_fraction_max") is not None:
         notes.append(f"PPOQ outliers kept: max {100 * row['outlier_fraction_max']:.4f}% of values")
     return "; ".join(notes)
+
+
+def _gemm_note(bench: dict) -> str:
+    """Which int8 GEMM our kernels ran in each bench of a row (bench.GEMM_NAMES); tables older than the
+    record say 'not recorded'."""
+    by_gemm: dict[str, list[str]] = {}
+    for key in _cost_columns([{"bench": bench}]):
+        by_gemm.setdefault(bench[key].get("gemm") or "not recorded", []).append(key)
+    return "GEMM " + ", ".join(f"{' '.join(keys)}: {gemm}" for gemm, keys in by_gemm.items())
 
 
 def _num(value: float | None, fmt: str) -> str:
@@ -383,7 +397,8 @@ def render_markdown(table: dict, chart: str) -> str:
         "weights at their bit width + float32 for the rest; calib = calibration wall time of the build. "
         "Device cost: instructions per inference on emulated devices (exact at 1 thread; at N threads the "
         "modelled critical path of N threads, runtime/qemu_plugin/README.md), median latency elsewhere; "
-        "the column says device@threads.",
+        "the column says device@threads; the notes name the int8 GEMM our kernels ran in each bench "
+        "(runtime/README.md; on x86 it sets the latency).",
         "",
     ]
     head = ["program", "top-1 %", ".pte %", "drop", "agreement %", "SQNR dB", "packed MB", ".pte MB", "calib s",
