@@ -127,6 +127,7 @@ def main() -> None:
                       "size_bytes": r["pte_size_bytes"], "xnnpack_partitions": r["xnnpack_partitions"],
                       "custom_ops": r["custom_ops"], "top1_pte": (r.get("accuracy") or {}).get("pte_host"),
                       "outlier_fraction_max": r.get("outlier_fraction_max"), "measured": b.get("measured"),
+                      "gemm": b.get("gemm"),
                       "command": command}
                      for r in table["rows"] if r["program"] in wanted
                      for b in r.get("bench", {}).values() if b["device"] in group and b["threads"] in group_threads]
@@ -195,11 +196,12 @@ def _markdown(rows: list[dict], command: str) -> str:
         "(libvitq_kernels.so) next to XNNPACK. DeiT-Tiny and the reference are cost builds (random",
         "DeiT weights); dinov2-s14-cifar10 is the real pretrained ViT-S/14 at 224 px with the",
         "programs of docs/results-real.md (`top-1` = its .pte on that table's 2,000 test images;",
-        "`outliers` = the largest share of an input's calibration values PPOQ keeps in float).",
+        "`outliers` = the largest share of an input's calibration values PPOQ keeps in float;",
+        "`int8 GEMM` = the one our kernels ran, as the runner reports it: runtime/README.md).",
         "",
         "| model | program | device | threads | instructions (M) | vs fp32 | vs int8 | x 1 thread "
-        "| DESIGN.md (M) | median latency (ms) | size (MB) | top-1 | outliers |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| DESIGN.md (M) | median latency (ms) | size (MB) | top-1 | outliers | int8 GEMM |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     by = _index(rows)
     for r in sorted(rows, key=lambda r: (list(MODELS).index(r["model"]) if r["model"] in MODELS else 99,
@@ -214,7 +216,7 @@ def _markdown(rows: list[dict], command: str) -> str:
                  _ratio(r, by.get((*key, 1))),
                  f"{ref / 1e6:.1f}" if ref else "–", f"{r['latency_ms_median']:.2f}",
                  f"{r['size_bytes'] / 1e6:.2f}", f"{top1:.2f}%" if top1 is not None else "–",
-                 f"{100 * outliers:.2f}%" if outliers else "–"]
+                 f"{100 * outliers:.2f}%" if outliers else "–", r.get("gemm") or "–"]
         lines.append("| " + " | ".join(cells) + " |")
     targets = _targets(rows)
     if targets:
