@@ -295,4 +295,9 @@ def test_compare_flows_builds_each_program_once_for_all_its_devices(tmp_path):
     assert sorted((r["program"], r["device"]) for r in rows) == sorted(
         (p, d) for p in programs for d in ("host", "emulated-rpi4"))
     assert all(r["instructions"] > 0 for r in rows if r["device"] == "emulated-rpi4")
+    # Our programs' rows name the GEMM the kernels ran there (the Pi 4's A72 has no sdot); stock ones none.
+    assert {(r["program"], r["gemm"]) for r in rows if r["device"] == "emulated-rpi4"} == {
+        ("fp32", None), ("xnnpack-int8", None), ("minmax@W8A8", "pairs"), ("minmax@W4A4", "pairs")}
     assert (docs / "performance.md").is_file() and (docs / "performance.png").is_file()
+    md = (docs / "performance.md").read_text().splitlines()
+    assert next(line for line in md if "| minmax@W8A8 | emulated-rpi4 | 1 |" in line).endswith("| pairs |")
