@@ -38,7 +38,7 @@ from vitq_edge.errors import VitqError
 from vitq_edge.metrics import accuracy_summary
 from vitq_edge.models.source import LoadedModel
 from vitq_edge.progress import progress, status
-from vitq_edge.recipes import PAPER_RECIPES, options_for_recipe
+from vitq_edge.recipes import PAPER_RECIPES, RECIPES, options_for_recipe, parse_bits
 from vitq_edge.runtime import ARITHMETIC_VERSION, UNRECORDED_ARITHMETIC
 
 COMPARE_FORMAT = "vitq-edge-compare/1"
@@ -183,7 +183,7 @@ def compare(opts: CompareOptions) -> dict:
     rows = {r["program"]: r for r in table["rows"]}
 
     def save() -> None:
-        table["rows"] = [rows[k] for k in keys if k in rows] + [r for k, r in rows.items() if k not in keys]
+        table["rows"] = sorted(rows.values(), key=_row_order)
         table["updated"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
         write_table(stem, table, opts.sections)
 
@@ -225,6 +225,16 @@ def compare(opts: CompareOptions) -> dict:
         save()
     save()
     return table
+
+
+def _row_order(row: dict) -> tuple[int, int, int, bool]:
+    """Where a row stands in the table, whatever order (resumed) runs built them in: the recipes in the
+    registry's order (stock first), each from its widest width to its narrowest, uniform before mixed."""
+    recipes = list(RECIPES)
+    bits = row["bits"]
+    w, a = parse_bits(bits) if bits != "fp32" else (32, 32)
+    return (recipes.index(row["recipe"]) if row["recipe"] in recipes else len(recipes), -w, -a,
+            bits.startswith("mixed:"))
 
 
 def _row_arithmetic(row: dict) -> int | None:
