@@ -38,6 +38,8 @@ FAST = {"minmax": {"stem_bits": None, "head_bits": None},
 # (vitq::log_linear on byte planes) covered end to end.
 CASES = [(r, b, {}) for r in ("minmax", "liu2021", "adfq") for b in ("W8A8", "W4A4")]
 CASES.append(("adfq", "W8A8", {"gelu_quantizer": "shift-log2"}))
+# liu2021's mixed widths on weights alone: ops whose weights and inputs differ in width (W4A6 .. W8A6).
+CASES.append(("liu2021", "mixed:6", {"mp_widths": "weights", "mp_candidates": 4}))
 
 
 @pytest.fixture(scope="module")

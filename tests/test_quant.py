@@ -568,6 +568,8 @@ def test_cached_block_inputs_equal_the_whole_models_as_quantizers_switch_on(tiny
                  marks=pytest.mark.slow),
     pytest.param("liu2021", "mixed:6", {"candidates": 8, "mp_candidates": 4, "mp_output": "model"},
                  marks=pytest.mark.slow),
+    pytest.param("liu2021", "mixed:6", {"candidates": 8, "mp_candidates": 4, "mp_widths": "weights"},
+                 marks=pytest.mark.slow),
     ("adfq", "W4A4", {"iters": 30}), ("adfq", "W8A8", {"iters": 0}),
     ("adfq", "W4A4", {"iters": 10, "act_calibration": "sequential", "round_gradient": "none"}),
     ("adfq", "W6A6", {"iters": 0, "act_calibration": "sequential"}),
@@ -608,6 +610,12 @@ def test_recipe_runs_end_to_end_on_a_tiny_vit(tiny, recipe, bits, options):
         mp = qm.details["mixed_precision"]
         assert mp["used_bits"] <= mp["budget_bits"]
         assert set(mp["bits"].values()) <= set(range(4, 9))
+        # Each module's ops at its width: weights and inputs, or (mp_widths="weights") the weights alone.
+        inputs_at = 6 if options.get("mp_widths") == "weights" else None
+        for module, width in mp["bits"].items():
+            for op in ("qkv", "proj") if module.endswith("attn") else ("fc1", "fc2"):
+                assert described[f"{module}.{op}"]["weight"]["bits"] == width
+                assert described[f"{module}.{op}"]["input"]["bits"] == (inputs_at or width)
 
 
 def test_adfq_default_schedule_buys_the_same_work_on_every_model(tiny, monkeypatch):

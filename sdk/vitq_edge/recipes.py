@@ -117,10 +117,12 @@ class PaperRecipeConfig(RecipeConfig):
                                 f"{MIXED_MAX_BITS}, or none for the --bits width")
 
 
-def layer_bits(config: PaperRecipeConfig, module_bits: dict[str, int] | None = None) -> BitsFor:
+def layer_bits(config: PaperRecipeConfig, module_bits: dict[str, int] | None = None,
+               weights_only: bool = False) -> BitsFor:
     """Each quantized op's (weight, input) bits: the width of --bits, a mixed-precision module's own
-    width (`module_bits`, e.g. {"blocks.3.attn": 5}) for the ops inside it, `stem_bits` for the patch
-    embedding and `head_bits` for the head."""
+    width (`module_bits`, e.g. {"blocks.3.attn": 5}) for the ops inside it (its weights alone with
+    `weights_only`: the inputs keep --bits), `stem_bits` for the patch embedding and `head_bits` for
+    the head."""
     uniform = parse_bits(config.bits)
     module_bits = module_bits or {}
     ends = {STEM_OP: config.stem_bits, HEAD_OP: config.head_bits}
@@ -129,7 +131,7 @@ def layer_bits(config: PaperRecipeConfig, module_bits: dict[str, int] | None = N
         if ends.get(op) is not None:
             return ends[op], ends[op]
         b = module_bits.get(op.rsplit(".", 1)[0])  # blocks.3.attn.qkv -> blocks.3.attn
-        return (b, b) if b is not None else uniform
+        return uniform if b is None else (b, uniform[1] if weights_only else b)
 
     return bits_for
 
@@ -173,6 +175,10 @@ class Liu2021Config(PaperRecipeConfig):
     mp_normalise: Literal["none", "kind"] = "none"  # "kind": sensitivities over their module kind's mean
     # Y of the sensitivities: attention map / MLP output (the paper), the block's output or the model's.
     mp_output: Literal["module", "block", "model"] = "module"
+    # What a module's width sets: its weights and its ops' inputs (the paper), or its weights alone, the
+    # inputs staying at N bits ("weights"): the budget counts weights only, and narrow inputs are what
+    # collapses on outlier-heavy activations (this recipe's W4A4 on the real model).
+    mp_widths: Literal["weights+inputs", "weights"] = "weights+inputs"
 
     @classmethod
     def bits_supported(cls, bits: str) -> bool:

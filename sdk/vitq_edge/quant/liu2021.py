@@ -213,7 +213,7 @@ def quantize_liu2021(model: torch.nn.Module, config: Liu2021Config, calib: Itera
     module_bits = None
     if config.mixed:
         module_bits, details["mixed_precision"] = choose_bits(model, x, config, liu_factory, search_intervals)
-    bits_for = layer_bits(config, module_bits)
+    bits_for = layer_bits(config, module_bits, weights_only=config.mp_widths == "weights")
     qmodel = vit.quantize_vit(model, liu_factory(bits_for)).to(device)
     vit.calibrate_activations(qmodel, (b.to(device) for b in batches(x, config.batch_size * 4)))
     search_images = x[: config.search_images].to(device)

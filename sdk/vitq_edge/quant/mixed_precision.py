@@ -12,7 +12,8 @@ Pareto candidates after HAWQ-V2. Candidate widths: N-2 .. N+2
 integer kernels run). The patch embedding keeps `stem_bits`, the head `head_bits`. `mp_normalise="kind"`
 puts the two kinds' sensitivities on one scale first (`normalise_per_kind`); `mp_output="block"`
 measures both kinds on one quantity instead, their block's output (the residual stream), and
-`mp_output="model"` on the model's output.
+`mp_output="model"` on the model's output. `mp_widths="weights"` gives a module's width to its
+weights alone, its ops' inputs staying at N bits (sensitivities measured the same way).
 """
 
 from __future__ import annotations
@@ -169,9 +170,10 @@ def choose_bits(model: torch.nn.Module, images: torch.Tensor, config: Liu2021Con
     y_norm = {m: nuclear_norm(y) for m, y in float_y.items()}
     omegas: dict[str, dict[int, float]] = {m: {} for m in modules}
     clock = StageClock("mixed-precision sensitivities", len(candidates))
+    a_bits = n_bits if config.mp_widths == "weights" else None  # inputs at N bits, or at the module's width
     for b in progress(candidates, "mixed-precision sensitivities", unit="width", log=False):
         clock.begin(f"{b} bits")
-        qmodel = vit.quantize_vit(model, liu_factory(lambda op, b=b: (b, b)))
+        qmodel = vit.quantize_vit(model, liu_factory(lambda op, b=b: (b, a_bits or b)))
         vit.calibrate_activations(qmodel, batches(x, batch))
         vit.set_enabled(qmodel, False)
         for m in modules:
@@ -187,6 +189,7 @@ def choose_bits(model: torch.nn.Module, images: torch.Tensor, config: Liu2021Con
         omegas = normalise_per_kind(omegas, n_bits)
     chosen = pareto_choice(costs, omegas, budget)
     used = sum(costs[m] * b for m, b in chosen.items())
-    details = {"budget_bits": budget, "used_bits": used, "candidates": candidates, "bits": chosen,
+    details = {"budget_bits": budget, "used_bits": used, "candidates": candidates, "widths": config.mp_widths,
+               "bits": chosen,
                "sensitivity": {m: {str(b): v for b, v in om.items()} for m, om in omegas.items()}}
     return chosen, details
