@@ -65,7 +65,7 @@ def test_compare_builds_measures_and_benches_a_users_model(folders, tmp_path):
             r["pte_size_bytes"]
         bench = r["bench"]["host@1"]
         assert bench["threads"] == 1 and bench["runs"] == 2 and bench["latency_ms_median"] > 0
-        assert bench["pte_sha256"] == file_sha256(out / r["folder"] / "model.pte")
+        assert bench["pte_sha256"] == r["pte_sha256"] == file_sha256(out / r["folder"] / "model.pte")
         # The GEMM our kernels ran: recorded for the programs that call them, and named in the notes.
         assert (bench["gemm"] in GEMM_NAMES) == (r["recipe"] != "fp32")
     # The float row is the float model itself; the quantized rows lose signal, W4A4 more than W8A8.
@@ -245,6 +245,25 @@ def test_rows_of_another_integer_arithmetic_are_stale_and_marked():
         assert f"integer arithmetic {ARITHMETIC_VERSION - 1} (now {ARITHMETIC_VERSION})" in _notes(old)
     # Stock programs do not run our arithmetic: always current.
     assert row_is_current({"recipe": "fp32"}) and row_is_current({"recipe": "xnnpack-int8", "arithmetic_version": None})
+
+
+def test_notes_name_each_benchs_gemm_and_a_bench_of_a_rebuilt_program():
+    """The host latency of our programs depends on the GEMM the kernels ran; and a bench of a program
+    rebuilt after its folder was lost (same settings, other bytes) is not of the program measured."""
+    from vitq_edge.compare import _notes
+    from vitq_edge.runtime import ARITHMETIC_VERSION
+
+    bench = {"host@1": {"gemm": "vnni-evex", "pte_sha256": "a"}, "emulated-rpi4@1": {"gemm": "pairs",
+                                                                                      "pte_sha256": "a"},
+             "host@2": {"gemm": "vnni-evex", "pte_sha256": "b"}, "emulated-rpi5@1": {"pte_sha256": None}}
+    row = {"recipe": "adfq", "arithmetic_version": ARITHMETIC_VERSION, "custom_ops": ["vitq::linear"],
+           "pte_sha256": "a", "bench": bench}
+    notes = _notes(row)
+    assert "host@2 benched a rebuilt program, not the one measured here" in notes
+    assert "GEMM host@1 host@2: vnni-evex, emulated-rpi4@1: pairs, emulated-rpi5@1: not recorded" in notes
+    # Stock programs run none of our GEMM; rows from before the hash was recorded compare nothing.
+    assert "GEMM" not in _notes({**row, "recipe": "fp32", "custom_ops": []})
+    assert "rebuilt" not in _notes({**row, "pte_sha256": None})
 
 
 def test_targets_count_rows_of_an_older_arithmetic_as_missing():

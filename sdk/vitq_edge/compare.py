@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 import vitq_edge
-from vitq_edge.artifacts import program_arithmetic_version, write_atomic
+from vitq_edge.artifacts import PROGRAM, file_sha256, program_arithmetic_version, write_atomic
 from vitq_edge.bench import benchmark
 from vitq_edge.build import build, eval_images, load_for_build
 from vitq_edge.build_options import DEFAULT_PROGRAMS, BuildOptions, check_programs
@@ -316,6 +316,8 @@ def _build_row(opts: CompareOptions, key: str, recipe: str, bits: str | None, ou
         "accuracy": m["accuracy"],
         "packed_size_bytes": quant.get("packed_size_bytes"),
         "pte_size_bytes": m["size_bytes"],
+        # the program the accuracy was measured on (a bench of a rebuilt one is told apart by its hash)
+        "pte_sha256": file_sha256(out / folder / PROGRAM),
         "program_arithmetic": quant.get("program_arithmetic", "float" if recipe == "fp32" else "xnnpack"),
         "arithmetic_version": program_arithmetic_version(m),
         "xnnpack_partitions": m["xnnpack_partitions"],
@@ -368,6 +370,10 @@ def _notes(row: dict) -> str:
         notes.append(f"integer arithmetic {_row_arithmetic(row)} (now {ARITHMETIC_VERSION}): rerun to rebuild")
     if row["recipe"] in PAPER_RECIPES and row.get("program_arithmetic") not in (None, "integer"):
         notes.append(f".pte {row['program_arithmetic']}")
+    others = sorted(k for k, b in row.get("bench", {}).items()
+                    if row.get("pte_sha256") and b.get("pte_sha256") not in (None, row["pte_sha256"]))
+    if others:  # a recipe whose build is not bit-reproducible, rebuilt after its folder was lost
+        notes.append(f"{' '.join(others)} benched a rebuilt program, not the one measured here")
     if row.get("custom_ops") and row.get("bench"):
         notes.append(_gemm_note(row["bench"]))
     if row.get("outlier_fraction_max") is not None:
