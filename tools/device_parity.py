@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import vitq_edge  # noqa: F401  (torchvision shim before timm)
 from vitq_edge import __version__
-from vitq_edge.artifacts import resolve_build, write_atomic
+from vitq_edge.artifacts import file_sha256, resolve_build, write_atomic
 from vitq_edge.data.datasets import DEFAULT_MAX_IMAGE_PIXELS
 from vitq_edge.device.host_runtime import HostProgram
 from vitq_edge.evaluate import device_logits, eval_inputs
@@ -61,7 +61,8 @@ def main() -> int:
     identical = int(np.sum(np.all(host == remote, axis=1)))
     result = {
         "command": "python tools/device_parity.py " + shlex.join(sys.argv[1:]),
-        "program": str(pte), "recipe": manifest.get("recipe"), "bits": manifest.get("bits"),
+        "program": str(pte), "pte_sha256": file_sha256(pte), "recipe": manifest.get("recipe"),
+        "bits": manifest.get("bits"),
         "build_command": manifest.get("command"), "recipe_config": manifest.get("recipe_config"),
         "device": info.get("device"), "detected_cpu": info.get("detected_cpu"), "data": info.get("data"),
         "images": len(labels), "bit_identical_images": identical,
@@ -75,6 +76,7 @@ def main() -> int:
     write_atomic(args.out.with_suffix(".json"), lambda f: f.write((json.dumps(result, indent=2) + "\n").encode()))
     md = [f"# Device parity: {result['program']} on {result['device']}", "",
           "Written by:", "", f"    {result['command']}", "",
+          f"Program sha256 `{result['pte_sha256']}` (a table row records the hash of the program it measured).", "",
           *([f"The program was built by `{result['build_command']}`, settings "
              f"`{json.dumps(result['recipe_config'], sort_keys=True)}`.", ""] if result["build_command"] else []),
           f"Logits of ExecuTorch's Python runtime on this machine ({platform.system()} {platform.machine()}, "
