@@ -106,9 +106,19 @@ def test_compare_builds_measures_and_benches_a_users_model(folders, tmp_path):
     assert not (out / "programs" / "minmax-W4A4").exists()
     result = tiny_compare(folders, out, "fp32,minmax@W4A4", "--rebench")
     assert result.exit_code == 0, result.stderr[-3000:]
+    before_rebuild = {"minmax@W4A4": (out / "programs" / "minmax-W4A4" / "model.pte").stat().st_mtime_ns}
     rebuilt = {r["program"]: r for r in json.loads((out / "compare.json").read_text())["rows"]}
     assert rebuilt["minmax@W4A4"]["accuracy"] == rebenched["minmax@W4A4"]["accuracy"]
     assert rebuilt["minmax@W4A4"]["bench"]["host@1"]["pte_sha256"] == w4["bench"]["host@1"]["pte_sha256"]
+    # --rebuild builds and measures a listed row again although its program is there; the others stay.
+    result = tiny_compare(folders, out, "minmax@W4A4", "--rebuild")
+    assert result.exit_code == 0, result.stderr[-3000:]
+    again = {r["program"]: r for r in json.loads((out / "compare.json").read_text())["rows"]}
+    assert (out / "programs" / "minmax-W4A4" / "model.pte").stat().st_mtime_ns != \
+        before_rebuild["minmax@W4A4"]
+    assert again["minmax@W4A4"]["accuracy"] == rebuilt["minmax@W4A4"]["accuracy"]
+    assert again["minmax@W4A4"]["bench"]["host@1"]["pte_sha256"] == again["minmax@W4A4"]["pte_sha256"]
+    assert again["fp32"] == rebuilt["fp32"]
     assert (out / "programs" / "fp32" / "model.pte").stat().st_mtime_ns == before["fp32"]
 
     # A row measured on an older integer arithmetic (here: a table from before the version was recorded)

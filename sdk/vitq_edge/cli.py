@@ -361,6 +361,9 @@ def _thread_list(ctx: click.Context, param: click.Parameter, value: str) -> list
               help="Bench the listed programs again on every device and thread count, replacing results the "
                    "table already has (e.g. after rebuilding the runtime). Without it a rerun benches only "
                    "what is missing.")
+@click.option("--rebuild", is_flag=True,
+              help="Build and measure the listed programs again, replacing their rows and benches (e.g. a row "
+                   "whose program folder is gone, for a recipe whose builds differ from run to run).")
 @click.option("--out", default="compare", show_default=True,
               help="Folder for the programs (programs/<recipe>-<bits>/) and the table (compare.md, compare.json, "
                    "compare.png). Rerunning the same command there resumes: finished rows are kept.")
@@ -376,7 +379,7 @@ def _thread_list(ctx: click.Context, param: click.Parameter, value: str) -> list
                    "(liu2021's paper settings) or --option batch_size=8; repeatable; applied to every program "
                    "whose recipe has the field. The fields and defaults: vitq_edge/recipes.py.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars or status lines.")
-def compare(programs, devices, threads, runs, rebench, out, table, target, model, pretrained, checkpoint,
+def compare(programs, devices, threads, runs, rebench, rebuild, out, table, target, model, pretrained, checkpoint,
             model_kwargs, calib, eval_dir, calib_limit, eval_limit, skip_eval, mean, std, input_size, crop_pct,
             interpolation, max_image_pixels, iters, calib_device, recipe_options, quiet) -> None:
     """Build several programs of one model, measure them on the same images and devices, write one table.
@@ -400,7 +403,7 @@ def compare(programs, devices, threads, runs, rebench, out, table, target, model
     from vitq_edge.compare import compare as run_compare
 
     opts = CompareOptions(build=shared, programs=program_list, devices=_list(devices), threads=threads, runs=runs,
-                          rebench=rebench, out=out, table=table,
+                          rebench=rebench, rebuild=rebuild, out=out, table=table,
                           command="vitq-edge " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
     result = run_compare(opts)
     for line in summary_lines(result):

@@ -56,6 +56,7 @@ class CompareOptions:
     threads: list[int] = field(default_factory=lambda: [1])
     runs: int | None = None  # bench runs per device (default: bench's own)
     rebench: bool = False  # bench the programs again where the table has results (e.g. a rebuilt runtime)
+    rebuild: bool = False  # build and measure the programs again, replacing their rows (benches included)
     out: str = "compare"
     table: str | None = None  # stem of the table files (default OUT/compare)
     eval_set: ImageSet | None = None  # Python callers: an image set instead of --eval (e.g. a validation split)
@@ -195,7 +196,7 @@ def compare(opts: CompareOptions) -> dict:
     # again only where it is to be benched: the same settings make the same program. A row measured on
     # another integer arithmetic is built again: its figures are not what this version's programs give.
     todo = [(k, specs[k]) for k in keys
-            if k not in rows or not row_is_current(rows[k])
+            if opts.rebuild or k not in rows or not row_is_current(rows[k])
             or (bench_jobs_of(k) and not (out / rows[k]["folder"] / "model.pte").is_file())]
     loaded, images = None, None
     for key, (recipe, bits) in progress(todo, "compare: building", unit="program"):
