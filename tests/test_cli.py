@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from vitq_edge.hostinfo import cpu_model, host_description, torch_description
 
 from .conftest import EVAL_LIMIT, assert_user_error, invoke_cli, make_image_folder, run_cli
 
@@ -49,6 +50,9 @@ def test_default_build_writes_program_manifest_and_report(int8_build):
     assert manifest["size_bytes"] == pte.stat().st_size
     assert manifest["custom_ops"] == [] and manifest["executorch_version"].startswith("1.5.1")
     assert manifest["command"].startswith("vitq-edge build --target rpi4")
+    # Where it was built, CPU model and torch's kernel dispatch included (they set calibration's rounding).
+    assert manifest["host"] == host_description() and cpu_model() in manifest["host"]
+    assert manifest["torch"] == torch_description() and manifest["torch"].endswith(")")
     acc = manifest["accuracy"]
     assert acc["eval_images"] == EVAL_LIMIT
     assert acc["fp32"] > 80.0  # the bundled model is trained

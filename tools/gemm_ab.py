@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import statistics
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 from vitq_edge.artifacts import write_atomic
 from vitq_edge.bench import benchmark
 from vitq_edge.errors import VitqError
+from vitq_edge.hostinfo import cpu_model
 from vitq_edge.lifetime import run_script
 from vitq_edge.progress import set_quiet
 
@@ -44,16 +44,6 @@ def bench(program: Path, choice: str, runs: int, threads: int) -> dict:
         os.environ.pop("VITQ_GEMM", None)
         if saved is not None:
             os.environ["VITQ_GEMM"] = saved
-
-
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo), else the machine type."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        lines = []
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
-                platform.machine())
 
 
 def main() -> int:

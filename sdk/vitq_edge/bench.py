@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime
 import json
-import platform
 from pathlib import Path
 
 from vitq_edge.artifacts import (
@@ -28,6 +27,7 @@ from vitq_edge.artifacts import (
 )
 from vitq_edge.device import RunRequest, get_device
 from vitq_edge.errors import VitqError
+from vitq_edge.hostinfo import host_description
 from vitq_edge.progress import steps
 
 DEFAULT_RUNS = 10
@@ -122,7 +122,7 @@ def benchmark(path: str | Path, device: str = "host", runs: int | None = None, w
         # The int8 GEMM our kernels ran (runtime/README.md); none for a program without vitq:: ops.
         "kernels_gemm": rep.get("gemm") if uses_kernels else None,
         "runner_version": rep.get("version"),
-        "host": f"{platform.system()} {platform.machine()}",
+        "host": host_description(),
         "notes": ([oversubscribed] if oversubscribed else []) + result.notes,
     }
     # Before recording: a profile that cannot be read fails the command with the manifest untouched.

@@ -8,7 +8,6 @@ ExecuTorch's runtime on this machine.
 from __future__ import annotations
 
 import datetime
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -30,6 +29,7 @@ from vitq_edge.build_options import BuildOptions, check_build_options
 from vitq_edge.data.datasets import ImageSet, image_folder
 from vitq_edge.device.host_runtime import HostProgram
 from vitq_edge.errors import VitqError
+from vitq_edge.hostinfo import host_description, torch_description
 from vitq_edge.lower.export import LoweredProgram, lower_to_executorch
 from vitq_edge.metrics import accuracy_summary
 from vitq_edge.models.source import LoadedModel, default_data, load_model
@@ -207,7 +207,9 @@ def build(opts: BuildOptions, evaluate: Evaluator | None = None, loaded: LoadedM
             "kernels": {"library": KERNELS_LIBRARY, "version": KERNELS_VERSION} if lowered.custom_ops else None,
             "executorch_version": EXECUTORCH_VERSION,
             "torch_version": torch.__version__,
-            "host": f"{platform.system()} {platform.machine()}",
+            # Where it was built: calibration's float rounding depends on the CPU (hostinfo.py).
+            "host": host_description(),
+            "torch": torch_description(),
             "timings_seconds": {"calibration": round(calib_seconds, 1), "export": round(export_seconds, 1),
                                 "total": round(time.time() - t_start, 1)},
         }

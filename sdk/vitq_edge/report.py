@@ -60,7 +60,7 @@ def render_report(m: dict) -> str:
         "",
         f"{cal['images']} images of {cal['set']}; calibration {m['timings_seconds']['calibration']} s, "
         f"export {m['timings_seconds']['export']} s, whole build {m['timings_seconds']['total']} s "
-        f"on {m['host']}.",
+        f"on {', '.join(filter(None, (m['host'], m.get('torch'))))}.",
         "",
         "## Command",
         "",
