@@ -261,7 +261,7 @@ def test_rows_of_another_integer_arithmetic_are_stale_and_marked():
 
 def test_notes_name_each_benchs_gemm_and_a_bench_of_a_rebuilt_program():
     """The host latency of our programs depends on the GEMM the kernels ran; and a bench of a program
-    rebuilt after its folder was lost (same settings, other bytes) is not of the program measured."""
+    rebuilt after its folder was lost (same settings, another CPU: other bytes) is not of the program measured."""
     from vitq_edge.compare import _notes
     from vitq_edge.runtime import ARITHMETIC_VERSION
 

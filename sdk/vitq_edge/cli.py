@@ -363,7 +363,7 @@ def _thread_list(ctx: click.Context, param: click.Parameter, value: str) -> list
                    "what is missing.")
 @click.option("--rebuild", is_flag=True,
               help="Build and measure the listed programs again, replacing their rows and benches (e.g. a row "
-                   "whose program folder is gone, for a recipe whose builds differ from run to run).")
+                   "whose program folder is gone: a paper recipe built on another CPU may give other bytes).")
 @click.option("--out", default="compare", show_default=True,
               help="Folder for the programs (programs/<recipe>-<bits>/) and the table (compare.md, compare.json, "
                    "compare.png). Rerunning the same command there resumes: finished rows are kept.")

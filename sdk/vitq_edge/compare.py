@@ -374,7 +374,7 @@ def _notes(row: dict) -> str:
         notes.append(f".pte {row['program_arithmetic']}")
     others = sorted(k for k, b in row.get("bench", {}).items()
                     if row.get("pte_sha256") and b.get("pte_sha256") not in (None, row["pte_sha256"]))
-    if others:  # a recipe whose build is not bit-reproducible, rebuilt after its folder was lost
+    if others:  # rebuilt after its folder was lost, on a CPU that rounds calibration differently (hostinfo.py)
         notes.append(f"{' '.join(others)} benched a rebuilt program, not the one measured here")
     if row.get("custom_ops") and row.get("bench"):
         notes.append(_gemm_note(row["bench"]))
