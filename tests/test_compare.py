@@ -278,6 +278,19 @@ def test_notes_name_each_benchs_gemm_and_a_bench_of_a_rebuilt_program():
     assert "rebuilt" not in _notes({**row, "pte_sha256": None})
 
 
+def test_a_row_built_on_another_machine_says_where():
+    """A row's calibration time and bytes depend on the CPU it was built on: a row built elsewhere than
+    the machine the table's header names says so; rows that recorded nothing claim nothing."""
+    from vitq_edge.compare import _notes
+    from vitq_edge.runtime import ARITHMETIC_VERSION
+
+    here, there = "Linux x86_64, AMD EPYC, 2 CPU cores, torch (AVX512)", "Linux x86_64, Intel, torch (AVX2)"
+    row = {"recipe": "adfq", "arithmetic_version": ARITHMETIC_VERSION, "built_on": there}
+    assert f"built on {there}" in _notes(row, here)
+    assert "built on" not in _notes({**row, "built_on": here}, here)
+    assert "built on" not in _notes({**row, "built_on": ""}, here)
+
+
 def test_targets_count_rows_of_an_older_arithmetic_as_missing():
     """tools/accuracy_table.py's Targets: a row built on an older arithmetic meets nothing."""
     import importlib.util

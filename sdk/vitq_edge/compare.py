@@ -366,8 +366,11 @@ def _cost(entry: dict | None) -> str:
     return f"{entry['latency_ms_median']:.2f} ms"
 
 
-def _notes(row: dict) -> str:
+def _notes(row: dict, host: str | None = None) -> str:
+    """The row's notes; `host` is the table's (the last run's) machine, named in its header."""
     notes = []
+    if host and row.get("built_on") and row["built_on"] != host:  # its calib s and its bytes came from there
+        notes.append(f"built on {row['built_on']}")
     if not row_is_current(row):
         notes.append(f"integer arithmetic {_row_arithmetic(row)} (now {ARITHMETIC_VERSION}): rerun to rebuild")
     if row["recipe"] in PAPER_RECIPES and row.get("program_arithmetic") not in (None, "integer"):
@@ -428,7 +431,7 @@ def render_markdown(table: dict, chart: str) -> str:
                  _num(a.get("drop"), "+.2f"), _num(a.get("agreement"), ".2f"), _num(a.get("sqnr_db"), ".2f"),
                  _num(r["packed_size_bytes"] and r["packed_size_bytes"] / 1e6, ".2f"),
                  f"{r['pte_size_bytes'] / 1e6:.2f}", f"{r['calibration_seconds']:.0f}",
-                 *[_cost(r.get("bench", {}).get(c)) for c in costs], _notes(r)]
+                 *[_cost(r.get("bench", {}).get(c)) for c in costs], _notes(r, table.get("host"))]
         lines.append("| " + " | ".join(cells) + " |")
     first = next((r["accuracy"] for r in rows if r.get("accuracy")), None)
     if first:
@@ -439,6 +442,8 @@ def render_markdown(table: dict, chart: str) -> str:
         lines.append(f"- {r['program']}: `{r['build_command']}`")
         if r.get("recipe_config"):
             lines.append(f"  settings: `{json.dumps(r['recipe_config'], sort_keys=True)}`")
+        if r.get("built_on"):
+            lines.append(f"  built on: {r['built_on']}")
         if r.get("mixed_precision_bits"):
             lines.append(f"  bits per module: `{json.dumps(r['mixed_precision_bits'], sort_keys=True)}`")
     lines += ["", f"![accuracy against size and device cost]({chart})", ""]
