@@ -710,6 +710,10 @@ def test_adfq_at_8_bits_keeps_the_rare_large_post_gelu_values():
     make8, make4 = (adfq_factory(recipe_config("adfq", b)) for b in ("W8A8", "W4A4"))
     assert make8("blocks.0.attn.qk", "a").init == "minmax" and make4("blocks.0.attn.qk", "a").init == "mse"
     assert adfq_factory(recipe_config("adfq", "W8A8", uniform_init="mse"))("blocks.0.attn.proj", "input").init == "mse"
+    # Weights: the code's MSE range unless weight_init says otherwise.
+    assert make8("blocks.0.attn.qkv", "weight").init == "mse"
+    minmax_weights = adfq_factory(recipe_config("adfq", "W8A8", weight_init="minmax"))
+    assert minmax_weights("blocks.0.mlp.fc1", "weight").init == "minmax"
     with pytest.raises(VitqError, match="gelu_quantizer"):
         recipe_config("adfq", "W8A8", gelu_quantizer="log")
 

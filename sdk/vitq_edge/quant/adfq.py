@@ -7,7 +7,8 @@ Quantizers (as in the ADFQ-ViT code):
     attention probabilities (A @ V)       LogQuantizer (log2 at 4 bits: a wider range, likewise)
     q, k, v, proj / head / patch inputs   per-tensor asymmetric uniform, range by MSE (min/max at 8
                                           bits: uniform_init)
-    weights                               per-output-channel asymmetric uniform (MSE), then AdaRound
+    weights                               per-output-channel asymmetric uniform (MSE: weight_init), then
+                                          AdaRound
 
 The program codes the probabilities in integers (quant/arith.py integer_log_attention): log codes
 below each row's largest probability, from the integer q.k sums, normalized by the row's integer
@@ -143,7 +144,7 @@ def adfq_factory(config: AdfqConfig):
     def make(op: str, role: str) -> Quantizer:
         w_bits, a_bits = bits_for(op)
         if role == "weight":
-            return UniformQuantizer(w_bits, signed=False, granularity="channel", init="mse")
+            return UniformQuantizer(w_bits, signed=False, granularity="channel", init=config.weight_init)
         if op.endswith(".qkv"):
             return PerPatchOutlierQuantizer(a_bits, config.qkv_threshold, round_gradient=ste)
         if op.endswith(".fc1"):
