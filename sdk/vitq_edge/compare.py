@@ -33,7 +33,7 @@ from vitq_edge.build_options import DEFAULT_PROGRAMS, BuildOptions, check_progra
 from vitq_edge.data.datasets import ImageSet
 from vitq_edge.device.host_runtime import HostProgram
 from vitq_edge.errors import VitqError
-from vitq_edge.hostinfo import host_description, torch_description
+from vitq_edge.hostinfo import build_machine, this_build_machine
 from vitq_edge.metrics import accuracy_summary
 from vitq_edge.models.source import LoadedModel
 from vitq_edge.progress import progress, status
@@ -171,7 +171,7 @@ def compare(opts: CompareOptions) -> dict:
         _check_resumable(table, settings, stem.with_suffix(".json"))
     else:
         table = {"format": COMPARE_FORMAT, "settings": settings, "rows": []}
-    host = f"{host_description()}, {torch_description()}"
+    host = this_build_machine()
     table.update(command=opts.command, vitq_edge_version=vitq_edge.__version__, host=host)
     if opts.command not in table.setdefault("commands", []):  # every run that added to the table
         table["commands"].append(opts.command)
@@ -324,7 +324,7 @@ def _build_row(opts: CompareOptions, key: str, recipe: str, bits: str | None, ou
         "custom_ops": m["custom_ops"],
         "calibration_seconds": m["timings_seconds"]["calibration"],
         # the machine it was calibrated on (its wall time, and its bytes, depend on the CPU)
-        "built_on": ", ".join(filter(None, (m.get("host"), m.get("torch")))),
+        "built_on": build_machine(m.get("host"), m.get("torch")),
         "build_seconds": round(time.time() - t0, 1),
         "calibration": m["calibration"],
         "recipe_config": m.get("recipe_config"),

@@ -34,3 +34,14 @@ def torch_description() -> str:
     import torch  # only the callers that calibrate or evaluate need it (the CLI's fast paths do not)
 
     return f"torch {torch.__version__} ({torch.backends.cpu.get_cpu_capability()})"
+
+
+def build_machine(host: str | None, torch_info: str | None) -> str:
+    """A build's machine in one line, from a manifest's `host` and `torch` (either may be missing in
+    older manifests); the form compare's table header and rows share, so that they compare equal."""
+    return ", ".join(filter(None, (host, torch_info)))
+
+
+def this_build_machine() -> str:
+    """build_machine() of this machine, as a build here records it."""
+    return build_machine(host_description(), torch_description())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from vitq_edge.artifacts import program_arithmetic_version
+from vitq_edge.hostinfo import build_machine
 
 
 def _row(*cells: object) -> str:
@@ -60,7 +61,7 @@ def render_report(m: dict) -> str:
         "",
         f"{cal['images']} images of {cal['set']}; calibration {m['timings_seconds']['calibration']} s, "
         f"export {m['timings_seconds']['export']} s, whole build {m['timings_seconds']['total']} s "
-        f"on {', '.join(filter(None, (m['host'], m.get('torch'))))}.",
+        f"on {build_machine(m['host'], m.get('torch'))}.",
         "",
         "## Command",
         "",
