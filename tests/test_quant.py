@@ -533,6 +533,49 @@ def test_mixed_precision_measures_each_module_with_only_itself_quantized(tiny):
     assert after == alone > 0
 
 
+def test_mixed_precision_in_the_quantized_model_measures_the_model_with_one_module_swapped(tiny):
+    """mp_output="quantized-model": a module's error at width b is the output error of the uniform N-bit model
+    with that module alone at b (searched in place), though measured from cached block inputs; the model is
+    restored between modules (blocks.1.mlp, measured last, sees every other module at N bits); at N every
+    module reports the uniform model's own error."""
+    import copy
+
+    from vitq_edge.quant.calibration import batches
+    from vitq_edge.quant.liu2021 import liu_factory, search_intervals
+    from vitq_edge.quant.mixed_precision import quantized_context_errors
+    from vitq_edge.recipes import layer_bits
+
+    model, x, y = tiny
+    quick = recipe_config("liu2021", "W6A6", candidates=4, rounds=2)
+
+    def factory_at(b: int):
+        return liu_factory(lambda op: (b, b))
+
+    errors = quantized_context_errors(model, x, quick, liu_factory, factory_at, search_intervals, [4, 6, 8], y, 40)
+
+    def uniform() -> torch.nn.Module:
+        context = vit.quantize_vit(model, liu_factory(layer_bits(quick)))
+        vit.calibrate_activations(context, batches(x, 40))
+        search_intervals(context, x, quick, status_lines=False)
+        return context
+
+    def output_error(qmodel: torch.nn.Module) -> float:
+        with torch.no_grad(), vit.arithmetic("fake-quant"):
+            return float((qmodel(x) - y).pow(2).sum()) / len(x)
+
+    at_n = output_error(uniform())
+    assert at_n > 0 and all(e[6] == pytest.approx(at_n, rel=1e-5) for e in errors.values())
+    for module, b in (("blocks.0.attn", 4), ("blocks.1.mlp", 8)):
+        context, narrow_or_wide = uniform(), vit.quantize_vit(model, factory_at(b))
+        vit.calibrate_activations(narrow_or_wide, batches(x, 40))
+        i, kind = int(module.split(".")[1]), module.rsplit(".", 1)[1]
+        setattr(context.blocks[i], kind, copy.deepcopy(narrow_or_wide.get_submodule(module)))
+        search_intervals(context, x, quick, status_lines=False,
+                         only=[n for n, _ in vit.quant_ops(context) if n.startswith(module + ".")])
+        assert errors[module][b] == pytest.approx(output_error(context), rel=1e-5)
+        assert errors[module][b] != pytest.approx(at_n, rel=1e-3)  # the width changed the model
+
+
 @pytest.mark.parametrize("walk", ["ops", "adfq units"])
 def test_cached_block_inputs_equal_the_whole_models_as_quantizers_switch_on(tiny, walk):
     """liu2021 and adfq read each op's (unit's) input from per-block caches instead of rerunning the
@@ -567,6 +610,8 @@ def test_cached_block_inputs_equal_the_whole_models_as_quantizers_switch_on(tiny
     pytest.param("liu2021", "mixed:6", {"candidates": 8, "mp_candidates": 4, "mp_output": "block"},
                  marks=pytest.mark.slow),
     pytest.param("liu2021", "mixed:6", {"candidates": 8, "mp_candidates": 4, "mp_output": "model"},
+                 marks=pytest.mark.slow),
+    pytest.param("liu2021", "mixed:6", {"candidates": 8, "mp_candidates": 4, "mp_output": "quantized-model"},
                  marks=pytest.mark.slow),
     pytest.param("liu2021", "mixed:6", {"candidates": 8, "mp_candidates": 4, "mp_widths": "weights"},
                  marks=pytest.mark.slow),

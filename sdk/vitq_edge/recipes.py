@@ -173,8 +173,9 @@ class Liu2021Config(PaperRecipeConfig):
     mp_search_images: int = 128  # images for the mixed-precision sensitivities
     mp_candidates: int = 25  # intervals per search when measuring sensitivities
     mp_normalise: Literal["none", "kind"] = "none"  # "kind": sensitivities over their module kind's mean
-    # Y of the sensitivities: attention map / MLP output (the paper), the block's output or the model's.
-    mp_output: Literal["module", "block", "model"] = "module"
+    # Y of the sensitivities: attention map / MLP output (the paper), the block's output, the model's, or the
+    # model's with every other module at N bits instead of float ("quantized-model").
+    mp_output: Literal["module", "block", "model", "quantized-model"] = "module"
     # What a module's width sets: its weights and its ops' inputs (the paper), or its weights alone, the
     # inputs staying at N bits ("weights"): the budget counts weights only, and narrow inputs are what
     # collapses on outlier-heavy activations (this recipe's W4A4 on the real model).

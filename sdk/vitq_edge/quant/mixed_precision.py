@@ -12,12 +12,16 @@ Pareto candidates after HAWQ-V2. Candidate widths: N-2 .. N+2
 integer kernels run). The patch embedding keeps `stem_bits`, the head `head_bits`. `mp_normalise="kind"`
 puts the two kinds' sensitivities on one scale first (`normalise_per_kind`); `mp_output="block"`
 measures both kinds on one quantity instead, their block's output (the residual stream), and
-`mp_output="model"` on the model's output. `mp_widths="weights"` gives a module's width to its
-weights alone, its ops' inputs staying at N bits (sensitivities measured the same way).
+`mp_output="model"` on the model's output. `mp_output="quantized-model"` measures the model's output
+too, but with every other module at N bits (the uniform model, searched once) instead of float: the
+error of a width where it will run, on top of the others' (`quantized_context_errors`).
+`mp_widths="weights"` gives a module's width to its weights alone, its ops' inputs staying at N bits
+(sensitivities measured the same way).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import replace
 from functools import partial
@@ -27,7 +31,7 @@ import torch
 from vitq_edge.progress import StageClock, progress
 from vitq_edge.quant import arith, vit
 from vitq_edge.quant.calibration import BlockInputs, batches
-from vitq_edge.recipes import BitsFor, Liu2021Config, parse_bits
+from vitq_edge.recipes import BitsFor, Liu2021Config, layer_bits, parse_bits
 
 
 def module_names(model: torch.nn.Module) -> list[str]:
@@ -108,6 +112,54 @@ def module_error(qmodel: torch.nn.Module, module: str, images: torch.Tensor, blo
         owner.load_state_dict(saved)
 
 
+def quantized_context_errors(model: torch.nn.Module, x: torch.Tensor, quick: Liu2021Config,
+                             liu_factory: Callable[[BitsFor], vit.QuantizerFactory],
+                             factory_at: Callable[[int], vit.QuantizerFactory],
+                             search_intervals: Callable[..., dict], candidates: list[int], float_out: torch.Tensor,
+                             batch_size: int) -> dict[str, dict[int, float]]:
+    """||Ŷ - Y||^2 per image of the model's output, Ŷ with one module at width b and every other module at
+    N bits (`quick.bits`), Y the float model's output (`float_out`).
+
+    Measured against the float model (the other variants), a module's error is what it does alone; at
+    6 bits on the real model the others already cost liu2021 25 points, and errors on top of theirs
+    are what a width changes. The context is the uniform N-bit model, its intervals searched once (as
+    the recipe, with `quick`'s candidates); each candidate module is swapped into it, searched on its
+    block's quantized input, and the model runs from that block on.
+    """
+    n_bits, _ = parse_bits(quick.bits)
+    context = vit.quantize_vit(model, liu_factory(layer_bits(quick)))  # stem and head at their own widths
+    vit.calibrate_activations(context, batches(x, batch_size))
+    search_intervals(context, x, quick, label="mixed-precision context", status_lines=False)
+    walk = BlockInputs(context, x, batch_size)
+    block_inputs = [walk.block_input(i) for i in range(len(context.blocks))]
+    modules = module_names(model)
+
+    def error(module: str) -> float:  # the model's output error, run from the module's block
+        y = _module_output(context, module, block_inputs[_block_of(module)], batch_size, "model")
+        return float((y - float_out).pow(2).sum()) / len(x)
+
+    at_n = error(modules[0])  # every module at N bits: the same model whichever module is asked
+    errors: dict[str, dict[int, float]] = {m: {n_bits: at_n} for m in modules}
+    others = [b for b in candidates if b != n_bits]
+    clock = StageClock("mixed-precision sensitivities (in the N-bit model)", len(others))
+    for b in progress(others, "mixed-precision sensitivities", unit="width", log=False):
+        clock.begin(f"{b} bits")
+        qmodel = vit.quantize_vit(model, factory_at(b))
+        vit.calibrate_activations(qmodel, batches(x, batch_size))
+        for m in modules:
+            i, kind = _block_of(m), m.rsplit(".", 1)[1]
+            block, original = context.blocks[i], context.get_submodule(m)
+            setattr(block, kind, copy.deepcopy(qmodel.get_submodule(m)))  # its b-bit quantizers, calibrated
+            ops = [n for n, _ in vit.quant_ops(context) if n.startswith(m + ".")]
+            try:
+                search_intervals(context, x, quick, only=ops, label=f"{m} @ {b} bits", status_lines=False,
+                                 inputs_of=BlockInputs(context, x, batch_size, known=(i, block_inputs[i])))
+                errors[m][b] = error(m)
+            finally:
+                setattr(block, kind, original)
+    return errors
+
+
 def nuclear_norm(y: torch.Tensor) -> float:
     """Mean nuclear norm of the per-sample matrices (last two dims: [N, N] per head or [N, C]); the
     model's output [images, classes] is one matrix, the same factor for every module."""
@@ -165,23 +217,33 @@ def choose_bits(model: torch.nn.Module, images: torch.Tensor, config: Liu2021Con
     # Every block's float input, once: each sensitivity then starts at its module's block (with the
     # default mp_output it runs that block alone: 24x less work on a 12-block ViT; the same values).
     block_inputs = float_block_inputs(reference, x, batch)
-    float_y = {m: _module_output(reference, m, block_inputs[_block_of(m)], batch, config.mp_output)
-               for m in modules}
+    in_context = config.mp_output == "quantized-model"
+    output = "model" if in_context else config.mp_output
+    float_y = {m: _module_output(reference, m, block_inputs[_block_of(m)], batch, output) for m in modules}
     y_norm = {m: nuclear_norm(y) for m, y in float_y.items()}
-    omegas: dict[str, dict[int, float]] = {m: {} for m in modules}
-    clock = StageClock("mixed-precision sensitivities", len(candidates))
     a_bits = n_bits if config.mp_widths == "weights" else None  # inputs at N bits, or at the module's width
-    for b in progress(candidates, "mixed-precision sensitivities", unit="width", log=False):
-        clock.begin(f"{b} bits")
-        qmodel = vit.quantize_vit(model, liu_factory(lambda op, b=b: (b, a_bits or b)))
-        vit.calibrate_activations(qmodel, batches(x, batch))
-        vit.set_enabled(qmodel, False)
-        for m in modules:
-            i = _block_of(m)
-            search = module_search(qmodel, x, quick, i, block_inputs[i], batch, search_intervals,
-                                   label=f"{m} @ {b} bits")
-            err = module_error(qmodel, m, x, block_inputs[i], float_y[m], search, batch, config.mp_output)
-            omegas[m][b] = y_norm[m] * err
+
+    def factory_at(b: int) -> vit.QuantizerFactory:
+        return liu_factory(lambda op: (b, a_bits or b))
+
+    if in_context:
+        errors = quantized_context_errors(model, x, quick, liu_factory, factory_at, search_intervals, candidates,
+                                          float_y[modules[0]], batch)
+        omegas = {m: {b: y_norm[m] * e for b, e in per_bits.items()} for m, per_bits in errors.items()}
+    else:
+        omegas = {m: {} for m in modules}
+        clock = StageClock("mixed-precision sensitivities", len(candidates))
+        for b in progress(candidates, "mixed-precision sensitivities", unit="width", log=False):
+            clock.begin(f"{b} bits")
+            qmodel = vit.quantize_vit(model, factory_at(b))
+            vit.calibrate_activations(qmodel, batches(x, batch))
+            vit.set_enabled(qmodel, False)
+            for m in modules:
+                i = _block_of(m)
+                search = module_search(qmodel, x, quick, i, block_inputs[i], batch, search_intervals,
+                                       label=f"{m} @ {b} bits")
+                err = module_error(qmodel, m, x, block_inputs[i], float_y[m], search, batch, output)
+                omegas[m][b] = y_norm[m] * err
     sizes = vit.weight_bits(reference)
     costs = {m: sum(n for op, (n, _) in sizes.items() if op.startswith(m + ".")) for m in modules}
     budget = sum(costs.values()) * n_bits
