@@ -219,8 +219,12 @@ def choose_bits(model: torch.nn.Module, images: torch.Tensor, config: Liu2021Con
     block_inputs = float_block_inputs(reference, x, batch)
     in_context = config.mp_output == "quantized-model"
     output = "model" if in_context else config.mp_output
-    float_y = {m: _module_output(reference, m, block_inputs[_block_of(m)], batch, output) for m in modules}
-    y_norm = {m: nuclear_norm(y) for m, y in float_y.items()}
+    if output == "model":  # one quantity for every module: the float model's output, computed once
+        y = _module_output(reference, modules[0], block_inputs[0], batch, output)
+        float_y, y_norm = dict.fromkeys(modules, y), dict.fromkeys(modules, nuclear_norm(y))
+    else:
+        float_y = {m: _module_output(reference, m, block_inputs[_block_of(m)], batch, output) for m in modules}
+        y_norm = {m: nuclear_norm(y) for m, y in float_y.items()}
     a_bits = n_bits if config.mp_widths == "weights" else None  # inputs at N bits, or at the module's width
 
     def factory_at(b: int) -> vit.QuantizerFactory:
