@@ -537,21 +537,19 @@ def test_mixed_precision_in_the_quantized_model_measures_the_model_with_one_modu
     """mp_output="quantized-model": a module's error at width b is the output error of the uniform N-bit model
     with that module alone at b (searched in place), though measured from cached block inputs; the model is
     restored between modules (blocks.1.mlp, measured last, sees every other module at N bits); at N every
-    module reports the uniform model's own error."""
+    module reports the uniform model's own error, which a module swapped in at N and searched in place
+    reproduces exactly (the stem and head keep their widths in every model: at b they moved the ranges)."""
     import copy
 
     from vitq_edge.quant.calibration import batches
     from vitq_edge.quant.liu2021 import liu_factory, search_intervals
-    from vitq_edge.quant.mixed_precision import quantized_context_errors
+    from vitq_edge.quant.mixed_precision import at_width, module_names, quantized_context_errors
     from vitq_edge.recipes import layer_bits
 
     model, x, y = tiny
     quick = recipe_config("liu2021", "W6A6", candidates=4, rounds=2)
-
-    def factory_at(b: int):
-        return liu_factory(lambda op: (b, b))
-
-    errors = quantized_context_errors(model, x, quick, liu_factory, factory_at, search_intervals, [4, 6, 8], y, 40)
+    modules = module_names(model)
+    errors = quantized_context_errors(model, x, quick, liu_factory, search_intervals, [4, 6, 8], y, 40)
 
     def uniform() -> torch.nn.Module:
         context = vit.quantize_vit(model, liu_factory(layer_bits(quick)))
@@ -563,16 +561,20 @@ def test_mixed_precision_in_the_quantized_model_measures_the_model_with_one_modu
         with torch.no_grad(), vit.arithmetic("fake-quant"):
             return float((qmodel(x) - y).pow(2).sum()) / len(x)
 
-    at_n = output_error(uniform())
-    assert at_n > 0 and all(e[6] == pytest.approx(at_n, rel=1e-5) for e in errors.values())
-    for module, b in (("blocks.0.attn", 4), ("blocks.1.mlp", 8)):
-        context, narrow_or_wide = uniform(), vit.quantize_vit(model, factory_at(b))
-        vit.calibrate_activations(narrow_or_wide, batches(x, 40))
+    def swapped(module: str, b: int) -> float:
+        context, at_b = uniform(), vit.quantize_vit(model, at_width(liu_factory, quick, modules, b))
+        vit.calibrate_activations(at_b, batches(x, 40))
         i, kind = int(module.split(".")[1]), module.rsplit(".", 1)[1]
-        setattr(context.blocks[i], kind, copy.deepcopy(narrow_or_wide.get_submodule(module)))
+        setattr(context.blocks[i], kind, copy.deepcopy(at_b.get_submodule(module)))
         search_intervals(context, x, quick, status_lines=False,
                          only=[n for n, _ in vit.quant_ops(context) if n.startswith(module + ".")])
-        assert errors[module][b] == pytest.approx(output_error(context), rel=1e-5)
+        return output_error(context)
+
+    at_n = output_error(uniform())
+    assert at_n > 0 and all(e[6] == pytest.approx(at_n, rel=1e-5) for e in errors.values())
+    assert all(swapped(m, 6) == pytest.approx(at_n, rel=1e-5) for m in modules)
+    for module, b in (("blocks.0.attn", 4), ("blocks.1.mlp", 8)):
+        assert errors[module][b] == pytest.approx(swapped(module, b), rel=1e-5)
         assert errors[module][b] != pytest.approx(at_n, rel=1e-3)  # the width changed the model
 
 

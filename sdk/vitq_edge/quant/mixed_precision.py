@@ -112,9 +112,17 @@ def module_error(qmodel: torch.nn.Module, module: str, images: torch.Tensor, blo
         owner.load_state_dict(saved)
 
 
+def at_width(liu_factory: Callable[[BitsFor], vit.QuantizerFactory], config: Liu2021Config,
+             modules: list[str], b: int) -> vit.QuantizerFactory:
+    """The quantizers of a model with every MSA / MLP module at width `b` (its weights alone with
+    mp_widths="weights"), the stem and head at their own widths, as the build will have them: the
+    calibration forward runs quantized weights, so a b-bit stem would move every range it calibrates
+    (and the intervals searched from them) away from the build's."""
+    return liu_factory(layer_bits(config, dict.fromkeys(modules, b), weights_only=config.mp_widths == "weights"))
+
+
 def quantized_context_errors(model: torch.nn.Module, x: torch.Tensor, quick: Liu2021Config,
                              liu_factory: Callable[[BitsFor], vit.QuantizerFactory],
-                             factory_at: Callable[[int], vit.QuantizerFactory],
                              search_intervals: Callable[..., dict], candidates: list[int], float_out: torch.Tensor,
                              batch_size: int) -> dict[str, dict[int, float]]:
     """||Ŷ - Y||^2 per image of the model's output, Ŷ with one module at width b and every other module at
@@ -127,24 +135,27 @@ def quantized_context_errors(model: torch.nn.Module, x: torch.Tensor, quick: Liu
     block's quantized input, and the model runs from that block on.
     """
     n_bits, _ = parse_bits(quick.bits)
-    context = vit.quantize_vit(model, liu_factory(layer_bits(quick)))  # stem and head at their own widths
+    modules = module_names(model)
+    context = vit.quantize_vit(model, at_width(liu_factory, quick, modules, n_bits))
     vit.calibrate_activations(context, batches(x, batch_size))
     search_intervals(context, x, quick, label="mixed-precision context", status_lines=False)
     walk = BlockInputs(context, x, batch_size)
     block_inputs = [walk.block_input(i) for i in range(len(context.blocks))]
-    modules = module_names(model)
 
     def error(module: str) -> float:  # the model's output error, run from the module's block
         y = _module_output(context, module, block_inputs[_block_of(module)], batch_size, "model")
         return float((y - float_out).pow(2).sum()) / len(x)
 
-    at_n = error(modules[0])  # every module at N bits: the same model whichever module is asked
+    # Every module at N bits: the same model whichever module is asked. A module swapped in at N and
+    # searched in place gives exactly this error, the two models being built alike (at_width); at b != N
+    # its ranges start from a calibration with the modules before it at b too.
+    at_n = error(modules[0])
     errors: dict[str, dict[int, float]] = {m: {n_bits: at_n} for m in modules}
     others = [b for b in candidates if b != n_bits]
     clock = StageClock("mixed-precision sensitivities (in the N-bit model)", len(others))
     for b in progress(others, "mixed-precision sensitivities", unit="width", log=False):
         clock.begin(f"{b} bits")
-        qmodel = vit.quantize_vit(model, factory_at(b))
+        qmodel = vit.quantize_vit(model, at_width(liu_factory, quick, modules, b))
         vit.calibrate_activations(qmodel, batches(x, batch_size))
         for m in modules:
             i, kind = _block_of(m), m.rsplit(".", 1)[1]
@@ -225,13 +236,8 @@ def choose_bits(model: torch.nn.Module, images: torch.Tensor, config: Liu2021Con
     else:
         float_y = {m: _module_output(reference, m, block_inputs[_block_of(m)], batch, output) for m in modules}
         y_norm = {m: nuclear_norm(y) for m, y in float_y.items()}
-    a_bits = n_bits if config.mp_widths == "weights" else None  # inputs at N bits, or at the module's width
-
-    def factory_at(b: int) -> vit.QuantizerFactory:
-        return liu_factory(lambda op: (b, a_bits or b))
-
     if in_context:
-        errors = quantized_context_errors(model, x, quick, liu_factory, factory_at, search_intervals, candidates,
+        errors = quantized_context_errors(model, x, quick, liu_factory, search_intervals, candidates,
                                           float_y[modules[0]], batch)
         omegas = {m: {b: y_norm[m] * e for b, e in per_bits.items()} for m, per_bits in errors.items()}
     else:
@@ -239,7 +245,7 @@ def choose_bits(model: torch.nn.Module, images: torch.Tensor, config: Liu2021Con
         clock = StageClock("mixed-precision sensitivities", len(candidates))
         for b in progress(candidates, "mixed-precision sensitivities", unit="width", log=False):
             clock.begin(f"{b} bits")
-            qmodel = vit.quantize_vit(model, factory_at(b))
+            qmodel = vit.quantize_vit(model, at_width(liu_factory, config, modules, b))
             vit.calibrate_activations(qmodel, batches(x, batch))
             vit.set_enabled(qmodel, False)
             for m in modules:
