@@ -223,7 +223,7 @@ def choose_bits(model: torch.nn.Module, images: torch.Tensor, config: Liu2021Con
     x = images[: config.mp_search_images]
     quick = replace(config, candidates=config.mp_candidates, bits=f"W{n_bits}A{n_bits}")
     batch = config.batch_size * 4
-    reference = vit.quantize_vit(model, liu_factory(lambda op: (n_bits, n_bits)))
+    reference = vit.quantize_vit(model, at_width(liu_factory, config, modules, n_bits))
     vit.set_enabled(reference, False)
     # Every block's float input, once: each sensitivity then starts at its module's block (with the
     # default mp_output it runs that block alone: 24x less work on a 12-block ViT; the same values).
