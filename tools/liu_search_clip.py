@@ -30,7 +30,7 @@ from vitq_edge.models.source import load_model
 from vitq_edge.quant import vit
 from vitq_edge.quant.calibration import BlockInputs, batches
 from vitq_edge.quant.liu2021 import liu_factory, search_intervals
-from vitq_edge.quant.mixed_precision import module_search
+from vitq_edge.quant.mixed_precision import at_width, module_names, module_search
 from vitq_edge.recipes import recipe_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def main() -> None:
     for i in (int(b) for b in args.blocks.split(",")):
         block_input = walk.block_input(i)
         for bits in (int(w) for w in args.widths.split(",")):
-            qmodel = vit.quantize_vit(loaded.model, liu_factory(lambda op, b=bits: (b, b)))
+            qmodel = vit.quantize_vit(loaded.model, at_width(liu_factory, config, module_names(loaded.model), bits))
             vit.calibrate_activations(qmodel, batches(x, batch))
             vit.set_enabled(qmodel, False)
             module = f"blocks.{i}.mlp"
