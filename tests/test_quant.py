@@ -391,6 +391,28 @@ def test_bias_correction_removes_a_known_constant_output_error():
     assert after.abs().max() < 1e-4 < before.abs().max()
 
 
+def test_interval_search_starts_below_the_max_only_for_quantizers_narrower_than_8_bits():
+    torch.manual_seed(0)
+    x = torch.randn(4, 9, 16)
+    linear = torch.nn.Linear(16, 8)
+
+    def searched(**options) -> list[float]:
+        iq, wq = UniformQuantizer(4, signed=True), UniformQuantizer(8, signed=True)
+        iq.init_range(x)
+        wq.init_range(linear.weight.detach())
+        d0 = [float(wq.scale), float(iq.scale)]
+        op = vit.QuantLinear(linear, wq, iq)
+        # one candidate: the grid's lower end, so the searched interval is alpha x the max
+        cfg = recipe_config("liu2021", "W8A8", candidates=1, rounds=1, search_tokens=0, bias_correction=False,
+                            **options)
+        scales = IntervalSearch(op, (x,), cfg).run()["scales"]  # [input, weight]
+        return [scales[1] / d0[0], scales[0] / d0[1]]
+
+    assert searched() == pytest.approx([1.0, 0.5])  # 8-bit weights at alpha_8bit, 4-bit input at alpha
+    assert searched(alpha_8bit=0.5) == pytest.approx([0.5, 0.5])  # the paper's grid
+    assert searched(alpha=0.3, alpha_8bit=0.9) == pytest.approx([0.9, 0.3])
+
+
 @given(peak=st.integers(0, 99), n=st.integers(1, 100))
 def test_coarse_to_fine_search_finds_the_peak_of_a_unimodal_objective(peak, n):
     peak = min(peak, n - 1)

@@ -44,7 +44,10 @@ def main() -> None:
     args = ap.parse_args()
     command = "python tools/liu_search_clip.py" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
     out = Path(args.out or REPO / "docs" / "validation" / "liu-search-clip")
+    # The paper's grid at every width: the question is where the paper's search clips (the recipe's
+    # default no longer searches below the max at 8 bits).
     config = recipe_config("liu2021", "W6A6")
+    config = replace(config, alpha_8bit=config.alpha)
     search_config = replace(config, candidates=config.mp_candidates)
     batch = config.batch_size * 4
     loaded = load_model(MODEL_NAME)

@@ -6,7 +6,8 @@ quantized prefix of the model produces:
 
 1. similarity-aware search: the weight interval d_W and the input interval d_X (for a
    matmul, the intervals of both operands) alternately take the best of `candidates`
-   values in [alpha * d0, beta * d0] (d0 from the max), maximising the mean Pearson
+   values in [alpha * d0, beta * d0] (d0 from the max; alpha_8bit instead of alpha for an
+   8-bit quantizer, Liu2021Config says why), maximising the mean Pearson
    correlation between the float output O and the quantized output Ô; up to `rounds`
    rounds, stopping when neither changes;
 2. ranking-aware loss on the attention scores (the q @ k^T op): the objective becomes
@@ -139,7 +140,8 @@ class IntervalSearch:
     def run(self) -> dict:
         cfg = self.config
         d0 = [q.scale.detach().clone() for q in self.quantizers]
-        grids = [torch.linspace(cfg.alpha, cfg.beta, cfg.candidates, device=d.device) * d for d in d0]
+        grids = [torch.linspace(cfg.alpha_for(q.bits), cfg.beta, cfg.candidates, device=d.device) * d
+                 for q, d in zip(self.quantizers, d0, strict=True)]
         current = [int(torch.argmin((g - d).abs())) for g, d in zip(grids, d0, strict=True)]
         fixed = [self._quantized(j, grids[j][current[j]]) for j in (0, 1)]
         rounds_run = 0
