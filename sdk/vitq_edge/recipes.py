@@ -158,7 +158,8 @@ class Liu2021Config(PaperRecipeConfig):
     alpha: float = 0.5  # the paper's lowest interval, x the max, for quantizers narrower than 8 bits
     # Ours: for 8-bit (and wider) quantizers the search starts at alpha_8bit x the max. On the real model's
     # validation split the paper's clipping costs 6.4 points at W8A8 (liu-w8-alpha05 70.50% vs liu-w8-alpha1
-    # 76.90%) and is worth 28 at W6A6 (liu-w6-alpha1 27.00% vs 55.20%); alpha_8bit=0.5 gives the paper's search.
+    # 76.90%) and is worth 28 at W6A6 (liu-w6-alpha1 27.00% vs 55.20%); W6A6 with this rule, its 8-bit stem
+    # and head unclipped: 57.70% (liu-w6-alpha8bit). alpha_8bit=0.5 gives the paper's search.
     alpha_8bit: float = 1.0
     beta: float = 1.2
     candidates: int = 100  # not stated in the paper
