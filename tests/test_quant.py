@@ -400,13 +400,13 @@ def test_interval_search_starts_below_the_max_only_for_quantizers_narrower_than_
         iq, wq = UniformQuantizer(4, signed=True), UniformQuantizer(8, signed=True)
         iq.init_range(x)
         wq.init_range(linear.weight.detach())
-        d0 = [float(wq.scale), float(iq.scale)]
+        d0 = [float(iq.scale), float(wq.scale)]  # the order of IntervalSearch's scales: input, weight
         op = vit.QuantLinear(linear, wq, iq)
         # one candidate: the grid's lower end, so the searched interval is alpha x the max
         cfg = recipe_config("liu2021", "W8A8", candidates=1, rounds=1, search_tokens=0, bias_correction=False,
                             **options)
-        scales = IntervalSearch(op, (x,), cfg).run()["scales"]  # [input, weight]
-        return [scales[1] / d0[0], scales[0] / d0[1]]
+        s_input, s_weight = IntervalSearch(op, (x,), cfg).run()["scales"]
+        return [s_weight / d0[1], s_input / d0[0]]
 
     assert searched() == pytest.approx([1.0, 0.5])  # 8-bit weights at alpha_8bit, 4-bit input at alpha
     assert searched(alpha_8bit=0.5) == pytest.approx([0.5, 0.5])  # the paper's grid
