@@ -292,6 +292,26 @@ def test_ppoq_beats_per_tensor_on_a_token_with_a_large_range():
     assert (ppoq(x) - x).pow(2).mean() < 0.5 * (per_tensor(x) - x).pow(2).mean()
 
 
+def test_outlier_correction_over_the_outlier_channels_equals_the_dense_one():
+    """quantized_linear adds x * W over the input channels that hold an outlier only: the same floats as
+    the whole outlier matrix (zeros elsewhere) through one double GEMM, rounded once."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 9, 48)
+    x[:, :, [3, 17, 40]] *= 30  # outlier channels, as after real ViTs' LayerNorms
+    x[1, 4, 25] = -12.0  # and one lone outlier
+    w_int = torch.randint(-127, 128, (20, 48)).float()
+    w_scale, w_zero, bias = torch.rand(20) / 50, torch.zeros(20), torch.randn(20)
+    scale, zero, threshold = torch.rand(9, 1) / 10 + 0.01, torch.full((9, 1), 128.0), 5.0
+    mask = x.abs() > threshold
+    inliers = torch.where(mask, torch.zeros_like(x), x)
+    dense = arith.integer_linear(arith.uniform_codes(inliers, scale, zero, 0, 255), zero, scale, w_int, w_zero,
+                                 w_scale, bias)
+    outliers = torch.where(mask, x, torch.zeros_like(x))
+    dense = dense + (outliers.double() @ (w_int * w_scale[:, None]).double().t()).float()
+    out = arith.quantized_linear(x, scale, zero, 0, 255, threshold, w_int, w_zero, w_scale, bias)
+    assert 0 < int(mask.sum()) and torch.equal(out, dense)
+
+
 @pytest.mark.parametrize("make", [lambda: PerPatchOutlierQuantizer(4, threshold=2.0, init="minmax"),
                                   lambda: ShiftLog2Quantizer(4, steps_per_octave=2)])
 def test_round_gradient_off_keeps_values_and_learns_the_scale_through_dequantization_only(make):

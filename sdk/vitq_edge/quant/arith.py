@@ -328,7 +328,7 @@ def gelu_table(x: torch.Tensor) -> torch.Tensor:
     half = GELU_TABLE_SIZE // 2
     r = torch.round(x * GELU_GRID_STEPS)
     index = torch.nan_to_num(r, nan=0.0).clamp(-half, half - 1).long() + half
-    return torch.where(r > half - 1, x, gelu_table_values().to(x.device)[index])
+    return torch.where(r > half - 1, x, torch.take(gelu_table_values().to(x.device), index))
 
 
 # LayerNorm's sums: LANES interleaved float32 partial sums (lane l takes elements l, l + 8, ...: two
@@ -367,6 +367,11 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: f
 
 # ---- integer products (what the kernels compute) -------------------------------------
 
+def _abs_max(x: torch.Tensor) -> float:
+    lo, hi = torch.aminmax(x)  # one pass, no |x| copy
+    return max(-float(lo), float(hi))
+
+
 def integer_matmul(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """a @ b of integer-valued tensors (codes minus zero points), summed exactly.
 
@@ -376,7 +381,7 @@ def integer_matmul(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype = torch.
     cut into chunks of that length and the chunks' sums added in float64; a plain float32
     matmul would round, and move values across the next quantizer's code boundaries.
     """
-    bound = float(a.abs().amax()) * float(b.abs().amax()) if a.numel() and b.numel() else 0.0
+    bound = _abs_max(a) * _abs_max(b) if a.numel() and b.numel() else 0.0
     k = a.shape[-1]
     chunk = k if bound == 0 else int(2.0**24 // bound)
     if chunk >= k:
@@ -401,8 +406,9 @@ def integer_linear(x_codes: torch.Tensor, x_zero: torch.Tensor, x_scale: torch.T
     wz is subtracted afterwards as (sum_k (c - z)) s (ws wz).
     """
     centered = x_codes - x_zero
-    y = (integer_matmul(centered, w_int.t()) * x_scale).double() * w_scale.double()
-    y = (y if bias is None else y + bias.double()).float()
+    y = (integer_matmul(centered, w_int.t()) * x_scale).double()
+    # (sum * s) * ws is exact in double; the bias added there in the same pass (addcmul).
+    y = (y * w_scale.double() if bias is None else torch.addcmul(bias.double(), y, w_scale.double())).float()
     if bool(torch.any(w_zero != 0)):
         y = y - (centered.sum(-1, keepdim=True) * x_scale) * (w_scale * w_zero)
     return y
@@ -421,8 +427,11 @@ def quantized_linear(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, q
     inliers = x if mask is None else torch.where(mask, torch.zeros_like(x), x)
     y = integer_linear(uniform_codes(inliers, scale, zero, qmin, qmax), zero, scale, w_int, w_zero, w_scale, bias)
     if mask is not None:
-        w = uniform_values(w_int, w_scale[:, None], w_zero[:, None])
-        outliers = torch.where(mask, x, torch.zeros_like(x))
+        # Only the input channels holding an outlier (a few in real ViTs) enter the double GEMM: the
+        # same sums, as the others add exact zeros.
+        cols = mask.reshape(-1, mask.shape[-1]).any(0).nonzero().squeeze(1)
+        w = uniform_values(w_int[:, cols], w_scale[:, None], w_zero[:, None])
+        outliers = torch.where(mask, x, torch.zeros_like(x))[..., cols]
         y = y + (outliers.double() @ w.double().t()).float()
     return y
 
@@ -512,7 +521,9 @@ _EXP2_CUBIC = (1048500, -724617, 241328, -40966)  # c0 .. c3 (fitted to 2^20 2^(
 
 def exp2_fixed(y: torch.Tensor) -> torch.Tensor:
     """E(Y) = P(Y mod 256) >> (Y div 256), P(f) = c0 + (f (c1 + (f (c2 + (f c3 >> 8)) >> 8)) >> 8)
-    (shifts floor): ~2^20 2^(-Y/256) for integers 0 <= Y <= SOFTMAX_EXP_CAP (int64 in and out)."""
+    (shifts floor): ~2^20 2^(-Y/256) for integers 0 <= Y <= SOFTMAX_EXP_CAP, in int32 (every step
+    stays below 2^28 in magnitude; torch shifts int32 ten times faster than int64)."""
+    y = y.to(torch.int32)
     f, octaves = y & (SOFTMAX_EXP_STEPS - 1), y >> 8
     p = torch.full_like(y, _EXP2_CUBIC[3])
     for c in _EXP2_CUBIC[2::-1]:
@@ -533,8 +544,8 @@ def integer_softmax_codes(dots: torch.Tensor, alpha: float, p_params: tuple) -> 
     s, z, qmin, qmax = p_params
     m = dots.amax(-1, keepdim=True)
     y = torch.round((m - dots).float() * _f32(SOFTMAX_EXP_STEPS * LOG2E_F64 * alpha)).clamp_(max=SOFTMAX_EXP_CAP)
-    e = exp2_fixed(y.long())
-    factor = (1.0 / (e.sum(-1, keepdim=True).double() * _f32(s))).float()
+    e = exp2_fixed(y)
+    factor = (1.0 / (e.sum(-1, keepdim=True, dtype=torch.int64).double() * _f32(s))).float()
     return torch.clamp(torch.round(e.float() * factor) + z, qmin, qmax)
 
 
