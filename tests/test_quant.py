@@ -707,6 +707,20 @@ def test_recipe_runs_end_to_end_on_a_tiny_vit(tiny, recipe, bits, options):
                 assert described[f"{module}.{op}"]["input"]["bits"] == (inputs_at or width)
 
 
+def test_simulation_a_few_images_at_a_time_gives_one_forwards_logits(tiny):
+    """vit.simulate splits a batch: every op's result for an image must not depend on the others in its
+    batch (the integer GEMMs' chunking follows a batch's ranges, the outlier channels a batch's outliers)."""
+    model, x, _ = tiny
+    config = recipe_config("adfq", "W4A4", iters=0, qkv_threshold=0.5, fc1_threshold=0.5)  # outliers here
+    qm = quantize(model, config, [x[:48], x[48:]], (x[:1],))
+    images = x[:vit.SIMULATION_IMAGES * 2 + 1]
+    with torch.no_grad():
+        whole = qm.module(images)
+        one_by_one = torch.cat([qm.module(image[None]) for image in images])
+    assert min(qm.details["outlier_fraction"].values()) > 0
+    assert torch.equal(vit.simulate(qm.module, images), whole) and torch.equal(whole, one_by_one)
+
+
 def test_adfq_default_schedule_buys_the_same_work_on_every_model(tiny, monkeypatch):
     """--iters unset on a CPU: the paper's 3000 x 32 where DEFAULT_WORK_MACS affords it, else 8 images per
     iteration and as many iterations as it buys (600 on the 224-px ViT-S/14, which counts 6.12 GMAC); a GPU

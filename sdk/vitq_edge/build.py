@@ -35,6 +35,7 @@ from vitq_edge.metrics import accuracy_summary
 from vitq_edge.models.source import LoadedModel, default_data, load_model
 from vitq_edge.progress import progress
 from vitq_edge.quant import QuantizedModel, quantize
+from vitq_edge.quant.vit import simulate
 from vitq_edge.recipes import PaperRecipeConfig
 from vitq_edge.report import render_report
 from vitq_edge.runtime import ARITHMETIC_VERSION, KERNELS_VERSION
@@ -118,7 +119,7 @@ def _evaluate(loaded: LoadedModel, quantized: torch.nn.Module, program: HostProg
         for x, y in progress(batches, "evaluating", total=total, unit="batch"):
             fp = loaded.model(x)
             # The fp32 recipe simulates with the float model itself: run it once.
-            sim = fp if quantized is loaded.model else quantized(x)
+            sim = fp if quantized is loaded.model else simulate(quantized, x)
             for key, out in (("fp32", fp), ("simulated", sim), ("pte", program(x)), ("labels", y)):
                 logits[key].append(out)
     acc = accuracy_summary(*(torch.cat(logits[k]) for k in ("fp32", "simulated", "pte", "labels")))

@@ -37,6 +37,7 @@ from vitq_edge.hostinfo import build_machine, this_build_machine
 from vitq_edge.metrics import accuracy_summary
 from vitq_edge.models.source import LoadedModel
 from vitq_edge.progress import progress, status
+from vitq_edge.quant.vit import simulate
 from vitq_edge.recipes import PAPER_RECIPES, RECIPES, options_for_recipe, parse_bits
 from vitq_edge.runtime import ARITHMETIC_VERSION, UNRECORDED_ARITHMETIC
 
@@ -87,7 +88,7 @@ def _evaluator(images: _EvalImages) -> Callable[[LoadedModel, torch.nn.Module, H
         with torch.no_grad():
             for x in progress(images.batches, "evaluating", unit="batch"):
                 if not same:
-                    sim.append(module(x))
+                    sim.append(simulate(module, x))
                 pte.append(program(x))
         sim_logits = images.fp32_logits if same else torch.cat(sim)
         acc = accuracy_summary(images.fp32_logits, sim_logits, torch.cat(pte), images.labels)

@@ -442,6 +442,20 @@ def set_enabled(model: nn.Module, on: bool) -> None:
         q.enabled = on
 
 
+# Images per forward when the simulated model is evaluated: with a few, the kernel arithmetic's
+# temporaries (the attention's double [B, heads, T, T] maps) stay in cache. The real ViT-S/14 at
+# 224 px, 2 threads here, seconds per image at 32 / 8 / 4 / 2 / 1 images per forward: minmax W8A8
+# 0.50 / 0.22 / 0.15 / 0.17 / 0.22; adfq W4A4 0.62 / 0.27 / 0.27 / 0.29 / 0.35.
+SIMULATION_IMAGES = 4
+
+
+@torch.no_grad()
+def simulate(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """model(x), SIMULATION_IMAGES images at a time: the same logits, since no op mixes images (the
+    integer sums are exact whatever range a batch has), in a third of the time of large batches."""
+    return torch.cat([model(part) for part in x.split(SIMULATION_IMAGES)])
+
+
 @torch.no_grad()
 def calibrate_activations(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
     """Observe every activation quantizer's input on `batches` (float forward), then set its range.
