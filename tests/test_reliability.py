@@ -292,3 +292,17 @@ def test_stage_folder_is_not_world_writable_marker_free_on_success(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "model.pte"]
     assert not out.stat().st_mode & stat.S_IWOTH
     assert not _stray(tmp_path, "o")
+
+
+def test_a_tools_measurement_is_written_whole_or_not_at_all(tmp_path):
+    from vitq_edge.artifacts import write_measurement
+
+    stem = tmp_path / "docs" / "validation" / "probe"
+    write_measurement(stem, {"rows": [1]}, ["# old"])
+    write_measurement(stem, {"rows": [1, 2]}, ["# title", "", "| a |"])
+    assert json.loads(stem.with_suffix(".json").read_text()) == {"rows": [1, 2]}
+    assert stem.with_suffix(".md").read_text() == "# title\n\n| a |\n"
+    with pytest.raises(TypeError):  # a result JSON cannot hold: neither file is touched
+        write_measurement(stem, {"rows": {1, 2}}, ["# new"])
+    assert stem.with_suffix(".md").read_text() == "# title\n\n| a |\n"
+    assert sorted(p.name for p in stem.parent.iterdir()) == ["probe.json", "probe.md"]  # no temporary files

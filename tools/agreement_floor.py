@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import shlex
 import sys
 from collections.abc import Callable
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import torch
 import vitq_edge  # noqa: F401  (torchvision shim before timm)
-from vitq_edge.artifacts import write_atomic
+from vitq_edge.artifacts import write_measurement
 from vitq_edge.data.cifar10 import VALIDATION_START, cifar10_validation
 from vitq_edge.lifetime import run_script
 from vitq_edge.metrics import accuracy_summary
@@ -92,9 +91,6 @@ def main() -> None:
     result = {"command": command, "model": MODEL_NAME, "val_images": args.val_images, "fp32_top1": fp32_top1,
               "rows": rows}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(result, indent=2) + "\n"
-    write_atomic(out.with_suffix(".json"), lambda f: f.write(text.encode()))
     lines = ["# How far weight perturbations alone move the real model's predictions (validation split)", "",
              f"    {command}", "",
              f"{MODEL_NAME}, {args.val_images} validation images (training positions {VALIDATION_START}+), float "
@@ -102,8 +98,7 @@ def main() -> None:
              "agreement = share of images whose top-1 equals the float model's.", "",
              "| weights | top-1 % | agreement % | SQNR dB |", "|---|---:|---:|---:|"]
     lines += [f"| {r['weights']} | {r['top1']:.2f} | {r['agreement']:.2f} | {r['sqnr_db']} |" for r in rows]
-    md = "\n".join(lines) + "\n"
-    write_atomic(out.with_suffix(".md"), lambda f: f.write(md.encode()))
+    write_measurement(out, result, lines)
 
 
 if __name__ == "__main__":

@@ -16,14 +16,13 @@ test split). Writes docs/validation/{head,stem}-bits.{md,json} (or --out).
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from pathlib import Path
 
 import torch
 import vitq_edge  # noqa: F401  (torchvision shim before timm)
-from vitq_edge.artifacts import write_atomic
+from vitq_edge.artifacts import write_measurement
 from vitq_edge.data.cifar10 import VALIDATION_START, cifar10_images, cifar10_validation
 from vitq_edge.data.datasets import ImageSet
 from vitq_edge.lifetime import run_script
@@ -122,9 +121,6 @@ def main() -> None:
               "fp32_top1": fp32_top1, "layer_weights": layer.weight.numel(),
               "model_weights": sum(p.numel() for n, p in model.named_parameters() if n.endswith("weight")),
               "rows": rows}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(result, indent=2) + "\n"
-    write_atomic(out.with_suffix(".json"), lambda f: f.write(text.encode()))
     lines = [f"# {op} quantized alone (real model, validation split)", "", f"    {command}", "",
              f"dinov2-s14-cifar10: {what.format(n=args.val_images, start=VALIDATION_START)}, "
              "quantized by each recipe's "
@@ -133,8 +129,7 @@ def main() -> None:
              "| recipe | bits | top-1 % | agreement % | SQNR dB |", "|---|---|---:|---:|---:|"]
     lines += [f"| {r['recipe']} | {r['bits']} | {r['top1']:.2f} | {r['agreement']:.2f} | {r['sqnr_db']} |"
               for r in rows]
-    md = "\n".join(lines) + "\n"
-    write_atomic(out.with_suffix(".md"), lambda f: f.write(md.encode()))
+    write_measurement(out, result, lines)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ calibration images), the rest of the model float. Writes docs/validation/liu-sea
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 from dataclasses import replace
@@ -22,7 +21,7 @@ from pathlib import Path
 
 import torch
 import vitq_edge  # noqa: F401  (torchvision shim before timm)
-from vitq_edge.artifacts import write_atomic
+from vitq_edge.artifacts import write_measurement
 from vitq_edge.data.cifar10 import cifar10_images
 from vitq_edge.lifetime import run_script
 from vitq_edge.models.dinov2 import MODEL_NAME
@@ -82,9 +81,6 @@ def main() -> None:
                 print(rows[-1], file=sys.stderr)
     result = {"command": command, "search_images": config.mp_search_images, "candidates": config.mp_candidates,
               "grid": [config.alpha, config.beta], "rows": rows}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(result, indent=2) + "\n"
-    write_atomic(out.with_suffix(".json"), lambda f: f.write(text.encode()))
     lines = ["# liu2021's searched MLP input intervals against the inputs' largest values (real model)", "",
              f"    {command}", "",
              f"dinov2-s14-cifar10: each MLP searched alone as the mixed-precision sensitivities search it "
@@ -95,8 +91,7 @@ def main() -> None:
              "| op input | bits | clip | max abs | clip / max | clipped % |", "|---|---:|---:|---:|---:|---:|"]
     lines += [f"| {r['op']} | {r['bits']} | {r['clip']:.3f} | {r['max_abs']:.2f} | {r['clip_over_max']:.2f} | "
               f"{r['clipped_percent']:.4f} |" for r in rows]
-    md = "\n".join(lines) + "\n"
-    write_atomic(out.with_suffix(".md"), lambda f: f.write(md.encode()))
+    write_measurement(out, result, lines)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ Writes OUT.{md,json}.
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
 import time
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import torch
 import vitq_edge  # noqa: F401  (torchvision shim before timm)
-from vitq_edge.artifacts import write_atomic
+from vitq_edge.artifacts import write_measurement
 from vitq_edge.data.cifar10 import VALIDATION_START, cifar10_images, cifar10_validation
 from vitq_edge.errors import VitqError
 from vitq_edge.lifetime import run_script
@@ -179,9 +178,6 @@ def main() -> None:
               "search": args.search, "options": options,
               "calib_images": args.calib_images, "val_images": args.val_images, "fp32_top1": fp32_top1,
               "rows": rows}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(result, indent=2) + "\n"
-    write_atomic(out.with_suffix(".json"), lambda f: f.write(text.encode()))
     ladders = (f" probabilities {args.probs}" if probs else "") + (f" post-GELU {args.gelu}" if gelu else "")
     ladders += "".join(f" {k}={v}" for k, v in options.items())
     lines = [f"# {args.recipe} {args.bits}{ladders}: "
@@ -192,8 +188,7 @@ def main() -> None:
                 else "no reconstruction or search."), "",
              "| quantized | top-1 % | agreement % | SQNR dB |", "|---|---:|---:|---:|"]
     lines += [f"| {r['quantized']} | {r['top1']:.2f} | {r['agreement']:.2f} | {r['sqnr_db']} |" for r in rows]
-    md = "\n".join(lines) + "\n"
-    write_atomic(out.with_suffix(".md"), lambda f: f.write(md.encode()))
+    write_measurement(out, result, lines)
 
 
 if __name__ == "__main__":

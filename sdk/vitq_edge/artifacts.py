@@ -180,6 +180,15 @@ def write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
+def write_measurement(stem: Path, result: dict, lines: list[str]) -> None:
+    """A tool's measurement as `stem`.json (the data) and `stem`.md (`lines`), each written atomically."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    text, md = json.dumps(result, indent=2) + "\n", "\n".join(lines) + "\n"
+    write_atomic(stem.with_suffix(".json"), lambda f: f.write(text.encode()))
+    write_atomic(stem.with_suffix(".md"), lambda f: f.write(md.encode()))
+
+
 def locate_program(path: str | Path) -> tuple[Path, Path]:
     """A build folder or a .pte -> (the .pte, where its manifest.json would be); the .pte must exist."""
     path = Path(path)
