@@ -444,8 +444,9 @@ def set_enabled(model: nn.Module, on: bool) -> None:
 
 # Images per forward when the simulated model is evaluated: with a few, the kernel arithmetic's
 # temporaries (the attention's double [B, heads, T, T] maps) stay in cache. The real ViT-S/14 at
-# 224 px, 2 threads here, seconds per image at 32 / 8 / 4 / 2 / 1 images per forward: minmax W8A8
-# 0.50 / 0.22 / 0.15 / 0.17 / 0.22; adfq W4A4 0.62 / 0.27 / 0.27 / 0.29 / 0.35.
+# 224 px, 2 threads, seconds per image at 32 / 8 / 4 / 2 / 1 images per forward: minmax W8A8
+# 0.64 / 0.17 / 0.15 / 0.16 / 0.20, adfq W4A4 0.61 / 0.26 / 0.28 / 0.30 / 0.34
+# (docs/validation/simulation-speed.md).
 SIMULATION_IMAGES = 4
 
 
