@@ -1,12 +1,12 @@
-"""How fragile the real model's predictions are: the float model's agreement with itself when its
-weights are perturbed by less than 8-bit quantization perturbs them, on the validation split.
+"""How fragile the real model's predictions are: the float model's agreement with itself when only its
+weights are perturbed (rounded to 16-bit floats, or quantized to 8 or 7 bits), on the validation split.
 
     .venv/bin/python tools/agreement_floor.py
 
 Each row changes every Linear and Conv2d weight of dinov2-s14-cifar10 (backbone and probe head), nothing
 else (activations, LayerNorm, embeddings stay float32): rounded to bfloat16 (relative error <= 2^-9) or
-float16 (<= 2^-12), or quantized per output channel to b-bit symmetric codes by min/max (the recipes'
-weight quantizer without a search; its step is max|w| / (2^(b-1) - 1) per channel). Agreement is the
+float16 (<= 2^-12), or quantized per output channel to b-bit symmetric codes by min/max (minmax's weight
+quantizer; its step is max|w| / (2^(b-1) - 1) per channel). Agreement is the
 share of images whose top-1 equals the unperturbed model's: what the recipes' W8A8 target (>= 98.5%)
 asks of a program whose weights alone already move this far. `--val-images` training images from
 interleaved position 5,000 on (never the test split). Writes docs/validation/agreement-floor.{md,json}.
@@ -30,7 +30,7 @@ from vitq_edge.metrics import accuracy_summary
 from vitq_edge.models.dinov2 import MODEL_NAME
 from vitq_edge.models.source import load_model
 from vitq_edge.progress import progress
-from vitq_edge.quant import arith
+from vitq_edge.quant.quantizers import UniformQuantizer
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,9 +41,9 @@ def _rounded_to(dtype: torch.dtype) -> Callable[[torch.Tensor], torch.Tensor]:
 
 def _per_channel(bits: int) -> Callable[[torch.Tensor], torch.Tensor]:
     def quantize(w: torch.Tensor) -> torch.Tensor:
-        absmax = w.abs().flatten(1).amax(1).reshape(-1, *[1] * (w.dim() - 1))
-        scale, zero = arith.symmetric_params(absmax, bits)
-        return arith.fake_uniform(w, scale, zero, *arith.uniform_range(bits, signed=True))
+        q = UniformQuantizer(bits, signed=True, granularity="channel")  # minmax's weight quantizer
+        q.init_range(w)
+        return q(w)
     return quantize
 
 
