@@ -751,6 +751,26 @@ def test_adfq_default_schedule_buys_the_same_work_on_every_model(tiny, monkeypat
     assert recipe_config("adfq", "W4A4", iters="300").iters == 300
 
 
+def test_adfq_fc1_threshold_by_width_and_recorded(tiny):
+    """fc1_threshold unset: fc1 inputs above 5 stay float at 4 bits (the code's `--outlier 5`), above 10
+    wider (its README command's); an explicit value wins at every width; a build records the threshold it
+    used. qkv keeps its 5."""
+    from vitq_edge.quant.adfq import adfq_factory
+
+    def fc1_and_qkv(bits, **options):
+        make = adfq_factory(recipe_config("adfq", bits, **options))
+        return make("blocks.0.mlp.fc1", "input").threshold, make("blocks.0.attn.qkv", "input").threshold
+
+    assert fc1_and_qkv("W4A4") == (5.0, 5.0)
+    assert fc1_and_qkv("W6A6") == fc1_and_qkv("W8A8") == (10.0, 5.0)
+    assert fc1_and_qkv("W4A4", fc1_threshold="10") == (10.0, 5.0)
+    assert fc1_and_qkv("W8A8", fc1_threshold=5) == (5.0, 5.0)
+    model, x, _ = tiny
+    qm = quantize(model, recipe_config("adfq", "W4A4", iters=0), [x[:48], x[48:]], (x[:1],))
+    assert qm.config.fc1_threshold == 5.0
+    assert qm.module.blocks[1].mlp.fc1.input_quant.threshold == 5.0
+
+
 @pytest.mark.parametrize("bits", ["W4A4", "W6A6", "W8A8"])
 def test_adfq_probability_ladder_keeps_a_257_token_softmax(bits):
     """adfq's "auto" log ladders per role: the attention probabilities get about 16 octaves at every width, so

@@ -224,7 +224,9 @@ class AdfqConfig(PaperRecipeConfig):
     # 3000 / iters (at most 15) so that Adam's total step length stays the paper's (adfq.lr_factor).
     scale_lr: bool = True
     qkv_threshold: float = 5.0  # PPOQ outlier magnitude, qkv input (code: 5)
-    fc1_threshold: float = 10.0  # PPOQ outlier magnitude, fc1 input (README command: --outlier 10)
+    # PPOQ outlier magnitude, fc1 input (adfq.fc1_threshold): None = the code's two values by width, 5 (its
+    # `--outlier 5`) at 4 activation bits and below, 10 (the README command's) above.
+    fc1_threshold: float | None = None
     # Log quantizers' steps per octave (adfq.log_steps_per_octave): "auto" = per role, post-GELU 2^(bits-3)
     # (log-sqrt2, the code's choice, at 4 bits; ~8 octaves at every width), probabilities 2^(bits-4) (~16
     # octaves: a 257-token softmax needs the range); "sqrt2" or "2" (the paper's text) for both.

@@ -83,7 +83,7 @@ from vitq_edge.quant.quantizers import (
     UniformQuantizer,
 )
 from vitq_edge.quant.registry import QuantizedModel, register_recipe
-from vitq_edge.recipes import AdfqConfig, layer_bits
+from vitq_edge.recipes import AdfqConfig, layer_bits, parse_bits
 
 WARMUP = 0.2  # share of iterations without the rounding regularizer
 BETA_START, BETA_END = 20.0, 2.0
@@ -148,7 +148,7 @@ def adfq_factory(config: AdfqConfig):
         if op.endswith(".qkv"):
             return PerPatchOutlierQuantizer(a_bits, config.qkv_threshold, round_gradient=ste)
         if op.endswith(".fc1"):
-            return PerPatchOutlierQuantizer(a_bits, config.fc1_threshold, round_gradient=ste)
+            return PerPatchOutlierQuantizer(a_bits, fc1_threshold(config.fc1_threshold, a_bits), round_gradient=ste)
         if op.endswith(".fc2") and gelu_quantizer(config.gelu_quantizer, a_bits) == "shift-log2":
             return ShiftLog2Quantizer(a_bits, log_steps_per_octave(config.log_base, a_bits, "gelu"),
                                       init=config.gelu_init, round_gradient=ste)
@@ -183,6 +183,31 @@ def gelu_quantizer(choice: str, bits: int) -> str:
     if choice == "auto":
         return "uniform" if bits >= UNIFORM_FROM_BITS else "shift-log2"
     return choice
+
+
+# At this activation width and below, fc1_threshold's default keeps fc1 inputs above 5 float, not above 10.
+NARROW_FC1_BITS = 4
+
+
+def fc1_threshold(choice: float | None, bits: int) -> float:
+    """PPOQ's outlier magnitude for an fc1 input of `bits` bits (AdfqConfig.fc1_threshold).
+
+    None takes 5 (the ADFQ-ViT code's `--outlier 5`) at 4 bits and below, 10 (its README command's)
+    above. The real model's fc1 inputs hold 0.8-2.7% of values above 5 per block and 0.03-0.4% above
+    10. With 10, a 4-bit per-token range either spans the values between 5 and 10 (steps near 1,
+    against inliers mostly below 2) or clips them. Every fc1 input alone at 4 bits, the rest float,
+    256 validation images (tools/ppoq_threshold.py, docs/validation/ppoq-threshold.md): threshold 10
+    gives 14.6 dB and 87.5% agreement with the float model, 5 gives 18.5 dB and 93.8% (largest
+    outlier share 0.40% -> 2.74%). After reconstruction, the default W4A4 build on the same 1,000
+    validation images as the one with 10 (same calibration images and arithmetic): 70.70% top-1,
+    77.50% agreement, 7.31 dB (largest outlier share 2.86%) against 69.30%, 75.00%, 7.18 dB
+    (docs/validation/adfq-w4-fc1-5.md; layer-norm-f32-adfq-W4A4.md, "LayerNorm in float32"). Above 4
+    bits 10 stays: 6-bit fc1 inputs alone gain too (24.4 -> 30.6 dB), but no W6A6 or W8A8 build has
+    been measured with 5, and at 8 bits the larger sparse correction costs device time.
+    """
+    if choice is not None:
+        return float(choice)
+    return 5.0 if bits <= NARROW_FC1_BITS else 10.0
 
 
 def uniform_init(choice: str, bits: int) -> str:
@@ -391,6 +416,8 @@ def quantize_adfq(model: nn.Module, config: AdfqConfig, calib: Iterable[torch.Te
 
 
 def _quantize_adfq(model: nn.Module, config: AdfqConfig, x: torch.Tensor, device: torch.device) -> QuantizedModel:
+    # the threshold the build used goes into its recorded settings (uniform widths: one fc1 input width)
+    config = replace(config, fc1_threshold=fc1_threshold(config.fc1_threshold, parse_bits(config.bits)[1]))
     qmodel = vit.quantize_vit(model, adfq_factory(config)).to(device)
     if config.iters is None or config.batch_size is None:
         config = default_schedule(config, model_macs(qmodel, x))

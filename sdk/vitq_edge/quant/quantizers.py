@@ -251,7 +251,7 @@ class PerPatchOutlierQuantizer(UniformQuantizer):
     """ADFQ-ViT's PPOQ for post-LayerNorm activations (inputs of qkv and fc1).
 
     Values with |x| > threshold stay in full precision (an absolute magnitude, as in the
-    ADFQ-ViT code: 5 for qkv, 10 for fc1); the rest gets one asymmetric (scale, zero
+    ADFQ-ViT code: 5 for qkv, 5 or 10 for fc1, adfq.fc1_threshold); the rest gets one asymmetric (scale, zero
     point) per token position, its range chosen among quantiles by MSE (the code's
     choice; init="minmax" gives the paper's plain per-patch min/max). The fraction of
     calibration values kept as outliers is recorded in `outlier_fraction`.
