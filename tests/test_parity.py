@@ -116,3 +116,7 @@ def test_emulated_pis_agree_with_host(tmp_path):
         assert np.array_equal(emulated.argmax(1), host.argmax(1)), device
         # In fact bit for bit: every kernel on the Pis (our GEMM included) rounds as on the host.
         assert np.array_equal(emulated, host), (device, float(np.abs(emulated - host).max()))
+    # And at every thread count: the pool splits work, never a sum (what tools/device_parity.py --threads
+    # relies on).
+    pooled, _, info = device_logits(out, "emulated-rpi4", limit=50, threads=2)
+    assert info["threads"] == 2 and np.array_equal(pooled, host[:50])

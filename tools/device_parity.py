@@ -48,13 +48,17 @@ def main() -> int:
     parser.add_argument("--device", default="emulated-rpi4")
     parser.add_argument("--limit", type=int, default=100)
     parser.add_argument("--data", default=None, help="ImageFolder; default: the build's evaluation set")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="the runner's threads on the device (default: 1 under emulation; our kernels give "
+                             "the same logits at every thread count, and under qemu 2 threads take ~half the time)")
     parser.add_argument("--out", type=Path, required=True, help="output stem (writes OUT.md, OUT.json)")
     args = parser.parse_args()
 
     pte, manifest = resolve_build(args.build)
     start = time.monotonic()
     host, labels = host_logits(args.build, args.data, args.limit)
-    remote, remote_labels, info = device_logits(args.build, args.device, data=args.data, limit=args.limit)
+    remote, remote_labels, info = device_logits(args.build, args.device, data=args.data, limit=args.limit,
+                                               threads=args.threads)
     seconds = time.monotonic() - start
     if not np.array_equal(labels, remote_labels) or host.shape != remote.shape:
         raise SystemExit("error: the two runs saw different images")
@@ -64,7 +68,8 @@ def main() -> int:
         "program": str(pte), "pte_sha256": file_sha256(pte), "recipe": manifest.get("recipe"),
         "bits": manifest.get("bits"),
         "build_command": manifest.get("command"), "recipe_config": manifest.get("recipe_config"),
-        "device": info.get("device"), "detected_cpu": info.get("detected_cpu"), "data": info.get("data"),
+        "device": info.get("device"), "detected_cpu": info.get("detected_cpu"), "threads": info.get("threads"),
+        "data": info.get("data"),
         "images": len(labels), "bit_identical_images": identical,
         "max_abs_difference": float(np.abs(host - remote).max()),
         "top1_agreement": float(np.mean(host.argmax(1) == remote.argmax(1))),
@@ -81,7 +86,8 @@ def main() -> int:
              f"`{json.dumps(result['recipe_config'], sort_keys=True)}`.", ""] if result["build_command"] else []),
           f"Logits of ExecuTorch's Python runtime on this machine ({platform.system()} {platform.machine()}, "
           f"{os.cpu_count()} cores) against vitq-runner on "
-          f"{result['device']} (detected CPU {json.dumps(result['detected_cpu'])}), on the first "
+          f"{result['device']} (detected CPU {json.dumps(result['detected_cpu'])}, {result['threads']} "
+          f"thread{'s' if result['threads'] != 1 else ''}), on the first "
           f"{result['images']} images of {result['data']}.", "",
           "| images | bit-identical logits | max abs difference | top-1 agreement | top-1 here % | top-1 device % |",
           "|---|---|---|---|---|---|",

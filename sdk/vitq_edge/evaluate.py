@@ -60,9 +60,10 @@ def evaluate_program(path: str | Path, data: str | Path | None = None, limit: in
 
 
 def device_logits(path: str | Path, device: str, data: str | Path | None = None, limit: int | None = None,
-                  timeout: float | None = None,
-                  max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[np.ndarray, np.ndarray, dict]:
-    """The program's logits for every image, computed by vitq-runner on `device`.
+                  timeout: float | None = None, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                  threads: int | None = None) -> tuple[np.ndarray, np.ndarray, dict]:
+    """The program's logits for every image, computed by vitq-runner on `device` with `threads`
+    threads (None: one under emulation, else the runtime's default, one per core).
 
     Images are preprocessed here, exactly as the manifest says, written as float32
     batches [N, C, H, W] in .npy files, run image by image on the device, and the
@@ -72,6 +73,7 @@ def device_logits(path: str | Path, device: str, data: str | Path | None = None,
 
     pte, preprocess, images = eval_inputs(path, data, limit, max_pixels)
     dev = get_device(device)
+    pool = threads if threads is not None else (1 if dev.emulated else 0)
     # Batches bound memory on both sides and give the progress bar steps; under
     # emulation an image costs ~200x its native time, so those steps are smaller.
     per_image = 4 * preprocess.channels * preprocess.size[0] * preprocess.size[1]
@@ -88,10 +90,10 @@ def device_logits(path: str | Path, device: str, data: str | Path | None = None,
             if left is not None and left <= 0:
                 raise VitqError(f"the evaluation on {dev.name} took longer than --timeout {timeout:g} s and was "
                                 "stopped; raise --timeout or use a smaller --limit")
-            # One thread under qemu: the 2-4 host cores are better spent elsewhere, and
+            # By default one thread under qemu: the 2-4 host cores are better spent elsewhere, and
             # results do not depend on it; elsewhere the runtime's default (one per core).
-            result = session.run(RunRequest(inputs=[batch_file], warmup=0, runs=1, threads=1 if dev.emulated else 0,
-                                            outputs=True, timeout=left))
+            result = session.run(RunRequest(inputs=[batch_file], warmup=0, runs=1, threads=pool, outputs=True,
+                                            timeout=left))
             out = result.output
             if out is None or out.ndim != 2 or out.shape[0] != len(y):
                 raise VitqError(f"the program returned output of shape {None if out is None else out.shape} for "
@@ -100,7 +102,8 @@ def device_logits(path: str | Path, device: str, data: str | Path | None = None,
             labels.append(y.numpy())
             report = result.report
     info = _described(images, {"device": dev.name, "runtime": "vitq-runner", "data": images.name,
-                               "program": str(pte), "detected_cpu": report.get("cpu")})
+                               "program": str(pte), "detected_cpu": report.get("cpu"),
+                               "threads": report.get("threads", pool)})
     return np.concatenate(logits), np.concatenate(labels), info
 
 
