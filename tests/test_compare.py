@@ -327,6 +327,12 @@ def test_compare_flows_builds_each_program_once_for_all_its_devices(tmp_path):
     import sys
 
     docs = tmp_path / "docs"
+    # An earlier run's rows: another model's stay, this model's are measured again.
+    earlier = json.loads((REPO / "docs" / "performance.json").read_text())
+    kept = [dict(r, command="an earlier run") for r in earlier if r["model"] == "deit_tiny_patch16_224"][:2]
+    stale = [dict(r, command="an earlier run", instructions=1.0) for r in earlier if r["model"] == "reference"][:1]
+    docs.mkdir()
+    (docs / "performance.json").write_text(json.dumps(kept + stale))
     proc = subprocess.run([sys.executable, str(REPO / "tools" / "compare_flows.py"), "--models", "reference",
                            "--devices", "host,emulated-rpi4", "--threads", "1", "--host-runs", "2",
                            "--calib-limit", "32", "--work", str(tmp_path / "work"), "--docs", str(docs)],
@@ -337,6 +343,8 @@ def test_compare_flows_builds_each_program_once_for_all_its_devices(tmp_path):
              if line.startswith("compare: building ") and not line.startswith("compare: building: ")]
     assert sorted(built) == sorted(programs)
     rows = json.loads((docs / "performance.json").read_text())
+    assert rows[:len(kept)] == kept and len(kept) == 2
+    rows = [r for r in rows if r["model"] == "reference"]
     assert sorted((r["program"], r["device"]) for r in rows) == sorted(
         (p, d) for p in programs for d in ("host", "emulated-rpi4"))
     assert all(r["instructions"] > 0 for r in rows if r["device"] == "emulated-rpi4")
@@ -345,4 +353,5 @@ def test_compare_flows_builds_each_program_once_for_all_its_devices(tmp_path):
         ("fp32", None), ("xnnpack-int8", None), ("minmax@W8A8", "pairs"), ("minmax@W4A4", "pairs")}
     assert (docs / "performance.md").is_file() and (docs / "performance.png").is_file()
     md = (docs / "performance.md").read_text().splitlines()
+    assert "    an earlier run" in md and sum(line.startswith("    python tools/compare_flows.py") for line in md) == 1
     assert next(line for line in md if "| minmax@W8A8 | emulated-rpi4 | 1 |" in line).endswith("| pairs |")

@@ -134,9 +134,22 @@ def main() -> None:
 
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
+    rows = _other_models_rows(docs / "performance.json", set(args.models.split(","))) + rows
     (docs / "performance.json").write_text(json.dumps(rows, indent=2) + "\n")
-    (docs / "performance.md").write_text(_markdown(rows, command))
+    (docs / "performance.md").write_text(_markdown(rows))
     _chart(rows, docs / "performance.png")
+
+
+def _other_models_rows(path: Path, rerun: set[str]) -> list[dict]:
+    """The rows of an earlier run's performance.json for the models this run left out (--models): a run
+    of one model rewrites its rows and keeps the others'. Each row names the command that measured it."""
+    if not path.is_file():
+        return []
+    try:
+        earlier = json.loads(path.read_text())
+    except ValueError:
+        raise VitqError(f"{path} is not JSON; move it away and rerun with every model") from None
+    return [r for r in earlier if r.get("model") not in rerun]
 
 
 def _cost(r: dict) -> float:
@@ -174,14 +187,16 @@ def _targets(rows: list[dict]) -> list[str]:
     return lines
 
 
-def _markdown(rows: list[dict], command: str) -> str:
+def _markdown(rows: list[dict]) -> str:
+    commands = list(dict.fromkeys(r["command"] for r in rows))
     lines = [
         "# Performance: stock ExecuTorch programs and vitq-edge integer programs",
         "",
         "Written by `tools/compare_flows.py` (through `vitq-edge compare`; a rerun resumes, keeping",
-        "finished builds; `--rebench` measures every bench again):",
+        "finished builds; `--rebench` measures every bench again; a run of some `--models` keeps the",
+        "other models' rows). The runs whose rows are below:",
         "",
-        f"    {command}",
+        *[f"    {c}" for c in commands],
         "",
         "`instructions` = guest instructions per inference counted by our qemu plugin (emulated",
         "Pi 4 = Cortex-A72, Pi 5 = Cortex-A76, with the boards' CPU description so XNNPACK picks",
