@@ -22,6 +22,7 @@ import torch
 import vitq_edge  # noqa: F401  (torchvision shim before timm)
 from vitq_edge.artifacts import write_measurement
 from vitq_edge.data.cifar10 import VALIDATION_START, cifar10_images, cifar10_validation
+from vitq_edge.errors import VitqError
 from vitq_edge.lifetime import run_script
 from vitq_edge.metrics import accuracy_summary
 from vitq_edge.models.dinov2 import MODEL_NAME
@@ -76,8 +77,14 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "docs" / "validation" / "ppoq-threshold"))
     args = ap.parse_args()
     command = "python tools/ppoq_threshold.py" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
-    ops, widths = args.ops.split(","), [int(b) for b in args.bits.split(",")]
-    thresholds = [float(t) for t in args.thresholds.split(",")]
+    ops = args.ops.split(",")
+    if not set(ops) <= {"qkv", "fc1"}:
+        raise VitqError(f"--ops {args.ops}: give qkv and/or fc1, comma-separated")
+    try:
+        widths = [int(b) for b in args.bits.split(",")]
+        thresholds = [float(t) for t in args.thresholds.split(",")]
+    except ValueError:
+        raise VitqError("--bits takes integers and --thresholds numbers, comma-separated (e.g. 4,6 and 10,5)") from None
 
     loaded = load_model(MODEL_NAME)
     model = loaded.model.eval()
