@@ -28,6 +28,7 @@ from vitq_edge.metrics import accuracy_summary
 from vitq_edge.models.dinov2 import MODEL_NAME
 from vitq_edge.models.source import load_model
 from vitq_edge.progress import progress
+from vitq_edge.quant.calibration import batches
 from vitq_edge.quant.quantizers import PerPatchOutlierQuantizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,7 +41,7 @@ def _layers(model: torch.nn.Module, op: str) -> list[torch.nn.Module]:
 
 def _forward(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
-        return torch.cat([model(x[i:i + 32]) for i in range(0, len(x), 32)])
+        return torch.cat([model(b) for b in batches(x, 32)])
 
 
 def _inputs(model: torch.nn.Module, layers: list[torch.nn.Module], x: torch.Tensor) -> list[torch.Tensor]:
