@@ -29,6 +29,7 @@ import torch
 import vitq_edge  # noqa: F401  (torchvision shim before timm)
 from vitq_edge.artifacts import write_atomic
 from vitq_edge.data.cifar10 import cifar10_validation
+from vitq_edge.errors import VitqError
 from vitq_edge.lifetime import run_script
 from vitq_edge.models.dinov2 import MODEL_NAME
 from vitq_edge.models.source import default_data, load_model
@@ -77,6 +78,16 @@ def main() -> None:
     command = "python tools/adfq_unit_probe.py" + "".join(f" {shlex.quote(a)}" for a in sys.argv[1:])
     names = args.units.split(",")
 
+    settings = []  # checked before the start state is built (minutes on the real model)
+    for spec in args.setting:
+        label, _, opts = spec.partition(":")
+        overrides = parse_options([o for o in opts.split(",") if o])
+        coerced = recipe_config("adfq", args.bits, **overrides)  # typed and checked as --option would be
+        if FIXED & set(overrides):
+            raise VitqError(f"setting {label}: {', '.join(sorted(FIXED & set(overrides)))} shape the start state, "
+                            "which every setting shares; compare them with tools/validation_compare.py --option")
+        settings.append((label, opts, {k: getattr(coerced, k) for k in overrides}))
+
     loaded = load_model(MODEL_NAME)
     calib, limit = default_data(MODEL_NAME, "calib")
     x_cal = _images(calib.limit(args.calib_images or limit), loaded.preprocess)
@@ -91,14 +102,8 @@ def main() -> None:
     rows = []
     out = REPO / "docs" / "validation" / f"unit-probe-{args.name}"
     torch.set_flush_denormal(True)
-    for spec in args.setting:
-        label, _, opts = spec.partition(":")
-        overrides = parse_options([o for o in opts.split(",") if o])
-        coerced = recipe_config("adfq", args.bits, **overrides)  # typed and checked as --option would be
-        if FIXED & set(overrides):
-            ap.error(f"setting {label}: {', '.join(sorted(FIXED & set(overrides)))} shape the start state, "
-                     "which every setting shares")
-        config = replace(base, **{k: getattr(coerced, k) for k in overrides})
+    for label, opts, overrides in settings:
+        config = replace(base, **overrides)
         row = {"setting": label, "options": opts, "config": asdict(config), "units": {}}
         for n in names:
             unit = copy.deepcopy(start[n])
