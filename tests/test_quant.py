@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -769,6 +770,30 @@ def test_adfq_fc1_threshold_by_width_and_recorded(tiny):
     qm = quantize(model, recipe_config("adfq", "W4A4", iters=0), [x[:48], x[48:]], (x[:1],))
     assert qm.config.fc1_threshold == 5.0
     assert qm.module.blocks[1].mlp.fc1.input_quant.threshold == 5.0
+
+
+@pytest.mark.parametrize("matmul_scales", ["fixed", "learned"])
+def test_adfq_reconstruction_learns_the_q_k_v_scales_only_when_asked(tiny, matmul_scales):
+    """An attention unit's reconstruction learns its qkv and proj input scales; those of q, k and v (the
+    attention products' inputs) only with matmul_scales="learned". No scale stays trainable after."""
+    from vitq_edge.quant import adfq
+    from vitq_edge.quant.calibration import BlockInputs, batches
+
+    model, x, _ = tiny
+    config = replace(recipe_config("adfq", "W4A4", matmul_scales=matmul_scales), iters=20, batch_size=8)
+    qmodel = vit.quantize_vit(model, adfq.adfq_factory(config))
+    vit.calibrate_activations(qmodel, batches(x, 48))
+    vit.set_enabled(qmodel, False)
+    unit = qmodel.blocks[0].attn
+    inputs = BlockInputs(qmodel, x, 48).of("blocks.0.attn", unit)[0]
+    q_k_v = (unit.qk.a_quant, unit.qk.b_quant, unit.av.b_quant)
+    inputs_of_linears = (unit.qkv.input_quant, unit.proj.input_quant)
+    before = [q.scale.clone() for q in q_k_v + inputs_of_linears]
+    adfq._set_unit_enabled(unit, True)
+    adfq.reconstruct_unit(unit, inputs, inputs, config, torch.Generator().manual_seed(0), "test")
+    moved = [not torch.equal(b, q.scale) for b, q in zip(before, q_k_v + inputs_of_linears, strict=True)]
+    assert moved == [matmul_scales == "learned"] * 3 + [True, True]
+    assert not any(q.scale.requires_grad for q in q_k_v + inputs_of_linears)
 
 
 @pytest.mark.parametrize("bits", ["W4A4", "W6A6", "W8A8"])

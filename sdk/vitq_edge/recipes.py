@@ -270,6 +270,10 @@ class AdfqConfig(PaperRecipeConfig):
     # code: scales learn only through the dequantization).
     act_calibration: Literal["float", "sequential"] = "sequential"
     round_gradient: Literal["ste", "none"] = "ste"
+    # Scales of the q, k, v quantizers (the attention products' uniform inputs) during reconstruction:
+    # "fixed" at their calibrated range (the ADFQ-ViT code, which has their learning commented out) or
+    # "learned" with the other activation scales (act_lr).
+    matmul_scales: Literal["fixed", "learned"] = "fixed"
 
 
 RECIPES: dict[str, type[RecipeConfig]] = {

@@ -25,8 +25,8 @@ each MLP module, head), on the calibration images in batches of `batch_size`:
              regularizer (beta 20 -> 2 after a 20% warm-up) + for attention modules
              kl_weight * KL between float and quantized attention maps at temperature T;
     learned  AdaRound variables of every weight (Adam, weight_lr), the scales of the qkv,
-             proj, fc1 and fc2 input quantizers (Adam, act_lr, cosine decay). Zero points
-             are not learned.
+             proj, fc1 and fc2 input quantizers (Adam, act_lr, cosine decay), and with
+             matmul_scales "learned" those of q, k and v. Zero points are not learned.
 
 Schedule (default_schedule): the paper's 3000 iterations of 32 images per unit where a CPU
 work budget affords it (the bundled model), on a GPU, or with --iters; else 8 images per
@@ -313,14 +313,15 @@ def _float_targets(unit: nn.Module, x: torch.Tensor, batch_size: int) -> tuple[t
     return torch.cat(outs), torch.cat(probs) if probs else None
 
 
-def _learned_scales(unit: nn.Module) -> list[nn.Parameter]:
-    """Scales of the qkv / proj / fc1 / fc2 input quantizers (ADFQ-ViT learns only these)."""
+def _learned_scales(unit: nn.Module, matmul_scales: str) -> list[nn.Parameter]:
+    """Scales of the qkv / proj / fc1 / fc2 input quantizers (ADFQ-ViT learns only these), and with
+    matmul_scales "learned" those of q, k and v (AdfqConfig.matmul_scales)."""
+    quantizers = [op.input_quant for op in (getattr(unit, n, None) for n in ("qkv", "proj", "fc1", "fc2"))
+                  if op is not None]
+    if matmul_scales == "learned" and isinstance(unit, vit.QuantAttention):
+        quantizers += [unit.qk.a_quant, unit.qk.b_quant, unit.av.b_quant]
     params = []
-    for name in ("qkv", "proj", "fc1", "fc2"):
-        op = getattr(unit, name, None)
-        if op is None:
-            continue
-        q = op.input_quant
+    for q in quantizers:
         p = q.delta if isinstance(q, ShiftLog2Quantizer | LogQuantizer) else q.scale
         p.requires_grad_(True)
         params.append(p)
@@ -336,7 +337,7 @@ def reconstruct_unit(unit: nn.Module, x_fp: torch.Tensor, x_q: torch.Tensor, con
         if isinstance(op, vit.QuantLinear | vit.QuantConv2d):
             op.weight_quant = AdaRoundQuantizer(op.weight_quant, op.weight).to(op.weight.device)
             rounders.append(op.weight_quant)
-    scales = _learned_scales(unit) if isinstance(unit, vit.QuantAttention | vit.QuantMlp) else []
+    scales = _learned_scales(unit, config.matmul_scales) if isinstance(unit, vit.QuantAttention | vit.QuantMlp) else []
     opt_w = torch.optim.Adam([r.alpha for r in rounders], lr=config.weight_lr * lr_factor(config))
     opt_a = torch.optim.Adam(scales, lr=config.act_lr * lr_factor(config)) if scales else None
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_a, T_max=config.iters, eta_min=0) if opt_a else None
