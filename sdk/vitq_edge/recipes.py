@@ -272,7 +272,11 @@ class AdfqConfig(PaperRecipeConfig):
     round_gradient: Literal["ste", "none"] = "ste"
     # Scales of the q, k, v quantizers (the attention products' uniform inputs) during reconstruction:
     # "fixed" at their calibrated range (the ADFQ-ViT code, which has their learning commented out) or
-    # "learned" with the other activation scales (act_lr).
+    # "learned" with the other activation scales (act_lr). At W4A4 they are the real model's largest single
+    # loss before reconstruction (docs/ablation/adfq-W4A4-post-LN-q.md), but learning them does not pay: the
+    # default build on 1,000 validation images gives 68.40% top-1 / 76.30% agreement / 7.39 dB against
+    # 70.70 / 77.50 / 7.31 fixed, and calibrates for 3,421 s against 2,876 (the fixed program's test-row
+    # build; docs/validation/adfq-w4-matmul-learned.md, adfq-w4-fc1-5.md). fixed stays.
     matmul_scales: Literal["fixed", "learned"] = "fixed"
 
 
