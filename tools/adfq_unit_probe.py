@@ -84,8 +84,9 @@ def main() -> None:
         overrides = parse_options([o for o in opts.split(",") if o])
         coerced = recipe_config("adfq", args.bits, **overrides)  # typed and checked as --option would be
         if FIXED & set(overrides):
-            raise VitqError(f"setting {label}: {', '.join(sorted(FIXED & set(overrides)))} shape the start state, "
-                            "which every setting shares; compare them with tools/validation_compare.py --option")
+            raise VitqError(f"setting {label}: the start state every setting shares fixes "
+                            f"{', '.join(sorted(FIXED & set(overrides)))}; compare its values with "
+                            "tools/validation_compare.py --option")
         settings.append((label, opts, {k: getattr(coerced, k) for k in overrides}))
 
     loaded = load_model(MODEL_NAME)
